@@ -1,0 +1,310 @@
+"""Shared pieces of the zim benchmarks: a real server process, the wire format, reporting.
+
+Only standard library, orjson and psutil. Every wait here is bounded in time.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOPBACK = "127.0.0.1"
+
+_HEADER = struct.Struct(">IhH")  # length (whole packet), action, seq
+HEADER_SIZE = _HEADER.size       # 8
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+# -- wire format --------------------------------------------------------------
+def tcp_packet(action: int, seq: int, body: bytes) -> bytes:
+    """One TCP packet: the length counts the whole packet, header included."""
+    return _HEADER.pack(HEADER_SIZE + len(body), action, seq) + body
+
+
+def tcp_split(buffer: bytearray) -> list[tuple[int, int, bytes]]:
+    """Remove every complete packet from ``buffer``; returns (action, seq, body) each."""
+    packets = []
+    offset = 0
+    size = len(buffer)
+    while size - offset >= HEADER_SIZE:
+        length, action, seq = _HEADER.unpack_from(buffer, offset)
+        if length < HEADER_SIZE:
+            raise ValueError(f"server sent a packet length {length} < 8")
+        if size - offset < length:
+            break
+        packets.append((action, seq, bytes(buffer[offset + HEADER_SIZE:offset + length])))
+        offset += length
+    del buffer[:offset]
+    return packets
+
+
+def ws_handshake_request(port: int) -> tuple[bytes, bytes]:
+    """The client's upgrade request and the Sec-WebSocket-Accept value it expects."""
+    key = base64.b64encode(os.urandom(16))
+    request = (
+        b"GET /bench HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        % (port, key)
+    )
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    return request, accept
+
+
+def ws_handshake_ok(response: bytes, accept: bytes) -> bool:
+    status, _, headers = response.partition(b"\r\n")
+    if b" 101 " not in status + b" ":
+        return False
+    for line in headers.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-accept":
+            return value.strip() == accept
+    return False
+
+
+def ws_packet(action: int, seq: int, body: bytes) -> bytes:
+    """One masked binary WebSocket message carrying ``action seq body`` (no length field)."""
+    payload = struct.pack(">hH", action, seq) + body
+    mask = os.urandom(4)
+    size = len(payload)
+    if size < 126:
+        header = struct.pack(">BB", 0x82, 0x80 | size)
+    elif size < 65536:
+        header = struct.pack(">BBH", 0x82, 0x80 | 126, size)
+    else:
+        header = struct.pack(">BBQ", 0x82, 0x80 | 127, size)
+    # XOR with the repeated mask through one big integer: no per-byte Python loop.
+    repeated = (mask * (size // 4 + 1))[:size]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
+    return header + mask + masked
+
+
+def ws_split(buffer: bytearray) -> list[tuple[int, int, int, bytes]]:
+    """Remove every complete server frame from ``buffer``: (opcode, action, seq, body).
+
+    For non-binary frames action and seq are 0 and body is the raw payload.
+    """
+    frames = []
+    offset = 0
+    size = len(buffer)
+    while size - offset >= 2:
+        first, second = buffer[offset], buffer[offset + 1]
+        length = second & 0x7F
+        head = 2
+        if length == 126:
+            if size - offset < 4:
+                break
+            length = struct.unpack_from(">H", buffer, offset + 2)[0]
+            head = 4
+        elif length == 127:
+            if size - offset < 10:
+                break
+            length = struct.unpack_from(">Q", buffer, offset + 2)[0]
+            head = 10
+        if second & 0x80:
+            raise ValueError("server frames must not be masked")
+        if size - offset < head + length:
+            break
+        payload = bytes(buffer[offset + head:offset + head + length])
+        opcode = first & 0x0F
+        if opcode == 0x2 and length >= 4:
+            action, seq = struct.unpack_from(">hH", payload)
+            frames.append((opcode, action, seq, payload[4:]))
+        else:
+            frames.append((opcode, 0, 0, payload))
+        offset += head + length
+    del buffer[:offset]
+    return frames
+
+
+# -- the server under test ----------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A ``python -m zim`` process on loopback ports, with its data in a temporary dir."""
+
+    extra_args: list[str] = field(default_factory=list)
+    tcp_port: int = 0
+    ws_port: int = 0
+    process: subprocess.Popen | None = None
+    data_dir: str = ""
+    _tmp: tempfile.TemporaryDirectory | None = None
+    _log = None
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "zim",
+                "--tcp", f"{LOOPBACK}:{self.tcp_port}", "--ws", f"{LOOPBACK}:{self.ws_port}",
+                "--data", self.data_dir, "--workers", "1", *self.extra_args]
+
+    def start(self, timeout: float = 30.0) -> psutil.Process:
+        self._tmp = tempfile.TemporaryDirectory(prefix="zim-bench-")
+        self.data_dir = os.path.join(self._tmp.name, "data")
+        self.tcp_port, self.ws_port = free_port(), free_port()
+        self._log = open(os.path.join(self._tmp.name, "server.log"), "w+b")
+        # cwd = the repository, so `-m zim` runs the checkout being measured.
+        self.process = subprocess.Popen(self.command, cwd=REPO_ROOT, stdout=self._log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"zim exited with {self.process.returncode}:\n{self.log_tail()}")
+            if _accepts(self.tcp_port) and _accepts(self.ws_port):
+                return psutil.Process(self.process.pid)
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"zim did not listen within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, size: int = 4000) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0, os.SEEK_END)
+        end = self._log.tell()
+        self._log.seek(max(0, end - size))
+        return self._log.read().decode("utf-8", "replace")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (repeated every few seconds), then SIGKILL after ``timeout``.
+
+        Returns the exit code. A server that needed more than one SIGTERM is
+        reported on stderr: that is a bug worth knowing about.
+        """
+        code = None
+        if self.process is not None:
+            deadline = time.monotonic() + timeout
+            signals = 0
+            while self.process.poll() is None and time.monotonic() < deadline:
+                self.process.send_signal(signal.SIGTERM)
+                signals += 1
+                try:
+                    self.process.wait(min(5.0, max(0.1, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(5)
+                print(f"warning: zim ignored SIGTERM for {timeout:.0f} s; killed", file=sys.stderr)
+            elif signals > 1:
+                print(f"warning: zim stopped only after {signals} SIGTERMs", file=sys.stderr)
+            code = self.process.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        return code
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# -- machine and reporting ----------------------------------------------------
+def meminfo_kib(name: str) -> int:
+    """A /proc/meminfo field in KiB (0 if absent)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def machine() -> dict:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "open_files_limit": soft,
+        "open_files_hard_limit": hard,
+    }
+
+
+def print_header(title: str) -> dict:
+    info = machine()
+    print(f"# {title}")
+    print(f"# command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"# machine: nproc={info['nproc']} memory={info['memory_bytes'] / 2**30:.1f} GiB "
+          f"kernel={info['kernel']} python={info['python']} "
+          f"open-files={info['open_files_limit']}/{info['open_files_hard_limit']}")
+    sys.stdout.flush()
+    return info
+
+
+def print_json(result: dict) -> None:
+    print(json.dumps(result, sort_keys=True))
+    sys.stdout.flush()
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise this process's soft open-files limit towards ``wanted`` (up to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list (None when empty)."""
+    if not sorted_values:
+        return None
+    rank = math.ceil(fraction * len(sorted_values))  # 1-based
+    return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
+
+
+def run_main(bench: str, title: str, args, run) -> int:
+    """Print the header, call ``run(args, info)``; a failure still ends with a
+    RESULT line (and a JSON line with ``--json``) saying why, and exit code 1."""
+    info = print_header(title)
+    try:
+        return run(args, info)
+    except (RuntimeError, OSError) as exc:
+        print(f"RESULT {bench} FAILED: {exc}")
+        if args.json:
+            print_json({"bench": bench, "ok": False, "error": str(exc), "machine": info})
+        return 1

@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""Idle memory per connection: K logged-in, idle connections on one zim worker.
+
+Starts a real server (``python -m zim``, one worker), measures its RSS, opens K
+connections from this one process (non-blocking sockets on one epoll), logs each
+in as a new user (action 1), waits ``--settle`` seconds and measures the RSS again:
+
+    bytes per connection = (RSS after - RSS before) / K
+
+The figure includes everything the server keeps for a logged-in user: the
+connection slot, presence, and the store's user record. Kernel memory is not in
+RSS; the growth of ``Slab`` in /proc/meminfo is printed for information (both ends
+of every loopback connection live on this machine, so it counts two sockets).
+
+Example: ``python bench/idle_memory.py --connections 15000 --json``
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import select
+import shlex
+import socket
+import sys
+import time
+
+import orjson
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the source port at connect(), not bind()
+
+CONNECTING, WS_HANDSHAKE, LOGGING_IN, LOGGED_IN = range(4)
+LOGIN = 1
+PULL_MAILBOX = 7
+
+
+class Conn:
+    """One client connection's progress through connect → (upgrade) → login."""
+
+    __slots__ = ("sock", "state", "buf", "accept", "index")
+
+    def __init__(self, sock: socket.socket, index: int) -> None:
+        self.sock = sock
+        self.state = CONNECTING
+        self.buf = bytearray()
+        self.accept = b""
+        self.index = index
+
+
+class IdleClients:
+    """Opens and logs in ``count`` connections, pipelined, all in this process."""
+
+    def __init__(self, tcp_port: int, ws_port: int, count: int, websocket: bool,
+                 sources: int, inflight: int) -> None:
+        self.port = ws_port if websocket else tcp_port
+        self.count = count
+        self.websocket = websocket
+        self.sources = sources
+        self.inflight = inflight
+        self.epoll = select.epoll()
+        self.pending: dict[int, Conn] = {}     # fd → connection not yet logged in
+        self.done: list[Conn] = []             # logged in; idle from now on
+        self.opened = 0
+        self.failed = 0
+        self.failures: list[str] = []
+
+    # -- packets in this connection's transport ---------------------------
+    def _packet(self, action: int, seq: int, body: dict) -> bytes:
+        data = orjson.dumps(body)
+        if self.websocket:
+            return benchlib.ws_packet(action, seq, data)
+        return benchlib.tcp_packet(action, seq, data)
+
+    def _split(self, buf: bytearray) -> list[tuple[int, int, bytes]]:
+        if not self.websocket:
+            return benchlib.tcp_split(buf)
+        packets = []
+        for opcode, action, seq, body in benchlib.ws_split(buf):
+            if opcode == 0x8:
+                raise ValueError(f"server sent a WebSocket close: {body[:2].hex()}")
+            if opcode == 0x2:
+                packets.append((action, seq, body))
+        return packets
+
+    def _fail(self, conn: Conn, reason: str) -> None:
+        self.failed += 1
+        if len(self.failures) < 5:
+            self.failures.append(f"connection {conn.index}: {reason}")
+        fd = conn.sock.fileno()
+        self.pending.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        conn.sock.close()
+
+    # -- opening ------------------------------------------------------------
+    def _open(self) -> None:
+        index = self.opened
+        self.opened += 1
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if self.sources > 1:
+            # Spread source addresses over 127.0.0.x so the ephemeral ports of one
+            # address never run out; the port is chosen at connect time.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((f"127.0.0.{1 + index % self.sources}", 0))
+        conn = Conn(sock, index)
+        code = sock.connect_ex((benchlib.LOOPBACK, self.port))
+        fd = sock.fileno()
+        self.pending[fd] = conn
+        self.epoll.register(fd, select.EPOLLOUT)
+        if code not in (0, errno.EINPROGRESS):
+            self._fail(conn, f"connect: {os.strerror(code)}")
+
+    def _on_event(self, conn: Conn, events: int) -> None:
+        sock = conn.sock
+        if conn.state == CONNECTING:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                return self._fail(conn, f"connect: {os.strerror(code)}")
+            if self.websocket:
+                request, conn.accept = benchlib.ws_handshake_request(self.port)
+                conn.state = WS_HANDSHAKE
+            else:
+                request = self._login_packet(conn)
+                conn.state = LOGGING_IN
+            if sock.send(request) != len(request):   # a few hundred bytes: always fits
+                return self._fail(conn, "short send")
+            self.epoll.modify(sock.fileno(), select.EPOLLIN)
+            return None
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return self._fail(conn, f"recv: {exc}")
+        if not data:
+            return self._fail(conn, f"closed by the server (state {conn.state})")
+        conn.buf += data
+        if conn.state == WS_HANDSHAKE:
+            end = conn.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return None
+            if not benchlib.ws_handshake_ok(bytes(conn.buf[:end]), conn.accept):
+                return self._fail(conn, f"bad upgrade response {bytes(conn.buf[:60])!r}")
+            del conn.buf[:end + 4]
+            conn.state = LOGGING_IN
+            sock.send(self._login_packet(conn))
+        try:
+            packets = self._split(conn.buf)
+        except ValueError as exc:
+            return self._fail(conn, str(exc))
+        for action, seq, body in packets:
+            if action == LOGIN and seq == 1:
+                reply = orjson.loads(body) if body else {}
+                if "id" not in reply:
+                    return self._fail(conn, f"login failed: {body[:200]!r}")
+                conn.state = LOGGED_IN
+                conn.buf = bytearray()
+                fd = sock.fileno()
+                del self.pending[fd]
+                # From here on the connection is idle: nothing is read from it.
+                self.epoll.unregister(fd)
+                self.done.append(conn)
+                return None
+        return None
+
+    def _login_packet(self, conn: Conn) -> bytes:
+        return self._packet(LOGIN, 1, {"name": f"idle-{conn.index}"})
+
+    def run(self, deadline: float) -> None:
+        """Open and log in every connection, or stop at ``deadline`` (monotonic)."""
+        while len(self.done) + self.failed < self.count and time.monotonic() < deadline:
+            while self.opened < self.count and len(self.pending) < self.inflight:
+                self._open()
+            for fd, events in self.epoll.poll(0.2, 4096):
+                conn = self.pending.get(fd)
+                if conn is not None:
+                    self._on_event(conn, events)
+
+    def verify(self, sample: int, timeout: float) -> tuple[int, int]:
+        """Send a logged-in-only request (pull mailbox) on ``sample`` idle connections.
+
+        Returns (asked, answered without error): proves they are still open and logged in.
+        """
+        step = max(1, len(self.done) // max(1, sample))
+        chosen = {c.sock.fileno(): c for c in self.done[::step][:sample]}
+        for fd, conn in chosen.items():
+            conn.sock.send(self._packet(PULL_MAILBOX, 2, {"limit": 1}))
+            self.epoll.register(fd, select.EPOLLIN)
+        answered = 0
+        deadline = time.monotonic() + timeout
+        waiting = dict(chosen)
+        while waiting and time.monotonic() < deadline:
+            for fd, _ in self.epoll.poll(0.2, 4096):
+                conn = waiting.get(fd)
+                if conn is None:
+                    continue
+                try:
+                    data = conn.sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    del waiting[fd]
+                    self.epoll.unregister(fd)
+                    continue
+                conn.buf += data
+                try:
+                    packets = self._split(conn.buf)
+                except ValueError:      # a WebSocket close or a broken frame
+                    packets = []
+                    del waiting[fd]
+                    self.epoll.unregister(fd)
+                for action, seq, body in packets:
+                    if action == PULL_MAILBOX and seq == 2:
+                        if "error" not in orjson.loads(body or b"{}"):
+                            answered += 1
+                        del waiting[fd]
+                        self.epoll.unregister(fd)
+                        break
+        return len(chosen), answered
+
+    def close(self) -> None:
+        for conn in self.done:
+            conn.sock.close()
+        for conn in self.pending.values():
+            conn.sock.close()
+        self.epoll.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=15_000, metavar="K",
+                        help="idle logged-in connections to open (default 15000)")
+    parser.add_argument("--ws", action="store_true",
+                        help="connect over WebSocket instead of plain TCP")
+    parser.add_argument("--settle", type=float, default=10.0, metavar="S",
+                        help="seconds to wait after the last login before measuring (default 10)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="give up connecting and logging in after S seconds (default 120)")
+    parser.add_argument("--inflight", type=int, default=1000, metavar="N",
+                        help="connections connecting or logging in at once (default 1000)")
+    parser.add_argument("--sources", type=int, default=1, metavar="N",
+                        help="spread client source addresses over 127.0.0.1..N (default 1)")
+    parser.add_argument("--verify", type=int, default=100, metavar="N",
+                        help="after measuring, check N connections still answer (default 100)")
+    parser.add_argument("--server-args", default="", metavar="FLAGS",
+                        help="extra zim-server flags, one string (e.g. \"--max-packet 131072\")")
+    parser.add_argument("--json", action="store_true", help="print a JSON result as the last line")
+    args = parser.parse_args(argv)
+    if args.connections < 1:
+        parser.error("--connections must be at least 1")
+    if not 1 <= args.sources <= 254:
+        parser.error("--sources must be in 1..254")
+    if args.settle < 0 or args.timeout <= 0 or args.inflight < 1:
+        parser.error("--settle must be >= 0, --timeout and --inflight > 0")
+    return args
+
+
+def mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return benchlib.run_main("idle_memory", "zim idle memory per connection", parse_args(argv), run)
+
+
+def run(args: argparse.Namespace, info: dict) -> int:
+    limit = benchlib.raise_open_files(args.connections + 100)
+    if args.connections + 50 > limit:
+        print(f"error: {args.connections} connections need more than this process's "
+              f"open-files limit {limit}", file=sys.stderr)
+        return 2
+    transport = "websocket" if args.ws else "tcp"
+    server = benchlib.Server(extra_args=shlex.split(args.server_args))
+    clients = None
+    try:
+        proc = server.start()
+        print(f"server: pid {proc.pid}: {' '.join(server.command)}")
+        time.sleep(0.5)  # let the interpreter finish importing before the baseline
+        rss_before = proc.memory_info().rss
+        fds_before = proc.num_fds()
+        slab_before = benchlib.meminfo_kib("Slab") * 1024
+        print(f"baseline: rss {mib(rss_before)}, {fds_before} fds, kernel slab {mib(slab_before)}")
+        sys.stdout.flush()
+
+        clients = IdleClients(server.tcp_port, server.ws_port, args.connections, args.ws,
+                              args.sources, args.inflight)
+        started = time.monotonic()
+        clients.run(started + args.timeout)
+        login_seconds = time.monotonic() - started
+        logged_in = len(clients.done)
+        print(f"logged in {logged_in}/{args.connections} {transport} connections in "
+              f"{login_seconds:.1f} s ({logged_in / max(login_seconds, 1e-9):,.0f}/s), "
+              f"{clients.failed} failed")
+        for reason in clients.failures:
+            print(f"  failure: {reason}")
+        sys.stdout.flush()
+
+        settle_end = time.monotonic() + args.settle
+        while server.alive() and time.monotonic() < settle_end:
+            time.sleep(min(0.5, max(0.0, settle_end - time.monotonic())))
+        if not server.alive():
+            raise RuntimeError(f"the server died:\n{server.log_tail()}")
+        rss_after = proc.memory_info().rss
+        fds_after = proc.num_fds()
+        slab_after = benchlib.meminfo_kib("Slab") * 1024
+        asked, answered = clients.verify(args.verify, timeout=15.0)
+        per_conn = (rss_after - rss_before) / max(1, logged_in)
+        slab_per_conn = (slab_after - slab_before) / max(1, logged_in)
+        print(f"after {args.settle:g} s idle: rss {mib(rss_after)} (+{mib(rss_after - rss_before)}), "
+              f"{fds_after} fds (+{fds_after - fds_before}), "
+              f"kernel slab +{mib(slab_after - slab_before)}")
+        print(f"verify: {answered}/{asked} sampled connections answered a pull-mailbox request")
+        ok = logged_in == args.connections and answered == asked and \
+            fds_after - fds_before >= logged_in
+        print(f"RESULT idle_memory transport={transport} connections={logged_in} "
+              f"bytes_per_connection={per_conn:.0f} "
+              f"kernel_slab_bytes_per_connection={slab_per_conn:.0f} (both ends) "
+              f"{'OK' if ok else 'INCOMPLETE'}")
+        result = {
+            "bench": "idle_memory", "ok": ok, "transport": transport,
+            "connections_wanted": args.connections, "connections": logged_in,
+            "failed": clients.failed, "login_seconds": round(login_seconds, 3),
+            "settle_seconds": args.settle,
+            "rss_before": rss_before, "rss_after": rss_after,
+            "bytes_per_connection": round(per_conn, 1),
+            "server_fds_before": fds_before, "server_fds_after": fds_after,
+            "slab_before": slab_before, "slab_after": slab_after,
+            "kernel_slab_bytes_per_connection": round(slab_per_conn, 1),
+            "verified": answered, "verify_asked": asked,
+            "machine": info, "server_command": server.command,
+        }
+    finally:
+        if clients is not None:
+            clients.close()
+        code = server.stop()
+    result["server_exit_code"] = code
+    if code not in (0, None):
+        print(f"warning: the server exited with code {code}")
+    if args.json:
+        benchlib.print_json(result)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

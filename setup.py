@@ -1,0 +1,17 @@
+"""Build the Cython core. Everything else lives in pyproject.toml."""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+_FLAGS = ["-O2"]
+extensions = [
+    Extension("zim._codec", ["zim/_codec.pyx"], extra_compile_args=_FLAGS),
+    Extension("zim._core", ["zim/_core.pyx"], extra_compile_args=_FLAGS),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    )
+)

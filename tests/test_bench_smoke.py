@@ -1,0 +1,24 @@
+"""The benchmarks run end to end at a small size (their figures are not checked here)."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script, args", [
+    ("idle_memory.py", ["--connections", "300", "--settle", "1"]),
+    ("idle_memory.py", ["--connections", "300", "--settle", "1", "--ws"]),
+    ("broadcast.py", ["--members", "100", "--messages", "300", "--runs", "1"]),
+])
+def test_bench_runs(script: str, args: list[str]) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True, result

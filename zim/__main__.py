@@ -1,0 +1,3 @@
+from zim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1057 @@
+# cython: language_level=3
+"""The reactor: one edge-triggered epoll loop per worker process.
+
+Per connection there is one fixed-size C struct in a table indexed by fd (no
+Python object). Input is read into one per-worker scratch buffer and parsed in
+place; only a trailing partial packet is kept, in a malloc'd buffer freed as
+soon as it is consumed. Output is appended to a per-connection buffer and
+flushed once per loop iteration with a single write carrying everything
+queued (the kernel charges per call, not per byte: ../shared/MEASURED.md).
+Python is called once per complete request packet.
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memmove, memset
+from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
+from posix.unistd cimport close, read, write
+from posix.fcntl cimport open as c_open, O_RDONLY, O_CLOEXEC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+
+from zim._codec cimport (
+    packet_t, ws_state_t, tcp_next, ws_next, ws_release, tcp_header,
+    ws_frame_header, ws_packet_header, ws_handshake_response, find_header_end,
+    EV_NEED_MORE, EV_PACKET, EV_TOO_LARGE, EV_BROKEN, EV_PING, EV_PONG,
+    EV_CLOSE, EV_TEXT, EV_SKIP, EV_BAD_UTF8, TCP_HEADER, WS_MAX_FRAME_HEADER, WS_PACKET_HEADER,
+)
+
+import logging
+import socket
+
+log = logging.getLogger("zim.core")
+
+cdef extern from "sys/epoll.h" nogil:
+    ctypedef union epoll_data_t:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL
+        EPOLLIN, EPOLLOUT, EPOLLRDHUP, EPOLLHUP, EPOLLERR, EPOLLET
+
+cdef extern from "sys/socket.h" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    int accept4(int fd, sockaddr* addr, socklen_t* addrlen, int flags)
+    int shutdown(int fd, int how)
+    int setsockopt(int fd, int level, int optname, const void* optval, socklen_t optlen)
+    enum:
+        SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR
+
+cdef extern from "netinet/in.h" nogil:
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "netinet/tcp.h" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "malloc.h" nogil:
+    int mallopt(int param, int value)
+    enum:
+        M_TRIM_THRESHOLD
+
+cdef extern from "sys/resource.h" nogil:
+    struct rlimit:
+        unsigned long rlim_cur
+        unsigned long rlim_max
+    int getrlimit(int resource, rlimit* rlim)
+    enum:
+        RLIMIT_NOFILE
+
+# Connection states
+cdef enum:
+    S_FREE = 0
+    S_LISTEN_TCP = 1
+    S_LISTEN_WS = 2
+    S_TCP = 3
+    S_WS_HANDSHAKE = 4
+    S_WS = 5
+
+# Connection flags
+cdef enum:
+    F_PENDING = 1       # in the flush list for this iteration
+    F_EPOLLOUT = 2      # EPOLLOUT armed: the kernel did not take everything
+    F_CLOSING = 4       # no more requests: flush, half-close, drain, close
+    F_SHUT = 8          # write side shut down; draining input until EOF
+    F_PEER_EOF = 16     # peer closed its side: close once output is flushed
+    F_READ_AGAIN = 32   # read budget spent before EAGAIN: resume next iteration
+
+cdef enum:
+    MAX_EVENTS = 1024
+    READS_PER_EVENT = 16        # fairness: a flooding peer yields after this many reads
+    MAX_HANDSHAKE = 8192
+    DRAIN_SECONDS = 5           # how long a closing connection may take to send EOF
+    NO_CONN = -1
+    WHEEL_SLOTS = 1024          # timing wheel: one slot per second, lazily re-armed
+
+DEF_OUTBUF_LIMIT = 64 * 1024 * 1024
+
+# Canned responses (C-side: sent without a Python call)
+_TOO_LARGE_BODY = b'{"error":{"code":"too_large","message":"packet exceeds the server\'s max packet size"}}'
+_HTTP_400 = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+# One slot per fd. Kept small: it is the whole per-connection cost in user
+# space for an idle connection (buffers are NULL while empty).
+cdef struct conn_t:
+    uint32_t gen            # bumped at accept: handles of a closed fd go stale
+    uint8_t state
+    uint8_t flags
+    uint16_t wheel_slot     # the timing-wheel slot holding it
+    uint64_t user           # 0: not logged in
+    char* inbuf             # trailing partial input, NULL when none
+    char* outbuf            # bytes the kernel has not taken yet, NULL when none
+    uint32_t inlen
+    uint32_t outlen
+    uint32_t outcap
+    int32_t next_dev        # next connection of the same user (presence list)
+    ws_state_t ws
+    uint32_t last_active    # monotonic seconds of the last byte received
+    uint32_t born           # monotonic seconds at accept (login timeout)
+    int32_t wheel_prev      # timing-wheel slot list links (fds)
+    int32_t wheel_next
+
+
+# A growable list of connection handles; entries may go stale (checked on use).
+cdef struct handle_list_t:
+    uint64_t* items
+    size_t length
+    size_t capacity
+
+
+cdef void handles_push(handle_list_t* hl, uint64_t handle) noexcept nogil:
+    cdef uint64_t* grown
+    if hl.length == hl.capacity:
+        grown = <uint64_t*>realloc(hl.items, (hl.capacity * 2 + 64) * sizeof(uint64_t))
+        if grown == NULL:
+            return                      # losing a mark only delays work to the next event
+        hl.items = grown
+        hl.capacity = hl.capacity * 2 + 64
+    hl.items[hl.length] = handle
+    hl.length += 1
+
+
+cdef handle_list_t handles_take(handle_list_t* hl) noexcept nogil:
+    """Move the list out, leaving an empty one for work queued meanwhile."""
+    cdef handle_list_t taken = hl[0]
+    hl.items = NULL
+    hl.length = hl.capacity = 0
+    return taken
+
+
+cdef struct group_t:
+    uint64_t* members       # connection handles; stale ones are dropped lazily
+    uint32_t length
+    uint32_t capacity
+
+
+cdef inline uint64_t make_handle(uint32_t gen, int fd) noexcept nogil:
+    return (<uint64_t>gen << 32) | <uint32_t>fd
+
+
+cdef inline int handle_fd(uint64_t handle) noexcept nogil:
+    return <int><uint32_t>handle
+
+
+cdef uint32_t NO_DEADLINE = <uint32_t>-1
+
+
+cdef inline uint32_t now_seconds() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint32_t>ts.tv_sec
+
+
+cdef inline uint64_t hash64(uint64_t key) noexcept nogil:
+    key ^= key >> 33
+    key *= 0xff51afd7ed558ccdULL
+    key ^= key >> 33
+    return key
+
+
+cdef class Reactor:
+    """An edge-triggered epoll loop serving TCP and WebSocket connections.
+
+    ``on_packet(conn, action, seq, body)`` is called once per complete request;
+    ``conn`` is an int handle, valid until the connection closes.
+    """
+    cdef int epfd
+    cdef int reserve_fd
+    cdef int max_fds
+    cdef conn_t* conns
+    cdef size_t max_packet
+    cdef char* scratch
+    cdef size_t scratch_cap
+    cdef object on_packet
+    cdef bint running
+    cdef uint32_t now
+    cdef size_t outbuf_limit
+    cdef handle_list_t pending      # connections with queued output: flushed once per pass
+    cdef handle_list_t again        # read budget ran out before EAGAIN: resume next pass
+    cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline
+    # presence: user id -> first connection fd (open addressing, linear probing)
+    cdef uint64_t* user_keys
+    cdef int32_t* user_heads
+    cdef size_t user_cap, user_count
+    # channel groups, indexed by group id
+    cdef group_t* groups
+    cdef size_t groups_cap
+    cdef list listeners
+    # liveness: a hashed timing wheel of connections, one slot per second
+    cdef int32_t wheel[WHEEL_SLOTS]
+    cdef uint32_t wheel_now
+    cdef uint32_t login_timeout, idle_timeout
+    # counters
+    cdef public uint64_t accepted, closed, refused, packets_in, bytes_in, bytes_out
+    cdef public uint64_t connections, dropped_slow, timed_out
+
+    def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
+                  uint32_t login_timeout=10, uint32_t idle_timeout=300):
+        cdef rlimit lim
+        cdef int i
+        for i in range(WHEEL_SLOTS):
+            self.wheel[i] = NO_CONN
+        self.login_timeout = login_timeout
+        self.idle_timeout = idle_timeout
+        getrlimit(RLIMIT_NOFILE, &lim)
+        # Output buffers are freed as soon as the kernel takes their bytes; keep
+        # up to 32 MiB of freed heap so each burst does not fault pages back in.
+        mallopt(M_TRIM_THRESHOLD, 32 * 1024 * 1024)
+        self.max_fds = <int>min(lim.rlim_cur, 1 << 24)
+        # calloc of a large table maps zero pages lazily: slots never used cost no RSS
+        self.conns = <conn_t*>calloc(self.max_fds, sizeof(conn_t))
+        self.max_packet = max_packet
+        # room for a whole maximal WebSocket frame plus a read's worth more
+        self.scratch_cap = max_packet + WS_MAX_FRAME_HEADER + 256 * 1024
+        self.scratch = <char*>malloc(self.scratch_cap)
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        self.reserve_fd = c_open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+        if self.conns == NULL or self.scratch == NULL or self.epfd < 0:
+            raise MemoryError("reactor setup failed")
+        self.on_packet = on_packet
+        self.outbuf_limit = outbuf_limit
+        self.user_cap = 1024
+        self.user_keys = <uint64_t*>calloc(self.user_cap, sizeof(uint64_t))
+        self.user_heads = <int32_t*>calloc(self.user_cap, sizeof(int32_t))
+        self.listeners = []
+        self.now = now_seconds()
+        self.wheel_now = self.now
+        self.running = True             # until stop(), which may come before run()
+
+    def __dealloc__(self):
+        cdef size_t i
+        if self.conns != NULL:
+            for i in range(<size_t>self.max_fds):
+                if self.conns[i].state != S_FREE:
+                    self._release(<int>i)
+            free(self.conns)
+        if self.groups != NULL:
+            for i in range(self.groups_cap):
+                free(self.groups[i].members)
+            free(self.groups)
+        free(self.scratch)
+        free(self.pending.items)
+        free(self.again.items)
+        free(self.draining.items)
+        free(self.user_keys)
+        free(self.user_heads)
+        if self.epfd >= 0:
+            close(self.epfd)
+        if self.reserve_fd >= 0:
+            close(self.reserve_fd)
+
+    # ------------------------------------------------------------ listen --
+    def listen(self, str host, int port, bint websocket=False, int backlog=4096):
+        """Bind a listener (SO_REUSEPORT, so several workers may share the port)."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        fd = sock.detach()
+        self.conns[fd].state = S_LISTEN_WS if websocket else S_LISTEN_TCP
+        self.conns[fd].gen += 1
+        self.conns[fd].wheel_prev = self.conns[fd].wheel_next = NO_CONN - 1
+        self._epoll_add(fd, EPOLLIN | EPOLLET)
+        self.listeners.append(fd)
+
+    cdef int _epoll_add(self, int fd, uint32_t events) except -1:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.u64 = make_handle(self.conns[fd].gen, fd)
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl ADD failed")
+        return 0
+
+    cdef void _epoll_mod(self, int fd, uint32_t events) noexcept:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.u64 = make_handle(self.conns[fd].gen, fd)
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &ev)
+
+    # ------------------------------------------------------------- loop --
+    def run(self):
+        """Run until stop(). Signals interrupt epoll_wait and run Python handlers."""
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i, fd, timeout
+        cdef uint64_t handle
+        cdef uint32_t ev, last_sweep
+        last_sweep = self.now
+        while self.running:
+            timeout = 0 if self.again.length else 1000
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
+            if n < 0 and errno != EINTR:
+                raise OSError(errno, "epoll_wait failed")
+            # A signal may land while the loop is busy, not only inside
+            # epoll_wait: run Python's handlers (a flag check) every pass.
+            PyErr_CheckSignals()
+            if n <= 0 or not self.running:
+                self.now = now_seconds()
+                if self.now != last_sweep:
+                    last_sweep = self.now
+                    self._sweep_draining()
+                    self._expire_idle()
+                self._resume_reads()
+                self._flush_all()
+                continue
+            self.now = now_seconds()
+            self._resume_reads()
+            for i in range(n):
+                handle = events[i].data.u64
+                fd = handle_fd(handle)
+                if self.conns[fd].gen != <uint32_t>(handle >> 32) or self.conns[fd].state == S_FREE:
+                    continue            # closed (and maybe reused) earlier in this iteration
+                ev = events[i].events
+                if self.conns[fd].state == S_LISTEN_TCP or self.conns[fd].state == S_LISTEN_WS:
+                    self._accept(fd)
+                    continue
+                if ev & EPOLLERR:
+                    self._close(fd)
+                    continue
+                if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+                    self._on_readable(fd)
+                    if self.conns[fd].gen != <uint32_t>(handle >> 32) or self.conns[fd].state == S_FREE:
+                        continue
+                if ev & EPOLLOUT:
+                    self._mark_pending(fd)
+            self._flush_all()
+            if self.now != last_sweep:
+                last_sweep = self.now
+                self._sweep_draining()
+                self._expire_idle()
+
+    def stop(self):
+        """Leave run() after the current iteration (safe from a signal handler,
+        also before run() has started)."""
+        self.running = False
+
+    def close_all(self):
+        """Stop listening, flush what is queued (one try), close every connection."""
+        cdef int fd
+        for fd in self.listeners:
+            if self.conns[fd].state != S_FREE:
+                close(fd)
+                self.conns[fd].state = S_FREE
+        self.listeners = []
+        self._flush_all()
+        for fd in range(self.max_fds):
+            if self.conns[fd].state >= S_TCP:
+                self._close(fd)
+
+    # ----------------------------------------------------------- accept --
+    cdef void _accept(self, int lfd) noexcept:
+        cdef int fd, one = 1
+        cdef uint8_t kind = S_WS_HANDSHAKE if self.conns[lfd].state == S_LISTEN_WS else S_TCP
+        cdef conn_t* c
+        while True:
+            fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EMFILE or errno == ENFILE:
+                    # Out of descriptors: free the reserve, take the waiting
+                    # connection and close it, so the edge is not left pending.
+                    if self.reserve_fd >= 0:
+                        close(self.reserve_fd)
+                        fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)
+                        if fd >= 0:
+                            close(fd)
+                            self.refused += 1
+                        self.reserve_fd = c_open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+                        if fd >= 0:
+                            continue
+                    return
+                if errno == ENOBUFS or errno == ENOMEM:
+                    return
+                return                  # EAGAIN or a transient error from the peer
+            if fd >= self.max_fds:      # cannot happen under RLIMIT_NOFILE; be safe
+                close(fd)
+                self.refused += 1
+                continue
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            c = &self.conns[fd]
+            c.gen += 1
+            c.state = kind
+            c.flags = 0
+            c.user = 0
+            c.next_dev = NO_CONN
+            c.last_active = self.now
+            c.born = self.now
+            self._wheel_insert(fd)
+            if self._epoll_add_conn(fd) < 0:
+                close(fd)
+                c.state = S_FREE
+                continue
+            self.accepted += 1
+            self.connections += 1
+
+    cdef int _epoll_add_conn(self, int fd) noexcept:
+        cdef epoll_event ev
+        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET
+        ev.data.u64 = make_handle(self.conns[fd].gen, fd)
+        return epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
+
+    # ------------------------------------------------------------- read --
+    cdef void _on_readable(self, int fd) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        cdef uint32_t gen = c.gen
+        cdef size_t have = 0, used
+        cdef ssize_t n
+        cdef int reads = 0
+        if not (c.flags & F_SHUT):      # a draining peer keeps its deadline
+            c.last_active = self.now
+        if c.inlen:
+            memcpy(self.scratch, c.inbuf, c.inlen)
+            have = c.inlen
+            free(c.inbuf)
+            c.inbuf = NULL
+            c.inlen = 0
+        while True:
+            if reads == READS_PER_EVENT:
+                c.flags |= F_READ_AGAIN
+                handles_push(&self.again, make_handle(gen, fd))
+                break
+            n = read(fd, self.scratch + have, self.scratch_cap - have)
+            if n > 0:
+                reads += 1
+                self.bytes_in += <uint64_t>n
+                have += <size_t>n
+                if c.flags & (F_CLOSING | F_SHUT):
+                    have = 0            # draining: discard
+                    continue
+                used = self._process(fd, gen, have)
+                if c.gen != gen or c.state == S_FREE:
+                    return
+                if used:
+                    memmove(self.scratch, self.scratch + used, have - used)
+                    have -= used
+                continue
+            if n == 0:
+                if c.flags & F_SHUT:
+                    self._close(fd)
+                    return
+                c.flags |= F_PEER_EOF | F_CLOSING
+                self._mark_pending(fd)  # flush answers, then close
+                have = 0
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                break
+            self._close(fd)             # ECONNRESET and friends
+            return
+        if have and not (c.flags & (F_CLOSING | F_SHUT)):
+            c.inbuf = <char*>malloc(have)
+            if c.inbuf == NULL:
+                self._close(fd)
+                return
+            memcpy(c.inbuf, self.scratch, have)
+            c.inlen = <uint32_t>have
+
+    cdef void _resume_reads(self) noexcept:
+        cdef handle_list_t batch = handles_take(&self.again)
+        cdef size_t i
+        cdef int fd
+        for i in range(batch.length):
+            fd = self._conn_fd(batch.items[i])
+            if fd >= 0 and self.conns[fd].flags & F_READ_AGAIN:
+                self.conns[fd].flags &= ~F_READ_AGAIN
+                self._on_readable(fd)
+        free(batch.items)
+
+    cdef size_t _process(self, int fd, uint32_t gen, size_t have) noexcept:
+        """Handle every complete unit in scratch[0:have]; return bytes consumed."""
+        cdef conn_t* c = &self.conns[fd]
+        cdef size_t offset = 0, consumed
+        cdef packet_t pkt
+        cdef int ev
+        cdef Py_ssize_t head_end
+        while offset < have:
+            if c.state == S_TCP:
+                ev = tcp_next(self.scratch + offset, have - offset, self.max_packet, &pkt, &consumed)
+            elif c.state == S_WS:
+                ev = ws_next(self.scratch + offset, have - offset, self.max_packet, &c.ws, &pkt, &consumed)
+            elif c.state == S_WS_HANDSHAKE:
+                head_end = find_header_end(self.scratch + offset, have - offset)
+                if head_end < 0:
+                    if have - offset > MAX_HANDSHAKE:
+                        self._queue_raw(fd, _HTTP_400)
+                        self._begin_close(fd)
+                        return have
+                    return offset
+                if not self._handshake(fd, offset, <size_t>head_end):
+                    return have
+                offset += <size_t>head_end
+                continue
+            else:
+                return have
+            offset += consumed
+            if ev == EV_NEED_MORE:
+                return offset
+            if ev == EV_PACKET:
+                self.packets_in += 1
+                self._dispatch(fd, &pkt)
+                if c.state == S_WS:
+                    ws_release(&c.ws)
+                if c.gen != gen or c.state == S_FREE:
+                    return have
+                if c.flags & (F_CLOSING | F_SHUT):
+                    return have
+            elif ev == EV_SKIP or ev == EV_PONG:
+                pass
+            elif ev == EV_PING:
+                self._queue_control(fd, 10, pkt.body, pkt.body_len)
+            elif ev == EV_CLOSE:
+                self._ws_close(fd, pkt.close_code if pkt.close_code else 1000)
+                return have
+            elif ev == EV_TEXT:
+                self._ws_close(fd, 1003)
+                return have
+            elif ev == EV_BAD_UTF8:
+                self._ws_close(fd, 1007)
+                return have
+            elif ev == EV_TOO_LARGE:
+                self._queue_packet(fd, pkt.action, pkt.seq, _TOO_LARGE_BODY, len(_TOO_LARGE_BODY))
+                if c.state == S_WS:
+                    self._ws_close(fd, 1009)
+                else:
+                    self._begin_close(fd)
+                return have
+            else:                       # EV_BROKEN
+                if c.state == S_WS:
+                    self._ws_close(fd, 1002)
+                else:
+                    self._begin_close(fd)
+                return have
+        return offset
+
+    cdef bint _handshake(self, int fd, size_t offset, size_t head_len) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        cdef object response
+        try:
+            response = ws_handshake_response(PyBytes_FromStringAndSize(self.scratch + offset, head_len))
+        except BaseException:
+            response = None
+        if response is None:
+            self._queue_raw(fd, _HTTP_400)
+            self._begin_close(fd)
+            return False
+        self._queue_raw(fd, response)
+        c.state = S_WS
+        return True
+
+    cdef void _dispatch(self, int fd, packet_t* pkt) noexcept:
+        cdef object body = PyBytes_FromStringAndSize(pkt.body, pkt.body_len)
+        try:
+            self.on_packet(make_handle(self.conns[fd].gen, fd), pkt.action, pkt.seq, body)
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self.running = False
+            log.exception("packet handler failed")
+
+    # ------------------------------------------------------------ write --
+    cdef char* _reserve(self, int fd, size_t extra) noexcept:
+        """Room for extra more output bytes; NULL if the connection was dropped."""
+        cdef conn_t* c = &self.conns[fd]
+        cdef size_t need = c.outlen + extra, cap
+        cdef char* grown
+        if need > c.outcap:
+            if need > self.outbuf_limit:
+                self.dropped_slow += 1
+                self._close(fd)         # a consumer that stopped reading
+                return NULL
+            cap = c.outcap * 2 if c.outcap else 512
+            while cap < need:
+                cap *= 2
+            grown = <char*>realloc(c.outbuf, cap)
+            if grown == NULL:
+                self._close(fd)
+                return NULL
+            c.outbuf = grown
+            c.outcap = <uint32_t>cap
+        if not (c.flags & F_PENDING):
+            self._mark_pending(fd)
+        return c.outbuf + c.outlen
+
+    cdef void _mark_pending(self, int fd) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        if c.flags & F_PENDING:
+            return
+        c.flags |= F_PENDING
+        handles_push(&self.pending, make_handle(c.gen, fd))
+
+    cdef bint _queue_packet(self, int fd, int action, int seq, const char* body, size_t body_len) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        cdef char* out
+        cdef size_t head
+        if c.flags & F_SHUT:
+            return False
+        out = self._reserve(fd, WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + body_len)
+        if out == NULL:
+            return False
+        if c.state == S_WS:
+            head = ws_packet_header(out, body_len, action, seq)
+        else:
+            head = tcp_header(out, body_len, action, seq)
+        memcpy(out + head, body, body_len)
+        c.outlen += <uint32_t>(head + body_len)
+        return True
+
+    cdef void _queue_raw(self, int fd, bytes data) noexcept:
+        cdef char* out = self._reserve(fd, len(data))
+        if out != NULL:
+            memcpy(out, PyBytes_AS_STRING(data), len(data))
+            self.conns[fd].outlen += <uint32_t>len(data)
+
+    cdef void _queue_control(self, int fd, int opcode, const char* payload, size_t length) noexcept:
+        cdef char* out = self._reserve(fd, WS_MAX_FRAME_HEADER + length)
+        cdef size_t head
+        if out != NULL:
+            head = ws_frame_header(out, length, opcode)
+            memcpy(out + head, payload, length)
+            self.conns[fd].outlen += <uint32_t>(head + length)
+
+    cdef void _ws_close(self, int fd, int code) noexcept:
+        cdef char payload[2]
+        payload[0] = <char>((code >> 8) & 0xFF)
+        payload[1] = <char>(code & 0xFF)
+        self._queue_control(fd, 8, payload, 2)
+        self._begin_close(fd)
+
+    cdef void _begin_close(self, int fd) noexcept:
+        """No more requests from fd: flush what is queued, half-close, drain, close."""
+        if self.conns[fd].state == S_FREE:
+            return
+        self.conns[fd].flags |= F_CLOSING
+        self._mark_pending(fd)
+
+    cdef void _flush_all(self) noexcept:
+        cdef handle_list_t batch = handles_take(&self.pending)
+        cdef size_t i
+        cdef int fd
+        for i in range(batch.length):
+            fd = self._conn_fd(batch.items[i])
+            if fd >= 0:
+                self.conns[fd].flags &= ~F_PENDING
+                self._flush(fd)
+        free(batch.items)
+
+    cdef void _flush(self, int fd) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        cdef ssize_t n
+        while c.outlen:
+            n = write(fd, c.outbuf, c.outlen)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    break
+                self._close(fd)         # EPIPE, ECONNRESET: the peer is gone
+                return
+            self.bytes_out += <uint64_t>n
+            if <size_t>n < c.outlen:
+                memmove(c.outbuf, c.outbuf + n, c.outlen - n)
+            c.outlen -= <uint32_t>n
+        if c.outlen:
+            if not (c.flags & F_EPOLLOUT):
+                c.flags |= F_EPOLLOUT
+                self._epoll_mod(fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+            return
+        # everything went out: give the buffer back
+        free(c.outbuf)
+        c.outbuf = NULL
+        c.outcap = 0
+        if c.flags & F_EPOLLOUT:
+            c.flags &= ~F_EPOLLOUT
+            self._epoll_mod(fd, EPOLLIN | EPOLLRDHUP | EPOLLET)
+        if c.flags & F_PEER_EOF:
+            self._close(fd)
+        elif c.flags & F_CLOSING and not (c.flags & F_SHUT):
+            # half-close so the last answer is not lost to a reset; then drain
+            shutdown(fd, SHUT_WR)
+            c.flags |= F_SHUT
+            c.last_active = self.now
+            handles_push(&self.draining, make_handle(c.gen, fd))
+
+    cdef void _sweep_draining(self) noexcept:
+        cdef size_t i, kept = 0
+        cdef uint64_t handle
+        cdef int fd
+        for i in range(self.draining.length):
+            handle = self.draining.items[i]
+            fd = self._conn_fd(handle)
+            if fd < 0:
+                continue
+            if self.now - self.conns[fd].last_active >= DRAIN_SECONDS:
+                self._close(fd)
+                continue
+            self.draining.items[kept] = handle
+            kept += 1
+        self.draining.length = kept
+
+    # --------------------------------------------------------- liveness --
+    cdef uint32_t _deadline(self, int fd) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        cdef uint32_t deadline = c.last_active + self.idle_timeout if self.idle_timeout else NO_DEADLINE
+        if c.user == 0 and self.login_timeout and c.born + self.login_timeout < deadline:
+            deadline = c.born + self.login_timeout
+        return deadline
+
+    cdef void _wheel_insert(self, int fd) noexcept:
+        cdef uint32_t deadline = self._deadline(fd)
+        cdef size_t slot
+        if deadline == NO_DEADLINE:
+            self.conns[fd].wheel_prev = self.conns[fd].wheel_next = NO_CONN - 1   # not in the wheel
+            return
+        if deadline <= self.wheel_now:
+            deadline = self.wheel_now + 1
+        slot = deadline % WHEEL_SLOTS
+        self.conns[fd].wheel_slot = <uint16_t>slot
+        self.conns[fd].wheel_prev = NO_CONN
+        self.conns[fd].wheel_next = self.wheel[slot]
+        if self.wheel[slot] != NO_CONN:
+            self.conns[self.wheel[slot]].wheel_prev = fd
+        self.wheel[slot] = fd
+
+    cdef void _wheel_unlink(self, int fd) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        if c.wheel_next == NO_CONN - 1:
+            return
+        if c.wheel_prev != NO_CONN:
+            self.conns[c.wheel_prev].wheel_next = c.wheel_next
+        else:
+            self.wheel[c.wheel_slot] = c.wheel_next
+        if c.wheel_next != NO_CONN:
+            self.conns[c.wheel_next].wheel_prev = c.wheel_prev
+        c.wheel_prev = c.wheel_next = NO_CONN - 1
+
+    cdef void _expire_idle(self) noexcept:
+        """Visit the wheel slots of the seconds that passed: O(due connections).
+
+        A connection that was active since it was slotted is re-slotted at its
+        new deadline instead of being moved on every packet.
+        """
+        cdef int32_t fd, nxt
+        cdef size_t slot
+        cdef conn_t* c
+        while self.wheel_now < self.now:
+            self.wheel_now += 1
+            slot = self.wheel_now % WHEEL_SLOTS
+            fd = self.wheel[slot]
+            self.wheel[slot] = NO_CONN
+            while fd != NO_CONN:
+                c = &self.conns[fd]
+                nxt = c.wheel_next
+                c.wheel_prev = c.wheel_next = NO_CONN - 1
+                if self._deadline(fd) <= self.wheel_now:
+                    self.timed_out += 1
+                    if c.state == S_WS:
+                        self._ws_close(fd, 1001)
+                    else:
+                        self._begin_close(fd)
+                else:
+                    self._wheel_insert(fd)
+                fd = nxt
+
+    # ------------------------------------------------------------ close --
+    cdef void _release(self, int fd) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        self._wheel_unlink(fd)
+        if c.user:
+            self._presence_unlink(c.user, fd)
+        free(c.inbuf)
+        free(c.outbuf)
+        c.ws.frag_active = 0
+        ws_release(&c.ws)
+        c.inbuf = NULL
+        c.outbuf = NULL
+        c.inlen = c.outlen = c.outcap = 0
+        c.user = 0
+        c.flags = 0
+        c.state = S_FREE
+
+    cdef void _close(self, int fd) noexcept:
+        if self.conns[fd].state < S_TCP:
+            return
+        self._release(fd)
+        close(fd)                       # also removes it from the epoll set
+        self.closed += 1
+        self.connections -= 1
+
+    # --------------------------------------------------------- presence --
+    cdef size_t _slot(self, uint64_t user) noexcept:
+        cdef size_t mask = self.user_cap - 1
+        cdef size_t i = hash64(user) & mask
+        while self.user_keys[i] != 0 and self.user_keys[i] != user:
+            i = (i + 1) & mask
+        return i
+
+    cdef void _grow_users(self) noexcept:
+        cdef uint64_t* old_keys = self.user_keys
+        cdef int32_t* old_heads = self.user_heads
+        cdef size_t old_cap = self.user_cap, i, j
+        cdef uint64_t* keys = <uint64_t*>calloc(old_cap * 2, sizeof(uint64_t))
+        cdef int32_t* heads = <int32_t*>calloc(old_cap * 2, sizeof(int32_t))
+        if keys == NULL or heads == NULL:
+            free(keys)
+            free(heads)
+            return
+        self.user_keys = keys
+        self.user_heads = heads
+        self.user_cap = old_cap * 2
+        for i in range(old_cap):
+            if old_keys[i]:
+                j = self._slot(old_keys[i])
+                keys[j] = old_keys[i]
+                heads[j] = old_heads[i]
+        free(old_keys)
+        free(old_heads)
+
+    cdef void _presence_unlink(self, uint64_t user, int fd) noexcept:
+        cdef size_t i = self._slot(user), j, k, mask = self.user_cap - 1
+        cdef int32_t cur, prev = NO_CONN
+        if self.user_keys[i] != user:
+            return
+        cur = self.user_heads[i]
+        while cur != NO_CONN and cur != fd:
+            prev = cur
+            cur = self.conns[cur].next_dev
+        if cur == NO_CONN:
+            return
+        if prev == NO_CONN:
+            self.user_heads[i] = self.conns[fd].next_dev
+        else:
+            self.conns[prev].next_dev = self.conns[fd].next_dev
+        self.conns[fd].next_dev = NO_CONN
+        if self.user_heads[i] != NO_CONN:
+            return
+        # last connection of this user: delete with backward shift (no tombstones)
+        self.user_keys[i] = 0
+        self.user_count -= 1
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self.user_keys[j] == 0:
+                return
+            k = hash64(self.user_keys[j]) & mask
+            if (j > i and (k <= i or k > j)) or (j < i and (k <= i and k > j)):
+                self.user_keys[i] = self.user_keys[j]
+                self.user_heads[i] = self.user_heads[j]
+                self.user_keys[j] = 0
+                i = j
+
+    cdef int _conn_fd(self, uint64_t handle) noexcept:
+        """The fd of a live connection handle, or -1 if it is stale."""
+        cdef int fd = handle_fd(handle)
+        if handle == 0 or fd >= self.max_fds:
+            return -1
+        if self.conns[fd].gen != <uint32_t>(handle >> 32) or self.conns[fd].state < S_TCP:
+            return -1
+        return fd
+
+    def set_user(self, uint64_t conn, uint64_t user_id):
+        """Bind a connection to a user (presence on this worker)."""
+        cdef int fd = self._conn_fd(conn)
+        cdef size_t i
+        if fd < 0 or user_id == 0:
+            return False
+        if self.conns[fd].user:
+            self._presence_unlink(self.conns[fd].user, fd)
+        if (self.user_count + 1) * 10 > self.user_cap * 7:
+            self._grow_users()
+        i = self._slot(user_id)
+        if self.user_keys[i] == 0:
+            self.user_keys[i] = user_id
+            self.user_heads[i] = NO_CONN
+            self.user_count += 1
+        self.conns[fd].next_dev = self.user_heads[i]
+        self.user_heads[i] = fd
+        self.conns[fd].user = user_id
+        return True
+
+    def conn_user(self, uint64_t conn):
+        """The user id bound to a connection (0: none, or the connection is gone)."""
+        cdef int fd = self._conn_fd(conn)
+        return self.conns[fd].user if fd >= 0 else 0
+
+    def user_conns(self, uint64_t user_id):
+        """Handles of the user's connections on this worker."""
+        cdef size_t i = self._slot(user_id)
+        cdef int32_t cur
+        cdef list result = []
+        if self.user_keys[i] != user_id:
+            return result
+        cur = self.user_heads[i]
+        while cur != NO_CONN:
+            result.append(make_handle(self.conns[cur].gen, cur))
+            cur = self.conns[cur].next_dev
+        return result
+
+    # ------------------------------------------------------------- send --
+    def reply(self, uint64_t conn, int action, int seq, bytes payload):
+        """Queue one packet to one connection; False if it is gone."""
+        cdef int fd = self._conn_fd(conn)
+        if fd < 0:
+            return False
+        return self._queue_packet(fd, action, seq, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    def push_user(self, uint64_t user_id, int action, bytes payload, uint64_t exclude_conn=0):
+        """Queue a push (seq 0) to every connection of a user; returns how many."""
+        cdef size_t i = self._slot(user_id)
+        cdef int32_t cur, nxt
+        cdef int count = 0
+        cdef const char* body = PyBytes_AS_STRING(payload)
+        cdef size_t length = PyBytes_GET_SIZE(payload)
+        if self.user_keys[i] != user_id:
+            return 0
+        cur = self.user_heads[i]
+        while cur != NO_CONN:
+            nxt = self.conns[cur].next_dev   # _queue_packet may drop cur
+            if make_handle(self.conns[cur].gen, cur) != exclude_conn:
+                count += self._queue_packet(cur, action, 0, body, length)
+            cur = nxt
+        return count
+
+    cdef group_t* _group(self, size_t group, bint create) noexcept:
+        cdef group_t* grown
+        cdef size_t cap
+        if group >= self.groups_cap:
+            if not create:
+                return NULL
+            cap = self.groups_cap * 2 if self.groups_cap else 64
+            while cap <= group:
+                cap *= 2
+            grown = <group_t*>realloc(self.groups, cap * sizeof(group_t))
+            if grown == NULL:
+                return NULL
+            memset(grown + self.groups_cap, 0, (cap - self.groups_cap) * sizeof(group_t))
+            self.groups = grown
+            self.groups_cap = cap
+        return &self.groups[group]
+
+    def group_add(self, size_t group, uint64_t conn, bint check_duplicate=True):
+        """Add a connection to a channel group (this worker's push list)."""
+        cdef group_t* g
+        cdef uint64_t* grown
+        cdef size_t i, cap
+        if self._conn_fd(conn) < 0:
+            return False
+        g = self._group(group, True)
+        if g == NULL:
+            raise MemoryError()
+        if check_duplicate:
+            for i in range(g.length):
+                if g.members[i] == conn:
+                    return False
+        if g.length == g.capacity:
+            cap = g.capacity * 2 if g.capacity else 8
+            grown = <uint64_t*>realloc(g.members, cap * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            g.members = grown
+            g.capacity = <uint32_t>cap
+        g.members[g.length] = conn
+        g.length += 1
+        return True
+
+    def group_remove(self, size_t group, uint64_t conn):
+        """Remove a connection from a group (closed connections drop out by themselves)."""
+        cdef group_t* g = self._group(group, False)
+        cdef size_t i
+        if g == NULL:
+            return False
+        for i in range(g.length):
+            if g.members[i] == conn:
+                g.length -= 1
+                g.members[i] = g.members[g.length]
+                return True
+        return False
+
+    def group_size(self, size_t group):
+        cdef group_t* g = self._group(group, False)
+        return g.length if g != NULL else 0
+
+    def broadcast(self, size_t group, int action, bytes payload, uint64_t exclude_conn=0):
+        """Queue one push to every live member of a group in one C loop; returns how many."""
+        cdef group_t* g = self._group(group, False)
+        cdef size_t i = 0
+        cdef uint64_t handle
+        cdef int fd, count = 0
+        cdef const char* body = PyBytes_AS_STRING(payload)
+        cdef size_t length = PyBytes_GET_SIZE(payload)
+        if g == NULL:
+            return 0
+        while i < g.length:
+            handle = g.members[i]
+            fd = self._conn_fd(handle)
+            if fd < 0:                  # closed since it joined: drop it here
+                g.length -= 1
+                g.members[i] = g.members[g.length]
+                continue
+            i += 1
+            if handle != exclude_conn:
+                count += self._queue_packet(fd, action, 0, body, length)
+        return count
+
+    def close(self, uint64_t conn):
+        """Close a connection after flushing what is queued for it."""
+        cdef int fd = self._conn_fd(conn)
+        if fd >= 0:
+            self._begin_close(fd)
+
+    def stats(self):
+        """Counters of this worker's reactor."""
+        return {
+            "connections": self.connections,
+            "accepted": self.accepted,
+            "closed": self.closed,
+            "refused": self.refused,
+            "dropped_slow": self.dropped_slow,
+            "timed_out": self.timed_out,
+            "packets_in": self.packets_in,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "users_online": self.user_count,
+            "conn_slot_bytes": sizeof(conn_t),
+        }

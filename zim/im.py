@@ -1,0 +1,325 @@
+"""The IM actions 1..9 of PROTOCOL.md, as zim.App handlers.
+
+Every handler checks the body's shape first (``bad_request``), then the action's
+own rules (``not_found``, ``forbidden`` ...), then stores, then pushes. The
+framework has already answered unknown actions, callers not logged in and bodies
+that are not JSON objects.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+
+from zim.app import Error
+from zim.ids import Snowflake, timestamp_ms, wall_clock_ms
+from zim.store import CHANNEL, USER
+from zim.tokens import make_token, parse_user_id, verify_token
+
+if TYPE_CHECKING:
+    from zim.app import App, Ctx
+
+LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
+PUSH_USER_MESSAGE = 101
+PUSH_CHANNEL_MESSAGE = 102
+
+MAX_NAME_CHARS = 64
+MAX_CHANNEL_CHARS = 256    # an addition to PROTOCOL.md: names are held per member
+HISTORY_DEFAULT_LIMIT = 20
+PAGE_MAX = 100              # history and mailbox pages, and mailbox pushes at login
+MAILBOX_DEFAULT_LIMIT = 100
+MAX_SEQ = (1 << 63) - 1
+# Server packets stay under 1 MiB (PROTOCOL.md); this leaves room for framing.
+RESPONSE_BUDGET = 1_000_000
+# Upper bound of a message's encoded size apart from its strings (content, sender
+# name, channel: <= 6 bytes per char, for \u00XX escapes): ids and numbers (<= 20
+# digits each), keys and punctuation.
+_MESSAGE_FIXED_BOUND = 400
+_PAGE_OVERHEAD = 64          # {"messages":[...],"hasMore":false}
+
+
+# ------------------------------------------------------------ validation
+
+
+def bad_request(message: str) -> Error:
+    return Error("bad_request", message)
+
+
+def required_str(body: dict, field: str, max_chars: int | None = None) -> str:
+    """``body[field]`` as a non-empty string of at most ``max_chars`` characters."""
+    value = body.get(field)
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"{field} must be a non-empty string")
+    if max_chars is not None and len(value) > max_chars:
+        raise bad_request(f"{field} must be at most {max_chars} characters")
+    return value
+
+
+def channel_name(body: dict, field: str) -> str:
+    """A channel name: a non-empty string of at most MAX_CHANNEL_CHARS characters."""
+    return required_str(body, field, MAX_CHANNEL_CHARS)
+
+
+def optional_str(body: dict, field: str) -> str | None:
+    """``body[field]`` if present (it must then be a string; null is not one)."""
+    if field not in body:
+        return None
+    value = body[field]
+    if not isinstance(value, str):
+        raise bad_request(f"{field} must be a string")
+    return value
+
+
+def optional_bool(body: dict, field: str, default: bool) -> bool:
+    if field not in body:
+        return default
+    value = body[field]
+    if not isinstance(value, bool):
+        raise bad_request(f"{field} must be true or false")
+    return value
+
+
+# orjson decodes integers outside int64/uint64 as floats (rounded, so -2**63 - 1
+# arrives as -2.0**63): an integral float this large was an integer in the JSON
+_FLOAT_INTS_FROM = float(1 << 63)
+
+
+def optional_int(body: dict, field: str) -> int | None:
+    """``body[field]`` if present; it must be a JSON integer (not true/false, not 1.5)."""
+    if field not in body:
+        return None
+    value = body[field]
+    if type(value) is int:
+        return value
+    # a valid JSON integer too big for 64 bits arrives as a float: still an integer
+    if type(value) is float and value.is_integer() and abs(value) >= _FLOAT_INTS_FROM:
+        return int(value)
+    raise bad_request(f"{field} must be an integer")
+
+
+def limit_param(body: dict, default: int) -> int:
+    """``limit``: an integer >= 1, default ``default``, above PAGE_MAX treated as PAGE_MAX."""
+    limit = optional_int(body, "limit")
+    if limit is None:
+        return default
+    if limit < 1:
+        raise bad_request("limit must be at least 1")
+    return min(limit, PAGE_MAX)
+
+
+def str_list(body: dict, field: str) -> list[str]:
+    value = body.get(field)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise bad_request(f"{field} must be a list of strings")
+    return value
+
+
+def known_user(store, text: str) -> int:
+    """The id of an existing user named by a decimal string, else ``not_found``."""
+    user_id = parse_user_id(text)
+    if user_id is None or not store.user_exists(user_id):
+        raise Error("not_found", f"no user {text}")
+    return user_id
+
+
+# ------------------------------------------------------------ page size
+
+
+def _fits_without_measuring(messages: list[dict]) -> bool:
+    """True if the page is certainly under the budget (the common case: no encoding)."""
+    bound = _PAGE_OVERHEAD
+    for msg in messages:
+        text = len(msg["content"]) + len(msg["sender"]["name"]) + len(msg.get("channel", ""))
+        bound += 6 * text + _MESSAGE_FIXED_BOUND
+        if bound > RESPONSE_BUDGET:
+            return False
+    return True
+
+
+def _take_within_budget(messages: list[dict]) -> int:
+    """How many of ``messages``, taken in order, fit the budget (at least one, so a
+    client paging on always makes progress)."""
+    total = _PAGE_OVERHEAD
+    for count, msg in enumerate(messages):
+        total += len(orjson.dumps(msg)) + 1
+        if total > RESPONSE_BUDGET:
+            return max(count, 1)
+    return len(messages)
+
+
+def newest_that_fit(messages: list[dict]) -> tuple[list[dict], bool]:
+    """Drop the oldest messages of an oldest-first page until it fits; True if cut."""
+    if _fits_without_measuring(messages):
+        return messages, False
+    keep = _take_within_budget(messages[::-1])
+    return messages[len(messages) - keep:], keep < len(messages)
+
+
+def oldest_that_fit(messages: list[dict]) -> list[dict]:
+    """Drop the newest messages of an oldest-first page until it fits."""
+    if _fits_without_measuring(messages):
+        return messages
+    return messages[:_take_within_budget(messages)]
+
+
+# ------------------------------------------------------------ messages
+
+
+def _new_message(ctx: "Ctx", sender_id: int, content: str) -> dict:
+    message_id = ctx.app.ids.next()
+    return {
+        "id": str(message_id),
+        "seq": 0,                          # set by the store
+        "content": content,
+        "sender": {"id": ctx.user_id, "name": ctx.app.store.user_name(sender_id)},
+        "createdAt": timestamp_ms(message_id),   # the id's own time: ids and times sort alike
+    }
+
+
+# ------------------------------------------------------------ actions
+
+
+def login(ctx: "Ctx", body: dict) -> dict:
+    """1: log in as a new user, or resume one with its token."""
+    name = required_str(body, "name", MAX_NAME_CHARS)
+    token = optional_str(body, "token")
+    if ctx.user_id is not None:
+        raise bad_request("this connection is logged in already")
+    app = ctx.app
+    store = app.store
+    if token is None:
+        user_id = app.ids.next()
+        store.create_user(user_id, name)
+    else:
+        user_id = verify_token(app.secret, token)
+        if user_id is None or not store.user_exists(user_id):
+            raise Error("unauthorized", "invalid token")
+        store.set_user_name(user_id, name)
+    ctx.login(str(user_id), channels=[channel for channel, push in store.user_channels(user_id) if push])
+    for msg in store.mailbox_pull(user_id, PAGE_MAX):
+        ctx.send(PUSH_USER_MESSAGE, msg)
+    return {"id": str(user_id), "token": make_token(app.secret, user_id)}
+
+
+def send_user_message(ctx: "Ctx", body: dict) -> dict:
+    """2: store in the pair's history and the receiver's mailbox, then push (101)."""
+    receiver_text = required_str(body, "receiverId")
+    content = required_str(body, "content")
+    store = ctx.app.store
+    receiver_id = known_user(store, receiver_text)
+    sender_id = int(ctx.user_id)
+    msg = _new_message(ctx, sender_id, content)
+    msg["receiverId"] = str(receiver_id)
+    seq = store.append_user_message(sender_id, receiver_id, msg)
+    # to oneself: the sender's other connections are the receiver's
+    ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, msg, exclude_self=receiver_id == sender_id)
+    if receiver_id != sender_id:
+        ctx.push_user(ctx.user_id, PUSH_USER_MESSAGE, msg, exclude_self=True)
+    return {"id": msg["id"], "seq": seq}
+
+
+def subscribe(ctx: "Ctx", body: dict) -> dict:
+    """3: join a channel (creating it), or update the push flag of a membership."""
+    channel = channel_name(body, "name")
+    push = optional_bool(body, "push", True)
+    ctx.app.store.subscribe(channel, int(ctx.user_id), push)
+    if push:
+        ctx.follow(channel)
+    else:
+        ctx.unfollow(channel)
+    return {}
+
+
+def send_channel_message(ctx: "Ctx", body: dict) -> dict:
+    """4: members only; pushed (102) to every member connection but the sending one."""
+    channel = channel_name(body, "channel")
+    content = required_str(body, "content")
+    store = ctx.app.store
+    sender_id = int(ctx.user_id)
+    if not store.channel_exists(channel):
+        raise Error("not_found", f"no channel {channel}")
+    if store.membership(channel, sender_id) is None:
+        raise Error("forbidden", f"not a member of {channel}")
+    msg = _new_message(ctx, sender_id, content)
+    msg["channel"] = channel
+    seq = store.append_channel_message(channel, msg)
+    ctx.push_channel(channel, PUSH_CHANNEL_MESSAGE, msg)
+    return {"id": msg["id"], "seq": seq}
+
+
+def query_history(ctx: "Ctx", body: dict) -> dict:
+    """5: a page of a channel's (members only) or of the caller's conversation with a user."""
+    if ("channel" in body) == ("userId" in body):
+        raise bad_request("give exactly one of channel and userId")
+    channel = channel_name(body, "channel") if "channel" in body else None
+    other_text = required_str(body, "userId") if channel is None else None
+    before_seq = optional_int(body, "beforeSeq")
+    if before_seq is not None:
+        # same meaning ("seq < beforeSeq"), and a range any store can bind
+        before_seq = min(max(before_seq, 0), MAX_SEQ)
+    limit = limit_param(body, HISTORY_DEFAULT_LIMIT)
+    store = ctx.app.store
+    me = int(ctx.user_id)
+    if channel is not None:
+        if not store.channel_exists(channel):
+            raise Error("not_found", f"no channel {channel}")
+        if store.membership(channel, me) is None:
+            raise Error("forbidden", f"not a member of {channel}")
+        messages, has_more = store.history(CHANNEL, channel, before_seq, limit)
+    else:
+        other = known_user(store, other_text)
+        messages, has_more = store.history(USER, (me, other), before_seq, limit)
+    messages, cut = newest_that_fit(messages)
+    return {"messages": messages, "hasMore": has_more or cut}
+
+
+def unsubscribe(ctx: "Ctx", body: dict) -> dict:
+    """6: leave a channel; leaving one you are not in is fine, an unknown one is not_found."""
+    channel = channel_name(body, "name")
+    store = ctx.app.store
+    if not store.channel_exists(channel):
+        raise Error("not_found", f"no channel {channel}")
+    if store.unsubscribe(channel, int(ctx.user_id)):
+        ctx.unfollow(channel)
+    return {}
+
+
+def pull_mailbox(ctx: "Ctx", body: dict) -> dict:
+    """7: the oldest unacknowledged direct messages."""
+    limit = limit_param(body, MAILBOX_DEFAULT_LIMIT)
+    messages = ctx.app.store.mailbox_pull(int(ctx.user_id), limit)
+    return {"messages": oldest_that_fit(messages)}
+
+
+def ack_mailbox(ctx: "Ctx", body: dict) -> dict:
+    """8: drop messages from the caller's mailbox; unknown or foreign ids are ignored."""
+    ids = str_list(body, "ids")
+    ctx.app.store.mailbox_ack(int(ctx.user_id), ids)
+    return {}
+
+
+def heartbeat(ctx: "Ctx", body: dict) -> dict:
+    """9: keeps an idle connection open; answers the server time (ms)."""
+    return {"time": wall_clock_ms()}
+
+
+def register(app: "App") -> None:
+    """Register actions 1..9 on ``app`` (and give it an id generator, ``app.ids``)."""
+    _ensure_ids(app)
+    app.route(LOGIN, login=False)(login)
+    app.route(SEND_USER)(send_user_message)
+    app.route(SUBSCRIBE)(subscribe)
+    app.route(SEND_CHANNEL)(send_channel_message)
+    app.route(HISTORY)(query_history)
+    app.route(UNSUBSCRIBE)(unsubscribe)
+    app.route(PULL)(pull_mailbox)
+    app.route(ACK)(ack_mailbox)
+    app.route(HEARTBEAT, login=False)(heartbeat)
+
+
+def _ensure_ids(app: "App") -> Snowflake:
+    """The app's Snowflake (one per worker process: worker id 0 in this version)."""
+    ids = getattr(app, "ids", None)
+    if ids is None:
+        ids = app.ids = Snowflake(0)
+    return ids

@@ -1,0 +1,312 @@
+"""Where the IM keeps users, channels, messages and mailboxes.
+
+``Store`` is the interface zim.im talks to: synchronous, one call per fact, so a
+durable store (SQLite) can implement it later without touching the IM logic.
+``MemoryStore`` keeps everything in this process's memory.
+
+Messages are plain dicts shaped as on the wire (PROTOCOL.md "Message"). A store
+keeps the dict it is given (setting its ``"seq"``) and hands the same dicts back:
+callers must not mutate what they get.
+
+Conversations: a channel's history is keyed by the channel name; a direct
+conversation by the unordered pair of its two users (a user may write to itself:
+the pair is then (id, id)). ``seq`` counts 1, 2, 3 ... per conversation, no gaps.
+"""
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left
+from itertools import islice
+from typing import Iterable, Literal, Protocol, Union, runtime_checkable
+
+Message = dict
+ChannelKey = str
+PairKey = tuple[int, int]
+HistoryKind = Literal["channel", "user"]
+
+CHANNEL: HistoryKind = "channel"
+USER: HistoryKind = "user"
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What zim.im needs from storage. User ids are positive 64-bit ints."""
+
+    # -- users -------------------------------------------------------------
+    def create_user(self, user_id: int, name: str) -> None:
+        """Record a new user with its display name."""
+
+    def user_exists(self, user_id: int) -> bool:
+        """Whether a user has ever been created with this id."""
+
+    def user_name(self, user_id: int) -> str | None:
+        """The user's display name (None: no such user)."""
+
+    def set_user_name(self, user_id: int, name: str) -> None:
+        """Change an existing user's display name."""
+
+    # -- channels ----------------------------------------------------------
+    def channel_exists(self, channel: str) -> bool:
+        """Whether anyone ever subscribed to the channel (it stays when members leave)."""
+
+    def subscribe(self, channel: str, user_id: int, push: bool) -> None:
+        """Make the user a member (creating the channel), or update its push flag."""
+
+    def unsubscribe(self, channel: str, user_id: int) -> bool:
+        """Remove a member; False if the user was not one."""
+
+    def membership(self, channel: str, user_id: int) -> bool | None:
+        """None if the user is not a member, else the member's push flag."""
+
+    def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
+        """The channels the user is a member of, with the push flag of each."""
+
+    # -- messages ----------------------------------------------------------
+    def append_channel_message(self, channel: str, msg: Message) -> int:
+        """Store a message in an existing channel's history; sets and returns its seq."""
+
+    def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
+        """Store a direct message in the pair's history and the receiver's mailbox;
+        sets and returns its seq."""
+
+    def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
+                before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
+        """Up to ``limit`` messages, oldest first: the newest ones, or those with
+        seq < ``before_seq``. The flag tells whether older messages exist before the
+        first one returned. ``kind`` is "channel" (key: name) or "user" (key: the two
+        user ids, any order). An unknown conversation is an empty one."""
+
+    # -- mailboxes ---------------------------------------------------------
+    def mailbox_pull(self, user_id: int, limit: int) -> list[Message]:
+        """Up to ``limit`` unacknowledged messages to the user, oldest first."""
+
+    def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> None:
+        """Remove these message ids from the user's mailbox (unknown ids are ignored)."""
+
+    def close(self) -> None:
+        """Release resources (flush, close files)."""
+
+
+def pair_key(user_a: int, user_b: int) -> PairKey:
+    """The key of the conversation between two users, the same from either side."""
+    return (user_a, user_b) if user_a <= user_b else (user_b, user_a)
+
+
+MAX_USER_ID = (1 << 64) - 1
+MAX_NAME_BYTES = 0xFFFF
+
+
+class UserNames:
+    """user id -> display name, in about 20 bytes plus the name per user.
+
+    Every login without a token creates a user, and an idle logged-in connection
+    must cost only a few hundred bytes in all, so users are not Python objects or
+    dict entries (a dict entry with its int key and bytes value is ~130 bytes):
+    the ids sit in a sorted ``array('Q')``, a parallel array holds each name's
+    offset in one ``bytearray`` of length-prefixed UTF-8 names. New ids come from
+    a Snowflake and so arrive in increasing order: adding is an append; an older
+    id is inserted in place (a memmove). A changed name goes to a dict, so only
+    users who rename cost a dict entry; renaming back removes it.
+    """
+
+    __slots__ = ("_ids", "_offsets", "_heap", "_renamed")
+
+    def __init__(self) -> None:
+        self._ids = array("Q")
+        self._offsets = array("Q")
+        self._heap = bytearray()
+        self._renamed: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, user_id: object) -> bool:
+        return isinstance(user_id, int) and self._index(user_id) >= 0
+
+    def _index(self, user_id: int) -> int:
+        ids = self._ids
+        i = bisect_left(ids, user_id)
+        return i if i < len(ids) and ids[i] == user_id else -1
+
+    def _original(self, index: int) -> bytes:
+        offset = self._offsets[index]
+        length = int.from_bytes(self._heap[offset:offset + 2], "big")
+        return bytes(self._heap[offset + 2:offset + 2 + length])
+
+    def add(self, user_id: int, name: str) -> None:
+        """Add a new user; ValueError if the id exists or is out of range."""
+        if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+            raise ValueError(f"user id {user_id!r} is not in 1..2**64-1")
+        encoded = _encode_name(name)
+        ids = self._ids
+        if ids and user_id <= ids[-1]:
+            index = bisect_left(ids, user_id)
+            if ids[index] == user_id:
+                raise ValueError(f"user {user_id} exists already")
+        else:
+            index = len(ids)
+        offset = len(self._heap)
+        self._heap += len(encoded).to_bytes(2, "big")
+        self._heap += encoded
+        if index == len(ids):
+            ids.append(user_id)
+            self._offsets.append(offset)
+        else:
+            ids.insert(index, user_id)
+            self._offsets.insert(index, offset)
+
+    def get(self, user_id: int) -> bytes | None:
+        """The UTF-8 name, or None for an unknown user."""
+        renamed = self._renamed.get(user_id)
+        if renamed is not None:
+            return renamed
+        index = self._index(user_id)
+        return None if index < 0 else self._original(index)
+
+    def rename(self, user_id: int, name: str) -> None:
+        """Change an existing user's name; KeyError if there is no such user."""
+        index = self._index(user_id) if isinstance(user_id, int) else -1
+        if index < 0:
+            raise KeyError(f"no user {user_id}")
+        encoded = _encode_name(name)
+        if encoded == self._original(index):
+            self._renamed.pop(user_id, None)
+        else:
+            self._renamed[user_id] = encoded
+
+
+def _encode_name(name: str) -> bytes:
+    encoded = name.encode("utf-8")
+    if len(encoded) > MAX_NAME_BYTES:
+        raise ValueError("a name is at most 65535 bytes of UTF-8")
+    return encoded
+
+
+class MemoryStore:
+    """A Store in this process's memory; everything is lost when it exits.
+
+    Per-user memory is kept tiny, because every login without a token creates a
+    user and an idle logged-in connection must cost only a few hundred bytes in
+    all: a user who has only logged in is an id and a name in ``UserNames``
+    (no Python object of its own). Every other per-user structure (memberships,
+    mailbox) is created on first use and dropped when it empties.
+    """
+
+    def __init__(self) -> None:
+        self._names = UserNames()                              # user id -> name (UTF-8)
+        self._members: dict[str, dict[int, bool]] = {}         # channel -> {user id: push}
+        self._user_channels: dict[int, dict[str, bool]] = {}   # user id -> {channel: push}
+        self._channel_log: dict[str, list[Message]] = {}       # channel -> messages, seq i at [i-1]
+        self._pair_log: dict[PairKey, list[Message]] = {}      # user pair -> messages
+        self._mailboxes: dict[int, dict[str, Message]] = {}    # user id -> {message id: msg}, oldest first
+
+    # -- users -------------------------------------------------------------
+    def create_user(self, user_id: int, name: str) -> None:
+        self._names.add(user_id, name)
+
+    def user_exists(self, user_id: int) -> bool:
+        return user_id in self._names
+
+    def user_name(self, user_id: int) -> str | None:
+        name = self._names.get(user_id)
+        return None if name is None else name.decode("utf-8")
+
+    def set_user_name(self, user_id: int, name: str) -> None:
+        self._names.rename(user_id, name)
+
+    # -- channels ----------------------------------------------------------
+    def channel_exists(self, channel: str) -> bool:
+        return channel in self._members
+
+    def subscribe(self, channel: str, user_id: int, push: bool) -> None:
+        push = bool(push)
+        members = self._members.get(channel)
+        if members is None:
+            members = self._members[channel] = {}
+        members[user_id] = push
+        joined = self._user_channels.get(user_id)
+        if joined is None:
+            joined = self._user_channels[user_id] = {}
+        joined[channel] = push
+
+    def unsubscribe(self, channel: str, user_id: int) -> bool:
+        members = self._members.get(channel)
+        if members is None or members.pop(user_id, None) is None:
+            return False
+        joined = self._user_channels[user_id]
+        del joined[channel]
+        if not joined:
+            del self._user_channels[user_id]
+        return True
+
+    def membership(self, channel: str, user_id: int) -> bool | None:
+        members = self._members.get(channel)
+        return None if members is None else members.get(user_id)
+
+    def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
+        joined = self._user_channels.get(user_id)
+        return list(joined.items()) if joined else []
+
+    # -- messages ----------------------------------------------------------
+    def append_channel_message(self, channel: str, msg: Message) -> int:
+        if channel not in self._members:
+            raise KeyError(f"no channel {channel!r}")
+        log = self._channel_log.get(channel)
+        if log is None:
+            log = self._channel_log[channel] = []
+        return _append(log, msg)
+
+    def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
+        key = pair_key(sender_id, receiver_id)
+        log = self._pair_log.get(key)
+        if log is None:
+            log = self._pair_log[key] = []
+        seq = _append(log, msg)
+        box = self._mailboxes.get(receiver_id)
+        if box is None:
+            box = self._mailboxes[receiver_id] = {}
+        box[msg["id"]] = msg
+        return seq
+
+    def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
+                before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
+        if kind == CHANNEL:
+            log = self._channel_log.get(key)  # type: ignore[arg-type]
+        elif kind == USER:
+            log = self._pair_log.get(pair_key(*key))  # type: ignore[misc]
+        else:
+            raise ValueError(f"unknown history kind {kind!r}")
+        return page(log or [], before_seq, limit)
+
+    # -- mailboxes ---------------------------------------------------------
+    def mailbox_pull(self, user_id: int, limit: int) -> list[Message]:
+        box = self._mailboxes.get(user_id)
+        if not box or limit < 1:
+            return []
+        return list(islice(box.values(), limit))
+
+    def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> None:
+        box = self._mailboxes.get(user_id)
+        if not box:
+            return
+        for message_id in ids:
+            box.pop(message_id, None)
+        if not box:
+            del self._mailboxes[user_id]
+
+    def close(self) -> None:
+        pass
+
+
+def _append(log: list[Message], msg: Message) -> int:
+    seq = len(log) + 1   # seq n lives at log[n - 1]: gap-free by construction
+    msg["seq"] = seq
+    log.append(msg)
+    return seq
+
+
+def page(log: list[Message], before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
+    """One history page from a log whose seq n is at index n - 1 (see Store.history)."""
+    end = len(log) if before_seq is None else max(0, min(len(log), before_seq - 1))
+    start = max(0, end - max(limit, 0))
+    return log[start:end], start > 0
