@@ -5,6 +5,7 @@ from setuptools import Extension, setup
 _FLAGS = ["-O2"]
 extensions = [
     Extension("zim._codec", ["zim/_codec.pyx"], extra_compile_args=_FLAGS),
+    Extension("zim._idmap", ["zim/_idmap.pyx"], extra_compile_args=_FLAGS),
     Extension("zim._core", ["zim/_core.pyx"], extra_compile_args=_FLAGS),
 ]
 

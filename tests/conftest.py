@@ -200,10 +200,11 @@ def _launch(tmp_path_factory, log_dir: Path, flags: Sequence[str] = (), app_scri
     return server
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, _logs) -> Iterator[ServerProcess]:
-    """The shared server: default flags, fresh data directory."""
-    srv = _launch(tmp_path_factory, _logs)
+@pytest.fixture(scope="session", params=["1", "3"], ids=["1-worker", "3-workers"])
+def server(request, tmp_path_factory, _logs) -> Iterator[ServerProcess]:
+    """The shared server, fresh data directory: every test that uses it runs against
+    a single-process server and against a supervisor with 3 workers."""
+    srv = _launch(tmp_path_factory, _logs, flags=("--workers", request.param))
     try:
         yield srv
         srv.stop()

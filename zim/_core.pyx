@@ -19,6 +19,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 
+from zim._idmap cimport idmap_t, idmap_init, idmap_free, idmap_find, idmap_insert, idmap_delete
 from zim._codec cimport (
     packet_t, ws_state_t, tcp_next, ws_next, ws_release, tcp_header,
     ws_frame_header, ws_packet_header, ws_handshake_response, find_header_end,
@@ -27,6 +28,7 @@ from zim._codec cimport (
 )
 
 import logging
+import os
 import socket
 
 log = logging.getLogger("zim.core")
@@ -95,6 +97,9 @@ cdef enum:
     F_SHUT = 8          # write side shut down; draining input until EOF
     F_PEER_EOF = 16     # peer closed its side: close once output is flushed
     F_READ_AGAIN = 32   # read budget spent before EAGAIN: resume next iteration
+    F_LINK = 64         # a trusted link to another zim process: no timeouts, caps or limits
+    F_PAUSED = 128      # requests held (e.g. while a login is being decided elsewhere)
+    F_FINAL_TOO_LARGE = 256     # answer final_action/final_seq with too_large before closing
 
 cdef enum:
     MAX_EVENTS = 1024
@@ -114,10 +119,10 @@ _HTTP_400 = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0
 # One slot per fd. Kept small: it is the whole per-connection cost in user
 # space for an idle connection (buffers are NULL while empty).
 cdef struct conn_t:
-    uint32_t gen            # bumped at accept: handles of a closed fd go stale
+    uint32_t gen            # bumped at accept (24 bits): handles of a closed fd go stale
+    uint16_t flags
     uint8_t state
-    uint8_t flags
-    uint16_t wheel_slot     # the timing-wheel slot holding it
+    uint8_t _spare
     uint64_t user           # 0: not logged in
     char* inbuf             # trailing partial input, NULL when none
     char* outbuf            # bytes the kernel has not taken yet, NULL when none
@@ -130,6 +135,11 @@ cdef struct conn_t:
     uint32_t born           # monotonic seconds at accept (login timeout)
     int32_t wheel_prev      # timing-wheel slot list links (fds)
     int32_t wheel_next
+    uint16_t wheel_slot     # the timing-wheel slot holding it
+    uint16_t inflight       # requests handed to another process, not yet answered
+    uint16_t close_code     # WebSocket close to send once every answer is out
+    uint16_t final_action   # too_large answer to send last (F_FINAL_TOO_LARGE)
+    uint16_t final_seq
 
 
 # A growable list of connection handles; entries may go stale (checked on use).
@@ -165,6 +175,16 @@ cdef struct group_t:
     uint32_t capacity
 
 
+cdef enum:
+    GEN_MASK = 0xFFFFFF     # handles fit in 56 bits, leaving 8 for a worker index
+    LINK_MAX_PACKET = 4 * 1024 * 1024
+
+
+cdef inline uint32_t next_gen(uint32_t gen) noexcept nogil:
+    gen = (gen + 1) & GEN_MASK
+    return gen if gen else 1
+
+
 cdef inline uint64_t make_handle(uint32_t gen, int fd) noexcept nogil:
     return (<uint64_t>gen << 32) | <uint32_t>fd
 
@@ -182,13 +202,6 @@ cdef inline uint32_t now_seconds() noexcept nogil:
     return <uint32_t>ts.tv_sec
 
 
-cdef inline uint64_t hash64(uint64_t key) noexcept nogil:
-    key ^= key >> 33
-    key *= 0xff51afd7ed558ccdULL
-    key ^= key >> 33
-    return key
-
-
 cdef class Reactor:
     """An edge-triggered epoll loop serving TCP and WebSocket connections.
 
@@ -203,6 +216,10 @@ cdef class Reactor:
     cdef char* scratch
     cdef size_t scratch_cap
     cdef object on_packet
+    cdef public object on_user_gone    # callable(user_id): its last connection here closed
+    cdef public object on_link_closed  # callable(conn): a link to another process closed
+    cdef public object on_tick         # callable(): once a second, from the loop
+    cdef handle_list_t gone_users      # reported after the pass, never from inside a C loop
     cdef bint running
     cdef uint32_t now
     cdef size_t outbuf_limit
@@ -210,9 +227,7 @@ cdef class Reactor:
     cdef handle_list_t again        # read budget ran out before EAGAIN: resume next pass
     cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline
     # presence: user id -> first connection fd (open addressing, linear probing)
-    cdef uint64_t* user_keys
-    cdef int32_t* user_heads
-    cdef size_t user_cap, user_count
+    cdef idmap_t presence           # user id -> first connection fd (next: conn.next_dev)
     # channel groups, indexed by group id
     cdef group_t* groups
     cdef size_t groups_cap
@@ -242,7 +257,7 @@ cdef class Reactor:
         self.conns = <conn_t*>calloc(self.max_fds, sizeof(conn_t))
         self.max_packet = max_packet
         # room for a whole maximal WebSocket frame plus a read's worth more
-        self.scratch_cap = max_packet + WS_MAX_FRAME_HEADER + 256 * 1024
+        self.scratch_cap = max(max_packet, LINK_MAX_PACKET) + WS_MAX_FRAME_HEADER + 256 * 1024
         self.scratch = <char*>malloc(self.scratch_cap)
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.reserve_fd = c_open(b"/dev/null", O_RDONLY | O_CLOEXEC)
@@ -250,9 +265,8 @@ cdef class Reactor:
             raise MemoryError("reactor setup failed")
         self.on_packet = on_packet
         self.outbuf_limit = outbuf_limit
-        self.user_cap = 1024
-        self.user_keys = <uint64_t*>calloc(self.user_cap, sizeof(uint64_t))
-        self.user_heads = <int32_t*>calloc(self.user_cap, sizeof(int32_t))
+        if idmap_init(&self.presence) < 0:
+            raise MemoryError("reactor setup failed")
         self.listeners = []
         self.now = now_seconds()
         self.wheel_now = self.now
@@ -273,8 +287,8 @@ cdef class Reactor:
         free(self.pending.items)
         free(self.again.items)
         free(self.draining.items)
-        free(self.user_keys)
-        free(self.user_heads)
+        free(self.gone_users.items)
+        idmap_free(&self.presence)
         if self.epfd >= 0:
             close(self.epfd)
         if self.reserve_fd >= 0:
@@ -291,7 +305,7 @@ cdef class Reactor:
         sock.setblocking(False)
         fd = sock.detach()
         self.conns[fd].state = S_LISTEN_WS if websocket else S_LISTEN_TCP
-        self.conns[fd].gen += 1
+        self.conns[fd].gen = next_gen(self.conns[fd].gen)
         self.conns[fd].wheel_prev = self.conns[fd].wheel_next = NO_CONN - 1
         self._epoll_add(fd, EPOLLIN | EPOLLET)
         self.listeners.append(fd)
@@ -330,10 +344,11 @@ cdef class Reactor:
                 self.now = now_seconds()
                 if self.now != last_sweep:
                     last_sweep = self.now
-                    self._sweep_draining()
-                    self._expire_idle()
+                    self._every_second()
                 self._resume_reads()
                 self._flush_all()
+                if self.gone_users.length:
+                    self._report_gone_users()
                 continue
             self.now = now_seconds()
             self._resume_reads()
@@ -358,8 +373,29 @@ cdef class Reactor:
             self._flush_all()
             if self.now != last_sweep:
                 last_sweep = self.now
-                self._sweep_draining()
-                self._expire_idle()
+                self._every_second()
+            if self.gone_users.length:
+                self._report_gone_users()
+
+    cdef void _every_second(self) noexcept:
+        self._sweep_draining()
+        self._expire_idle()
+        if self.on_tick is not None:
+            try:
+                self.on_tick()
+            except BaseException:
+                log.exception("tick handler failed")
+
+    cdef void _report_gone_users(self) noexcept:
+        cdef handle_list_t batch = handles_take(&self.gone_users)
+        cdef size_t i
+        try:
+            for i in range(batch.length):
+                if not self._has_user(batch.items[i]):      # not back meanwhile
+                    self.on_user_gone(batch.items[i])
+        except BaseException:
+            log.exception("user-gone handler failed")
+        free(batch.items)
 
     def stop(self):
         """Leave run() after the current iteration (safe from a signal handler,
@@ -411,7 +447,7 @@ cdef class Reactor:
                 continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
             c = &self.conns[fd]
-            c.gen += 1
+            c.gen = next_gen(c.gen)
             c.state = kind
             c.flags = 0
             c.user = 0
@@ -439,6 +475,8 @@ cdef class Reactor:
         cdef size_t have = 0, used
         cdef ssize_t n
         cdef int reads = 0
+        if c.flags & F_PAUSED:
+            return                      # resume() brings it back
         if not (c.flags & F_SHUT):      # a draining peer keeps its deadline
             c.last_active = self.now
         if c.inlen:
@@ -447,7 +485,14 @@ cdef class Reactor:
             free(c.inbuf)
             c.inbuf = NULL
             c.inlen = 0
-        while True:
+            if not (c.flags & (F_CLOSING | F_SHUT)):
+                # a resumed connection may hold whole requests already
+                used = self._process(fd, gen, have)
+                if c.gen != gen or c.state == S_FREE:
+                    return
+                memmove(self.scratch, self.scratch + used, have - used)
+                have -= used
+        while not (c.flags & F_PAUSED):
             if reads == READS_PER_EVENT:
                 c.flags |= F_READ_AGAIN
                 handles_push(&self.again, make_handle(gen, fd))
@@ -466,7 +511,7 @@ cdef class Reactor:
                 if used:
                     memmove(self.scratch, self.scratch + used, have - used)
                     have -= used
-                continue
+                continue                # (a pause set by a handler ends the loop)
             if n == 0:
                 if c.flags & F_SHUT:
                     self._close(fd)
@@ -508,8 +553,11 @@ cdef class Reactor:
         cdef int ev
         cdef Py_ssize_t head_end
         while offset < have:
+            if c.flags & F_PAUSED:
+                return offset           # held: the bytes stay buffered until resume()
             if c.state == S_TCP:
-                ev = tcp_next(self.scratch + offset, have - offset, self.max_packet, &pkt, &consumed)
+                ev = tcp_next(self.scratch + offset, have - offset,
+                              LINK_MAX_PACKET if c.flags & F_LINK else self.max_packet, &pkt, &consumed)
             elif c.state == S_WS:
                 ev = ws_next(self.scratch + offset, have - offset, self.max_packet, &c.ws, &pkt, &consumed)
             elif c.state == S_WS_HANDSHAKE:
@@ -552,7 +600,9 @@ cdef class Reactor:
                 self._ws_close(fd, 1007)
                 return have
             elif ev == EV_TOO_LARGE:
-                self._queue_packet(fd, pkt.action, pkt.seq, _TOO_LARGE_BODY, len(_TOO_LARGE_BODY))
+                c.flags |= F_FINAL_TOO_LARGE
+                c.final_action = <uint16_t>pkt.action
+                c.final_seq = <uint16_t>pkt.seq
                 if c.state == S_WS:
                     self._ws_close(fd, 1009)
                 else:
@@ -597,7 +647,7 @@ cdef class Reactor:
         cdef size_t need = c.outlen + extra, cap
         cdef char* grown
         if need > c.outcap:
-            if need > self.outbuf_limit:
+            if need > self.outbuf_limit and not (c.flags & F_LINK):
                 self.dropped_slow += 1
                 self._close(fd)         # a consumer that stopped reading
                 return NULL
@@ -653,11 +703,22 @@ cdef class Reactor:
             self.conns[fd].outlen += <uint32_t>(head + length)
 
     cdef void _ws_close(self, int fd, int code) noexcept:
-        cdef char payload[2]
-        payload[0] = <char>((code >> 8) & 0xFF)
-        payload[1] = <char>(code & 0xFF)
-        self._queue_control(fd, 8, payload, 2)
+        """Close with a WebSocket close frame, sent after every pending answer."""
+        self.conns[fd].close_code = <uint16_t>code
         self._begin_close(fd)
+
+    cdef void _queue_final(self, int fd) noexcept:
+        """The last words of a closing connection, once all its answers are out."""
+        cdef conn_t* c = &self.conns[fd]
+        cdef char payload[2]
+        if c.flags & F_FINAL_TOO_LARGE:
+            c.flags &= ~F_FINAL_TOO_LARGE
+            self._queue_packet(fd, c.final_action, c.final_seq, _TOO_LARGE_BODY, len(_TOO_LARGE_BODY))
+        if c.close_code and c.state == S_WS:
+            payload[0] = <char>((c.close_code >> 8) & 0xFF)
+            payload[1] = <char>(c.close_code & 0xFF)
+            c.close_code = 0
+            self._queue_control(fd, 8, payload, 2)
 
     cdef void _begin_close(self, int fd) noexcept:
         """No more requests from fd: flush what is queued, half-close, drain, close."""
@@ -677,7 +738,8 @@ cdef class Reactor:
                 self._flush(fd)
         free(batch.items)
 
-    cdef void _flush(self, int fd) noexcept:
+    cdef int _write_out(self, int fd) noexcept:
+        """One write of everything queued: 1 all out, 0 some left (EPOLLOUT armed), -1 closed."""
         cdef conn_t* c = &self.conns[fd]
         cdef ssize_t n
         while c.outlen:
@@ -688,7 +750,7 @@ cdef class Reactor:
                 if errno == EAGAIN:
                     break
                 self._close(fd)         # EPIPE, ECONNRESET: the peer is gone
-                return
+                return -1
             self.bytes_out += <uint64_t>n
             if <size_t>n < c.outlen:
                 memmove(c.outbuf, c.outbuf + n, c.outlen - n)
@@ -697,7 +759,21 @@ cdef class Reactor:
             if not (c.flags & F_EPOLLOUT):
                 c.flags |= F_EPOLLOUT
                 self._epoll_mod(fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+            return 0
+        return 1
+
+    cdef void _flush(self, int fd) noexcept:
+        cdef conn_t* c = &self.conns[fd]
+        if self._write_out(fd) <= 0:
             return
+        # A closing connection waits for the answers still owed to it, then
+        # says its last words (too_large, the WebSocket close) after them.
+        if c.flags & (F_CLOSING | F_PEER_EOF) and c.inflight:
+            return
+        if c.flags & F_CLOSING and (c.flags & F_FINAL_TOO_LARGE or c.close_code):
+            self._queue_final(fd)
+            if self._write_out(fd) <= 0:
+                return
         # everything went out: give the buffer back
         free(c.outbuf)
         c.outbuf = NULL
@@ -809,77 +885,51 @@ cdef class Reactor:
         c.inlen = c.outlen = c.outcap = 0
         c.user = 0
         c.flags = 0
+        c.inflight = 0
+        c.close_code = 0
         c.state = S_FREE
 
     cdef void _close(self, int fd) noexcept:
+        cdef uint64_t user = self.conns[fd].user
+        cdef uint64_t handle = make_handle(self.conns[fd].gen, fd)
+        cdef bint link = self.conns[fd].flags & F_LINK
         if self.conns[fd].state < S_TCP:
             return
         self._release(fd)
+        if user and self.on_user_gone is not None and not self._has_user(user):
+            handles_push(&self.gone_users, user)
+        if link and self.on_link_closed is not None:
+            try:
+                self.on_link_closed(handle)
+            except BaseException:
+                log.exception("link close handler failed")
         close(fd)                       # also removes it from the epoll set
         self.closed += 1
         self.connections -= 1
 
     # --------------------------------------------------------- presence --
-    cdef size_t _slot(self, uint64_t user) noexcept:
-        cdef size_t mask = self.user_cap - 1
-        cdef size_t i = hash64(user) & mask
-        while self.user_keys[i] != 0 and self.user_keys[i] != user:
-            i = (i + 1) & mask
-        return i
-
-    cdef void _grow_users(self) noexcept:
-        cdef uint64_t* old_keys = self.user_keys
-        cdef int32_t* old_heads = self.user_heads
-        cdef size_t old_cap = self.user_cap, i, j
-        cdef uint64_t* keys = <uint64_t*>calloc(old_cap * 2, sizeof(uint64_t))
-        cdef int32_t* heads = <int32_t*>calloc(old_cap * 2, sizeof(int32_t))
-        if keys == NULL or heads == NULL:
-            free(keys)
-            free(heads)
-            return
-        self.user_keys = keys
-        self.user_heads = heads
-        self.user_cap = old_cap * 2
-        for i in range(old_cap):
-            if old_keys[i]:
-                j = self._slot(old_keys[i])
-                keys[j] = old_keys[i]
-                heads[j] = old_heads[i]
-        free(old_keys)
-        free(old_heads)
-
     cdef void _presence_unlink(self, uint64_t user, int fd) noexcept:
-        cdef size_t i = self._slot(user), j, k, mask = self.user_cap - 1
+        cdef uint64_t* head = idmap_find(&self.presence, user)
         cdef int32_t cur, prev = NO_CONN
-        if self.user_keys[i] != user:
+        if head == NULL:
             return
-        cur = self.user_heads[i]
+        cur = <int32_t>head[0]
         while cur != NO_CONN and cur != fd:
             prev = cur
             cur = self.conns[cur].next_dev
         if cur == NO_CONN:
             return
         if prev == NO_CONN:
-            self.user_heads[i] = self.conns[fd].next_dev
+            head[0] = <uint64_t><uint32_t>self.conns[fd].next_dev
         else:
             self.conns[prev].next_dev = self.conns[fd].next_dev
         self.conns[fd].next_dev = NO_CONN
-        if self.user_heads[i] != NO_CONN:
-            return
-        # last connection of this user: delete with backward shift (no tombstones)
-        self.user_keys[i] = 0
-        self.user_count -= 1
-        j = i
-        while True:
-            j = (j + 1) & mask
-            if self.user_keys[j] == 0:
-                return
-            k = hash64(self.user_keys[j]) & mask
-            if (j > i and (k <= i or k > j)) or (j < i and (k <= i and k > j)):
-                self.user_keys[i] = self.user_keys[j]
-                self.user_heads[i] = self.user_heads[j]
-                self.user_keys[j] = 0
-                i = j
+        if <int32_t>head[0] == NO_CONN:
+            idmap_delete(&self.presence, user)      # the user's last connection here
+
+    cdef int32_t _first_conn(self, uint64_t user) noexcept:
+        cdef uint64_t* head = idmap_find(&self.presence, user)
+        return <int32_t>head[0] if head != NULL else NO_CONN
 
     cdef int _conn_fd(self, uint64_t handle) noexcept:
         """The fd of a live connection handle, or -1 if it is stale."""
@@ -890,23 +940,22 @@ cdef class Reactor:
             return -1
         return fd
 
+    cdef bint _has_user(self, uint64_t user) noexcept:
+        return idmap_find(&self.presence, user) != NULL
+
     def set_user(self, uint64_t conn, uint64_t user_id):
         """Bind a connection to a user (presence on this worker)."""
         cdef int fd = self._conn_fd(conn)
-        cdef size_t i
+        cdef uint64_t* head
         if fd < 0 or user_id == 0:
             return False
         if self.conns[fd].user:
             self._presence_unlink(self.conns[fd].user, fd)
-        if (self.user_count + 1) * 10 > self.user_cap * 7:
-            self._grow_users()
-        i = self._slot(user_id)
-        if self.user_keys[i] == 0:
-            self.user_keys[i] = user_id
-            self.user_heads[i] = NO_CONN
-            self.user_count += 1
-        self.conns[fd].next_dev = self.user_heads[i]
-        self.user_heads[i] = fd
+        head = idmap_insert(&self.presence, user_id, <uint64_t><uint32_t>NO_CONN)
+        if head == NULL:
+            raise MemoryError()
+        self.conns[fd].next_dev = <int32_t>head[0]
+        head[0] = <uint64_t><uint32_t>fd
         self.conns[fd].user = user_id
         return True
 
@@ -917,12 +966,8 @@ cdef class Reactor:
 
     def user_conns(self, uint64_t user_id):
         """Handles of the user's connections on this worker."""
-        cdef size_t i = self._slot(user_id)
-        cdef int32_t cur
+        cdef int32_t cur = self._first_conn(user_id)
         cdef list result = []
-        if self.user_keys[i] != user_id:
-            return result
-        cur = self.user_heads[i]
         while cur != NO_CONN:
             result.append(make_handle(self.conns[cur].gen, cur))
             cur = self.conns[cur].next_dev
@@ -938,14 +983,10 @@ cdef class Reactor:
 
     def push_user(self, uint64_t user_id, int action, bytes payload, uint64_t exclude_conn=0):
         """Queue a push (seq 0) to every connection of a user; returns how many."""
-        cdef size_t i = self._slot(user_id)
-        cdef int32_t cur, nxt
+        cdef int32_t cur = self._first_conn(user_id), nxt
         cdef int count = 0
         cdef const char* body = PyBytes_AS_STRING(payload)
         cdef size_t length = PyBytes_GET_SIZE(payload)
-        if self.user_keys[i] != user_id:
-            return 0
-        cur = self.user_heads[i]
         while cur != NO_CONN:
             nxt = self.conns[cur].next_dev   # _queue_packet may drop cur
             if make_handle(self.conns[cur].gen, cur) != exclude_conn:
@@ -1034,6 +1075,52 @@ cdef class Reactor:
                 count += self._queue_packet(fd, action, 0, body, length)
         return count
 
+    def adopt_link(self, int fd):
+        """Serve an already connected socket as a trusted link to another zim
+        process (TCP framing, packets up to 4 MiB, no timeouts or output cap)."""
+        cdef conn_t* c
+        if fd < 0 or fd >= self.max_fds or self.conns[fd].state != S_FREE:
+            raise ValueError("bad link descriptor")
+        os.set_blocking(fd, False)      # edge-triggered reads must never block
+        c = &self.conns[fd]
+        c.gen = next_gen(c.gen)
+        c.state = S_TCP
+        c.flags = F_LINK
+        c.user = 0
+        c.next_dev = NO_CONN
+        c.wheel_prev = c.wheel_next = NO_CONN - 1
+        self._epoll_add(fd, EPOLLIN | EPOLLRDHUP | EPOLLET)
+        self.connections += 1
+        return make_handle(c.gen, fd)
+
+    def hold(self, uint64_t conn):
+        """A request of conn went to another process: closing waits for its answer."""
+        cdef int fd = self._conn_fd(conn)
+        if fd >= 0 and self.conns[fd].inflight < 0xFFFF:
+            self.conns[fd].inflight += 1
+
+    def answered(self, uint64_t conn):
+        """The answer to a held request is queued (see hold())."""
+        cdef int fd = self._conn_fd(conn)
+        if fd >= 0 and self.conns[fd].inflight:
+            self.conns[fd].inflight -= 1
+            if self.conns[fd].flags & (F_CLOSING | F_PEER_EOF):
+                self._mark_pending(fd)          # may be free to close now
+
+    def pause(self, uint64_t conn):
+        """Hold a connection's further requests (its bytes stay buffered)."""
+        cdef int fd = self._conn_fd(conn)
+        if fd >= 0:
+            self.conns[fd].flags |= F_PAUSED
+
+    def resume(self, uint64_t conn):
+        """Release a paused connection: its buffered requests are read next pass."""
+        cdef int fd = self._conn_fd(conn)
+        if fd >= 0 and self.conns[fd].flags & F_PAUSED:
+            self.conns[fd].flags &= ~F_PAUSED
+            self.conns[fd].flags |= F_READ_AGAIN
+            handles_push(&self.again, conn)
+
     def close(self, uint64_t conn):
         """Close a connection after flushing what is queued for it."""
         cdef int fd = self._conn_fd(conn)
@@ -1052,6 +1139,6 @@ cdef class Reactor:
             "packets_in": self.packets_in,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
-            "users_online": self.user_count,
+            "users_online": self.presence.count,
             "conn_slot_bytes": sizeof(conn_t),
         }

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import orjson
 
 from zim._core import Reactor
+from zim.fabric import Fabric, LocalFabric
 
 log = logging.getLogger("zim")
 
@@ -69,10 +70,9 @@ class Ctx:
     # -- this connection ---------------------------------------------------
     def login(self, user_id: str, channels: Iterable[str] = ()) -> None:
         """Bind this connection to ``user_id``; it receives the pushes of ``channels``."""
-        self.app.reactor.set_user(self.conn, int(user_id))
+        app = self.app
+        app.fabric.bind_user(self.conn, int(user_id), [app.group_id(channel) for channel in channels])
         self.user_id = user_id
-        for channel in channels:
-            self.app.reactor.group_add(self.app.group_id(channel), self.conn)
 
     def send(self, action: int, body: dict) -> None:
         """Push a packet (seq 0) to this connection, queued after this request's response."""
@@ -84,7 +84,7 @@ class Ctx:
     def push_user(self, user_id: str, action: int, body: dict, exclude_self: bool = False) -> int:
         """Push to every connection of ``user_id``; returns how many were queued."""
         exclude = self.conn if exclude_self else 0
-        return self.app.reactor.push_user(int(user_id), action, orjson.dumps(body), exclude)
+        return self.app.fabric.push_user(int(user_id), action, orjson.dumps(body), exclude)
 
     def push_channel(self, channel: str, action: int, body: dict, exclude_self: bool = True) -> int:
         """Push to every connection following ``channel`` (encoded once, fanned out in C)."""
@@ -92,7 +92,7 @@ class Ctx:
         if group is None:
             return 0
         exclude = self.conn if exclude_self else 0
-        return self.app.reactor.broadcast(group, action, orjson.dumps(body), exclude)
+        return self.app.fabric.broadcast(group, action, orjson.dumps(body), exclude)
 
     def follow(self, channel: str, user_id: str | None = None) -> None:
         """Every connection of the user (default: this one's) receives ``channel``'s pushes."""
@@ -118,6 +118,7 @@ class App:
         self.groups: dict[str, int] = {}
         self.store = store
         self.reactor: Reactor | None = None
+        self.fabric: Fabric | None = None
         self.max_packet = DEFAULT_MAX_PACKET
         self.data_dir: str | None = None
         self.secret: bytes = b""
@@ -148,38 +149,42 @@ class App:
         return group
 
     def follow(self, channel: str, user_id: str) -> None:
-        reactor = self.reactor
-        group = self.group_id(channel)
-        for conn in reactor.user_conns(int(user_id)):
-            reactor.group_add(group, conn)
+        self.fabric.follow(int(user_id), self.group_id(channel))
 
     def unfollow(self, channel: str, user_id: str) -> None:
         group = self.groups.get(channel)
-        if group is None:
-            return
-        reactor = self.reactor
-        for conn in reactor.user_conns(int(user_id)):
-            reactor.group_remove(group, conn)
+        if group is not None:
+            self.fabric.unfollow(int(user_id), group)
 
-    # -- the reactor's callback --------------------------------------------
-    def _on_packet(self, conn: int, action: int, seq: int, payload: bytes) -> None:
-        reactor = self.reactor
+    # -- requests ------------------------------------------------------------
+    def precheck(self, action: int, user: int) -> bytes | None:
+        """The answer to a request refused before its handler runs, else None.
+
+        Checks run in the protocol's order: unknown action, then login.
+        """
         route = self.routes.get(action)
-        ctx = None
         if route is None:
-            body = error_body("unknown_action", f"unknown action {action}")
-        else:
-            handler, needs_login = route
-            user = reactor.conn_user(conn)
-            if needs_login and not user:
-                body = error_body("not_logged_in", "log in first (action 1)")
-            else:
-                ctx = Ctx(self, conn, str(user) if user else None, action, seq)
-                body = self._call(handler, ctx, payload)
-        reactor.reply(conn, action, seq, body)
+            return error_body("unknown_action", f"unknown action {action}")
+        if route[1] and not user:
+            return error_body("not_logged_in", "log in first (action 1)")
+        return None
+
+    def serve(self, conn: int, user: int, action: int, seq: int, payload: bytes) -> None:
+        """Answer one request from ``conn`` (logged in as ``user``, 0: not)."""
+        fabric = self.fabric
+        ctx = None
+        body = self.precheck(action, user)
+        if body is None:
+            ctx = Ctx(self, conn, str(user) if user else None, action, seq)
+            body = self._call(self.routes[action][0], ctx, payload)
+        fabric.reply(conn, action, seq, body, True)
         if ctx is not None and ctx._after:
             for packet in ctx._after:
-                reactor.reply(conn, int.from_bytes(packet[:2], "big"), 0, packet[2:])
+                fabric.reply(conn, int.from_bytes(packet[:2], "big"), 0, packet[2:], False)
+
+    def _on_packet(self, conn: int, action: int, seq: int, payload: bytes) -> None:
+        """The single-process reactor's callback."""
+        self.serve(conn, self.reactor.conn_user(conn), action, seq, payload)
 
     def _call(self, handler: Handler, ctx: Ctx, payload: bytes) -> bytes:
         try:
@@ -210,17 +215,26 @@ class App:
     ) -> None:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
 
+        ``workers``: 1 serves from this process; N > 1 makes this process the
+        supervisor and router of N worker processes sharing the ports.
         ``login_timeout``: seconds a connection may stay without logging in;
         ``idle_timeout``: seconds without a byte received (0 turns either off).
         """
-        if workers != 1:
-            raise ValueError("this version runs one worker")
-        if max_packet < 8 or max_packet > 16 * 1024 * 1024:
-            raise ValueError("max_packet must be between 8 and 16 MiB")
-        for name, value in (("login_timeout", login_timeout), ("idle_timeout", idle_timeout)):
-            if not 0 <= value <= 86400:
-                raise ValueError(f"{name} must be between 0 and 86400 seconds")
-        from zim import tokens  # noqa
+        options = ServeOptions(tcp, ws, max_packet, login_timeout, idle_timeout)
+        options.check()
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be between 1 and {MAX_WORKERS}")
+        self._open_data(data)
+        self.max_packet = max_packet
+        if workers == 1:
+            self._run_single(options)
+        else:
+            from zim.router import Router
+
+            Router(self, options, workers).run()
+
+    def _open_data(self, data: str) -> None:
+        from zim import tokens
         from zim.store import MemoryStore
 
         os.makedirs(data, exist_ok=True)
@@ -228,21 +242,76 @@ class App:
         self.secret = tokens.load_or_create_secret(data)
         if self.store is None:
             self.store = MemoryStore()
-        self.max_packet = max_packet
-        self.reactor = reactor = Reactor(
-            max_packet, self._on_packet, login_timeout=login_timeout, idle_timeout=idle_timeout
-        )
+
+    def _run_single(self, options: "ServeOptions") -> None:
+        self.reactor = reactor = options.reactor(self._on_packet)
+        self.fabric = LocalFabric(reactor)
         # handlers first: a signal that comes as soon as the ports accept must stop us
-        stop = lambda signum, frame: reactor.stop()  # noqa: E731
-        old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            if tcp:
-                reactor.listen(*parse_address(tcp, 8081), False)
-            if ws:
-                reactor.listen(*parse_address(ws, 8082), True)
-            log.info("zim serving tcp=%s ws=%s", tcp, ws)
-            reactor.run()
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-            reactor.close_all()
+        with stop_on_signals(reactor.stop):
+            try:
+                options.listen(reactor)
+                log.info("zim serving tcp=%s ws=%s", options.tcp, options.ws)
+                reactor.run()
+            finally:
+                reactor.close_all()
+
+
+MAX_WORKERS = 64    # presence keeps one bit per worker in a 64-bit mask
+
+
+class ServeOptions:
+    """Listening addresses and limits, the same for every worker."""
+
+    def __init__(self, tcp: str | None, ws: str | None, max_packet: int,
+                 login_timeout: int, idle_timeout: int) -> None:
+        self.tcp = tcp
+        self.ws = ws
+        self.max_packet = max_packet
+        self.login_timeout = login_timeout
+        self.idle_timeout = idle_timeout
+
+    def check(self) -> None:
+        if not 8 <= self.max_packet <= 16 * 1024 * 1024:
+            raise ValueError("max_packet must be between 8 and 16 MiB")
+        for name, value in (("login_timeout", self.login_timeout), ("idle_timeout", self.idle_timeout)):
+            if not 0 <= value <= 86400:
+                raise ValueError(f"{name} must be between 0 and 86400 seconds")
+        for address in (self.tcp, self.ws):
+            if address:
+                parse_address(address, 1)
+
+    def reactor(self, on_packet) -> Reactor:
+        return Reactor(self.max_packet, on_packet, login_timeout=self.login_timeout,
+                       idle_timeout=self.idle_timeout)
+
+    def listen(self, reactor: Reactor) -> None:
+        if self.tcp:
+            reactor.listen(*parse_address(self.tcp, 8081), False)
+        if self.ws:
+            reactor.listen(*parse_address(self.ws, 8082), True)
+
+    def as_args(self) -> list[str]:
+        """The worker command-line flags carrying these options."""
+        return ["--tcp", self.tcp or "off", "--ws", self.ws or "off",
+                "--max-packet", str(self.max_packet),
+                "--login-timeout", str(self.login_timeout),
+                "--idle-timeout", str(self.idle_timeout)]
+
+
+class stop_on_signals:
+    """``with stop_on_signals(callback):`` SIGTERM and SIGINT call ``callback()``."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.callback()
+
+    def __enter__(self) -> "stop_on_signals":
+        self.old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)

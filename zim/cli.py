@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from zim.app import DEFAULT_MAX_PACKET, App, parse_address
+from zim.app import DEFAULT_MAX_PACKET, MAX_WORKERS, App, parse_address
 
 
 def _address(text: str) -> str:
@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TCP listen address (default :8081; 'off' to disable)")
     parser.add_argument("--ws", type=_address, default=":8082", metavar="HOST:PORT",
                         help="WebSocket listen address (default :8082; 'off' to disable)")
-    parser.add_argument("--workers", type=_bounded_int(1, 1), default=1,
-                        help="worker processes (this version: 1)")
+    parser.add_argument("--workers", type=_bounded_int(1, MAX_WORKERS), default=os.cpu_count() or 1,
+                        help="worker processes sharing the ports (default: the number of CPU cores, "
+                             f"at most {MAX_WORKERS}); 1 serves from a single process")
     parser.add_argument("--data", default="./zim-data", metavar="DIR",
                         help="data directory: token secret and store (default ./zim-data)")
     parser.add_argument("--max-packet", type=_bounded_int(8, 16 * 1024 * 1024),

@@ -1,0 +1,87 @@
+"""The routing layer: how the IM reaches connections, wherever they are.
+
+Handlers never touch sockets. They call a ``Fabric``:
+
+- ``LocalFabric``: one process; calls go straight to its reactor.
+- ``zim.router.RouterFabric``: the supervisor of ``--workers N``; calls become
+  commands to the workers holding the connections (a channel message crosses to
+  each interested worker once, then fans out in C there).
+
+A multi-node fabric (Redis) is a third implementation of the same interface.
+
+A connection is named by an int ``conn``: the reactor's handle (generation and
+fd, 56 bits), with the worker index in the top 8 bits when there are workers.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from zim._core import Reactor
+
+
+class Fabric(Protocol):
+    """What the framework needs of the transport, per message (never per byte)."""
+
+    def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
+        """Queue a packet to one connection (``response``: it answers a request)."""
+
+    def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
+        """Log ``conn`` in as ``user_id``; it receives the pushes of ``groups``."""
+
+    def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
+        """Push to every connection of a user; returns how many deliveries (or
+        worker messages) were queued."""
+
+    def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
+        """Push to every connection following a channel group."""
+
+    def follow(self, user_id: int, group: int) -> None:
+        """Every connection of the user starts receiving the group's pushes."""
+
+    def unfollow(self, user_id: int, group: int) -> None:
+        """Every connection of the user stops receiving the group's pushes."""
+
+    def close(self, conn: int) -> None:
+        """Close a connection after what is queued for it."""
+
+
+class LocalFabric:
+    """The single-process fabric: every connection is on this reactor."""
+
+    def __init__(self, reactor: Reactor) -> None:
+        self.reactor = reactor
+
+    def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
+        self.reactor.reply(conn, action, seq, payload)
+
+    def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
+        reactor = self.reactor
+        reactor.set_user(conn, user_id)
+        for group in groups:
+            reactor.group_add(group, conn, False)   # a fresh login holds no group yet
+
+    def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
+        return self.reactor.push_user(user_id, action, payload, exclude_conn)
+
+    def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
+        return self.reactor.broadcast(group, action, payload, exclude_conn)
+
+    def follow(self, user_id: int, group: int) -> None:
+        follow_here(self.reactor, user_id, group)
+
+    def unfollow(self, user_id: int, group: int) -> None:
+        unfollow_here(self.reactor, user_id, group)
+
+    def close(self, conn: int) -> None:
+        self.reactor.close(conn)
+
+
+def follow_here(reactor: Reactor, user_id: int, group: int) -> None:
+    """Add the user's connections on this reactor to a group (once each)."""
+    for conn in reactor.user_conns(user_id):
+        reactor.group_add(group, conn)
+
+
+def unfollow_here(reactor: Reactor, user_id: int, group: int) -> None:
+    for conn in reactor.user_conns(user_id):
+        reactor.group_remove(group, conn)

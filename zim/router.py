@@ -1,0 +1,256 @@
+"""The supervisor of ``zim-server --workers N``, which is also its router.
+
+It starts N workers (``zim.worker``), each linked to it by a Unix socketpair
+that its own reactor serves, restarts a worker that dies, and stops them all on
+SIGTERM. As the router it runs every handler (so the store and the per-
+conversation seq live in one process) and turns the handlers' fabric calls into
+commands for the workers:
+
+- presence: user id -> bitmask of workers holding its connections (a C table);
+- interest: channel group -> bitmask of workers with members that want pushes.
+
+A private message goes to the workers of the receiver; a channel message to each
+interested worker once, whatever the number of members there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterable
+
+from zim._idmap import IdMap
+from zim.app import App, ServeOptions, stop_on_signals
+from zim.worker import (
+    BIND_HEAD, BROADCAST_HEAD, CLOSE_BODY, CMD_BIND, CMD_BROADCAST, CMD_CLOSE, CMD_FOLLOW,
+    CMD_PUSH_USER, CMD_REPLY, CMD_UNFOLLOW, EVENT, EVENT_USER_GONE, FOLLOW_BODY, PUSH_USER_HEAD,
+    REPLY_HEAD, REQUEST_HEAD, format_routes,
+)
+
+log = logging.getLogger("zim.router")
+
+HANDLE_BITS = 56
+HANDLE_MASK = (1 << HANDLE_BITS) - 1
+STOP_GRACE_SECONDS = 5
+CRASH_WINDOW_SECONDS = 2    # a worker dying this soon after its start counts as a crash...
+CRASH_LIMIT = 5             # ...and this many in a row stop the server (e.g. a port in use)
+
+
+def worker_bit(index: int) -> int:
+    return 1 << index
+
+
+class WorkerSlot:
+    """One worker: its process and its link."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: subprocess.Popen | None = None
+        self.link = 0               # the router reactor's handle for the link
+        self.started = 0.0
+        self.quick_deaths = 0
+
+
+class Router:
+    """Supervisor and fabric of a multi-worker server."""
+
+    def __init__(self, app: App, options: ServeOptions, workers: int) -> None:
+        self.app = app
+        self.options = options
+        self.slots = [WorkerSlot(i) for i in range(workers)]
+        self.by_link: dict[int, WorkerSlot] = {}
+        self.presence = IdMap()
+        self.interest: dict[int, int] = {}
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.exit_code = 0
+        # the router's reactor serves only the worker links (no listeners)
+        self.reactor = reactor = options.reactor(self._on_link_packet)
+        reactor.on_link_closed = self._on_link_closed
+        reactor.on_tick = self._tick
+        app.reactor = reactor
+        app.fabric = RouterFabric(self)
+
+    # -- processes -------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGCHLD, self._on_sigchld)
+        with stop_on_signals(self._begin_stop):
+            try:
+                for slot in self.slots:
+                    self._spawn(slot)
+                log.info("zim supervising %d workers, tcp=%s ws=%s",
+                         len(self.slots), self.options.tcp, self.options.ws)
+                self.reactor.run()
+            finally:
+                self._kill_all()
+                self.reactor.close_all()
+        if self.exit_code:
+            raise RuntimeError("workers kept failing at start; see the log above")
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        command = [sys.executable, "-m", "zim.worker", "--link-fd", str(theirs.fileno()),
+                   "--index", str(slot.index), "--parent", str(os.getpid()),
+                   "--routes", format_routes(self.app.routes),
+                   "--log-level", logging.getLevelName(logging.getLogger().level),
+                   *self.options.as_args()]
+        slot.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        slot.link = self.reactor.adopt_link(ours.detach())
+        slot.started = time.monotonic()
+        self.by_link[slot.link] = slot
+
+    def _on_sigchld(self, signum, frame) -> None:
+        for slot in self.slots:
+            process = slot.process
+            if process is None or process.poll() is None:
+                continue
+            slot.process = None
+            self._forget_worker(slot)
+            if self.stopping:
+                continue
+            log.warning("worker %d (pid %d) exited with %s; restarting",
+                        slot.index, process.pid, process.returncode)
+            if time.monotonic() - slot.started < CRASH_WINDOW_SECONDS:
+                slot.quick_deaths += 1
+                if slot.quick_deaths >= CRASH_LIMIT:
+                    log.error("worker %d keeps failing at start; stopping", slot.index)
+                    self.exit_code = 1
+                    self._begin_stop()
+                    self.reactor.stop()
+                    return
+            else:
+                slot.quick_deaths = 0
+            self._spawn(slot)
+        if self.stopping and all(slot.process is None for slot in self.slots):
+            self.reactor.stop()
+
+    def _forget_worker(self, slot: WorkerSlot) -> None:
+        """A dead worker's users and members are gone: drop its bits everywhere."""
+        bit = worker_bit(slot.index)
+        self.presence.clear_bits_everywhere(bit)
+        for group in list(self.interest):
+            self.interest[group] &= ~bit
+        self.by_link.pop(slot.link, None)
+        self.reactor.close(slot.link)
+        slot.link = 0
+
+    def _on_link_closed(self, link: int) -> None:
+        slot = self.by_link.get(link)
+        if slot is not None and slot.process is not None and not self.stopping:
+            log.warning("link to worker %d closed", slot.index)
+
+    def _begin_stop(self) -> None:
+        """SIGTERM: ask every worker to stop (they flush and exit), then leave."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.terminate()
+        # the loop goes on until the workers are gone, so their last requests are answered
+
+    def _tick(self) -> None:
+        if self.stopping and time.monotonic() > self.stop_deadline:
+            self.reactor.stop()
+
+    def _kill_all(self) -> None:
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for slot in self.slots:
+            process = slot.process
+            if process is None:
+                continue
+            if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            slot.process = None
+
+    # -- requests from workers -------------------------------------------------
+    def _on_link_packet(self, link: int, action: int, seq: int, payload: bytes) -> None:
+        slot = self.by_link.get(link)
+        if slot is None:
+            return
+        if action == EVENT:
+            if seq == EVENT_USER_GONE:
+                self.presence.clear_bits(int.from_bytes(payload[:8], "big"), worker_bit(slot.index))
+            return
+        handle, user = REQUEST_HEAD.unpack_from(payload)
+        conn = (slot.index << HANDLE_BITS) | handle
+        self.app.serve(conn, user, action, seq, payload[REQUEST_HEAD.size:])
+
+    def send(self, index: int, command: int, body: bytes) -> bool:
+        slot = self.slots[index]
+        if not slot.link:
+            return False
+        return self.reactor.reply(slot.link, command, 0, body)
+
+    def workers_in(self, bits: int) -> Iterable[int]:
+        index = 0
+        while bits:
+            if bits & 1:
+                yield index
+            bits >>= 1
+            index += 1
+
+
+class RouterFabric:
+    """The Fabric of a multi-worker server: commands to the workers concerned."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
+        self.router.send(conn >> HANDLE_BITS, CMD_REPLY,
+                         REPLY_HEAD.pack(conn & HANDLE_MASK, action, seq, response) + payload)
+
+    def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
+        router = self.router
+        index = conn >> HANDLE_BITS
+        bit = worker_bit(index)
+        router.presence.set_bits(user_id, bit)
+        groups = list(groups)
+        for group in groups:
+            router.interest[group] = router.interest.get(group, 0) | bit
+        body = BIND_HEAD.pack(conn & HANDLE_MASK, user_id) + b"".join(g.to_bytes(4, "big") for g in groups)
+        router.send(index, CMD_BIND, body)
+
+    def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
+        router = self.router
+        sent = 0
+        for index in router.workers_in(router.presence.get(user_id)):
+            exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
+            sent += router.send(index, CMD_PUSH_USER, PUSH_USER_HEAD.pack(user_id, exclude, action) + payload)
+        return sent
+
+    def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
+        router = self.router
+        sent = 0
+        for index in router.workers_in(router.interest.get(group, 0)):
+            exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
+            sent += router.send(index, CMD_BROADCAST, BROADCAST_HEAD.pack(group, exclude, action) + payload)
+        return sent
+
+    def follow(self, user_id: int, group: int) -> None:
+        router = self.router
+        bits = router.presence.get(user_id)
+        router.interest[group] = router.interest.get(group, 0) | bits
+        for index in router.workers_in(bits):
+            router.send(index, CMD_FOLLOW, FOLLOW_BODY.pack(user_id, group))
+
+    def unfollow(self, user_id: int, group: int) -> None:
+        router = self.router
+        for index in router.workers_in(router.presence.get(user_id)):
+            router.send(index, CMD_UNFOLLOW, FOLLOW_BODY.pack(user_id, group))
+
+    def close(self, conn: int) -> None:
+        self.router.send(conn >> HANDLE_BITS, CMD_CLOSE, CLOSE_BODY.pack(conn & HANDLE_MASK))

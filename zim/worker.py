@@ -1,0 +1,196 @@
+"""A worker of ``zim-server --workers N``: sockets, framing and fan-out; no IM logic.
+
+The supervisor (``zim.router``) starts it as ``python -m zim.worker`` with one end
+of a Unix socketpair. Client requests go up that link to the router, which runs
+the handlers; the router's commands come back down it and are carried out here
+in C (replies, pushes, channel fan-out to this worker's members).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import struct
+import sys
+
+from zim._core import Reactor
+from zim.app import ServeOptions, error_body, stop_on_signals
+from zim.fabric import follow_here, unfollow_here
+
+log = logging.getLogger("zim.worker")
+
+# Router -> worker commands: the link packet's action field.
+CMD_REPLY, CMD_PUSH_USER, CMD_BROADCAST, CMD_BIND, CMD_FOLLOW, CMD_UNFOLLOW, CMD_CLOSE = range(1, 8)
+# Worker -> router events: action 0, the kind in the seq field. Every other
+# action on the link is a client request: body = conn(8) user(8) client body.
+EVENT = 0
+EVENT_USER_GONE = 1
+
+REQUEST_HEAD = struct.Struct(">QQ")         # conn handle, user id
+REPLY_HEAD = struct.Struct(">QHHB")         # conn, action, seq, is a response
+PUSH_USER_HEAD = struct.Struct(">QQH")      # user, exclude conn, action
+BROADCAST_HEAD = struct.Struct(">IQH")      # group, exclude conn, action
+BIND_HEAD = struct.Struct(">QQ")            # conn, user (then groups, 4 bytes each)
+FOLLOW_BODY = struct.Struct(">QI")          # user, group
+CLOSE_BODY = struct.Struct(">Q")
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM this process when the supervisor dies, even by SIGKILL (no orphans)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:          # it died before the prctl took effect
+        sys.exit(0)
+
+
+class Worker:
+    """One reactor serving clients, linked to the router."""
+
+    def __init__(self, options: ServeOptions, link_fd: int, routes: dict[int, bool], index: int) -> None:
+        self.routes = routes
+        self.index = index
+        self.reactor = reactor = options.reactor(self._on_packet)
+        self.options = options
+        self.link = reactor.adopt_link(link_fd)
+        reactor.on_user_gone = self._user_gone
+        reactor.on_link_closed = self._link_closed
+        reactor.on_tick = self._tick
+        self.refused_logged = 0
+        self.commands = {
+            CMD_REPLY: self._reply, CMD_PUSH_USER: self._push_user, CMD_BROADCAST: self._broadcast,
+            CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
+            CMD_CLOSE: self._close,
+        }
+
+    def run(self) -> None:
+        reactor = self.reactor
+        with stop_on_signals(reactor.stop):
+            try:
+                self.options.listen(reactor)
+                reactor.run()
+            finally:
+                reactor.close_all()
+
+    # -- from clients --------------------------------------------------------
+    def _on_packet(self, conn: int, action: int, seq: int, payload: bytes) -> None:
+        reactor = self.reactor
+        if conn == self.link:
+            command = self.commands.get(action)
+            if command is None:
+                log.error("unknown router command %d", action)
+                return
+            command(payload)
+            return
+        user = reactor.conn_user(conn)
+        needs_login = self.routes.get(action)
+        if needs_login is None:
+            reactor.reply(conn, action, seq, error_body("unknown_action", f"unknown action {action}"))
+            return
+        if needs_login and not user:
+            reactor.reply(conn, action, seq, error_body("not_logged_in", "log in first (action 1)"))
+            return
+        if not user:
+            # Until its answer is back the connection may be logging in: hold
+            # its next requests so they are not judged as not logged in.
+            reactor.pause(conn)
+        reactor.hold(conn)              # a close waits for the answer
+        reactor.reply(self.link, action, seq, REQUEST_HEAD.pack(conn, user) + payload)
+
+    def _user_gone(self, user_id: int) -> None:
+        self.reactor.reply(self.link, EVENT, EVENT_USER_GONE, user_id.to_bytes(8, "big"))
+
+    def _link_closed(self, conn: int) -> None:
+        log.warning("worker %d: router link closed; stopping", self.index)
+        self.reactor.stop()
+
+    def _tick(self) -> None:
+        refused = self.reactor.refused
+        if refused != self.refused_logged:
+            log.warning("worker %d: %d connections refused at the open-file limit (total %d)",
+                        self.index, refused - self.refused_logged, refused)
+            self.refused_logged = refused
+
+    # -- router commands -----------------------------------------------------
+    def _reply(self, body: bytes) -> None:
+        conn, action, seq, response = REPLY_HEAD.unpack_from(body)
+        reactor = self.reactor
+        reactor.reply(conn, action, seq, body[REPLY_HEAD.size:])
+        if response:
+            reactor.answered(conn)
+            reactor.resume(conn)
+
+    def _push_user(self, body: bytes) -> None:
+        user, exclude, action = PUSH_USER_HEAD.unpack_from(body)
+        self.reactor.push_user(user, action, body[PUSH_USER_HEAD.size:], exclude)
+
+    def _broadcast(self, body: bytes) -> None:
+        group, exclude, action = BROADCAST_HEAD.unpack_from(body)
+        self.reactor.broadcast(group, action, body[BROADCAST_HEAD.size:], exclude)
+
+    def _bind(self, body: bytes) -> None:
+        conn, user = BIND_HEAD.unpack_from(body)
+        reactor = self.reactor
+        if reactor.set_user(conn, user):
+            for (group,) in struct.iter_unpack(">I", body[BIND_HEAD.size:]):
+                reactor.group_add(group, conn, False)
+        else:
+            # the connection closed while its login was decided: the router
+            # counted it as present, so tell it the user is not here after all
+            if not reactor.user_conns(user):
+                self._user_gone(user)
+
+    def _follow(self, body: bytes) -> None:
+        follow_here(self.reactor, *FOLLOW_BODY.unpack(body))
+
+    def _unfollow(self, body: bytes) -> None:
+        unfollow_here(self.reactor, *FOLLOW_BODY.unpack(body))
+
+    def _close(self, body: bytes) -> None:
+        self.reactor.close(CLOSE_BODY.unpack(body)[0])
+
+
+def parse_routes(text: str) -> dict[int, bool]:
+    """``"1:0,2:1"`` -> {1: False, 2: True} (action: needs login)."""
+    routes = {}
+    for item in filter(None, text.split(",")):
+        action, needs_login = item.split(":")
+        routes[int(action)] = needs_login == "1"
+    return routes
+
+
+def format_routes(routes: dict[int, tuple]) -> str:
+    return ",".join(f"{action}:{int(bool(login))}" for action, (_, login) in sorted(routes.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zim.worker", description="a zim worker (started by zim-server)")
+    parser.add_argument("--link-fd", type=int, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--routes", required=True)
+    parser.add_argument("--tcp", required=True)
+    parser.add_argument("--ws", required=True)
+    parser.add_argument("--max-packet", type=int, required=True)
+    parser.add_argument("--login-timeout", type=int, required=True)
+    parser.add_argument("--idle-timeout", type=int, required=True)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s %(name)s[{args.index}] %(levelname)s %(message)s")
+    options = ServeOptions(None if args.tcp == "off" else args.tcp, None if args.ws == "off" else args.ws,
+                           args.max_packet, args.login_timeout, args.idle_timeout)
+    try:
+        Worker(options, args.link_fd, parse_routes(args.routes), args.index).run()
+    except OSError as exc:
+        log.error("worker %d: %s", args.index, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
