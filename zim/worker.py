@@ -73,6 +73,7 @@ class Worker:
                 self.options.listen(reactor)
                 reactor.run()
             finally:
+                reactor.on_link_closed = None   # our own shutdown closes it
                 reactor.close_all()
 
     # -- from clients --------------------------------------------------------
