@@ -140,9 +140,11 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A ``python -m zim`` process on loopback ports, with its data in a temporary dir."""
+    """A ``python -m zim --workers N`` process on loopback ports, with its data in a
+    temporary dir (``start()`` returns once all N workers listen)."""
 
     extra_args: list[str] = field(default_factory=list)
+    workers: int = 1
     tcp_port: int = 0
     ws_port: int = 0
     process: subprocess.Popen | None = None
@@ -154,7 +156,7 @@ class Server:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "zim",
                 "--tcp", f"{LOOPBACK}:{self.tcp_port}", "--ws", f"{LOOPBACK}:{self.ws_port}",
-                "--data", self.data_dir, "--workers", "1", *self.extra_args]
+                "--data", self.data_dir, "--workers", str(self.workers), *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> psutil.Process:
         self._tmp = tempfile.TemporaryDirectory(prefix="zim-bench-")
@@ -169,10 +171,41 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"zim exited with {self.process.returncode}:\n{self.log_tail()}")
             if _accepts(self.tcp_port) and _accepts(self.ws_port):
-                return psutil.Process(self.process.pid)
+                if self.workers == 1 or len(self.listening_workers()) == self.workers:
+                    return psutil.Process(self.process.pid)
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"zim did not listen within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def worker_processes(self) -> list[psutil.Process]:
+        """The processes that serve clients: the server itself with one worker, else
+        the supervisor's children (``python -m zim.worker``), ordered by ``--index``."""
+        root = psutil.Process(self.process.pid)
+        if self.workers == 1:
+            return [root]
+        return sorted(root.children(), key=_worker_index)
+
+    def listening_workers(self) -> list[psutil.Process]:
+        """The worker processes that already listen on the TCP port."""
+        listening = []
+        for worker in self.worker_processes():
+            try:
+                sockets = worker.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            if any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.tcp_port for s in sockets):
+                listening.append(worker)
+        return listening
+
+    def client_workers(self) -> dict[int, int]:
+        """Which worker serves each TCP client: client's local port -> worker position
+        in ``worker_processes()`` (a connection lands by SO_REUSEPORT's 4-tuple hash)."""
+        served: dict[int, int] = {}
+        for position, worker in enumerate(self.worker_processes()):
+            for s in worker.net_connections(kind="tcp"):
+                if s.status == psutil.CONN_ESTABLISHED and s.laddr.port == self.tcp_port and s.raddr:
+                    served[s.raddr.port] = position
+        return served
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -225,12 +258,134 @@ class Server:
         self.stop()
 
 
+def _worker_index(process: psutil.Process) -> tuple[int, int]:
+    """A worker's ``--index`` from its command line (then its pid) for a stable order."""
+    try:
+        command = process.cmdline()
+        return int(command[command.index("--index") + 1]), process.pid
+    except (psutil.Error, ValueError, IndexError):
+        return 1 << 30, process.pid
+
+
+class ProcessTree:
+    """CPU time and memory of a server process and its descendants (a supervisor and
+    its workers).
+
+    ``cpu_times()`` has ``user`` and ``system`` like psutil's, summed over the
+    tree as it was when this object was made: a process that ends or restarts
+    between two readings would make a difference meaningless, so ``changed()``
+    tells whether the tree is still the same.
+    """
+
+    def __init__(self, root: psutil.Process) -> None:
+        self.root = root
+        self.processes = [root, *root.children(recursive=True)]
+        self.pids = sorted(p.pid for p in self.processes)
+
+    def cpu_times(self) -> "CPUTimes":
+        user = system = 0.0
+        for process in self.processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue            # gone: changed() reports it
+            user += times.user
+            system += times.system
+        return CPUTimes(user, system)
+
+    def rss(self) -> int:
+        """Resident memory summed over the tree, in bytes."""
+        total = 0
+        for process in self.processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def changed(self) -> bool:
+        try:
+            now = sorted(p.pid for p in [self.root, *self.root.children(recursive=True)])
+        except psutil.Error:
+            return True
+        return now != self.pids
+
+
+@dataclass
+class CPUTimes:
+    user: float
+    system: float
+
+
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection((LOOPBACK, port), timeout=0.5):
             return True
     except OSError:
         return False
+
+
+# -- client processes -----------------------------------------------------------
+class ClientProcesses:
+    """Forked client processes, each given the child end of a pipe as its last argument.
+
+    Many sockets need more than one process (the open-files limit is per process)
+    and Python clients need more than one core. Every wait is bounded; ``stop()``
+    (also on leaving a ``with`` block) sends ``("stop",)`` and joins them, ending
+    any that do not stop within a few seconds.
+    """
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._context = multiprocessing.get_context("fork")
+        self.children: list = []
+        self.pipes: list = []
+
+    def start(self, target, argument_lists: list[tuple]) -> None:
+        """One process per argument tuple: ``target(*arguments, pipe)``."""
+        for arguments in argument_lists:
+            parent_end, child_end = self._context.Pipe()
+            child = self._context.Process(target=target, args=(*arguments, child_end), daemon=True)
+            child.start()
+            child_end.close()
+            self.children.append(child)
+            self.pipes.append(parent_end)
+
+    def send_all(self, message: tuple) -> None:
+        for pipe in self.pipes:
+            pipe.send(message)
+
+    def receive_all(self, timeout: float, what: str) -> list:
+        """One message from every process, in order; RuntimeError if one is late."""
+        deadline = time.monotonic() + timeout
+        messages = []
+        for pipe in self.pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"a client process did not {what} within {timeout:.0f} s")
+            messages.append(pipe.recv())
+        return messages
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for child in self.children:
+            child.join(15)
+            if child.is_alive():
+                child.terminate()
+                child.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+        self.children, self.pipes = [], []
+
+    def __enter__(self) -> "ClientProcesses":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # -- machine and reporting ----------------------------------------------------

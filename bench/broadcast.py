@@ -340,10 +340,10 @@ class Publisher:
 
 
 # -- orchestration -------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--members", type=int, default=1000, metavar="K",
-                        help="subscribed member connections (default 1000)")
+def add_fanout_args(parser: argparse.ArgumentParser, members: int) -> None:
+    """The fan-out flags, shared with bench/workers.py."""
+    parser.add_argument("--members", type=int, default=members, metavar="K",
+                        help=f"subscribed member connections (default {members})")
     parser.add_argument("--messages", type=int, default=0, metavar="M",
                         help="channel messages per run (default: about 5,000,000 / K, "
                              "between 100 and 20,000)")
@@ -358,6 +358,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds allowed to connect and subscribe the members (default 120)")
     parser.add_argument("--run-timeout", type=float, default=120.0, metavar="S",
                         help="seconds allowed per run (default 120)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_fanout_args(parser, 1000)
     parser.add_argument("--server-args", default="", metavar="FLAGS",
                         help="extra zim-server flags, one string (e.g. \"--max-packet 131072\")")
     parser.add_argument("--json", action="store_true", help="print a JSON result as the last line")

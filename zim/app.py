@@ -246,6 +246,7 @@ class App:
     def _run_single(self, options: "ServeOptions") -> None:
         self.reactor = reactor = options.reactor(self._on_packet)
         self.fabric = LocalFabric(reactor)
+        reactor.on_tick = RefusalLog(reactor, "server")
         # handlers first: a signal that comes as soon as the ports accept must stop us
         with stop_on_signals(reactor.stop):
             try:
@@ -296,6 +297,22 @@ class ServeOptions:
                 "--max-packet", str(self.max_packet),
                 "--login-timeout", str(self.login_timeout),
                 "--idle-timeout", str(self.idle_timeout)]
+
+
+class RefusalLog:
+    """A reactor tick: log connections refused at the open-file limit, when it changes."""
+
+    def __init__(self, reactor: Reactor, name: str) -> None:
+        self.reactor = reactor
+        self.name = name
+        self.logged = 0
+
+    def __call__(self) -> None:
+        refused = self.reactor.refused
+        if refused != self.logged:
+            log.warning("%s: %d connections refused at the open-file limit (%d in all)",
+                        self.name, refused - self.logged, refused)
+            self.logged = refused
 
 
 class stop_on_signals:

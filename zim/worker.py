@@ -16,7 +16,7 @@ import struct
 import sys
 
 from zim._core import Reactor
-from zim.app import ServeOptions, error_body, stop_on_signals
+from zim.app import RefusalLog, ServeOptions, error_body, stop_on_signals
 from zim.fabric import follow_here, unfollow_here
 
 log = logging.getLogger("zim.worker")
@@ -58,8 +58,7 @@ class Worker:
         self.link = reactor.adopt_link(link_fd)
         reactor.on_user_gone = self._user_gone
         reactor.on_link_closed = self._link_closed
-        reactor.on_tick = self._tick
-        self.refused_logged = 0
+        reactor.on_tick = RefusalLog(reactor, f"worker {index}")
         self.commands = {
             CMD_REPLY: self._reply, CMD_PUSH_USER: self._push_user, CMD_BROADCAST: self._broadcast,
             CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
@@ -108,12 +107,6 @@ class Worker:
         log.warning("worker %d: router link closed; stopping", self.index)
         self.reactor.stop()
 
-    def _tick(self) -> None:
-        refused = self.reactor.refused
-        if refused != self.refused_logged:
-            log.warning("worker %d: %d connections refused at the open-file limit (total %d)",
-                        self.index, refused - self.refused_logged, refused)
-            self.refused_logged = refused
 
     # -- router commands -----------------------------------------------------
     def _reply(self, body: bytes) -> None:
