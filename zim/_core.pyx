@@ -12,6 +12,7 @@ Python is called once per complete request packet.
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
+from libc.stdio cimport snprintf
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from posix.unistd cimport close, read, write
 from posix.fcntl cimport open as c_open, O_RDONLY, O_CLOEXEC
@@ -113,6 +114,8 @@ DEF_OUTBUF_LIMIT = 64 * 1024 * 1024
 
 # Canned responses (C-side: sent without a Python call)
 _TOO_LARGE_BODY = b'{"error":{"code":"too_large","message":"packet exceeds the server\'s max packet size"}}'
+_NOT_LOGGED_IN_BODY = b'{"error":{"code":"not_logged_in","message":"log in first (action 1)"}}'
+_INTERNAL_BODY = b'{"error":{"code":"internal","message":"the router is not reachable"}}'
 _HTTP_400 = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -175,6 +178,12 @@ cdef struct group_t:
     uint32_t capacity
 
 
+# Router -> worker commands carried out in C (zim/worker.py packs the same layouts)
+cdef enum:
+    CMD_REPLY = 1
+    CMD_PUSH_USER = 2
+    CMD_BROADCAST = 3
+
 cdef enum:
     GEN_MASK = 0xFFFFFF     # handles fit in 56 bits, leaving 8 for a worker index
     LINK_MAX_PACKET = 4 * 1024 * 1024
@@ -194,6 +203,31 @@ cdef inline int handle_fd(uint64_t handle) noexcept nogil:
 
 
 cdef uint32_t NO_DEADLINE = <uint32_t>-1
+
+
+cdef inline void put64(char* p, uint64_t v) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        p[i] = <char>((v >> (56 - 8 * i)) & 0xFF)
+
+
+cdef inline uint64_t get64(const char* p) noexcept nogil:
+    cdef const uint8_t* u = <const uint8_t*>p
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        v = (v << 8) | u[i]
+    return v
+
+
+cdef inline uint32_t get32(const char* p) noexcept nogil:
+    cdef const uint8_t* u = <const uint8_t*>p
+    return (<uint32_t>u[0] << 24) | (<uint32_t>u[1] << 16) | (<uint32_t>u[2] << 8) | u[3]
+
+
+cdef inline int get16(const char* p) noexcept nogil:
+    cdef const uint8_t* u = <const uint8_t*>p
+    return (u[0] << 8) | u[1]
 
 
 cdef inline uint32_t now_seconds() noexcept nogil:
@@ -219,6 +253,8 @@ cdef class Reactor:
     cdef public object on_user_gone    # callable(user_id): its last connection here closed
     cdef public object on_link_closed  # callable(conn): a link to another process closed
     cdef public object on_tick         # callable(): once a second, from the loop
+    cdef uint64_t link                 # worker mode: the router link (see forward_to)
+    cdef uint8_t* route_table
     cdef handle_list_t gone_users      # reported after the pass, never from inside a C loop
     cdef bint running
     cdef uint32_t now
@@ -288,6 +324,7 @@ cdef class Reactor:
         free(self.again.items)
         free(self.draining.items)
         free(self.gone_users.items)
+        free(self.route_table)
         idmap_free(&self.presence)
         if self.epfd >= 0:
             close(self.epfd)
@@ -632,7 +669,14 @@ cdef class Reactor:
         return True
 
     cdef void _dispatch(self, int fd, packet_t* pkt) noexcept:
-        cdef object body = PyBytes_FromStringAndSize(pkt.body, pkt.body_len)
+        cdef object body
+        if self.link:
+            if not (self.conns[fd].flags & F_LINK):
+                self._forward(fd, pkt)
+                return
+            if self._run_command(pkt):
+                return
+        body = PyBytes_FromStringAndSize(pkt.body, pkt.body_len)
         try:
             self.on_packet(make_handle(self.conns[fd].gen, fd), pkt.action, pkt.seq, body)
         except BaseException as exc:
@@ -983,10 +1027,13 @@ cdef class Reactor:
 
     def push_user(self, uint64_t user_id, int action, bytes payload, uint64_t exclude_conn=0):
         """Queue a push (seq 0) to every connection of a user; returns how many."""
+        return self._push_user(user_id, action, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
+                               exclude_conn)
+
+    cdef int _push_user(self, uint64_t user_id, int action, const char* body, size_t length,
+                        uint64_t exclude_conn) noexcept:
         cdef int32_t cur = self._first_conn(user_id), nxt
         cdef int count = 0
-        cdef const char* body = PyBytes_AS_STRING(payload)
-        cdef size_t length = PyBytes_GET_SIZE(payload)
         while cur != NO_CONN:
             nxt = self.conns[cur].next_dev   # _queue_packet may drop cur
             if make_handle(self.conns[cur].gen, cur) != exclude_conn:
@@ -1055,12 +1102,15 @@ cdef class Reactor:
 
     def broadcast(self, size_t group, int action, bytes payload, uint64_t exclude_conn=0):
         """Queue one push to every live member of a group in one C loop; returns how many."""
+        return self._broadcast(group, action, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
+                               exclude_conn)
+
+    cdef int _broadcast(self, size_t group, int action, const char* body, size_t length,
+                        uint64_t exclude_conn) noexcept:
         cdef group_t* g = self._group(group, False)
         cdef size_t i = 0
         cdef uint64_t handle
         cdef int fd, count = 0
-        cdef const char* body = PyBytes_AS_STRING(payload)
-        cdef size_t length = PyBytes_GET_SIZE(payload)
         if g == NULL:
             return 0
         while i < g.length:
@@ -1093,16 +1143,8 @@ cdef class Reactor:
         self.connections += 1
         return make_handle(c.gen, fd)
 
-    def hold(self, uint64_t conn):
-        """A request of conn went to another process: closing waits for its answer."""
-        cdef int fd = self._conn_fd(conn)
-        if fd >= 0 and self.conns[fd].inflight < 0xFFFF:
-            self.conns[fd].inflight += 1
-
-    def answered(self, uint64_t conn):
-        """The answer to a held request is queued (see hold())."""
-        cdef int fd = self._conn_fd(conn)
-        if fd >= 0 and self.conns[fd].inflight:
+    cdef void _answered(self, int fd) noexcept:
+        if self.conns[fd].inflight:
             self.conns[fd].inflight -= 1
             if self.conns[fd].flags & (F_CLOSING | F_PEER_EOF):
                 self._mark_pending(fd)          # may be free to close now
@@ -1116,10 +1158,85 @@ cdef class Reactor:
     def resume(self, uint64_t conn):
         """Release a paused connection: its buffered requests are read next pass."""
         cdef int fd = self._conn_fd(conn)
-        if fd >= 0 and self.conns[fd].flags & F_PAUSED:
+        if fd >= 0:
+            self._resume(fd)
+
+    cdef void _resume(self, int fd) noexcept:
+        if self.conns[fd].flags & F_PAUSED:
             self.conns[fd].flags &= ~F_PAUSED
             self.conns[fd].flags |= F_READ_AGAIN
-            handles_push(&self.again, conn)
+            handles_push(&self.again, make_handle(self.conns[fd].gen, fd))
+
+    # ------------------------------------------------ worker fast path --
+    def forward_to(self, uint64_t link, bytes routes):
+        """Worker mode: client requests go to ``link`` from C, and the router's
+        reply, push and broadcast commands on it are carried out in C.
+
+        ``routes`` has one byte per action: 0 unknown, 1 open, 2 login needed.
+        Anything else on the link still goes to ``on_packet``.
+        """
+        if len(routes) != 65536:
+            raise ValueError("routes must have 65536 bytes")
+        free(self.route_table)
+        self.route_table = <uint8_t*>malloc(65536)
+        if self.route_table == NULL:
+            raise MemoryError()
+        memcpy(self.route_table, PyBytes_AS_STRING(routes), 65536)
+        self.link = link
+
+    cdef void _forward(self, int fd, packet_t* pkt) noexcept:
+        """A client request, checked and sent up the link: handle(8) user(8) body."""
+        cdef conn_t* c = &self.conns[fd]
+        cdef uint8_t route = self.route_table[pkt.action]
+        cdef int link_fd = self._conn_fd(self.link)
+        cdef char* out
+        cdef char text[160]
+        cdef int n
+        if route == 0:
+            n = snprintf(text, sizeof(text),
+                         b'{"error":{"code":"unknown_action","message":"unknown action %d"}}', pkt.action)
+            self._queue_packet(fd, pkt.action, pkt.seq, text, n)
+            return
+        if route == 2 and c.user == 0:
+            self._queue_packet(fd, pkt.action, pkt.seq, _NOT_LOGGED_IN_BODY, len(_NOT_LOGGED_IN_BODY))
+            return
+        if link_fd < 0:
+            self._queue_packet(fd, pkt.action, pkt.seq, _INTERNAL_BODY, len(_INTERNAL_BODY))
+            return
+        out = self._reserve(link_fd, TCP_HEADER + 16 + pkt.body_len)
+        if out == NULL:
+            return
+        tcp_header(out, 16 + pkt.body_len, pkt.action, pkt.seq)
+        put64(out + TCP_HEADER, make_handle(c.gen, fd))
+        put64(out + TCP_HEADER + 8, c.user)
+        memcpy(out + TCP_HEADER + 16, pkt.body, pkt.body_len)
+        self.conns[link_fd].outlen += <uint32_t>(TCP_HEADER + 16 + pkt.body_len)
+        if c.inflight < 0xFFFF:
+            c.inflight += 1             # a close waits for the answer
+        if c.user == 0:
+            # it may be logging in: hold its next requests until this answer
+            c.flags |= F_PAUSED
+
+    cdef bint _run_command(self, packet_t* pkt) noexcept:
+        """Carry out a router command in C; False: leave it to Python."""
+        cdef const char* b = pkt.body
+        cdef size_t n = pkt.body_len
+        cdef int fd
+        if pkt.action == CMD_REPLY and n >= 13:     # conn(8) action(2) seq(2) response(1)
+            fd = self._conn_fd(get64(b))
+            if fd >= 0:
+                self._queue_packet(fd, get16(b + 8), get16(b + 10), b + 13, n - 13)
+                if b[12]:
+                    self._answered(fd)
+                    self._resume(fd)
+            return True
+        if pkt.action == CMD_PUSH_USER and n >= 18:  # user(8) exclude(8) action(2)
+            self._push_user(get64(b), get16(b + 16), b + 18, n - 18, get64(b + 8))
+            return True
+        if pkt.action == CMD_BROADCAST and n >= 14:  # group(4) exclude(8) action(2)
+            self._broadcast(get32(b), get16(b + 12), b + 14, n - 14, get64(b + 4))
+            return True
+        return False
 
     def close(self, uint64_t conn):
         """Close a connection after flushing what is queued for it."""

@@ -16,12 +16,13 @@ import struct
 import sys
 
 from zim._core import Reactor
-from zim.app import RefusalLog, ServeOptions, error_body, stop_on_signals
+from zim.app import RefusalLog, ServeOptions, stop_on_signals
 from zim.fabric import follow_here, unfollow_here
 
 log = logging.getLogger("zim.worker")
 
-# Router -> worker commands: the link packet's action field.
+# Router -> worker commands: the link packet's action field. REPLY, PUSH_USER and
+# BROADCAST are carried out in C (zim/_core.pyx, same layouts); the rest here.
 CMD_REPLY, CMD_PUSH_USER, CMD_BROADCAST, CMD_BIND, CMD_FOLLOW, CMD_UNFOLLOW, CMD_CLOSE = range(1, 8)
 # Worker -> router events: action 0, the kind in the seq field. Every other
 # action on the link is a client request: body = conn(8) user(8) client body.
@@ -51,19 +52,17 @@ class Worker:
     """One reactor serving clients, linked to the router."""
 
     def __init__(self, options: ServeOptions, link_fd: int, routes: dict[int, bool], index: int) -> None:
-        self.routes = routes
         self.index = index
         self.reactor = reactor = options.reactor(self._on_packet)
         self.options = options
         self.link = reactor.adopt_link(link_fd)
+        # requests up and the hot commands down are handled in C from here on
+        reactor.forward_to(self.link, route_table(routes))
         reactor.on_user_gone = self._user_gone
         reactor.on_link_closed = self._link_closed
         reactor.on_tick = RefusalLog(reactor, f"worker {index}")
-        self.commands = {
-            CMD_REPLY: self._reply, CMD_PUSH_USER: self._push_user, CMD_BROADCAST: self._broadcast,
-            CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
-            CMD_CLOSE: self._close,
-        }
+        self.commands = {CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
+                         CMD_CLOSE: self._close}
 
     def run(self) -> None:
         reactor = self.reactor
@@ -75,30 +74,13 @@ class Worker:
                 reactor.on_link_closed = None   # our own shutdown closes it
                 reactor.close_all()
 
-    # -- from clients --------------------------------------------------------
+    # -- from the router (what C leaves to Python: logins and channel bookkeeping)
     def _on_packet(self, conn: int, action: int, seq: int, payload: bytes) -> None:
-        reactor = self.reactor
-        if conn == self.link:
-            command = self.commands.get(action)
-            if command is None:
-                log.error("unknown router command %d", action)
-                return
-            command(payload)
+        command = self.commands.get(action)
+        if command is None:
+            log.error("worker %d: unknown router command %d", self.index, action)
             return
-        user = reactor.conn_user(conn)
-        needs_login = self.routes.get(action)
-        if needs_login is None:
-            reactor.reply(conn, action, seq, error_body("unknown_action", f"unknown action {action}"))
-            return
-        if needs_login and not user:
-            reactor.reply(conn, action, seq, error_body("not_logged_in", "log in first (action 1)"))
-            return
-        if not user:
-            # Until its answer is back the connection may be logging in: hold
-            # its next requests so they are not judged as not logged in.
-            reactor.pause(conn)
-        reactor.hold(conn)              # a close waits for the answer
-        reactor.reply(self.link, action, seq, REQUEST_HEAD.pack(conn, user) + payload)
+        command(payload)
 
     def _user_gone(self, user_id: int) -> None:
         self.reactor.reply(self.link, EVENT, EVENT_USER_GONE, user_id.to_bytes(8, "big"))
@@ -109,22 +91,6 @@ class Worker:
 
 
     # -- router commands -----------------------------------------------------
-    def _reply(self, body: bytes) -> None:
-        conn, action, seq, response = REPLY_HEAD.unpack_from(body)
-        reactor = self.reactor
-        reactor.reply(conn, action, seq, body[REPLY_HEAD.size:])
-        if response:
-            reactor.answered(conn)
-            reactor.resume(conn)
-
-    def _push_user(self, body: bytes) -> None:
-        user, exclude, action = PUSH_USER_HEAD.unpack_from(body)
-        self.reactor.push_user(user, action, body[PUSH_USER_HEAD.size:], exclude)
-
-    def _broadcast(self, body: bytes) -> None:
-        group, exclude, action = BROADCAST_HEAD.unpack_from(body)
-        self.reactor.broadcast(group, action, body[BROADCAST_HEAD.size:], exclude)
-
     def _bind(self, body: bytes) -> None:
         conn, user = BIND_HEAD.unpack_from(body)
         reactor = self.reactor
@@ -145,6 +111,14 @@ class Worker:
 
     def _close(self, body: bytes) -> None:
         self.reactor.close(CLOSE_BODY.unpack(body)[0])
+
+
+def route_table(routes: dict[int, bool]) -> bytes:
+    """One byte per action for the C fast path: 0 unknown, 1 open, 2 login needed."""
+    table = bytearray(65536)
+    for action, needs_login in routes.items():
+        table[action] = 2 if needs_login else 1
+    return bytes(table)
 
 
 def parse_routes(text: str) -> dict[int, bool]:
