@@ -184,6 +184,8 @@ cdef enum:
     CMD_PUSH_USER = 2
     CMD_BROADCAST = 3
 
+cdef uint64_t HANDLE_MASK = (<uint64_t>1 << 56) - 1
+
 cdef enum:
     GEN_MASK = 0xFFFFFF     # handles fit in 56 bits, leaving 8 for a worker index
     LINK_MAX_PACKET = 4 * 1024 * 1024
@@ -254,6 +256,7 @@ cdef class Reactor:
     cdef public object on_link_closed  # callable(conn): a link to another process closed
     cdef public object on_tick         # callable(): once a second, from the loop
     cdef uint64_t link                 # worker mode: the router link (see forward_to)
+    cdef public object on_request      # router mode: callable(conn, user, action, seq, body)
     cdef uint8_t* route_table
     cdef handle_list_t gone_users      # reported after the pass, never from inside a C loop
     cdef bint running
@@ -676,6 +679,10 @@ cdef class Reactor:
                 return
             if self._run_command(pkt):
                 return
+        elif self.on_request is not None and self.conns[fd].flags & F_LINK and pkt.action \
+                and pkt.body_len >= 16:
+            self._route_request(fd, pkt)
+            return
         body = PyBytes_FromStringAndSize(pkt.body, pkt.body_len)
         try:
             self.on_packet(make_handle(self.conns[fd].gen, fd), pkt.action, pkt.seq, body)
@@ -1216,6 +1223,25 @@ cdef class Reactor:
         if c.user == 0:
             # it may be logging in: hold its next requests until this answer
             c.flags |= F_PAUSED
+
+    cdef void _route_request(self, int fd, packet_t* pkt) noexcept:
+        """Router mode: a worker's forwarded request, straight to ``on_request``.
+
+        The link slot's ``user`` field holds the worker index + 1 (set_link_index),
+        which goes into the top 8 bits of the connection id.
+        """
+        cdef uint64_t conn = ((self.conns[fd].user - 1) << 56) | (get64(pkt.body) & HANDLE_MASK)
+        try:
+            self.on_request(conn, get64(pkt.body + 8), pkt.action, pkt.seq,
+                            PyBytes_FromStringAndSize(pkt.body + 16, pkt.body_len - 16))
+        except BaseException:
+            log.exception("request handler failed")
+
+    def set_link_index(self, uint64_t link, uint32_t index):
+        """Router mode: which worker a link leads to (0..255)."""
+        cdef int fd = self._conn_fd(link)
+        if fd >= 0 and self.conns[fd].flags & F_LINK and index < 256:
+            self.conns[fd].user = index + 1
 
     cdef bint _run_command(self, packet_t* pkt) noexcept:
         """Carry out a router command in C; False: leave it to Python."""

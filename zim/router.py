@@ -28,7 +28,7 @@ from zim.app import App, ServeOptions, stop_on_signals
 from zim.worker import (
     BIND_HEAD, BROADCAST_HEAD, CLOSE_BODY, CMD_BIND, CMD_BROADCAST, CMD_CLOSE, CMD_FOLLOW,
     CMD_PUSH_USER, CMD_REPLY, CMD_UNFOLLOW, EVENT, EVENT_USER_GONE, FOLLOW_BODY, PUSH_USER_HEAD,
-    REPLY_HEAD, REQUEST_HEAD, format_routes,
+    REPLY_HEAD, format_routes,
 )
 
 log = logging.getLogger("zim.router")
@@ -72,6 +72,7 @@ class Router:
         self.reactor = reactor = options.reactor(self._on_link_packet)
         reactor.on_link_closed = self._on_link_closed
         reactor.on_tick = self._tick
+        reactor.on_request = app.serve      # forwarded requests, unpacked in C
         app.reactor = reactor
         app.fabric = RouterFabric(self)
 
@@ -102,6 +103,7 @@ class Router:
         slot.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
         theirs.close()
         slot.link = self.reactor.adopt_link(ours.detach())
+        self.reactor.set_link_index(slot.link, slot.index)
         slot.started = time.monotonic()
         self.by_link[slot.link] = slot
 
@@ -175,18 +177,11 @@ class Router:
                 process.wait()
             slot.process = None
 
-    # -- requests from workers -------------------------------------------------
+    # -- events from workers (requests go from C to App.serve) ----------------
     def _on_link_packet(self, link: int, action: int, seq: int, payload: bytes) -> None:
         slot = self.by_link.get(link)
-        if slot is None:
-            return
-        if action == EVENT:
-            if seq == EVENT_USER_GONE:
-                self.presence.clear_bits(int.from_bytes(payload[:8], "big"), worker_bit(slot.index))
-            return
-        handle, user = REQUEST_HEAD.unpack_from(payload)
-        conn = (slot.index << HANDLE_BITS) | handle
-        self.app.serve(conn, user, action, seq, payload[REQUEST_HEAD.size:])
+        if slot is not None and action == EVENT and seq == EVENT_USER_GONE:
+            self.presence.clear_bits(int.from_bytes(payload[:8], "big"), worker_bit(slot.index))
 
     def send(self, index: int, command: int, body: bytes) -> bool:
         slot = self.slots[index]
@@ -194,13 +189,14 @@ class Router:
             return False
         return self.reactor.reply(slot.link, command, 0, body)
 
-    def workers_in(self, bits: int) -> Iterable[int]:
-        index = 0
+    def workers_in(self, bits: int) -> list[int]:
+        """The worker indexes of a bitmask (lowest first)."""
+        indexes = []
         while bits:
-            if bits & 1:
-                yield index
-            bits >>= 1
-            index += 1
+            low = bits & -bits
+            indexes.append(low.bit_length() - 1)
+            bits ^= low
+        return indexes
 
 
 class RouterFabric:

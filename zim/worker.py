@@ -25,11 +25,11 @@ log = logging.getLogger("zim.worker")
 # BROADCAST are carried out in C (zim/_core.pyx, same layouts); the rest here.
 CMD_REPLY, CMD_PUSH_USER, CMD_BROADCAST, CMD_BIND, CMD_FOLLOW, CMD_UNFOLLOW, CMD_CLOSE = range(1, 8)
 # Worker -> router events: action 0, the kind in the seq field. Every other
-# action on the link is a client request: body = conn(8) user(8) client body.
+# action on the link is a client request: body = conn(8) user(8) client body
+# (packed and unpacked in C: Reactor._forward and Reactor._route_request).
 EVENT = 0
 EVENT_USER_GONE = 1
 
-REQUEST_HEAD = struct.Struct(">QQ")         # conn handle, user id
 REPLY_HEAD = struct.Struct(">QHHB")         # conn, action, seq, is a response
 PUSH_USER_HEAD = struct.Struct(">QQH")      # user, exclude conn, action
 BROADCAST_HEAD = struct.Struct(">IQH")      # group, exclude conn, action
