@@ -222,6 +222,18 @@ cdef inline uint64_t get64(const char* p) noexcept nogil:
     return v
 
 
+cdef inline void put32(char* p, uint32_t v) noexcept nogil:
+    p[0] = <char>((v >> 24) & 0xFF)
+    p[1] = <char>((v >> 16) & 0xFF)
+    p[2] = <char>((v >> 8) & 0xFF)
+    p[3] = <char>(v & 0xFF)
+
+
+cdef inline void put16(char* p, int v) noexcept nogil:
+    p[0] = <char>((v >> 8) & 0xFF)
+    p[1] = <char>(v & 0xFF)
+
+
 cdef inline uint32_t get32(const char* p) noexcept nogil:
     cdef const uint8_t* u = <const uint8_t*>p
     return (<uint32_t>u[0] << 24) | (<uint32_t>u[1] << 16) | (<uint32_t>u[2] << 8) | u[3]
@@ -1236,6 +1248,59 @@ cdef class Reactor:
                             PyBytes_FromStringAndSize(pkt.body + 16, pkt.body_len - 16))
         except BaseException:
             log.exception("request handler failed")
+
+    # Router mode: the commands a worker runs in C (_run_command), packed here.
+    cdef char* _command(self, uint64_t link, int command, size_t head, size_t length) noexcept:
+        cdef int fd = self._conn_fd(link)
+        cdef char* out
+        if fd < 0:
+            return NULL
+        out = self._reserve(fd, TCP_HEADER + head + length)
+        if out == NULL:
+            return NULL
+        tcp_header(out, head + length, command, 0)
+        self.conns[fd].outlen += <uint32_t>(TCP_HEADER + head + length)
+        return out + TCP_HEADER
+
+    def command_reply(self, uint64_t link, uint64_t conn, int action, int seq, bint response,
+                      bytes payload):
+        """Tell a worker to queue a packet to one of its connections."""
+        cdef size_t n = PyBytes_GET_SIZE(payload)
+        cdef char* out = self._command(link, CMD_REPLY, 13, n)
+        if out == NULL:
+            return False
+        put64(out, conn)
+        put16(out + 8, action)
+        put16(out + 10, seq)
+        out[12] = <char>response
+        memcpy(out + 13, PyBytes_AS_STRING(payload), n)
+        return True
+
+    def command_push_user(self, uint64_t link, uint64_t user, uint64_t exclude, int action,
+                          bytes payload):
+        """Tell a worker to push to its connections of a user."""
+        cdef size_t n = PyBytes_GET_SIZE(payload)
+        cdef char* out = self._command(link, CMD_PUSH_USER, 18, n)
+        if out == NULL:
+            return False
+        put64(out, user)
+        put64(out + 8, exclude)
+        put16(out + 16, action)
+        memcpy(out + 18, PyBytes_AS_STRING(payload), n)
+        return True
+
+    def command_broadcast(self, uint64_t link, uint32_t group, uint64_t exclude, int action,
+                          bytes payload):
+        """Tell a worker to push to its members of a channel group."""
+        cdef size_t n = PyBytes_GET_SIZE(payload)
+        cdef char* out = self._command(link, CMD_BROADCAST, 14, n)
+        if out == NULL:
+            return False
+        put32(out, group)
+        put64(out + 4, exclude)
+        put16(out + 12, action)
+        memcpy(out + 14, PyBytes_AS_STRING(payload), n)
+        return True
 
     def set_link_index(self, uint64_t link, uint32_t index):
         """Router mode: which worker a link leads to (0..255)."""

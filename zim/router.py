@@ -26,9 +26,8 @@ from typing import Iterable
 from zim._idmap import IdMap
 from zim.app import App, ServeOptions, stop_on_signals
 from zim.worker import (
-    BIND_HEAD, BROADCAST_HEAD, CLOSE_BODY, CMD_BIND, CMD_BROADCAST, CMD_CLOSE, CMD_FOLLOW,
-    CMD_PUSH_USER, CMD_REPLY, CMD_UNFOLLOW, EVENT, EVENT_USER_GONE, FOLLOW_BODY, PUSH_USER_HEAD,
-    REPLY_HEAD, format_routes,
+    BIND_HEAD, CLOSE_BODY, CMD_BIND, CMD_CLOSE, CMD_FOLLOW, CMD_UNFOLLOW, EVENT, EVENT_USER_GONE,
+    FOLLOW_BODY, format_routes,
 )
 
 log = logging.getLogger("zim.router")
@@ -200,14 +199,21 @@ class Router:
 
 
 class RouterFabric:
-    """The Fabric of a multi-worker server: commands to the workers concerned."""
+    """The Fabric of a multi-worker server: commands to the workers concerned.
+
+    Reply, push and broadcast commands are packed in C (``Reactor.command_*``)
+    and carried out in C by the worker.
+    """
 
     def __init__(self, router: Router) -> None:
         self.router = router
+        self.reactor = router.reactor
+        self.slots = router.slots
 
     def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
-        self.router.send(conn >> HANDLE_BITS, CMD_REPLY,
-                         REPLY_HEAD.pack(conn & HANDLE_MASK, action, seq, response) + payload)
+        link = self.slots[conn >> HANDLE_BITS].link
+        if link:
+            self.reactor.command_reply(link, conn & HANDLE_MASK, action, seq, response, payload)
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         router = self.router
@@ -221,19 +227,19 @@ class RouterFabric:
         router.send(index, CMD_BIND, body)
 
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
-        router = self.router
         sent = 0
-        for index in router.workers_in(router.presence.get(user_id)):
+        for index in self.router.workers_in(self.router.presence.get(user_id)):
             exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
-            sent += router.send(index, CMD_PUSH_USER, PUSH_USER_HEAD.pack(user_id, exclude, action) + payload)
+            link = self.slots[index].link
+            sent += link != 0 and self.reactor.command_push_user(link, user_id, exclude, action, payload)
         return sent
 
     def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
-        router = self.router
         sent = 0
-        for index in router.workers_in(router.interest.get(group, 0)):
+        for index in self.router.workers_in(self.router.interest.get(group, 0)):
             exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
-            sent += router.send(index, CMD_BROADCAST, BROADCAST_HEAD.pack(group, exclude, action) + payload)
+            link = self.slots[index].link
+            sent += link != 0 and self.reactor.command_broadcast(link, group, exclude, action, payload)
         return sent
 
     def follow(self, user_id: int, group: int) -> None:

@@ -22,7 +22,8 @@ from zim.fabric import follow_here, unfollow_here
 log = logging.getLogger("zim.worker")
 
 # Router -> worker commands: the link packet's action field. REPLY, PUSH_USER and
-# BROADCAST are carried out in C (zim/_core.pyx, same layouts); the rest here.
+# BROADCAST are packed and carried out in C (Reactor.command_* and _run_command);
+# the rest are packed below and carried out here.
 CMD_REPLY, CMD_PUSH_USER, CMD_BROADCAST, CMD_BIND, CMD_FOLLOW, CMD_UNFOLLOW, CMD_CLOSE = range(1, 8)
 # Worker -> router events: action 0, the kind in the seq field. Every other
 # action on the link is a client request: body = conn(8) user(8) client body
@@ -30,9 +31,6 @@ CMD_REPLY, CMD_PUSH_USER, CMD_BROADCAST, CMD_BIND, CMD_FOLLOW, CMD_UNFOLLOW, CMD
 EVENT = 0
 EVENT_USER_GONE = 1
 
-REPLY_HEAD = struct.Struct(">QHHB")         # conn, action, seq, is a response
-PUSH_USER_HEAD = struct.Struct(">QQH")      # user, exclude conn, action
-BROADCAST_HEAD = struct.Struct(">IQH")      # group, exclude conn, action
 BIND_HEAD = struct.Struct(">QQ")            # conn, user (then groups, 4 bytes each)
 FOLLOW_BODY = struct.Struct(">QI")          # user, group
 CLOSE_BODY = struct.Struct(">Q")
