@@ -289,7 +289,6 @@ def test_300_users_across_workers(fresh):
     early, late = users[0::2], users[1::2]
     ok_all((u, 3, {"name": channel}) for u in early)
     devices = second_devices(server, users, worker)
-    device_of = {u.user_id: d for u, d in zip(users, devices)}
     login_all(devices, [u.name for u in users], [u.token for u in users])
     for u, d in zip(users, devices):
         assert d.user_id == u.user_id, f"resume with the token of {u.user_id} gave {d.user_id}"

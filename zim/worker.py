@@ -15,7 +15,6 @@ import signal
 import struct
 import sys
 
-from zim._core import Reactor
 from zim.app import RefusalLog, ServeOptions, stop_on_signals
 from zim.fabric import follow_here, unfollow_here
 
