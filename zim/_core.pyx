@@ -86,9 +86,10 @@ cdef enum:
     S_FREE = 0
     S_LISTEN_TCP = 1
     S_LISTEN_WS = 2
-    S_TCP = 3
-    S_WS_HANDSHAKE = 4
-    S_WS = 5
+    S_WATCH = 3         # a descriptor of the owner's (eventfd, pipe): a callback when readable
+    S_TCP = 4           # connections from here on
+    S_WS_HANDSHAKE = 5
+    S_WS = 6
 
 # Connection flags
 cdef enum:
@@ -283,6 +284,7 @@ cdef class Reactor:
     cdef group_t* groups
     cdef size_t groups_cap
     cdef list listeners
+    cdef dict watches                  # fd -> callback, for S_WATCH slots
     # liveness: a hashed timing wheel of connections, one slot per second
     cdef int32_t wheel[WHEEL_SLOTS]
     cdef uint32_t wheel_now
@@ -319,6 +321,7 @@ cdef class Reactor:
         if idmap_init(&self.presence) < 0:
             raise MemoryError("reactor setup failed")
         self.listeners = []
+        self.watches = {}
         self.now = now_seconds()
         self.wheel_now = self.now
         self.running = True             # until stop(), which may come before run()
@@ -362,6 +365,37 @@ cdef class Reactor:
         self._epoll_add(fd, EPOLLIN | EPOLLET)
         self.listeners.append(fd)
 
+    def watch(self, int fd, object callback):
+        """Call ``callback()`` from the loop whenever ``fd`` becomes readable.
+
+        For wake-ups from other threads or processes (an eventfd, a pipe): the
+        callback must drain the descriptor (edge-triggered). The fd stays the
+        caller's to close, after unwatch().
+        """
+        if fd < 0 or fd >= self.max_fds or self.conns[fd].state != S_FREE:
+            raise ValueError("bad descriptor to watch")
+        self.conns[fd].state = S_WATCH
+        self.conns[fd].gen = next_gen(self.conns[fd].gen)
+        self.conns[fd].wheel_prev = self.conns[fd].wheel_next = NO_CONN - 1
+        self.watches[fd] = callback
+        self._epoll_add(fd, EPOLLIN | EPOLLET)
+
+    def unwatch(self, int fd):
+        """Stop watching fd (it is not closed)."""
+        cdef epoll_event ev
+        if 0 <= fd < self.max_fds and self.conns[fd].state == S_WATCH:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)
+            self.conns[fd].state = S_FREE
+            del self.watches[fd]
+
+    cdef void _on_watch(self, int fd) noexcept:
+        try:
+            self.watches[fd]()
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self.running = False
+            log.exception("watch callback failed")
+
     cdef int _epoll_add(self, int fd, uint32_t events) except -1:
         cdef epoll_event ev
         ev.events = events
@@ -386,7 +420,9 @@ cdef class Reactor:
         last_sweep = self.now
         while self.running:
             timeout = 0 if self.again.length else 1000
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
+            # Other threads (a store writer, a Redis client) run while we wait.
+            with nogil:
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
             if n < 0 and errno != EINTR:
                 raise OSError(errno, "epoll_wait failed")
             # A signal may land while the loop is busy, not only inside
@@ -412,6 +448,9 @@ cdef class Reactor:
                 ev = events[i].events
                 if self.conns[fd].state == S_LISTEN_TCP or self.conns[fd].state == S_LISTEN_WS:
                     self._accept(fd)
+                    continue
+                if self.conns[fd].state == S_WATCH:
+                    self._on_watch(fd)
                     continue
                 if ev & EPOLLERR:
                     self._close(fd)
