@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zim.ids import EPOCH_MS, MAX_SEQUENCE, Snowflake, timestamp_ms
-from zim.store import MAX_USER_ID, MemoryStore, Store, UserNames, page, pair_key
+from zim.store import MAX_USER_ID, MemoryStore, UserNames, page
 from zim.tokens import SECRET_BYTES, load_or_create_secret, make_token, parse_user_id, verify_token
 
 SECRET = bytes(range(32))
@@ -230,92 +230,12 @@ def test_secret_without_permission_is_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------ store
+# (the behaviour shared by every Store is tested on each in test_sqlite_store.py)
 
 
 def message(text: str, message_id: int) -> dict:
     return {"id": str(message_id), "seq": 0, "content": text,
             "sender": {"id": "1", "name": "a"}, "createdAt": 0}
-
-
-def test_memory_store_is_a_store():
-    assert isinstance(MemoryStore(), Store)
-
-
-def test_users():
-    store = MemoryStore()
-    assert not store.user_exists(7) and store.user_name(7) is None
-    store.create_user(7, "alice")
-    assert store.user_exists(7) and store.user_name(7) == "alice"
-    store.set_user_name(7, "名字😀")
-    assert store.user_name(7) == "名字😀"
-    with pytest.raises(ValueError):
-        store.create_user(7, "again")
-    with pytest.raises(KeyError):
-        store.set_user_name(8, "nobody")
-
-
-def test_channels_and_membership():
-    store = MemoryStore()
-    assert not store.channel_exists("room")
-    assert store.membership("room", 1) is None
-    assert store.unsubscribe("room", 1) is False
-    store.subscribe("room", 1, True)
-    assert store.channel_exists("room")
-    assert store.membership("room", 1) is True and store.membership("room", 2) is None
-    store.subscribe("room", 1, True)                       # idempotent
-    assert store.user_channels(1) == [("room", True)]
-    store.subscribe("room", 1, False)                      # updates push
-    store.subscribe("quiet", 1, False)
-    assert sorted(store.user_channels(1)) == [("quiet", False), ("room", False)]
-    assert store.unsubscribe("room", 2) is False
-    assert store.unsubscribe("room", 1) is True
-    assert store.unsubscribe("room", 1) is False
-    assert store.membership("room", 1) is None
-    assert store.channel_exists("room"), "a channel outlives its members"
-    assert store.user_channels(1) == [("quiet", False)]
-    assert store.user_channels(99) == []
-
-
-def test_channel_seq_gap_free_and_history():
-    store = MemoryStore()
-    store.subscribe("a", 1, True)
-    store.subscribe("b", 1, True)
-    with pytest.raises(KeyError):
-        store.append_channel_message("nope", message("x", 1))
-    seqs = [store.append_channel_message("a", message(f"a{i}", 100 + i)) for i in range(1, 31)]
-    assert seqs == list(range(1, 31))
-    assert store.append_channel_message("b", message("b1", 200)) == 1
-    messages, has_more = store.history("channel", "a", None, 100)
-    assert [m["seq"] for m in messages] == seqs and not has_more
-    assert [m["content"] for m in messages] == [f"a{i}" for i in range(1, 31)]
-
-
-def test_history_paging_edges():
-    store = MemoryStore()
-    assert store.history("channel", "none", None, 20) == ([], False)
-    assert store.history("user", (1, 2), None, 20) == ([], False)
-    store.subscribe("c", 1, True)
-    assert store.history("channel", "c", None, 20) == ([], False)
-    assert store.history("channel", "c", 1, 20) == ([], False)
-    for i in range(1, 21):
-        store.append_channel_message("c", message(str(i), i))
-
-    def seqs(before, limit):
-        messages, has_more = store.history("channel", "c", before, limit)
-        return [m["seq"] for m in messages], has_more
-
-    assert seqs(None, 20) == (list(range(1, 21)), False)      # exactly limit: nothing older
-    assert seqs(None, 19) == (list(range(2, 21)), True)
-    assert seqs(None, 100) == (list(range(1, 21)), False)
-    assert seqs(None, 1) == ([20], True)
-    assert seqs(1, 20) == ([], False)
-    assert seqs(2, 20) == ([1], False)
-    assert seqs(0, 20) == ([], False)
-    assert seqs(-7, 20) == ([], False)
-    assert seqs(11, 10) == (list(range(1, 11)), False)        # exactly limit before beforeSeq
-    assert seqs(12, 10) == (list(range(2, 12)), True)
-    assert seqs(21, 5) == ([16, 17, 18, 19, 20], True)
-    assert seqs(10**9, 3) == ([18, 19, 20], True)
 
 
 @settings(max_examples=300, deadline=None)
@@ -328,50 +248,6 @@ def test_page_matches_definition(count, before, limit):
     expected = eligible[-limit:] if eligible else []
     assert [m["seq"] for m in got] == expected
     assert has_more == (bool(expected) and expected[0] > 1)
-
-
-def test_user_messages_pair_seq_history_and_mailbox():
-    store = MemoryStore()
-    a, b, c = 10, 20, 30
-    assert pair_key(a, b) == pair_key(b, a)
-    assert store.append_user_message(a, b, message("ab1", 1)) == 1
-    assert store.append_user_message(b, a, message("ba2", 2)) == 2
-    assert store.append_user_message(a, c, message("ac1", 3)) == 1
-    assert store.append_user_message(a, a, message("self", 4)) == 1
-    for key in ((a, b), (b, a)):
-        messages, has_more = store.history("user", key, None, 20)
-        assert [m["content"] for m in messages] == ["ab1", "ba2"] and not has_more
-    assert [m["content"] for m in store.history("user", (c, a), None, 20)[0]] == ["ac1"]
-    assert store.history("user", (b, c), None, 20) == ([], False)
-    assert [m["content"] for m in store.history("user", (a, a), None, 20)[0]] == ["self"]
-    assert [m["content"] for m in store.mailbox_pull(b, 100)] == ["ab1"]
-    assert [m["content"] for m in store.mailbox_pull(a, 100)] == ["ba2", "self"]
-    assert [m["content"] for m in store.mailbox_pull(c, 100)] == ["ac1"]
-    with pytest.raises(ValueError):
-        store.history("group", "x", None, 1)
-
-
-def test_mailbox_pull_and_ack():
-    store = MemoryStore()
-    for i in range(1, 131):
-        store.append_user_message(1, 2, message(f"m{i}", i))
-    assert store.mailbox_pull(3, 100) == []
-    pulled = store.mailbox_pull(2, 100)
-    assert [m["content"] for m in pulled] == [f"m{i}" for i in range(1, 101)]
-    assert [m["content"] for m in store.mailbox_pull(2, 5)] == ["m1", "m2", "m3", "m4", "m5"]
-    store.mailbox_ack(2, [])
-    store.mailbox_ack(1, [m["id"] for m in pulled])          # not the receiver: ignored
-    store.mailbox_ack(2, ["nope", "", "9" * 30])              # unknown: ignored
-    assert len(store.mailbox_pull(2, 1000)) == 130
-    store.mailbox_ack(2, ["5", "5", "7"])                     # duplicates fine
-    assert [m["id"] for m in store.mailbox_pull(2, 6)] == ["1", "2", "3", "4", "6", "8"]
-    store.mailbox_ack(2, [m["id"] for m in pulled])
-    assert [m["content"] for m in store.mailbox_pull(2, 100)] == [f"m{i}" for i in range(101, 131)]
-    store.mailbox_ack(2, [str(i) for i in range(101, 131)])
-    assert store.mailbox_pull(2, 100) == []
-    store.mailbox_ack(2, ["1"])                               # acking an empty mailbox
-    # acked messages stay in the history
-    assert len(store.history("user", (1, 2), None, 100)[0]) == 100
 
 
 def test_idle_user_costs_no_python_objects():

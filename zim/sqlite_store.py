@@ -1,0 +1,368 @@
+"""A durable ``Store`` on the standard library's sqlite3 (one database file).
+
+``SQLiteStore(path)`` implements the ``zim.store.Store`` protocol with the same
+semantics as ``MemoryStore``; every write method commits its own transaction
+before it returns, so a successful call is stored.
+
+Durability. The database runs in WAL mode with ``synchronous=NORMAL``: a commit
+appends its frames to the ``-wal`` file with a ``write()`` but does not fsync it
+(the WAL is fsynced at checkpoints). So a committed write survives the process
+being killed (``kill -9``, a crash): the frames are in the OS page cache and the
+next open replays them. A power loss or kernel crash may lose the last commits
+(never corrupt the database); ``PRAGMA synchronous=FULL`` (fsync on every commit)
+is the setting that survives that too, at the cost of one fsync per write.
+
+Other settings: foreign keys off (the tables refer to each other only by
+convention), a ``busy_timeout`` so a second connection waits for a lock instead
+of failing at once, and the schema version in ``PRAGMA user_version``: a
+database written by a newer zim (a higher version) is refused with a
+RuntimeError; so is a file that is not a database, is corrupt, or cannot be
+opened for writing.
+
+Schema (version 1):
+
+- ``users(id, name)``: ids are unsigned 64-bit; SQLite integers are signed, so an
+  id >= 2**63 is stored as ``id - 2**64`` (two's complement), here and in
+  ``members`` and ``mailbox``.
+- ``channels(name)``: a channel exists once anyone subscribed (it outlives its members).
+- ``members(channel, user_id, push)``: a rowid table so ``user_channels`` lists a
+  user's channels in the order joined (as MemoryStore), via the index on user_id.
+- ``conversations(conv, last_seq)``: one row per conversation, ``"c:<name>"`` for a
+  channel and ``"u:<min id>:<max id>"`` for a user pair; ``last_seq`` is
+  read-incremented in the transaction that inserts the message, so seq is 1, 2,
+  3 ... with no gaps.
+- ``messages(conv, seq, id, body, created_at)`` WITHOUT ROWID, keyed by (conv, seq):
+  ``body`` is the orjson-encoded message (seq included), decoded back to an equal dict.
+- ``mailbox(user_id, msg_id, conv, seq)``: unacknowledged direct messages, keyed by
+  (user_id, msg_id) for acks. It is a rowid table (not WITHOUT ROWID) because
+  MemoryStore pulls a mailbox in insertion order, whatever the ids look like: a new
+  row's rowid is greater than every present one, so the index on user_id (which
+  ends with the rowid) yields the oldest first.
+
+Writes are split into ``_write_<what>(cursor, ...)`` functions that take a cursor
+and do not commit, so a later writer thread can run many of them in one
+transaction; ``_transaction`` runs one of them in its own BEGIN IMMEDIATE ... COMMIT.
+
+Like MemoryStore, one instance is meant to be used by one thread at a time.
+Differences from MemoryStore: messages come back as new dicts equal to the stored
+ones (not the same objects, so mutating one changes nothing stored), and a message
+must be JSON-encodable by orjson (str keys, ints within 64 bits).
+"""
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Callable, Iterable, Union
+
+import orjson
+
+from zim.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message,
+                       PairKey, _encode_name, pair_key)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+_SIGNED_LIMIT = 1 << 63
+_SQL_INT_MAX = (1 << 63) - 1
+
+_SCHEMA = """
+CREATE TABLE users (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL
+);
+CREATE TABLE channels (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE members (
+    channel TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    push    INTEGER NOT NULL,
+    PRIMARY KEY (channel, user_id)
+);
+CREATE INDEX members_by_user ON members(user_id);
+CREATE TABLE conversations (
+    conv     TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE messages (
+    conv       TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    id         TEXT NOT NULL,
+    body       BLOB NOT NULL,
+    created_at INTEGER,
+    PRIMARY KEY (conv, seq)
+) WITHOUT ROWID;
+CREATE TABLE mailbox (
+    user_id INTEGER NOT NULL,
+    msg_id  TEXT NOT NULL,
+    conv    TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (user_id, msg_id)
+);
+CREATE INDEX mailbox_by_user ON mailbox(user_id);
+"""
+
+
+def _sql_id(user_id: int) -> int | None:
+    """An unsigned 64-bit user id as the signed integer SQLite stores; None (which
+    matches no row, and which a write refuses as NULL) for an id out of range."""
+    if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+        return None
+    return user_id - (1 << 64) if user_id >= _SIGNED_LIMIT else user_id
+
+
+def _channel_conv(channel: str) -> str:
+    return "c:" + channel
+
+
+def _pair_conv(key: PairKey) -> str:
+    low, high = pair_key(*key)
+    return f"u:{low}:{high}"
+
+
+def _check_user_id(user_id: int) -> None:
+    if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+        raise ValueError(f"user id {user_id!r} is not in 1..2**64-1")
+
+
+# ---------------------------------------------------------------- writes (no commit)
+
+
+def _write_create_user(cur: sqlite3.Cursor, user_id: int, name: str) -> None:
+    cur.execute("INSERT INTO users(id, name) VALUES (?, ?) ON CONFLICT(id) DO NOTHING",
+                (_sql_id(user_id), name))
+    if cur.rowcount != 1:
+        raise ValueError(f"user {user_id} exists already")
+
+
+def _write_set_user_name(cur: sqlite3.Cursor, user_id: int, name: str) -> None:
+    cur.execute("UPDATE users SET name = ? WHERE id = ?", (name, _sql_id(user_id)))
+    if cur.rowcount != 1:
+        raise KeyError(f"no user {user_id}")
+
+
+def _write_subscribe(cur: sqlite3.Cursor, channel: str, user_id: int, push: bool) -> None:
+    cur.execute("INSERT INTO channels(name) VALUES (?) ON CONFLICT(name) DO NOTHING", (channel,))
+    cur.execute("INSERT INTO members(channel, user_id, push) VALUES (?, ?, ?) "
+                "ON CONFLICT(channel, user_id) DO UPDATE SET push = excluded.push",
+                (channel, _sql_id(user_id), int(bool(push))))
+
+
+def _write_unsubscribe(cur: sqlite3.Cursor, channel: str, user_id: int) -> bool:
+    cur.execute("DELETE FROM members WHERE channel = ? AND user_id = ?", (channel, _sql_id(user_id)))
+    return cur.rowcount == 1
+
+
+def _write_next_seq(cur: sqlite3.Cursor, conv: str) -> int:
+    cur.execute("INSERT INTO conversations(conv, last_seq) VALUES (?, 1) "
+                "ON CONFLICT(conv) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+                (conv,))
+    seq = cur.fetchone()[0]
+    cur.fetchall()   # finish the statement
+    return seq
+
+
+def _write_message(cur: sqlite3.Cursor, conv: str, msg: Message) -> int:
+    seq = _write_next_seq(cur, conv)
+    msg["seq"] = seq
+    created_at = msg.get("createdAt")
+    if not isinstance(created_at, int) or isinstance(created_at, bool) \
+            or not -_SQL_INT_MAX <= created_at <= _SQL_INT_MAX:
+        created_at = None
+    cur.execute("INSERT INTO messages(conv, seq, id, body, created_at) VALUES (?, ?, ?, ?, ?)",
+                (conv, seq, str(msg.get("id")), orjson.dumps(msg), created_at))
+    return seq
+
+
+def _write_channel_message(cur: sqlite3.Cursor, channel: str, msg: Message) -> int:
+    cur.execute("SELECT 1 FROM channels WHERE name = ?", (channel,))
+    if cur.fetchone() is None:
+        raise KeyError(f"no channel {channel!r}")
+    return _write_message(cur, _channel_conv(channel), msg)
+
+
+def _write_user_message(cur: sqlite3.Cursor, sender_id: int, receiver_id: int, msg: Message) -> int:
+    message_id = msg["id"]
+    conv = _pair_conv((sender_id, receiver_id))
+    seq = _write_message(cur, conv, msg)
+    # a message id already in the mailbox keeps its place and points at the new message
+    cur.execute("INSERT INTO mailbox(user_id, msg_id, conv, seq) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(user_id, msg_id) DO UPDATE SET conv = excluded.conv, seq = excluded.seq",
+                (_sql_id(receiver_id), message_id, conv, seq))
+    return seq
+
+
+def _write_mailbox_ack(cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> None:
+    uid = _sql_id(user_id)
+    cur.executemany("DELETE FROM mailbox WHERE user_id = ? AND msg_id = ?",
+                    [(uid, message_id) for message_id in ids])
+
+
+# ---------------------------------------------------------------- the store
+
+
+class SQLiteStore:
+    """A Store kept in the SQLite database at ``path`` (created if missing)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise RuntimeError(f"cannot open the zim database {path!r}: {exc}") from exc
+        try:
+            self._open(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise RuntimeError(f"cannot use the zim database {path!r} "
+                               f"(corrupt, not a database, or not writable): {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _open(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal" and self.path not in ("", ":memory:"):
+            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, not 'wal'")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")   # takes the write lock: fails here if not writable
+        try:
+            version = cur.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the zim database {self.path!r} has schema version {version}, newer than "
+                    f"this zim's {SCHEMA_VERSION}: upgrade zim (or use another file)")
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        cur.execute(statement)
+            # always write: proves the file is writable now, not at the first send
+            cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            cur.execute("SELECT count(*) FROM conversations").fetchone()
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    def _transaction(self, write: Callable[..., Any], *args: Any) -> Any:
+        """Run one ``_write_*`` function in its own transaction, committed on return."""
+        conn = self._connection()
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            result = write(cur, *args)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+        return result
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"the zim database {self.path!r} is closed")
+        return self._conn
+
+    def _one(self, sql: str, params: tuple) -> Any:
+        return self._connection().execute(sql, params).fetchone()
+
+    # -- users -------------------------------------------------------------
+    def create_user(self, user_id: int, name: str) -> None:
+        _check_user_id(user_id)
+        _encode_name(name)
+        self._transaction(_write_create_user, user_id, name)
+
+    def user_exists(self, user_id: int) -> bool:
+        if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+            return False
+        return self._one("SELECT 1 FROM users WHERE id = ?", (_sql_id(user_id),)) is not None
+
+    def user_name(self, user_id: int) -> str | None:
+        if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+            return None
+        row = self._one("SELECT name FROM users WHERE id = ?", (_sql_id(user_id),))
+        return None if row is None else row[0]
+
+    def set_user_name(self, user_id: int, name: str) -> None:
+        if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+            raise KeyError(f"no user {user_id}")
+        _encode_name(name)
+        self._transaction(_write_set_user_name, user_id, name)
+
+    # -- channels ----------------------------------------------------------
+    def channel_exists(self, channel: str) -> bool:
+        return self._one("SELECT 1 FROM channels WHERE name = ?", (channel,)) is not None
+
+    def subscribe(self, channel: str, user_id: int, push: bool) -> None:
+        self._transaction(_write_subscribe, channel, user_id, push)
+
+    def unsubscribe(self, channel: str, user_id: int) -> bool:
+        return self._transaction(_write_unsubscribe, channel, user_id)
+
+    def membership(self, channel: str, user_id: int) -> bool | None:
+        row = self._one("SELECT push FROM members WHERE channel = ? AND user_id = ?",
+                        (channel, _sql_id(user_id)))
+        return None if row is None else bool(row[0])
+
+    def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
+        rows = self._connection().execute(
+            "SELECT channel, push FROM members INDEXED BY members_by_user "
+            "WHERE user_id = ? ORDER BY rowid", (_sql_id(user_id),)).fetchall()
+        return [(channel, bool(push)) for channel, push in rows]
+
+    # -- messages ----------------------------------------------------------
+    def append_channel_message(self, channel: str, msg: Message) -> int:
+        return self._transaction(_write_channel_message, channel, msg)
+
+    def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
+        return self._transaction(_write_user_message, sender_id, receiver_id, msg)
+
+    def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
+                before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
+        if kind == CHANNEL:
+            conv = _channel_conv(key)  # type: ignore[arg-type]
+        elif kind == USER:
+            conv = _pair_conv(key)  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"unknown history kind {kind!r}")
+        row = self._one("SELECT last_seq FROM conversations WHERE conv = ?", (conv,))
+        last_seq = 0 if row is None else row[0]
+        # the same arithmetic as zim.store.page: seq n sits at index n - 1
+        end = last_seq if before_seq is None else max(0, min(last_seq, before_seq - 1))
+        start = max(0, end - max(limit, 0))
+        if end <= start:
+            return [], start > 0
+        rows = self._connection().execute(
+            "SELECT body FROM messages WHERE conv = ? AND seq > ? AND seq <= ? ORDER BY seq",
+            (conv, start, end)).fetchall()
+        return [orjson.loads(body) for (body,) in rows], start > 0
+
+    # -- mailboxes ---------------------------------------------------------
+    def mailbox_pull(self, user_id: int, limit: int) -> list[Message]:
+        if limit < 1:
+            return []
+        rows = self._connection().execute(
+            "SELECT m.body FROM mailbox AS b INDEXED BY mailbox_by_user "
+            "JOIN messages AS m ON m.conv = b.conv AND m.seq = b.seq "
+            "WHERE b.user_id = ? ORDER BY b.rowid LIMIT ?",
+            (_sql_id(user_id), min(limit, _SQL_INT_MAX))).fetchall()
+        return [orjson.loads(body) for (body,) in rows]
+
+    def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> None:
+        # only strings can be mailbox keys (MemoryStore: dict keys are the str ids)
+        wanted = [message_id for message_id in ids if isinstance(message_id, str)]
+        if wanted:
+            self._transaction(_write_mailbox_ack, user_id, wanted)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass
+            conn.close()
