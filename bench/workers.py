@@ -303,14 +303,15 @@ def dm_phase(args, server: benchlib.Server, tree: benchlib.ProcessTree) -> dict:
         "clients": total, "pairs": args.pairs, "cross_worker_pairs": cross, "per_worker": split,
         "client_processes": processes, "messages_per_client": args.dm_messages,
         "window": args.dm_window, "runs": runs,
-        "responses_per_second": _median(runs, "responses_per_second"),
-        "pushes_per_second": _median(runs, "pushes_per_second"),
-        "responses_per_cpu_second": _median(runs, "responses_per_cpu_second"),
-        "latency_p50_ms": _median(runs, "latency_p50_ms"),
-        "latency_p99_ms": _median(runs, "latency_p99_ms"),
-        "loss": sum(r["loss"] for r in runs),
-        "ok": all(r["ok"] for r in runs),
+        **_over_runs(runs, "responses_per_second", "pushes_per_second", "responses_per_cpu_second"),
     }
+
+
+def _over_runs(runs: list[dict], *rates: str) -> dict:
+    """Medians of the rates and latencies over runs, total loss, and whether all were ok."""
+    keys = (*rates, "latency_p50_ms", "latency_p99_ms")
+    return {**{key: _median(runs, key) for key in keys},
+            "loss": sum(r["loss"] for r in runs), "ok": all(r["ok"] for r in runs)}
 
 
 def _dm_summary(number: int, args, results: list[dict], start_ns: int, before, after,
@@ -397,12 +398,7 @@ def broadcast_phase(args, server: benchlib.Server, tree: benchlib.ProcessTree) -
     return {
         "members": args.members, "per_worker": split, "client_processes": processes,
         "messages": args.messages, "window": args.window, "runs": runs,
-        "deliveries_per_second": _median(runs, "deliveries_per_second"),
-        "deliveries_per_cpu_second": _median(runs, "deliveries_per_cpu_second"),
-        "latency_p50_ms": _median(runs, "latency_p50_ms"),
-        "latency_p99_ms": _median(runs, "latency_p99_ms"),
-        "loss": sum(r["loss"] for r in runs),
-        "ok": all(r["ok"] for r in runs),
+        **_over_runs(runs, "deliveries_per_second", "deliveries_per_cpu_second"),
     }
 
 

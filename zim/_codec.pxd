@@ -1,7 +1,7 @@
 # The wire codec, shared by the reactor (zim/_core.pyx) and the tests.
 # Decoders work in place on a caller's buffer and never allocate, except to
 # reassemble a fragmented WebSocket message (ws_state_t.frag).
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 cdef enum:
     EV_NEED_MORE = 0    # no complete unit in the buffer yet
@@ -46,3 +46,28 @@ cdef size_t ws_packet_header(char* out, size_t body_len, int action, int seq) no
 
 cdef bytes ws_handshake_response(bytes request)
 cdef Py_ssize_t find_header_end(const char* buf, size_t length) noexcept nogil
+
+
+# Big-endian field access, shared by the codec and the reactor's link packets.
+cdef inline uint32_t get32(const char* p) noexcept nogil:
+    cdef const uint8_t* u = <const uint8_t*>p
+    return (<uint32_t>u[0] << 24) | (<uint32_t>u[1] << 16) | (<uint32_t>u[2] << 8) | u[3]
+
+cdef inline int get16(const char* p) noexcept nogil:
+    cdef const uint8_t* u = <const uint8_t*>p
+    return (u[0] << 8) | u[1]
+
+cdef inline uint64_t get64(const char* p) noexcept nogil:
+    return (<uint64_t>get32(p) << 32) | get32(p + 4)
+
+cdef inline void put16(char* p, int v) noexcept nogil:
+    p[0] = <char>((v >> 8) & 0xFF)
+    p[1] = <char>(v & 0xFF)
+
+cdef inline void put32(char* p, uint32_t v) noexcept nogil:
+    put16(p, <int>(v >> 16))
+    put16(p + 2, <int>(v & 0xFFFF))
+
+cdef inline void put64(char* p, uint64_t v) noexcept nogil:
+    put32(p, <uint32_t>(v >> 32))
+    put32(p + 4, <uint32_t>(v & 0xFFFFFFFFU))

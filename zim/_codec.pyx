@@ -11,19 +11,6 @@ from libc.string cimport memcpy, memcmp
 import base64
 import hashlib
 
-cdef inline uint32_t _be32(const char* p) noexcept nogil:
-    cdef const uint8_t* u = <const uint8_t*>p
-    return (<uint32_t>u[0] << 24) | (<uint32_t>u[1] << 16) | (<uint32_t>u[2] << 8) | u[3]
-
-cdef inline int _be16(const char* p) noexcept nogil:
-    cdef const uint8_t* u = <const uint8_t*>p
-    return (u[0] << 8) | u[1]
-
-cdef inline void _put16(char* p, int v) noexcept nogil:
-    p[0] = <char>((v >> 8) & 0xFF)
-    p[1] = <char>(v & 0xFF)
-
-
 # ---------------------------------------------------------------- TCP ------
 
 cdef int tcp_next(char* buf, size_t length, size_t max_packet,
@@ -33,13 +20,13 @@ cdef int tcp_next(char* buf, size_t length, size_t max_packet,
     consumed[0] = 0
     if length < 4:
         return EV_NEED_MORE
-    total = _be32(buf)
+    total = get32(buf)
     if total < TCP_HEADER:
         return EV_BROKEN
     if length < TCP_HEADER:
         return EV_NEED_MORE
-    out.action = _be16(buf + 4)
-    out.seq = _be16(buf + 6)
+    out.action = get16(buf + 4)
+    out.seq = get16(buf + 6)
     if total > max_packet:
         return EV_TOO_LARGE
     if length < total:
@@ -51,13 +38,9 @@ cdef int tcp_next(char* buf, size_t length, size_t max_packet,
 
 
 cdef size_t tcp_header(char* out, size_t body_len, int action, int seq) noexcept nogil:
-    cdef uint32_t total = <uint32_t>(body_len + TCP_HEADER)
-    out[0] = <char>((total >> 24) & 0xFF)
-    out[1] = <char>((total >> 16) & 0xFF)
-    out[2] = <char>((total >> 8) & 0xFF)
-    out[3] = <char>(total & 0xFF)
-    _put16(out + 4, action)
-    _put16(out + 6, seq)
+    put32(out, <uint32_t>(body_len + TCP_HEADER))
+    put16(out + 4, action)
+    put16(out + 6, seq)
     return TCP_HEADER
 
 
@@ -150,14 +133,14 @@ cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
         header = 4
         if length < header:
             return EV_NEED_MORE
-        plen = <uint64_t>_be16(buf + 2)
+        plen = <uint64_t>get16(buf + 2)
         if plen < 126:
             return EV_BROKEN           # not the minimal encoding
     elif plen == 127:
         header = 10
         if length < header:
             return EV_NEED_MORE
-        plen = (<uint64_t>_be32(buf + 2) << 32) | _be32(buf + 6)
+        plen = get64(buf + 2)
         if plen >> 63 or plen < 65536:
             return EV_BROKEN
     header += 4
@@ -182,7 +165,7 @@ cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
         if plen == 1:
             return EV_BROKEN
         if plen >= 2:
-            out.close_code = _be16(payload)
+            out.close_code = get16(payload)
             out.body = payload + 2
             out.body_len = plen - 2
             if not _valid_close_code(out.close_code):
@@ -216,8 +199,8 @@ cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
             return EV_NEED_MORE
         memcpy(first + have_first, buf + header, need)
         _unmask(first + have_first, need, key)   # key offset 0: these are payload bytes 0..need-1
-        out.action = _be16(first)
-        out.seq = _be16(first + 2)
+        out.action = get16(first)
+        out.seq = get16(first + 2)
         return EV_TOO_LARGE
 
     if length < header + plen:
@@ -229,8 +212,8 @@ cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
     if fin and not st.frag_active:     # the common case: one frame, no copy
         if plen < WS_PACKET_HEADER:
             return EV_BROKEN
-        out.action = _be16(payload)
-        out.seq = _be16(payload + 2)
+        out.action = get16(payload)
+        out.seq = get16(payload + 2)
         out.body = payload + WS_PACKET_HEADER
         out.body_len = plen - WS_PACKET_HEADER
         return EV_PACKET
@@ -248,8 +231,8 @@ cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
     st.frag_active = 0
     if st.frag_len < WS_PACKET_HEADER:
         return EV_BROKEN
-    out.action = _be16(st.frag)
-    out.seq = _be16(st.frag + 2)
+    out.action = get16(st.frag)
+    out.seq = get16(st.frag + 2)
     out.body = st.frag + WS_PACKET_HEADER
     out.body_len = st.frag_len - WS_PACKET_HEADER
     return EV_PACKET
@@ -265,26 +248,24 @@ cdef void ws_release(ws_state_t* st) noexcept nogil:
 
 cdef size_t ws_frame_header(char* out, size_t payload_len, int opcode) noexcept nogil:
     """A server frame header (FIN set, unmasked); returns its length (2, 4 or 10)."""
-    cdef int i
     out[0] = <char>(0x80 | opcode)
     if payload_len < 126:
         out[1] = <char>payload_len
         return 2
     if payload_len < 65536:
         out[1] = <char>126
-        _put16(out + 2, <int>payload_len)
+        put16(out + 2, <int>payload_len)
         return 4
     out[1] = <char>127
-    for i in range(8):
-        out[2 + i] = <char>((payload_len >> (56 - 8 * i)) & 0xFF)
+    put64(out + 2, payload_len)
     return 10
 
 
 cdef size_t ws_packet_header(char* out, size_t body_len, int action, int seq) noexcept nogil:
     """Frame header plus action and seq for one binary message carrying body."""
     cdef size_t n = ws_frame_header(out, body_len + WS_PACKET_HEADER, OP_BINARY)
-    _put16(out + n, action)
-    _put16(out + n + 2, seq)
+    put16(out + n, action)
+    put16(out + n + 2, seq)
     return n + WS_PACKET_HEADER
 
 

@@ -23,6 +23,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from zim._idmap cimport idmap_t, idmap_init, idmap_free, idmap_find, idmap_insert, idmap_delete
 from zim._codec cimport (
     packet_t, ws_state_t, tcp_next, ws_next, ws_release, tcp_header,
+    get16, get32, get64, put16, put32, put64,
     ws_frame_header, ws_packet_header, ws_handshake_response, find_header_end,
     EV_NEED_MORE, EV_PACKET, EV_TOO_LARGE, EV_BROKEN, EV_PING, EV_PONG,
     EV_CLOSE, EV_TEXT, EV_SKIP, EV_BAD_UTF8, TCP_HEADER, WS_MAX_FRAME_HEADER, WS_PACKET_HEADER,
@@ -208,43 +209,6 @@ cdef inline int handle_fd(uint64_t handle) noexcept nogil:
 cdef uint32_t NO_DEADLINE = <uint32_t>-1
 
 
-cdef inline void put64(char* p, uint64_t v) noexcept nogil:
-    cdef int i
-    for i in range(8):
-        p[i] = <char>((v >> (56 - 8 * i)) & 0xFF)
-
-
-cdef inline uint64_t get64(const char* p) noexcept nogil:
-    cdef const uint8_t* u = <const uint8_t*>p
-    cdef uint64_t v = 0
-    cdef int i
-    for i in range(8):
-        v = (v << 8) | u[i]
-    return v
-
-
-cdef inline void put32(char* p, uint32_t v) noexcept nogil:
-    p[0] = <char>((v >> 24) & 0xFF)
-    p[1] = <char>((v >> 16) & 0xFF)
-    p[2] = <char>((v >> 8) & 0xFF)
-    p[3] = <char>(v & 0xFF)
-
-
-cdef inline void put16(char* p, int v) noexcept nogil:
-    p[0] = <char>((v >> 8) & 0xFF)
-    p[1] = <char>(v & 0xFF)
-
-
-cdef inline uint32_t get32(const char* p) noexcept nogil:
-    cdef const uint8_t* u = <const uint8_t*>p
-    return (<uint32_t>u[0] << 24) | (<uint32_t>u[1] << 16) | (<uint32_t>u[2] << 8) | u[3]
-
-
-cdef inline int get16(const char* p) noexcept nogil:
-    cdef const uint8_t* u = <const uint8_t*>p
-    return (u[0] << 8) | u[1]
-
-
 cdef inline uint32_t now_seconds() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -278,7 +242,6 @@ cdef class Reactor:
     cdef handle_list_t pending      # connections with queued output: flushed once per pass
     cdef handle_list_t again        # read budget ran out before EAGAIN: resume next pass
     cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline
-    # presence: user id -> first connection fd (open addressing, linear probing)
     cdef idmap_t presence           # user id -> first connection fd (next: conn.next_dev)
     # channel groups, indexed by group id
     cdef group_t* groups
@@ -359,10 +322,7 @@ cdef class Reactor:
         sock.listen(backlog)
         sock.setblocking(False)
         fd = sock.detach()
-        self.conns[fd].state = S_LISTEN_WS if websocket else S_LISTEN_TCP
-        self.conns[fd].gen = next_gen(self.conns[fd].gen)
-        self.conns[fd].wheel_prev = self.conns[fd].wheel_next = NO_CONN - 1
-        self._epoll_add(fd, EPOLLIN | EPOLLET)
+        self._claim_or_raise(fd, S_LISTEN_WS if websocket else S_LISTEN_TCP, 0, EPOLLIN | EPOLLET)
         self.listeners.append(fd)
 
     def watch(self, int fd, object callback):
@@ -374,11 +334,8 @@ cdef class Reactor:
         """
         if fd < 0 or fd >= self.max_fds or self.conns[fd].state != S_FREE:
             raise ValueError("bad descriptor to watch")
-        self.conns[fd].state = S_WATCH
-        self.conns[fd].gen = next_gen(self.conns[fd].gen)
-        self.conns[fd].wheel_prev = self.conns[fd].wheel_next = NO_CONN - 1
+        self._claim_or_raise(fd, S_WATCH, 0, EPOLLIN | EPOLLET)
         self.watches[fd] = callback
-        self._epoll_add(fd, EPOLLIN | EPOLLET)
 
     def unwatch(self, int fd):
         """Stop watching fd (it is not closed)."""
@@ -396,12 +353,28 @@ cdef class Reactor:
                 self.running = False
             log.exception("watch callback failed")
 
-    cdef int _epoll_add(self, int fd, uint32_t events) except -1:
+    cdef int _claim(self, int fd, uint8_t state, uint16_t flags, uint32_t events) noexcept:
+        """Take a free slot for fd under a new generation and add fd to the epoll set
+        (events carry the handle); -1 (slot left free) if epoll refuses it."""
+        cdef conn_t* c = &self.conns[fd]
         cdef epoll_event ev
+        c.gen = next_gen(c.gen)
+        c.state = state
+        c.flags = flags
+        c.user = 0
+        c.next_dev = NO_CONN
+        c.wheel_prev = c.wheel_next = NO_CONN - 1     # not in the timing wheel
         ev.events = events
-        ev.data.u64 = make_handle(self.conns[fd].gen, fd)
+        ev.data.u64 = make_handle(c.gen, fd)
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            c.state = S_FREE
+            return -1
+        return 0
+
+    cdef int _claim_or_raise(self, int fd, uint8_t state, uint16_t flags, uint32_t events) except -1:
+        if self._claim(fd, state, flags, events) < 0:
             raise OSError(errno, "epoll_ctl ADD failed")
+        return 0
         return 0
 
     cdef void _epoll_mod(self, int fd, uint32_t events) noexcept:
@@ -423,21 +396,13 @@ cdef class Reactor:
             # Other threads (a store writer, a Redis client) run while we wait.
             with nogil:
                 n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout)
-            if n < 0 and errno != EINTR:
-                raise OSError(errno, "epoll_wait failed")
+            if n < 0:
+                if errno != EINTR:
+                    raise OSError(errno, "epoll_wait failed")
+                n = 0
             # A signal may land while the loop is busy, not only inside
             # epoll_wait: run Python's handlers (a flag check) every pass.
             PyErr_CheckSignals()
-            if n <= 0 or not self.running:
-                self.now = now_seconds()
-                if self.now != last_sweep:
-                    last_sweep = self.now
-                    self._every_second()
-                self._resume_reads()
-                self._flush_all()
-                if self.gone_users.length:
-                    self._report_gone_users()
-                continue
             self.now = now_seconds()
             self._resume_reads()
             for i in range(n):
@@ -537,27 +502,15 @@ cdef class Reactor:
                 self.refused += 1
                 continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            if self._claim(fd, kind, 0, EPOLLIN | EPOLLRDHUP | EPOLLET) < 0:
+                close(fd)
+                continue
             c = &self.conns[fd]
-            c.gen = next_gen(c.gen)
-            c.state = kind
-            c.flags = 0
-            c.user = 0
-            c.next_dev = NO_CONN
             c.last_active = self.now
             c.born = self.now
             self._wheel_insert(fd)
-            if self._epoll_add_conn(fd) < 0:
-                close(fd)
-                c.state = S_FREE
-                continue
             self.accepted += 1
             self.connections += 1
-
-    cdef int _epoll_add_conn(self, int fd) noexcept:
-        cdef epoll_event ev
-        ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET
-        ev.data.u64 = make_handle(self.conns[fd].gen, fd)
-        return epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
 
     # ------------------------------------------------------------- read --
     cdef void _on_readable(self, int fd) noexcept:
@@ -817,8 +770,7 @@ cdef class Reactor:
             c.flags &= ~F_FINAL_TOO_LARGE
             self._queue_packet(fd, c.final_action, c.final_seq, _TOO_LARGE_BODY, len(_TOO_LARGE_BODY))
         if c.close_code and c.state == S_WS:
-            payload[0] = <char>((c.close_code >> 8) & 0xFF)
-            payload[1] = <char>(c.close_code & 0xFF)
+            put16(payload, c.close_code)
             c.close_code = 0
             self._queue_control(fd, 8, payload, 2)
 
@@ -998,7 +950,7 @@ cdef class Reactor:
         if self.conns[fd].state < S_TCP:
             return
         self._release(fd)
-        if user and self.on_user_gone is not None and not self._has_user(user):
+        if user and not link and self.on_user_gone is not None and not self._has_user(user):
             handles_push(&self.gone_users, user)
         if link and self.on_link_closed is not None:
             try:
@@ -1186,20 +1138,12 @@ cdef class Reactor:
     def adopt_link(self, int fd):
         """Serve an already connected socket as a trusted link to another zim
         process (TCP framing, packets up to 4 MiB, no timeouts or output cap)."""
-        cdef conn_t* c
         if fd < 0 or fd >= self.max_fds or self.conns[fd].state != S_FREE:
             raise ValueError("bad link descriptor")
         os.set_blocking(fd, False)      # edge-triggered reads must never block
-        c = &self.conns[fd]
-        c.gen = next_gen(c.gen)
-        c.state = S_TCP
-        c.flags = F_LINK
-        c.user = 0
-        c.next_dev = NO_CONN
-        c.wheel_prev = c.wheel_next = NO_CONN - 1
-        self._epoll_add(fd, EPOLLIN | EPOLLRDHUP | EPOLLET)
+        self._claim_or_raise(fd, S_TCP, F_LINK, EPOLLIN | EPOLLRDHUP | EPOLLET)
         self.connections += 1
-        return make_handle(c.gen, fd)
+        return make_handle(self.conns[fd].gen, fd)
 
     cdef void _answered(self, int fd) noexcept:
         if self.conns[fd].inflight:
@@ -1207,19 +1151,8 @@ cdef class Reactor:
             if self.conns[fd].flags & (F_CLOSING | F_PEER_EOF):
                 self._mark_pending(fd)          # may be free to close now
 
-    def pause(self, uint64_t conn):
-        """Hold a connection's further requests (its bytes stay buffered)."""
-        cdef int fd = self._conn_fd(conn)
-        if fd >= 0:
-            self.conns[fd].flags |= F_PAUSED
-
-    def resume(self, uint64_t conn):
-        """Release a paused connection: its buffered requests are read next pass."""
-        cdef int fd = self._conn_fd(conn)
-        if fd >= 0:
-            self._resume(fd)
-
     cdef void _resume(self, int fd) noexcept:
+        """Release a paused connection: its buffered requests are read next pass."""
         if self.conns[fd].flags & F_PAUSED:
             self.conns[fd].flags &= ~F_PAUSED
             self.conns[fd].flags |= F_READ_AGAIN
@@ -1289,8 +1222,11 @@ cdef class Reactor:
             log.exception("request handler failed")
 
     # Router mode: the commands a worker runs in C (_run_command), packed here.
-    cdef char* _command(self, uint64_t link, int command, size_t head, size_t length) noexcept:
+    cdef char* _command(self, uint64_t link, int command, size_t head, bytes payload) noexcept:
+        """Queue a command packet carrying payload after a head of fixed fields;
+        returns where the caller writes the head (NULL: the link is gone)."""
         cdef int fd = self._conn_fd(link)
+        cdef size_t length = PyBytes_GET_SIZE(payload)
         cdef char* out
         if fd < 0:
             return NULL
@@ -1298,48 +1234,40 @@ cdef class Reactor:
         if out == NULL:
             return NULL
         tcp_header(out, head + length, command, 0)
+        memcpy(out + TCP_HEADER + head, PyBytes_AS_STRING(payload), length)
         self.conns[fd].outlen += <uint32_t>(TCP_HEADER + head + length)
         return out + TCP_HEADER
 
     def command_reply(self, uint64_t link, uint64_t conn, int action, int seq, bint response,
                       bytes payload):
         """Tell a worker to queue a packet to one of its connections."""
-        cdef size_t n = PyBytes_GET_SIZE(payload)
-        cdef char* out = self._command(link, CMD_REPLY, 13, n)
-        if out == NULL:
-            return False
-        put64(out, conn)
-        put16(out + 8, action)
-        put16(out + 10, seq)
-        out[12] = <char>response
-        memcpy(out + 13, PyBytes_AS_STRING(payload), n)
-        return True
+        cdef char* out = self._command(link, CMD_REPLY, 13, payload)
+        if out != NULL:
+            put64(out, conn)
+            put16(out + 8, action)
+            put16(out + 10, seq)
+            out[12] = <char>response
+        return out != NULL
 
     def command_push_user(self, uint64_t link, uint64_t user, uint64_t exclude, int action,
                           bytes payload):
         """Tell a worker to push to its connections of a user."""
-        cdef size_t n = PyBytes_GET_SIZE(payload)
-        cdef char* out = self._command(link, CMD_PUSH_USER, 18, n)
-        if out == NULL:
-            return False
-        put64(out, user)
-        put64(out + 8, exclude)
-        put16(out + 16, action)
-        memcpy(out + 18, PyBytes_AS_STRING(payload), n)
-        return True
+        cdef char* out = self._command(link, CMD_PUSH_USER, 18, payload)
+        if out != NULL:
+            put64(out, user)
+            put64(out + 8, exclude)
+            put16(out + 16, action)
+        return out != NULL
 
     def command_broadcast(self, uint64_t link, uint32_t group, uint64_t exclude, int action,
                           bytes payload):
         """Tell a worker to push to its members of a channel group."""
-        cdef size_t n = PyBytes_GET_SIZE(payload)
-        cdef char* out = self._command(link, CMD_BROADCAST, 14, n)
-        if out == NULL:
-            return False
-        put32(out, group)
-        put64(out + 4, exclude)
-        put16(out + 12, action)
-        memcpy(out + 14, PyBytes_AS_STRING(payload), n)
-        return True
+        cdef char* out = self._command(link, CMD_BROADCAST, 14, payload)
+        if out != NULL:
+            put32(out, group)
+            put64(out + 4, exclude)
+            put16(out + 12, action)
+        return out != NULL
 
     def set_link_index(self, uint64_t link, uint32_t index):
         """Router mode: which worker a link leads to (0..255)."""

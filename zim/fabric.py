@@ -55,10 +55,7 @@ class LocalFabric:
         self.reactor.reply(conn, action, seq, payload)
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
-        reactor = self.reactor
-        reactor.set_user(conn, user_id)
-        for group in groups:
-            reactor.group_add(group, conn, False)   # a fresh login holds no group yet
+        bind_here(self.reactor, conn, user_id, groups)
 
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
         return self.reactor.push_user(user_id, action, payload, exclude_conn)
@@ -74,6 +71,15 @@ class LocalFabric:
 
     def close(self, conn: int) -> None:
         self.reactor.close(conn)
+
+
+def bind_here(reactor: Reactor, conn: int, user_id: int, groups: Iterable[int]) -> bool:
+    """Log a connection of this reactor in and add it to its groups; False if it is gone."""
+    if not reactor.set_user(conn, user_id):
+        return False
+    for group in groups:
+        reactor.group_add(group, conn, False)   # a fresh login holds no group yet
+    return True
 
 
 def follow_here(reactor: Reactor, user_id: int, group: int) -> None:

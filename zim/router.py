@@ -227,19 +227,23 @@ class RouterFabric:
         router.send(index, CMD_BIND, body)
 
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
-        sent = 0
-        for index in self.router.workers_in(self.router.presence.get(user_id)):
-            exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
-            link = self.slots[index].link
-            sent += link != 0 and self.reactor.command_push_user(link, user_id, exclude, action, payload)
-        return sent
+        return self._to_workers(self.router.presence.get(user_id), self.reactor.command_push_user,
+                                user_id, action, payload, exclude_conn)
 
     def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
+        return self._to_workers(self.router.interest.get(group, 0), self.reactor.command_broadcast,
+                                group, action, payload, exclude_conn)
+
+    def _to_workers(self, bits: int, command, target: int, action: int, payload: bytes,
+                    exclude_conn: int) -> int:
+        """Send a push command to each worker in bits; the excluded connection
+        matters only to its own worker."""
         sent = 0
-        for index in self.router.workers_in(self.router.interest.get(group, 0)):
-            exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
+        for index in self.router.workers_in(bits):
             link = self.slots[index].link
-            sent += link != 0 and self.reactor.command_broadcast(link, group, exclude, action, payload)
+            if link:
+                exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
+                sent += command(link, target, exclude, action, payload)
         return sent
 
     def follow(self, user_id: int, group: int) -> None:

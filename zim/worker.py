@@ -16,7 +16,7 @@ import struct
 import sys
 
 from zim.app import RefusalLog, ServeOptions, stop_on_signals
-from zim.fabric import follow_here, unfollow_here
+from zim.fabric import bind_here, follow_here, unfollow_here
 
 log = logging.getLogger("zim.worker")
 
@@ -86,19 +86,14 @@ class Worker:
         log.warning("worker %d: router link closed; stopping", self.index)
         self.reactor.stop()
 
-
     # -- router commands -----------------------------------------------------
     def _bind(self, body: bytes) -> None:
         conn, user = BIND_HEAD.unpack_from(body)
-        reactor = self.reactor
-        if reactor.set_user(conn, user):
-            for (group,) in struct.iter_unpack(">I", body[BIND_HEAD.size:]):
-                reactor.group_add(group, conn, False)
-        else:
+        groups = (group for (group,) in struct.iter_unpack(">I", body[BIND_HEAD.size:]))
+        if not bind_here(self.reactor, conn, user, groups) and not self.reactor.user_conns(user):
             # the connection closed while its login was decided: the router
             # counted it as present, so tell it the user is not here after all
-            if not reactor.user_conns(user):
-                self._user_gone(user)
+            self._user_gone(user)
 
     def _follow(self, body: bytes) -> None:
         follow_here(self.reactor, *FOLLOW_BODY.unpack(body))
