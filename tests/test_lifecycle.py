@@ -15,7 +15,6 @@ from zimclient import Closed, error_code, unique, ws_frame, ws_message
 # ---------------------------------------------------------------- restarts
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: the durable store is not built yet (memory store)")
 def test_restart_keeps_users_messages_memberships_and_acks(start_server, tmp_path):
     data = tmp_path / "data"
     first = start_server(data_dir=data)
@@ -59,7 +58,6 @@ def test_restart_keeps_users_messages_memberships_and_acks(start_server, tmp_pat
     bob2.assert_no_push()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: the durable store is not built yet (memory store)")
 def test_send_response_means_stored_even_if_killed(start_server, tmp_path):
     """SIGKILL right after the response: the message must still be there after a restart."""
     data = tmp_path / "data"

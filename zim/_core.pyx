@@ -683,8 +683,8 @@ cdef class Reactor:
                 return
             if self._run_command(pkt):
                 return
-        elif self.on_request is not None and self.conns[fd].flags & F_LINK and pkt.action \
-                and pkt.body_len >= 16:
+        elif self.on_request is not None and self.conns[fd].flags & F_LINK and self.conns[fd].user \
+                and pkt.action and pkt.body_len >= 16:     # from a worker link (set_link_index)
             self._route_request(fd, pkt)
             return
         body = PyBytes_FromStringAndSize(pkt.body, pkt.body_len)
@@ -1144,6 +1144,35 @@ cdef class Reactor:
         self._claim_or_raise(fd, S_TCP, F_LINK, EPOLLIN | EPOLLRDHUP | EPOLLET)
         self.connections += 1
         return make_handle(self.conns[fd].gen, fd)
+
+    def hold(self, uint64_t conn):
+        """Single-process mode: this request is answered later, by ``answer()``
+        (e.g. once the store has committed it). A close waits for the answer, and
+        a connection not logged in has its next requests held until then, so a
+        login pipelined with a send is decided first. False if the connection is gone."""
+        cdef int fd = self._conn_fd(conn)
+        cdef conn_t* c
+        if fd < 0:
+            return False
+        c = &self.conns[fd]
+        if c.inflight < 0xFFFF:
+            c.inflight += 1
+        if c.user == 0:
+            c.flags |= F_PAUSED
+        return True
+
+    def answer(self, uint64_t conn, int action, int seq, bytes payload):
+        """Queue the answer to a request held by ``hold()`` and resume the connection."""
+        cdef int fd = self._conn_fd(conn)
+        cdef bint queued
+        if fd < 0:
+            return False
+        queued = self._queue_packet(fd, action, seq, PyBytes_AS_STRING(payload),
+                                              PyBytes_GET_SIZE(payload))
+        if self._conn_fd(conn) == fd:       # a full output buffer may have dropped it
+            self._answered(fd)
+            self._resume(fd)
+        return queued
 
     cdef void _answered(self, int fd) noexcept:
         if self.conns[fd].inflight:

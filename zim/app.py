@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 
 from zim._core import Reactor
 from zim.fabric import Fabric, LocalFabric
+from zim.retention import Retention
 
 log = logging.getLogger("zim")
 
@@ -33,6 +34,39 @@ class Error(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class Pending:
+    """A store result that comes later: a durable store answers once the batch
+    holding the call is committed. The store calls ``settle(True, value)`` or
+    ``settle(False, reason)`` exactly once; a handler waits on it with ``ctx.later``."""
+
+    __slots__ = ("callback", "outcome")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[bool, Any], None] | None = None
+        self.outcome: tuple[bool, Any] | None = None    # settled before anyone waited
+
+    def settle(self, ok: bool, value: Any) -> None:
+        callback, self.callback = self.callback, None
+        if callback is None:
+            self.outcome = (ok, value)
+        else:
+            callback(ok, value)
+
+
+class _Deferred:
+    """What a handler returns (via ``ctx.later``) when its answer comes later."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+DEFERRED = _Deferred()
+
+STORE_FAILED = "the store failed; nothing was stored"
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -80,6 +114,22 @@ class Ctx:
             self._after = []
         self._after.append(action.to_bytes(2, "big") + orjson.dumps(body))
 
+    def later(self, result: Any, then: Callable[[Any], Any]) -> Any:
+        """Continue with ``then(value)`` once a store result is ready, and return
+        what to return from the handler: ``then``'s answer now if ``result`` is a
+        plain value, else ``DEFERRED`` (the answer, and whatever ``then`` pushes,
+        go out once the store has committed; a store failure answers ``internal``)."""
+        if not isinstance(result, Pending):
+            return then(result)
+        if result.outcome is not None:
+            ok, value = result.outcome
+            if not ok:
+                log.error("action %d: %s", self.action, value)
+                raise Error("internal", STORE_FAILED)
+            return then(value)
+        result.callback = lambda ok, value: self.app._finish(self, then, ok, value)
+        return DEFERRED
+
     # -- other connections -------------------------------------------------
     def push_user(self, user_id: str, action: int, body: dict, exclude_self: bool = False) -> int:
         """Push to every connection of ``user_id``; returns how many were queued."""
@@ -116,7 +166,8 @@ class App:
     def __init__(self, im: bool = True, store=None) -> None:
         self.routes: dict[int, tuple[Handler, bool]] = {}
         self.groups: dict[str, int] = {}
-        self.store = store
+        self.store = store              # None: a DurableStore in the data directory, made by run()
+        self.store_link = 0             # the reactor's link to the store's writer process (0: none)
         self.reactor: Reactor | None = None
         self.fabric: Fabric | None = None
         self.max_packet = DEFAULT_MAX_PACKET
@@ -171,36 +222,68 @@ class App:
 
     def serve(self, conn: int, user: int, action: int, seq: int, payload: bytes) -> None:
         """Answer one request from ``conn`` (logged in as ``user``, 0: not)."""
-        fabric = self.fabric
-        ctx = None
         body = self.precheck(action, user)
-        if body is None:
-            ctx = Ctx(self, conn, str(user) if user else None, action, seq)
-            body = self._call(self.routes[action][0], ctx, payload)
-        fabric.reply(conn, action, seq, body, True)
-        if ctx is not None and ctx._after:
-            for packet in ctx._after:
-                fabric.reply(conn, int.from_bytes(packet[:2], "big"), 0, packet[2:], False)
-
-    def _on_packet(self, conn: int, action: int, seq: int, payload: bytes) -> None:
-        """The single-process reactor's callback."""
-        self.serve(conn, self.reactor.conn_user(conn), action, seq, payload)
-
-    def _call(self, handler: Handler, ctx: Ctx, payload: bytes) -> bytes:
+        if body is not None:
+            self.fabric.reply(conn, action, seq, body, True)
+            return
+        ctx = Ctx(self, conn, str(user) if user else None, action, seq)
         try:
             request = orjson.loads(payload) if payload else {}
         except orjson.JSONDecodeError:
-            return error_body("bad_request", "body is not valid UTF-8 JSON")
-        if not isinstance(request, dict):
-            return error_body("bad_request", "body must be a JSON object")
+            request = None
+            body = error_body("bad_request", "body is not valid UTF-8 JSON")
+        else:
+            if not isinstance(request, dict):
+                body = error_body("bad_request", "body must be a JSON object")
+        if body is None:
+            handler = self.routes[action][0]
+            body = self._answer(ctx, lambda: handler(ctx, request))
+            if body is DEFERRED:
+                self.fabric.hold(conn)
+                return
+        self._respond(ctx, body, held=False)
+
+    def _finish(self, ctx: Ctx, then: Callable[[Any], Any], ok: bool, value: Any) -> None:
+        """A store result a handler waited on (``Ctx.later``) is ready."""
+        if ok:
+            body = self._answer(ctx, lambda: then(value))
+            if body is DEFERRED:
+                return              # ``then`` waits on another result
+        else:
+            log.error("action %d: %s", ctx.action, value)
+            ctx._after = None
+            body = error_body("internal", STORE_FAILED)
+        self._respond(ctx, body, held=True)
+
+    def _respond(self, ctx: Ctx, body: bytes, held: bool) -> None:
+        fabric = self.fabric
+        if held:
+            fabric.answer(ctx.conn, ctx.action, ctx.seq, body)
+        else:
+            fabric.reply(ctx.conn, ctx.action, ctx.seq, body, True)
+        if ctx._after:
+            for packet in ctx._after:
+                fabric.reply(ctx.conn, int.from_bytes(packet[:2], "big"), 0, packet[2:], False)
+
+    def _on_packet(self, conn: int, action: int, seq: int, payload: bytes) -> None:
+        """The single-process reactor's callback."""
+        if conn == self.store_link:
+            self.store.on_link_packet(action, seq, payload)
+            return
+        self.serve(conn, self.reactor.conn_user(conn), action, seq, payload)
+
+    def _answer(self, ctx: Ctx, step: Callable[[], Any]) -> Any:
+        """Run a handler (or a ``later`` continuation): its encoded answer, or DEFERRED."""
         try:
-            result = handler(ctx, request)
-            return orjson.dumps(result if result is not None else {})
+            result = step()
         except Error as exc:
             return error_body(exc.code, exc.message)
         except Exception:
             log.exception("handler for action %d failed", ctx.action)
             return error_body("internal", "internal server error")
+        if result is DEFERRED:
+            return result
+        return orjson.dumps(result if result is not None else {})
 
     # -- running -----------------------------------------------------------
     def run(
@@ -212,8 +295,12 @@ class App:
         max_packet: int = DEFAULT_MAX_PACKET,
         login_timeout: int = 10,
         idle_timeout: int = 300,
+        retention: Retention = Retention(),
     ) -> None:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
+
+        ``data`` holds the token secret and, unless the App was given a store, the
+        database (``zim.durable.DurableStore``, pruned by ``retention``).
 
         ``workers``: 1 serves from this process; N > 1 makes this process the
         supervisor and router of N worker processes sharing the ports.
@@ -224,29 +311,59 @@ class App:
         options.check()
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}")
-        self._open_data(data)
+        self._open_data(data, retention)
         self.max_packet = max_packet
-        if workers == 1:
-            self._run_single(options)
-        else:
-            from zim.router import Router
+        try:
+            if workers == 1:
+                self._run_single(options)
+            else:
+                from zim.router import Router
 
-            Router(self, options, workers).run()
+                Router(self, options, workers).run()
+        finally:
+            self.store.close()
 
-    def _open_data(self, data: str) -> None:
+    def _open_data(self, data: str, retention: Retention) -> None:
+        """Check and open the data directory; a problem raises (the server must not start)."""
         from zim import tokens
-        from zim.store import MemoryStore
 
-        os.makedirs(data, exist_ok=True)
+        try:
+            os.makedirs(data, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(f"cannot create the data directory {data}: {exc}") from exc
         self.data_dir = data
         self.secret = tokens.load_or_create_secret(data)
         if self.store is None:
-            self.store = MemoryStore()
+            from zim.durable import DurableStore
+
+            self.store = DurableStore(data, retention)
+        ids = getattr(self, "ids", None)
+        newest = getattr(self.store, "newest_id", None)
+        if ids is not None and newest is not None:
+            ids.advance_past(newest())      # ids keep growing even if the clock went back
+
+    def attach_store(self, reactor: Reactor) -> None:
+        """Start the store's writer process, if it has one, on this reactor."""
+        attach = getattr(self.store, "attach", None)
+        if attach is not None:
+            attach(reactor, self._set_store_link)
+
+    def _set_store_link(self, link: int) -> None:
+        self.store_link = link
+
+    def on_link_closed(self, link: int) -> bool:
+        """A link closed; True if it was the store's (which then restarts its writer)."""
+        if link and link == self.store_link:
+            self.store.on_link_closed()
+            return True
+        return False
 
     def _run_single(self, options: "ServeOptions") -> None:
         self.reactor = reactor = options.reactor(self._on_packet)
         self.fabric = LocalFabric(reactor)
         reactor.on_tick = RefusalLog(reactor, "server")
+        reactor.on_link_closed = self.on_link_closed
+        self.attach_store(reactor)
         # handlers first: a signal that comes as soon as the ports accept must stop us
         with stop_on_signals(reactor.stop):
             try:
@@ -254,6 +371,7 @@ class App:
                 log.info("zim serving tcp=%s ws=%s", options.tcp, options.ws)
                 reactor.run()
             finally:
+                self.store.close()      # first: the writer's link closing is then no crash
                 reactor.close_all()
 
 

@@ -25,6 +25,12 @@ class Fabric(Protocol):
     def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
         """Queue a packet to one connection (``response``: it answers a request)."""
 
+    def hold(self, conn: int) -> None:
+        """The answer to ``conn``'s current request comes later (``answer``)."""
+
+    def answer(self, conn: int, action: int, seq: int, payload: bytes) -> None:
+        """Queue the answer to a held request."""
+
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         """Log ``conn`` in as ``user_id``; it receives the pushes of ``groups``."""
 
@@ -53,6 +59,12 @@ class LocalFabric:
 
     def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
         self.reactor.reply(conn, action, seq, payload)
+
+    def hold(self, conn: int) -> None:
+        self.reactor.hold(conn)
+
+    def answer(self, conn: int, action: int, seq: int, payload: bytes) -> None:
+        self.reactor.answer(conn, action, seq, payload)
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         bind_here(self.reactor, conn, user_id, groups)

@@ -194,11 +194,17 @@ def login(ctx: "Ctx", body: dict) -> dict:
         user_id = verify_token(app.secret, token)
         if user_id is None or not store.user_exists(user_id):
             raise Error("unauthorized", "invalid token")
-        store.set_user_name(user_id, name)
-    ctx.login(str(user_id), channels=[channel for channel, push in store.user_channels(user_id) if push])
-    for msg in store.mailbox_pull(user_id, PAGE_MAX):
-        ctx.send(PUSH_USER_MESSAGE, msg)
-    return {"id": str(user_id), "token": make_token(app.secret, user_id)}
+        if store.user_name(user_id) != name:
+            store.set_user_name(user_id, name)
+    # answered in order: the mailbox comes once the user (or its new name) is stored
+
+    def logged_in(mailbox: list[dict]) -> dict:
+        ctx.login(str(user_id), channels=[channel for channel, push in store.user_channels(user_id) if push])
+        for msg in mailbox:
+            ctx.send(PUSH_USER_MESSAGE, msg)
+        return {"id": str(user_id), "token": make_token(app.secret, user_id)}
+
+    return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), logged_in)
 
 
 def send_user_message(ctx: "Ctx", body: dict) -> dict:
@@ -210,24 +216,31 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
     sender_id = int(ctx.user_id)
     msg = _new_message(ctx, sender_id, content)
     msg["receiverId"] = str(receiver_id)
-    seq = store.append_user_message(sender_id, receiver_id, msg)
-    # to oneself: the sender's other connections are the receiver's
-    ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, msg, exclude_self=receiver_id == sender_id)
-    if receiver_id != sender_id:
-        ctx.push_user(ctx.user_id, PUSH_USER_MESSAGE, msg, exclude_self=True)
-    return {"id": msg["id"], "seq": seq}
+
+    def stored(seq: int) -> dict:
+        msg["seq"] = seq
+        # to oneself: the sender's other connections are the receiver's
+        ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, msg, exclude_self=receiver_id == sender_id)
+        if receiver_id != sender_id:
+            ctx.push_user(ctx.user_id, PUSH_USER_MESSAGE, msg, exclude_self=True)
+        return {"id": msg["id"], "seq": seq}
+
+    return ctx.later(store.append_user_message(sender_id, receiver_id, msg), stored)
 
 
 def subscribe(ctx: "Ctx", body: dict) -> dict:
     """3: join a channel (creating it), or update the push flag of a membership."""
     channel = channel_name(body, "name")
     push = optional_bool(body, "push", True)
-    ctx.app.store.subscribe(channel, int(ctx.user_id), push)
-    if push:
-        ctx.follow(channel)
-    else:
-        ctx.unfollow(channel)
-    return {}
+
+    def stored(_: object) -> dict:
+        if push:
+            ctx.follow(channel)
+        else:
+            ctx.unfollow(channel)
+        return {}
+
+    return ctx.later(ctx.app.store.subscribe(channel, int(ctx.user_id), push), stored)
 
 
 def send_channel_message(ctx: "Ctx", body: dict) -> dict:
@@ -242,9 +255,13 @@ def send_channel_message(ctx: "Ctx", body: dict) -> dict:
         raise Error("forbidden", f"not a member of {channel}")
     msg = _new_message(ctx, sender_id, content)
     msg["channel"] = channel
-    seq = store.append_channel_message(channel, msg)
-    ctx.push_channel(channel, PUSH_CHANNEL_MESSAGE, msg)
-    return {"id": msg["id"], "seq": seq}
+
+    def stored(seq: int) -> dict:
+        msg["seq"] = seq
+        ctx.push_channel(channel, PUSH_CHANNEL_MESSAGE, msg)
+        return {"id": msg["id"], "seq": seq}
+
+    return ctx.later(store.append_channel_message(channel, msg), stored)
 
 
 def query_history(ctx: "Ctx", body: dict) -> dict:
@@ -265,12 +282,16 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
             raise Error("not_found", f"no channel {channel}")
         if store.membership(channel, me) is None:
             raise Error("forbidden", f"not a member of {channel}")
-        messages, has_more = store.history(CHANNEL, channel, before_seq, limit)
+        page = store.history(CHANNEL, channel, before_seq, limit)
     else:
         other = known_user(store, other_text)
-        messages, has_more = store.history(USER, (me, other), before_seq, limit)
-    messages, cut = newest_that_fit(messages)
-    return {"messages": messages, "hasMore": has_more or cut}
+        page = store.history(USER, (me, other), before_seq, limit)
+
+    def fit(found: tuple[list[dict], bool]) -> dict:
+        messages, cut = newest_that_fit(found[0])
+        return {"messages": messages, "hasMore": found[1] or cut}
+
+    return ctx.later(page, fit)
 
 
 def unsubscribe(ctx: "Ctx", body: dict) -> dict:
@@ -279,23 +300,28 @@ def unsubscribe(ctx: "Ctx", body: dict) -> dict:
     store = ctx.app.store
     if not store.channel_exists(channel):
         raise Error("not_found", f"no channel {channel}")
-    if store.unsubscribe(channel, int(ctx.user_id)):
+    me = int(ctx.user_id)
+    if store.membership(channel, me) is None:
+        return {}
+
+    def stored(_: object) -> dict:
         ctx.unfollow(channel)
-    return {}
+        return {}
+
+    return ctx.later(store.unsubscribe(channel, me), stored)
 
 
 def pull_mailbox(ctx: "Ctx", body: dict) -> dict:
     """7: the oldest unacknowledged direct messages."""
     limit = limit_param(body, MAILBOX_DEFAULT_LIMIT)
-    messages = ctx.app.store.mailbox_pull(int(ctx.user_id), limit)
-    return {"messages": oldest_that_fit(messages)}
+    return ctx.later(ctx.app.store.mailbox_pull(int(ctx.user_id), limit),
+                     lambda messages: {"messages": oldest_that_fit(messages)})
 
 
 def ack_mailbox(ctx: "Ctx", body: dict) -> dict:
     """8: drop messages from the caller's mailbox; unknown or foreign ids are ignored."""
     ids = str_list(body, "ids")
-    ctx.app.store.mailbox_ack(int(ctx.user_id), ids)
-    return {}
+    return ctx.later(ctx.app.store.mailbox_ack(int(ctx.user_id), ids), lambda _: {})
 
 
 def heartbeat(ctx: "Ctx", body: dict) -> dict:

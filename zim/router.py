@@ -74,6 +74,7 @@ class Router:
         reactor.on_request = app.serve      # forwarded requests, unpacked in C
         app.reactor = reactor
         app.fabric = RouterFabric(self)
+        app.attach_store(reactor)
 
     # -- processes -------------------------------------------------------------
     def run(self) -> None:
@@ -87,6 +88,7 @@ class Router:
                 self.reactor.run()
             finally:
                 self._kill_all()
+                self.app.store.close()
                 self.reactor.close_all()
         if self.exit_code:
             raise RuntimeError("workers kept failing at start; see the log above")
@@ -142,6 +144,8 @@ class Router:
         slot.link = 0
 
     def _on_link_closed(self, link: int) -> None:
+        if self.app.on_link_closed(link):
+            return
         slot = self.by_link.get(link)
         if slot is not None and slot.process is not None and not self.stopping:
             log.warning("link to worker %d closed", slot.index)
@@ -178,6 +182,9 @@ class Router:
 
     # -- events from workers (requests go from C to App.serve) ----------------
     def _on_link_packet(self, link: int, action: int, seq: int, payload: bytes) -> None:
+        if link == self.app.store_link:
+            self.app.store.on_link_packet(action, seq, payload)
+            return
         slot = self.by_link.get(link)
         if slot is not None and action == EVENT and seq == EVENT_USER_GONE:
             self.presence.clear_bits(int.from_bytes(payload[:8], "big"), worker_bit(slot.index))
@@ -214,6 +221,12 @@ class RouterFabric:
         link = self.slots[conn >> HANDLE_BITS].link
         if link:
             self.reactor.command_reply(link, conn & HANDLE_MASK, action, seq, response, payload)
+
+    def hold(self, conn: int) -> None:
+        pass    # the worker holds every forwarded request until its response
+
+    def answer(self, conn: int, action: int, seq: int, payload: bytes) -> None:
+        self.reply(conn, action, seq, payload, True)
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         router = self.router

@@ -51,14 +51,15 @@ must be JSON-encodable by orjson (str keys, ints within 64 bits).
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import orjson
 
+from zim.retention import Retention
 from zim.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message,
                        PairKey, _encode_name, pair_key)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 _SIGNED_LIMIT = 1 << 63
 _SQL_INT_MAX = (1 << 63) - 1
@@ -100,6 +101,15 @@ CREATE TABLE mailbox (
 CREATE INDEX mailbox_by_user ON mailbox(user_id);
 """
 
+# version 2 adds meta(key, value): "newest_id", the greatest message id stored, so
+# the id generator moves past it after a restart even if the clock went back
+_SCHEMA_V2 = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
 
 def _sql_id(user_id: int) -> int | None:
     """An unsigned 64-bit user id as the signed integer SQLite stores; None (which
@@ -121,6 +131,12 @@ def _pair_conv(key: PairKey) -> str:
 def _check_user_id(user_id: int) -> None:
     if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
         raise ValueError(f"user id {user_id!r} is not in 1..2**64-1")
+
+
+def _run_script(cur: sqlite3.Cursor, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            cur.execute(statement)
 
 
 # ---------------------------------------------------------------- writes (no commit)
@@ -196,6 +212,48 @@ def _write_mailbox_ack(cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> Non
                     [(uid, message_id) for message_id in ids])
 
 
+PRUNE_CONVERSATIONS = 256     # conversations looked at per prune call
+
+
+def _write_prune(cur: sqlite3.Cursor, retention: Retention, now_ms: int, after: str,
+                 row_budget: int) -> tuple[int, str | None]:
+    deleted = 0
+    done = after                  # the last conversation finished
+    rows = cur.execute("SELECT conv, last_seq FROM conversations WHERE conv > ? ORDER BY conv LIMIT ?",
+                       (after, PRUNE_CONVERSATIONS)).fetchall()
+    for conv, last_seq in rows:
+        is_channel = conv.startswith("c:")
+        members = cur.execute("SELECT count(*) FROM members WHERE channel = ?",
+                              (conv[2:],)).fetchone()[0] if is_channel else 0
+        tier = retention.tier(is_channel, members)
+        bound = last_seq - tier.cap if tier.cap else 0
+        if tier.ttl_ms:
+            row = cur.execute("SELECT seq FROM messages WHERE conv = ? AND (created_at IS NULL OR "
+                              "created_at >= ?) ORDER BY seq LIMIT 1",
+                              (conv, now_ms - tier.ttl_ms)).fetchone()
+            bound = max(bound, row[0] - 1 if row else last_seq)
+        first = cur.execute("SELECT min(seq) FROM messages WHERE conv = ?", (conv,)).fetchone()[0] \
+            if bound > 0 else None
+        if first is not None and first <= bound:
+            upto = min(bound, first + max(row_budget - deleted, 1) - 1)
+            if is_channel:
+                cur.execute("DELETE FROM messages WHERE conv = ? AND seq BETWEEN ? AND ?",
+                            (conv, first, upto))
+            else:
+                # a message still in a mailbox is kept until acked
+                low, high = (_sql_id(int(part)) for part in conv[2:].split(":"))
+                cur.execute("DELETE FROM messages WHERE conv = ? AND seq BETWEEN ? AND ? AND seq NOT IN "
+                            "(SELECT seq FROM mailbox WHERE user_id IN (?, ?) AND conv = ?)",
+                            (conv, first, upto, low, high, conv))
+            deleted += cur.rowcount
+            if upto < bound:
+                return deleted, done      # this conversation has more: start there next time
+        done = conv
+        if deleted >= row_budget:
+            return deleted, done
+    return deleted, (done if len(rows) == PRUNE_CONVERSATIONS else None)
+
+
 # ---------------------------------------------------------------- the store
 
 
@@ -205,6 +263,9 @@ class SQLiteStore:
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        self._batch: sqlite3.Cursor | None = None
+        self._newest_id = 0
+        self._batch_newest = 0
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -236,12 +297,15 @@ class SQLiteStore:
                     f"the zim database {self.path!r} has schema version {version}, newer than "
                     f"this zim's {SCHEMA_VERSION}: upgrade zim (or use another file)")
             if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        cur.execute(statement)
+                _run_script(cur, _SCHEMA)
+            if version < 2:
+                _run_script(cur, _SCHEMA_V2)
             # always write: proves the file is writable now, not at the first send
             cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             cur.execute("SELECT count(*) FROM conversations").fetchone()
+            row = cur.execute("SELECT max((SELECT max(id) FROM users), "
+                              "coalesce((SELECT value FROM meta WHERE key = 'newest_id'), 0))").fetchone()
+            self._newest_id = max(row[0] or 0, 0)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -249,18 +313,64 @@ class SQLiteStore:
         cur.execute("COMMIT")
 
     def _transaction(self, write: Callable[..., Any], *args: Any) -> Any:
-        """Run one ``_write_*`` function in its own transaction, committed on return."""
-        conn = self._connection()
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
+        """Run one ``_write_*`` function in its own transaction, committed on
+        return; inside a batch (``begin_batch``), in the batch's transaction."""
+        if self._batch is not None:
+            return write(self._batch, *args)
+        self.begin_batch()
         try:
-            result = write(cur, *args)
+            result = write(self._batch, *args)
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self.rollback_batch()
             raise
-        cur.execute("COMMIT")
+        self.commit_batch()
         return result
+
+    # -- batches (group commit) ---------------------------------------------
+    def begin_batch(self) -> None:
+        """Start a transaction that every following call joins until ``commit_batch``:
+        many writes, one commit. Reads inside it see the batch's own writes."""
+        if self._batch is not None:
+            raise RuntimeError("a batch is open already")
+        cur = self._connection().cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        self._batch = cur
+        self._batch_newest = self._newest_id
+
+    def commit_batch(self) -> None:
+        """Commit the batch; on an error it is rolled back and the error raised."""
+        cur = self._batch
+        if cur is None:
+            raise RuntimeError("no batch is open")
+        try:
+            if self._newest_id > self._batch_newest:
+                cur.execute("INSERT INTO meta(key, value) VALUES ('newest_id', ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                            (self._newest_id,))
+            cur.execute("COMMIT")
+        except BaseException:
+            self.rollback_batch()
+            raise
+        self._batch = None
+
+    def rollback_batch(self) -> None:
+        """Undo everything since ``begin_batch``."""
+        self._batch = None
+        self._newest_id = self._batch_newest
+        conn = self._connection()
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    def newest_id(self) -> int:
+        """The greatest user or message id stored (0: none)."""
+        return self._newest_id
+
+    def _note_id(self, message: Message) -> None:
+        message_id = message.get("id")
+        if isinstance(message_id, str) and message_id.isdigit() and len(message_id) < 20:
+            value = int(message_id)
+            if self._newest_id < value <= _SQL_INT_MAX:
+                self._newest_id = value
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -316,9 +426,11 @@ class SQLiteStore:
 
     # -- messages ----------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> int:
+        self._note_id(msg)     # before: the batch's commit records it
         return self._transaction(_write_channel_message, channel, msg)
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
+        self._note_id(msg)
         return self._transaction(_write_user_message, sender_id, receiver_id, msg)
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
@@ -357,6 +469,33 @@ class SQLiteStore:
         wanted = [message_id for message_id in ids if isinstance(message_id, str)]
         if wanted:
             self._transaction(_write_mailbox_ack, user_id, wanted)
+
+    # -- loading (a server keeps users and memberships in memory) ------------
+    def all_users(self) -> Iterator[tuple[int, str]]:
+        """Every (user id, name), by id."""
+        for user_id, name in self._connection().execute("SELECT id, name FROM users ORDER BY id"):
+            yield (user_id + (1 << 64) if user_id < 0 else user_id), name
+
+    def all_channels(self) -> Iterator[str]:
+        for (name,) in self._connection().execute("SELECT name FROM channels"):
+            yield name
+
+    def all_members(self) -> Iterator[tuple[str, int, bool]]:
+        """Every (channel, user id, push), in the order joined."""
+        for channel, user_id, push in self._connection().execute(
+                "SELECT channel, user_id, push FROM members ORDER BY rowid"):
+            yield channel, (user_id + (1 << 64) if user_id < 0 else user_id), bool(push)
+
+    # -- retention -------------------------------------------------------
+    def prune(self, retention: Retention, now_ms: int, after: str = "",
+              row_budget: int = 2000) -> tuple[int, str | None]:
+        """Delete messages outside the retention tiers, conversation by conversation
+        in key order from the one after ``after``, until about ``row_budget`` rows
+        are gone (a bounded step, so writes are not held up for long). Returns the
+        rows deleted and where to go on (None: the pass is complete). A direct
+        message still in its receiver's mailbox is kept. ``last_seq`` is never
+        touched, so seq goes on from where it was even when everything was pruned."""
+        return self._transaction(_write_prune, retention, now_ms, after, row_budget)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

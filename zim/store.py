@@ -163,6 +163,14 @@ class UserNames:
         index = self._index(user_id)
         return None if index < 0 else self._original(index)
 
+    def remove(self, user_id: int) -> None:
+        """Forget a user (undoing an ``add`` whose write failed); rare, so O(n)."""
+        index = self._index(user_id) if isinstance(user_id, int) else -1
+        if index >= 0:
+            del self._ids[index]
+            del self._offsets[index]      # its name stays in the heap, unreferenced
+            self._renamed.pop(user_id, None)
+
     def rename(self, user_id: int, name: str) -> None:
         """Change an existing user's name; KeyError if there is no such user."""
         index = self._index(user_id) if isinstance(user_id, int) else -1
@@ -214,9 +222,22 @@ class MemoryStore:
     def set_user_name(self, user_id: int, name: str) -> None:
         self._names.rename(user_id, name)
 
+    def remove_user(self, user_id: int) -> None:
+        """Forget a user that has no memberships (undo of ``create_user``)."""
+        self._names.remove(user_id)
+
     # -- channels ----------------------------------------------------------
     def channel_exists(self, channel: str) -> bool:
         return channel in self._members
+
+    def add_channel(self, channel: str) -> None:
+        """Make a channel exist without members (loading a stored one)."""
+        self._members.setdefault(channel, {})
+
+    def drop_channel(self, channel: str) -> None:
+        """Forget a channel that has no members (undo of its creation)."""
+        if not self._members.get(channel, True):
+            del self._members[channel]
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> None:
         push = bool(push)

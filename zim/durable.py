@@ -1,0 +1,252 @@
+"""The default Store: everything on disk (SQLite), written by a separate process.
+
+``DurableStore`` is what handlers call in the process that runs them (the single
+server process, or the router of ``--workers N``). It keeps users, channels and
+memberships in memory (loaded at start; the same compact tables as MemoryStore),
+so checks and logins read nothing from disk. Every change, every message and
+every history or mailbox read is sent to the writer process (``zim.writer``)
+over a socketpair served by the reactor: the reactor never waits on the disk.
+
+A call that goes to the writer returns a ``Pending`` that settles when the
+writer has committed the batch holding it (group commit); the framework sends
+the client's response then, so a response means "stored". Answers come in the
+order of the calls. A change to the in-memory tables is made at once (later
+requests see it) and undone if the writer reports that its batch failed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from typing import Any, Callable, Iterable, Union
+
+import orjson
+
+from zim._core import Reactor
+from zim.app import Pending
+from zim.retention import Retention
+from zim.sqlite_store import SQLiteStore
+from zim.store import ChannelKey, HistoryKind, MemoryStore, Message, PairKey
+from zim.writer import (
+    FAILED, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME, OP_RESYNC,
+    OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_USER_MESSAGE,
+)
+
+log = logging.getLogger("zim.store")
+
+DB_FILE = "zim.db"
+
+
+class StoreCall(Pending):
+    """One call sent to the writer: its place in line and how to undo its in-memory part."""
+
+    __slots__ = ("number", "undo")
+
+    def __init__(self, number: int, undo: Callable[[], None] | None) -> None:
+        super().__init__()
+        self.number = number
+        self.undo = undo
+
+
+class DurableStore:
+    """A Store in ``DATA/zim.db``; see the module docstring.
+
+    Opening it checks the database (a corrupt, unwritable or newer file raises
+    RuntimeError) and loads users and memberships; ``attach(reactor)`` starts the
+    writer process; ``close()`` stops it.
+    """
+
+    def __init__(self, data_dir: str, retention: Retention = Retention()) -> None:
+        self.path = os.path.join(data_dir, DB_FILE)
+        self.retention = retention
+        self.meta = MemoryStore()               # users, channels, memberships
+        self.calls: deque[StoreCall] = deque()  # sent, not answered yet (oldest first)
+        self.issued = 0                         # calls sent so far
+        self.undone_upto = 0                    # calls up to this number were undone already
+        self.reactor: Reactor | None = None
+        self.link = 0
+        self.on_link: Callable[[int], None] = lambda link: None
+        self.process: subprocess.Popen | None = None
+        self.closed = False
+        self._newest_id = self._load()
+
+    def _load(self) -> int:
+        db = SQLiteStore(self.path)
+        try:
+            meta = self.meta
+            for user_id, name in db.all_users():
+                meta.create_user(user_id, name)
+            for channel in db.all_channels():
+                meta.add_channel(channel)
+            for channel, user_id, push in db.all_members():
+                meta.subscribe(channel, user_id, push)
+            return db.newest_id()
+        finally:
+            db.close()
+
+    def newest_id(self) -> int:
+        """The greatest id stored when the database was opened."""
+        return self._newest_id
+
+    # -- the writer process ----------------------------------------------------
+    def attach(self, reactor: Reactor, on_link: Callable[[int], None]) -> None:
+        """Start the writer; ``on_link(link)`` learns each new link (packets on it
+        go to ``on_link_packet``, its closing to ``on_link_closed``)."""
+        self.reactor = reactor
+        self.on_link = on_link
+        self._spawn()
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = [sys.executable, "-m", "zim.writer", "--db", self.path,
+                   "--link-fd", str(theirs.fileno()), "--parent", str(os.getpid()),
+                   "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                   *self.retention.as_args()]
+        try:
+            self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
+        except OSError as exc:
+            log.error("cannot start the writer process: %s", exc)
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self.link = self.reactor.adopt_link(ours.detach())
+        self.on_link(self.link)
+
+    def on_link_closed(self) -> None:
+        """The writer died: what it had not answered fails (it may or may not be
+        stored: the client gets ``internal`` and may retry); start a new one."""
+        if self.closed:
+            return
+        if self.process is not None:
+            code = self.process.poll()
+            log.error("the writer process exited (%s); %d store calls fail", code, len(self.calls))
+        self.link = 0
+        self.on_link(0)
+        calls = list(self.calls)
+        self.calls.clear()
+        self._undo(calls)
+        for call in calls:
+            call.settle(False, "the writer process exited")
+        self._spawn()
+
+    def on_link_packet(self, op: int, status: int, payload: bytes) -> None:
+        """The writer's answer to the oldest call."""
+        if not self.calls:
+            log.error("the writer answered a call never made (op %d)", op)
+            return
+        call = self.calls.popleft()
+        value = orjson.loads(payload) if payload else None
+        if status == FAILED:
+            if call.number > self.undone_upto:
+                # this and every later call fail: undo them newest first, then let
+                # the writer accept writes again
+                self._undo([call, *self.calls])
+                self.undone_upto = self.issued
+                self.reactor.reply(self.link, OP_RESYNC, 0, b"[]")
+            call.settle(False, value)
+        else:
+            call.settle(True, value)
+
+    def _undo(self, calls: list[StoreCall]) -> None:
+        for call in reversed(calls):
+            if call.undo is not None:
+                call.undo()
+                call.undo = None
+
+    def _call(self, op: int, args: list, undo: Callable[[], None] | None = None) -> StoreCall:
+        self.issued += 1
+        call = StoreCall(self.issued, undo)
+        if self.link and self.reactor.reply(self.link, op, 0, orjson.dumps(args)):
+            self.calls.append(call)
+        else:
+            self._undo([call])
+            call.settle(False, "the writer process is not running")
+        return call
+
+    def close(self) -> None:
+        self.closed = True
+        process, self.process = self.process, None
+        if self.link and self.reactor is not None:
+            self.reactor.close(self.link)
+        self.link = 0
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    # -- users -------------------------------------------------------------
+    def create_user(self, user_id: int, name: str) -> Pending:
+        meta = self.meta
+        meta.create_user(user_id, name)
+        return self._call(OP_CREATE_USER, [user_id, name], lambda: meta.remove_user(user_id))
+
+    def user_exists(self, user_id: int) -> bool:
+        return self.meta.user_exists(user_id)
+
+    def user_name(self, user_id: int) -> str | None:
+        return self.meta.user_name(user_id)
+
+    def set_user_name(self, user_id: int, name: str) -> Pending:
+        meta = self.meta
+        old = meta.user_name(user_id)
+        meta.set_user_name(user_id, name)
+        return self._call(OP_RENAME, [user_id, name], lambda: meta.set_user_name(user_id, old))
+
+    # -- channels ----------------------------------------------------------
+    def channel_exists(self, channel: str) -> bool:
+        return self.meta.channel_exists(channel)
+
+    def subscribe(self, channel: str, user_id: int, push: bool) -> Pending:
+        meta = self.meta
+        existed = meta.channel_exists(channel)
+        old = meta.membership(channel, user_id)
+        meta.subscribe(channel, user_id, push)
+
+        def undo() -> None:
+            if old is not None:
+                meta.subscribe(channel, user_id, old)
+                return
+            meta.unsubscribe(channel, user_id)
+            if not existed:
+                meta.drop_channel(channel)
+
+        return self._call(OP_SUBSCRIBE, [channel, user_id, bool(push)], undo)
+
+    def unsubscribe(self, channel: str, user_id: int) -> Pending | bool:
+        meta = self.meta
+        old = meta.membership(channel, user_id)
+        if not meta.unsubscribe(channel, user_id):
+            return False
+        return self._call(OP_UNSUBSCRIBE, [channel, user_id],
+                          lambda: meta.subscribe(channel, user_id, old))
+
+    def membership(self, channel: str, user_id: int) -> bool | None:
+        return self.meta.membership(channel, user_id)
+
+    def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
+        return self.meta.user_channels(user_id)
+
+    # -- messages (seq is set by the writer, in the batch's transaction) --------
+    def append_channel_message(self, channel: str, msg: Message) -> Pending:
+        return self._call(OP_CHANNEL_MESSAGE, [channel, msg])
+
+    def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> Pending:
+        return self._call(OP_USER_MESSAGE, [sender_id, receiver_id, msg])
+
+    def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
+                before_seq: int | None, limit: int) -> Pending:
+        return self._call(OP_HISTORY, [kind, key, before_seq, limit])
+
+    # -- mailboxes ---------------------------------------------------------
+    def mailbox_pull(self, user_id: int, limit: int) -> Pending:
+        return self._call(OP_MAILBOX, [user_id, limit])
+
+    def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> Pending:
+        return self._call(OP_ACK, [user_id, [i for i in ids if isinstance(i, str)]])

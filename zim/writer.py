@@ -1,0 +1,218 @@
+"""The writer process: the only process that touches the database after start-up.
+
+The server (``zim.durable.DurableStore``) sends it store operations over a Unix
+socketpair, in zim's TCP framing: action = operation, body = orjson list of its
+arguments. It answers every operation, in order, with one packet: same action,
+seq = OK or FAILED, body = orjson of the result.
+
+Group commit: it reads whatever has arrived (everything queued while the last
+commit ran), applies it all in one transaction, commits, and only then sends the
+answers, in one write. So an answer means "committed": the server sends a client
+its response only after that. A failed batch (I/O error, full disk) is rolled
+back and every operation in it answered FAILED; so is every later one until the
+server, having undone its own view of the failed ones, sends RESYNC. Hence an
+answer OK also means every earlier operation was stored.
+
+Reads (history, mailbox) go through here too, in the same order as the writes:
+a read sees every write sent before it.
+
+Between batches, and after a batch once due, it prunes by the retention tiers a
+bounded step at a time (``SQLiteStore.prune``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import select
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from typing import Any, Callable
+
+import orjson
+
+from zim._codec import TcpDecoder, encode_tcp
+from zim.ids import wall_clock_ms
+from zim.retention import Retention, parse_tier
+from zim.sqlite_store import SQLiteStore
+from zim.store import CHANNEL
+
+log = logging.getLogger("zim.writer")
+
+(OP_CREATE_USER, OP_RENAME, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_CHANNEL_MESSAGE, OP_USER_MESSAGE,
+ OP_HISTORY, OP_MAILBOX, OP_ACK, OP_RESYNC) = range(1, 11)
+OK, FAILED = 0, 1
+LINK_MAX_PACKET = 4 * 1024 * 1024     # the reactor's limit for links
+READ_CHUNK = 1 << 20
+PRUNE_ROWS = 2000                     # rows deleted per prune step
+
+
+def _history(store: SQLiteStore, kind: str, key: Any, before: int | None, limit: int) -> list:
+    messages, has_more = store.history(kind, key if kind == CHANNEL else tuple(key), before, limit)
+    return [messages, has_more]
+
+
+OPERATIONS: dict[int, Callable[..., Any]] = {
+    OP_CREATE_USER: SQLiteStore.create_user,
+    OP_RENAME: SQLiteStore.set_user_name,
+    OP_SUBSCRIBE: SQLiteStore.subscribe,
+    OP_UNSUBSCRIBE: SQLiteStore.unsubscribe,
+    OP_CHANNEL_MESSAGE: SQLiteStore.append_channel_message,
+    OP_USER_MESSAGE: SQLiteStore.append_user_message,
+    OP_HISTORY: _history,
+    OP_MAILBOX: SQLiteStore.mailbox_pull,
+    OP_ACK: SQLiteStore.mailbox_ack,
+}
+
+
+class Writer:
+    """Applies batches of operations to one SQLiteStore; see the module docstring."""
+
+    def __init__(self, store: SQLiteStore, retention: Retention) -> None:
+        self.store = store
+        self.retention = retention
+        self.failed = False             # answering FAILED until RESYNC
+        self.prune_at = time.monotonic() + retention.prune_every_s
+        self.prune_from: str | None = None    # None: no pass under way
+        self.pruned = 0
+
+    def apply(self, packets: list[tuple[int, bytes]]) -> list[bytes]:
+        """One batch: the answer packets, to be sent only now that it is committed."""
+        store = self.store
+        answers: list[bytes] = []
+        first = -1                      # index of the batch's first answer (-1: no transaction)
+        for op, body in packets:
+            if op == OP_RESYNC:
+                self.failed = False
+                continue
+            if self.failed:
+                answers.append(encode_tcp(op, FAILED, b'"an earlier write failed"'))
+                continue
+            if first < 0:
+                store.begin_batch()
+                first = len(answers)
+            try:
+                value = OPERATIONS[op](store, *orjson.loads(body))
+            except sqlite3.Error as exc:
+                self._fail(answers, first, op, exc)
+                first = -1
+                continue
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                # a request the store refuses (the server checks first: a bug if seen)
+                log.error("operation %d refused: %r", op, exc)
+                answers.append(encode_tcp(op, FAILED, orjson.dumps(f"refused: {exc!r}")))
+                continue
+            answers.append(encode_tcp(op, OK, orjson.dumps(value)))
+        if first >= 0:
+            try:
+                store.commit_batch()
+            except sqlite3.Error as exc:
+                self._fail(answers, first, 0, exc)
+        return answers
+
+    def _fail(self, answers: list[bytes], first: int, op: int, exc: Exception) -> None:
+        """The batch's transaction failed: roll back, answer all of it FAILED."""
+        log.error("write failed, batch rolled back: %s", exc)
+        if self.store._batch is not None:
+            self.store.rollback_batch()
+        reason = orjson.dumps(f"write failed: {exc}")
+        for i in range(first, len(answers)):
+            answers[i] = encode_tcp(int.from_bytes(answers[i][4:6], "big"), FAILED, reason)
+        if op:
+            answers.append(encode_tcp(op, FAILED, reason))
+        self.failed = True
+
+    # -- retention -----------------------------------------------------------
+    def prune_due(self) -> bool:
+        return self.prune_from is not None or time.monotonic() >= self.prune_at
+
+    def prune_step(self) -> None:
+        """One bounded pruning step (its own transaction)."""
+        if self.prune_from is None:
+            self.prune_from = ""
+            self.pruned = 0
+        try:
+            deleted, self.prune_from = self.store.prune(self.retention, wall_clock_ms(),
+                                                        self.prune_from, PRUNE_ROWS)
+        except sqlite3.Error as exc:
+            log.error("pruning failed: %s", exc)
+            self.prune_from = None
+            deleted = 0
+        self.pruned += deleted
+        if self.prune_from is None:
+            if self.pruned:
+                log.info("pruned %d messages", self.pruned)
+            self.prune_at = time.monotonic() + self.retention.prune_every_s
+
+    def next_timeout(self) -> float | None:
+        if self.prune_from is not None:
+            return 0.0
+        return max(0.0, self.prune_at - time.monotonic())
+
+
+def serve(sock: socket.socket, writer: Writer) -> None:
+    """Read operations, apply them in batches, answer; until the server goes away."""
+    decoder = TcpDecoder(LINK_MAX_PACKET)
+    fd = sock.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], writer.next_timeout())
+        if not ready:
+            writer.prune_step()
+            continue
+        data = sock.recv(READ_CHUNK)
+        if not data:
+            return                      # the server closed the link
+        packets = []
+        for event in decoder.feed(data):
+            if event[0] != "packet":
+                log.error("broken link framing: %r", event[0])
+                return
+            packets.append((event[1], event[3]))
+        if packets:
+            sock.sendall(b"".join(writer.apply(packets)))
+        if writer.prune_due():
+            writer.prune_step()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zim.writer", description="zim's database writer (started by zim-server)")
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--link-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--retain-private", type=parse_tier, default=Retention.private)
+    parser.add_argument("--retain-channel", type=parse_tier, default=Retention.channel)
+    parser.add_argument("--retain-large", type=parse_tier, default=Retention.large)
+    parser.add_argument("--large-channel", type=int, default=Retention.large_members)
+    parser.add_argument("--prune-every", type=int, default=Retention.prune_every_s)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    from zim.worker import die_with_parent
+
+    die_with_parent(args.parent)
+    # SIGTERM (the server stopping, or dying) ends it at once: an open batch is
+    # simply not committed, and none of its operations was answered
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    retention = Retention(args.retain_private, args.retain_channel, args.retain_large,
+                          args.large_channel, args.prune_every)
+    sock = socket.socket(fileno=args.link_fd)
+    sock.setblocking(True)
+    try:
+        store = SQLiteStore(args.db)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        serve(sock, Writer(store, retention))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
