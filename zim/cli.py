@@ -7,6 +7,8 @@ import os
 import sys
 
 from zim.app import DEFAULT_MAX_PACKET, MAX_WORKERS, App, parse_address
+from zim.retention import Retention, Tier, parse_tier
+from zim.store import MemoryStore
 
 
 def _address(text: str) -> str:
@@ -32,6 +34,13 @@ def _bounded_int(low: int, high: int):
     return parse
 
 
+def _tier(text: str) -> Tier:
+    try:
+        return parse_tier(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zim-server",
@@ -54,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-timeout", type=_bounded_int(0, 86400), default=300, metavar="S",
                         help="close connections silent for S seconds (default 300; 0: off); "
                              "heartbeats (action 9) and WebSocket pings count")
+    parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite",
+                        help="sqlite (default): everything in DIR/zim.db, kept across restarts; "
+                             "memory: nothing kept (for tests and comparisons)")
+    defaults = Retention()
+    for flag, tier, what in (("--retain-private", defaults.private, "private conversations"),
+                             ("--retain-channel", defaults.channel, "channels"),
+                             ("--retain-large", defaults.large, "large channels")):
+        parser.add_argument(flag, type=_tier, default=tier, metavar="TTL:CAP",
+                            help=f"retention of {what}: messages younger than TTL (30d, 12h, 90s ...), "
+                                 f"at most CAP per conversation; 0 turns either off (default {tier})")
+    parser.add_argument("--large-channel", type=_bounded_int(1, 1 << 31), default=defaults.large_members,
+                        metavar="MEMBERS", help="a channel with this many members or more is large "
+                                                f"(default {defaults.large_members})")
+    parser.add_argument("--prune-every", type=_bounded_int(1, 86400), default=defaults.prune_every_s,
+                        metavar="S", help=f"start a pruning pass every S seconds (default {defaults.prune_every_s})")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -66,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     tcp = None if args.tcp == "off" else args.tcp
     ws = None if args.ws == "off" else args.ws
     try:
-        App().run(tcp=tcp, ws=ws, workers=args.workers, data=args.data,
-                  max_packet=args.max_packet, login_timeout=args.login_timeout,
-                  idle_timeout=args.idle_timeout)
+        retention = Retention(args.retain_private, args.retain_channel, args.retain_large,
+                              args.large_channel, args.prune_every)
+        App(store=MemoryStore() if args.store == "memory" else None).run(
+            tcp=tcp, ws=ws, workers=args.workers, data=args.data, max_packet=args.max_packet,
+            login_timeout=args.login_timeout, idle_timeout=args.idle_timeout, retention=retention)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"zim-server: {exc}", file=sys.stderr)
         return 1

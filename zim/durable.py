@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from typing import Any, Callable, Iterable, Union
+from typing import Callable, Iterable, Union
 
 import orjson
 
