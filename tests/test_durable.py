@@ -318,3 +318,47 @@ def test_full_disk_answers_internal_never_a_false_ack_and_recovers(start_server,
     assert [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
     assert [m["id"] for m in stored] == acked + [response["id"]]
     srv.assert_alive()
+
+
+def test_failed_batch_undoes_memory_changes_newest_first(tmp_path):
+    """What the writer answers FAILED is undone in the server's memory, in reverse order,
+    and only once: later FAILED answers of the same failure undo nothing more."""
+    import socket
+
+    from zim._core import Reactor
+    from zim.durable import DurableStore
+    from zim.writer import FAILED, OK
+
+    store = DurableStore(str(tmp_path))
+    reactor = Reactor(65536, lambda *packet: None)
+    ours, theirs = socket.socketpair()
+    store.reactor = reactor
+    store.link = reactor.adopt_link(ours.detach())
+    try:
+        store.meta.create_user(1, "alice")
+        kept = store.subscribe("kept", 1, True)
+        calls = [store.create_user(2, "bob"), store.subscribe("room", 1, True),
+                 store.set_user_name(1, "alice2"), store.subscribe("room", 1, False),
+                 store.unsubscribe("kept", 1)]
+        assert store.membership("room", 1) is False and store.user_name(1) == "alice2"
+        outcomes = []
+        for call in [kept, *calls]:
+            call.callback = lambda ok, value: outcomes.append(ok)
+        store.on_link_packet(3, OK, b"null")
+        store.on_link_packet(1, FAILED, b'"disk full"')
+        # everything from the failed call on is undone
+        assert not store.user_exists(2)
+        assert not store.channel_exists("room")
+        assert store.user_name(1) == "alice"
+        assert store.membership("kept", 1) is True
+        for op in (3, 2, 3, 4):
+            store.on_link_packet(op, FAILED, b'"an earlier write failed"')
+        assert outcomes == [True, False, False, False, False, False]
+        assert store.membership("kept", 1) is True and not store.channel_exists("room")
+        # after the failure, new calls are undone only if they fail themselves
+        again = store.subscribe("room", 1, True)
+        store.on_link_packet(3, OK, b"null")
+        assert again.outcome == (True, None) and store.membership("room", 1) is True
+    finally:
+        reactor.close_all()
+        theirs.close()

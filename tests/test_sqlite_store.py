@@ -3,6 +3,7 @@ comparison of the two, durability across close and SIGKILL, and refusal of
 corrupt, unwritable or newer databases."""
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sqlite3
@@ -213,6 +214,7 @@ class CompareStores(RuleBasedStateMachine):
         self.sqlite = SQLiteStore(self.path)
         self.next_id = 1
         self.ids: list[str] = []
+        self.before_batch: MemoryStore | None = None    # MemoryStore as it was at begin_batch
 
     def teardown(self):
         self.sqlite.close()
@@ -280,6 +282,26 @@ class CompareStores(RuleBasedStateMachine):
         ids = data.draw(st.lists(st.sampled_from(self.ids + ["nope", ""]), max_size=6))
         self.both("mailbox_ack", user, ids)
 
+    # batches (the writer's group commit): buffered messages, reads inside, rollback
+    @precondition(lambda self: self.before_batch is None)
+    @rule()
+    def begin_batch(self):
+        self.sqlite.begin_batch()
+        self.before_batch = copy.deepcopy(self.memory)
+
+    @precondition(lambda self: self.before_batch is not None)
+    @rule()
+    def commit_batch(self):
+        self.sqlite.commit_batch()
+        self.before_batch = None
+
+    @precondition(lambda self: self.before_batch is not None)
+    @rule()
+    def rollback_batch(self):
+        self.sqlite.rollback_batch()
+        self.memory, self.before_batch = self.before_batch, None
+
+    @precondition(lambda self: self.before_batch is None)
     @rule()
     def reopen(self):
         self.sqlite.close()

@@ -200,10 +200,12 @@ def _write_user_message(cur: sqlite3.Cursor, sender_id: int, receiver_id: int, m
     conv = _pair_conv((sender_id, receiver_id))
     seq = _write_message(cur, conv, msg)
     # a message id already in the mailbox keeps its place and points at the new message
-    cur.execute("INSERT INTO mailbox(user_id, msg_id, conv, seq) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(user_id, msg_id) DO UPDATE SET conv = excluded.conv, seq = excluded.seq",
-                (_sql_id(receiver_id), message_id, conv, seq))
+    cur.execute(_MAILBOX_INSERT, (_sql_id(receiver_id), message_id, conv, seq))
     return seq
+
+
+_MAILBOX_INSERT = ("INSERT INTO mailbox(user_id, msg_id, conv, seq) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT(user_id, msg_id) DO UPDATE SET conv = excluded.conv, seq = excluded.seq")
 
 
 def _write_mailbox_ack(cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> None:
@@ -212,6 +214,7 @@ def _write_mailbox_ack(cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> Non
                     [(uid, message_id) for message_id in ids])
 
 
+SEQ_CACHE_MAX = 100_000       # conversations whose last seq the writer remembers between batches
 PRUNE_CONVERSATIONS = 256     # conversations looked at per prune call
 
 
@@ -264,6 +267,10 @@ class SQLiteStore:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._batch: sqlite3.Cursor | None = None
+        self._message_rows: list[tuple] = []
+        self._mailbox_rows: list[tuple] = []
+        self._last_seq: dict[str, int] = {}     # conv -> last seq (see _next_seq)
+        self._dirty: dict[str, int] = {}        # conv -> last seq not written yet
         self._newest_id = 0
         self._batch_newest = 0
         try:
@@ -316,6 +323,8 @@ class SQLiteStore:
         """Run one ``_write_*`` function in its own transaction, committed on
         return; inside a batch (``begin_batch``), in the batch's transaction."""
         if self._batch is not None:
+            if self._message_rows:
+                self._flush()
             return write(self._batch, *args)
         self.begin_batch()
         try:
@@ -343,6 +352,7 @@ class SQLiteStore:
         if cur is None:
             raise RuntimeError("no batch is open")
         try:
+            self._flush()
             if self._newest_id > self._batch_newest:
                 cur.execute("INSERT INTO meta(key, value) VALUES ('newest_id', ?) "
                             "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
@@ -352,14 +362,68 @@ class SQLiteStore:
             self.rollback_batch()
             raise
         self._batch = None
+        if len(self._last_seq) > SEQ_CACHE_MAX:
+            self._last_seq.clear()
+
+    # Inside a batch, messages are not inserted one statement at a time: their
+    # rows wait in lists and go in with one executemany each (and the
+    # conversations' last_seq with one more) when the batch commits or before
+    # anything else reads or writes. seq comes from ``_last_seq``, a cache of
+    # conversations.last_seq that is exact because this connection is the only writer.
+    def _next_seq(self, conv: str, channel: str | None) -> int:
+        seq = self._last_seq.get(conv)
+        if seq is None:
+            cur = self._batch
+            if channel is not None and cur.execute("SELECT 1 FROM channels WHERE name = ?",
+                                                   (channel,)).fetchone() is None:
+                raise KeyError(f"no channel {channel!r}")
+            row = cur.execute("SELECT last_seq FROM conversations WHERE conv = ?", (conv,)).fetchone()
+            seq = row[0] if row else 0
+        seq += 1
+        self._last_seq[conv] = seq
+        self._dirty[conv] = seq
+        return seq
+
+    def _buffer_message(self, conv: str, msg: Message, channel: str | None) -> int:
+        seq = self._next_seq(conv, channel)
+        msg["seq"] = seq
+        created_at = msg.get("createdAt")
+        if type(created_at) is not int or not -_SQL_INT_MAX <= created_at <= _SQL_INT_MAX:
+            created_at = None
+        self._message_rows.append((conv, seq, str(msg.get("id")), orjson.dumps(msg), created_at))
+        return seq
+
+    def _flush(self) -> None:
+        cur = self._batch
+        if self._message_rows:
+            cur.executemany("INSERT INTO messages(conv, seq, id, body, created_at) VALUES (?, ?, ?, ?, ?)",
+                            self._message_rows)
+            self._message_rows.clear()
+        if self._mailbox_rows:
+            cur.executemany(_MAILBOX_INSERT, self._mailbox_rows)
+            self._mailbox_rows.clear()
+        if self._dirty:
+            cur.executemany("INSERT INTO conversations(conv, last_seq) VALUES (?, ?) "
+                            "ON CONFLICT(conv) DO UPDATE SET last_seq = excluded.last_seq",
+                            self._dirty.items())
+            self._dirty.clear()
 
     def rollback_batch(self) -> None:
         """Undo everything since ``begin_batch``."""
         self._batch = None
         self._newest_id = self._batch_newest
+        self._message_rows.clear()
+        self._mailbox_rows.clear()
+        self._last_seq.clear()
+        self._dirty.clear()
         conn = self._connection()
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+
+    def checkpoint_automatically(self, on: bool) -> None:
+        """Off: commits never copy the WAL into the database; someone else must run
+        ``PRAGMA wal_checkpoint`` (zim.writer's Checkpointer thread does)."""
+        self._connection().execute(f"PRAGMA wal_autocheckpoint = {1000 if on else 0}")
 
     def newest_id(self) -> int:
         """The greatest user or message id stored (0: none)."""
@@ -375,6 +439,8 @@ class SQLiteStore:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise RuntimeError(f"the zim database {self.path!r} is closed")
+        if self._message_rows:
+            self._flush()           # reads see the batch's messages
         return self._conn
 
     def _one(self, sql: str, params: tuple) -> Any:
@@ -427,10 +493,17 @@ class SQLiteStore:
     # -- messages ----------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> int:
         self._note_id(msg)     # before: the batch's commit records it
+        if self._batch is not None:
+            return self._buffer_message(_channel_conv(channel), msg, channel)
         return self._transaction(_write_channel_message, channel, msg)
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
         self._note_id(msg)
+        if self._batch is not None:
+            conv = _pair_conv((sender_id, receiver_id))
+            seq = self._buffer_message(conv, msg, None)
+            self._mailbox_rows.append((_sql_id(receiver_id), msg["id"], conv, seq))
+            return seq
         return self._transaction(_write_user_message, sender_id, receiver_id, msg)
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
