@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Idle memory per connection: K logged-in, idle connections on one zim worker.
 
-Starts a real server (``python -m zim``, one worker), measures its RSS, opens K
+Starts a real server (``python -m zim``, one worker), measures its RSS (summed
+over the server process and its children: the durable store's writer), opens K
 connections from this one process (non-blocking sockets on one epoll), logs each
 in as a new user (action 1), waits ``--settle`` seconds and measures the RSS again:
 
@@ -284,7 +285,8 @@ def run(args: argparse.Namespace, info: dict) -> int:
         proc = server.start()
         print(f"server: pid {proc.pid}: {' '.join(server.command)}")
         time.sleep(0.5)  # let the interpreter finish importing before the baseline
-        rss_before = proc.memory_info().rss
+        tree = benchlib.ProcessTree(proc)   # the server and its writer process (and workers)
+        rss_before = tree.rss()
         fds_before = proc.num_fds()
         slab_before = benchlib.meminfo_kib("Slab") * 1024
         print(f"baseline: rss {mib(rss_before)}, {fds_before} fds, kernel slab {mib(slab_before)}")
@@ -308,7 +310,9 @@ def run(args: argparse.Namespace, info: dict) -> int:
             time.sleep(min(0.5, max(0.0, settle_end - time.monotonic())))
         if not server.alive():
             raise RuntimeError(f"the server died:\n{server.log_tail()}")
-        rss_after = proc.memory_info().rss
+        if tree.changed():
+            raise RuntimeError("a server process ended or restarted during the run")
+        rss_after = tree.rss()
         fds_after = proc.num_fds()
         slab_after = benchlib.meminfo_kib("Slab") * 1024
         asked, answered = clients.verify(args.verify, timeout=15.0)

@@ -21,12 +21,13 @@ Two kinds of run per sender count:
   schedule for ``--rate-seconds``, open loop. Reported: latency p50/p99. The
   store's added latency is sqlite's p99 minus memory's p99, in the same run.
 
-Then the engine alone: ``zim.writer`` started on a fresh database and fed
+Then the engine alone: ``zim.storage.writer`` started on a fresh database and fed
 ``--engine-messages`` private-message operations over its socketpair as fast as
 it takes them; committed operations per second (what the store can absorb when
 the server in front of it is not the limit).
 
-Client and server share the machine's cores. Medians over ``--runs`` runs.
+Client and server share the machine's cores (saturated runs use
+``--client-processes`` client processes, moderate runs one). Medians over ``--runs`` runs.
 Example: ``python bench/store.py --json``; small: ``--messages 2000 --runs 1 --rate-seconds 1``
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
 LOGIN, SEND_USER = 1, 2
-OP_USER_MESSAGE = 6          # zim.writer's operation code
+OP_USER_MESSAGE = 6          # zim.storage.writer's operation code
 
 
 # -- client processes ---------------------------------------------------------------
@@ -195,31 +196,43 @@ def one_run(group: benchlib.ClientProcesses, tree: benchlib.ProcessTree, order: 
             "p99_ms": benchlib.percentile(latencies, 0.99) / 1e6}
 
 
+def client_group(port: int, senders: int, processes: int) -> benchlib.ClientProcesses:
+    """Client processes holding ``senders`` logged-in senders (and their offline receivers)."""
+    processes = max(1, min(processes, senders))
+    base, extra = divmod(senders, processes)
+    group = benchlib.ClientProcesses()
+    starts, first = [], 0
+    for index in range(processes):
+        count = base + (1 if index < extra else 0)
+        starts.append((port, first, count))
+        first += count
+    group.start(client_process, starts)
+    group.receive_all(60, "log its senders in")
+    return group
+
+
 def measure_store(args, store: str) -> dict:
     out: dict = {}
     with benchlib.Server(extra_args=["--store", store], workers=1) as server:
         root = server.start()
         tree = benchlib.ProcessTree(root)
         for senders in args.senders_list:
-            processes = max(1, min(args.client_processes, senders))
-            base, extra = divmod(senders, processes)
-            with benchlib.ClientProcesses() as group:
-                starts, first = [], 0
-                for index in range(processes):
-                    count = base + (1 if index < extra else 0)
-                    starts.append((server.tcp_port, first + 1000 * senders, count))
-                    first += count
-                group.start(client_process, starts)
-                group.receive_all(60, "log its senders in")
-                per_sender = max(1, args.messages // senders)
-                saturated, moderate = [], []
-                for _ in range(args.runs):
-                    saturated.append(one_run(group, tree, (
-                        "run", "saturated", per_sender, args.window, 0.0, 0.0, args.content_size,
-                        time.monotonic() + args.run_timeout), args.run_timeout))
-                    moderate.append(one_run(group, tree, (
-                        "run", "moderate", 0, 0, args.rate, args.rate_seconds, args.content_size,
-                        time.monotonic() + args.run_timeout), args.run_timeout))
+            per_sender = max(1, args.messages // senders)
+            saturated, moderate = [], []
+            # saturated: the senders in --client-processes processes (clients need CPU too);
+            # moderate: all in one process, so the light load adds no client process to
+            # the competition for the cores
+            for processes, kind in ((args.client_processes, "saturated"), (1, "moderate")):
+                with client_group(server.tcp_port, senders, processes) as group:
+                    for _ in range(args.runs):
+                        if kind == "saturated":
+                            saturated.append(one_run(group, tree, (
+                                "run", "saturated", per_sender, args.window, 0.0, 0.0, args.content_size,
+                                time.monotonic() + args.run_timeout), args.run_timeout))
+                        else:
+                            moderate.append(one_run(group, tree, (
+                                "run", "moderate", 0, 0, args.rate, args.rate_seconds, args.content_size,
+                                time.monotonic() + args.run_timeout), args.run_timeout))
             row = {
                 "stored_per_second": median(saturated, "per_second"),
                 "stored_per_cpu_second": median(saturated, "per_cpu_second"),
@@ -232,13 +245,17 @@ def measure_store(args, store: str) -> dict:
             }
             out[str(senders)] = row
             print(f"{store:>6} senders={senders:<3} stored/s {row['stored_per_second']:>9,.0f}  "
-                  f"per CPU-s {row['stored_per_cpu_second']:>9,.0f}  "
+                  f"per CPU-s {_count(row['stored_per_cpu_second']):>9}  "
                   f"saturated p50/p99 {row['saturated_p50_ms']:7.2f} /{row['saturated_p99_ms']:7.2f} ms  "
                   f"at {args.rate:,.0f}/s p50/p99 {row['moderate_p50_ms']:6.2f} /{row['moderate_p99_ms']:6.2f} ms")
             sys.stdout.flush()
         if server.stop() != 0:
             raise RuntimeError(f"the {store} server did not stop cleanly:\n{server.log_tail()}")
     return out
+
+
+def _count(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def median(runs: list[dict], key: str) -> float | None:
@@ -251,7 +268,7 @@ def measure_engine(messages: int, content_size: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="zim-engine-") as tmp:
         ours, theirs = socket.socketpair()
         process = subprocess.Popen(
-            [sys.executable, "-m", "zim.writer", "--db", os.path.join(tmp, "zim.db"),
+            [sys.executable, "-m", "zim.storage.writer", "--db", os.path.join(tmp, "zim.db"),
              "--link-fd", str(theirs.fileno()), "--parent", str(os.getpid()), "--log-level", "WARNING"],
             pass_fds=(theirs.fileno(),), cwd=benchlib.REPO_ROOT)
         theirs.close()
@@ -302,7 +319,7 @@ def run(args, info: dict) -> int:
     engine = [measure_engine(args.engine_messages, args.content_size) for _ in range(args.runs)]
     result["engine_per_second"] = median(engine, "per_second")
     each = ", ".join(f"{e['per_second']:,.0f}" for e in engine)
-    print(f"engine: zim.writer alone commits {result['engine_per_second']:,.0f} private messages/s "
+    print(f"engine: zim.storage.writer alone commits {result['engine_per_second']:,.0f} private messages/s "
           f"(median of {args.runs}: {each})")
     for store in args.stores:
         result["stores"][store] = measure_store(args, store)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zim.ids import EPOCH_MS, MAX_SEQUENCE, Snowflake, timestamp_ms
-from zim.store import MAX_USER_ID, MemoryStore, UserNames, page
+from zim.storage.store import MAX_USER_ID, MemoryStore, UserNames, page
 from zim.tokens import SECRET_BYTES, load_or_create_secret, make_token, parse_user_id, verify_token
 
 SECRET = bytes(range(32))

@@ -12,6 +12,7 @@ Use it as a server (``zim-server``) or as a framework::
     app.run(tcp=":8081", ws=":8082")
 """
 from zim.app import App, Ctx, Error
+from zim.storage import MemoryStore, Retention, Tier
 
-__all__ = ["App", "Ctx", "Error"]
+__all__ = ["App", "Ctx", "Error", "MemoryStore", "Retention", "Tier"]
 __version__ = "0.1.0"

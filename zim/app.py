@@ -14,7 +14,8 @@ import orjson
 
 from zim._core import Reactor
 from zim.fabric import Fabric, LocalFabric
-from zim.retention import Retention
+from zim.storage.retention import Retention
+from zim.storage.store import Pending
 
 log = logging.getLogger("zim")
 
@@ -34,25 +35,6 @@ class Error(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class Pending:
-    """A store result that comes later: a durable store answers once the batch
-    holding the call is committed. The store calls ``settle(True, value)`` or
-    ``settle(False, reason)`` exactly once; a handler waits on it with ``ctx.later``."""
-
-    __slots__ = ("callback", "outcome")
-
-    def __init__(self) -> None:
-        self.callback: Callable[[bool, Any], None] | None = None
-        self.outcome: tuple[bool, Any] | None = None    # settled before anyone waited
-
-    def settle(self, ok: bool, value: Any) -> None:
-        callback, self.callback = self.callback, None
-        if callback is None:
-            self.outcome = (ok, value)
-        else:
-            callback(ok, value)
 
 
 class _Deferred:
@@ -131,18 +113,21 @@ class Ctx:
         return DEFERRED
 
     # -- other connections -------------------------------------------------
-    def push_user(self, user_id: str, action: int, body: dict, exclude_self: bool = False) -> int:
-        """Push to every connection of ``user_id``; returns how many were queued."""
+    def push_user(self, user_id: str, action: int, body: dict | bytes, exclude_self: bool = False) -> int:
+        """Push to every connection of ``user_id``; returns how many were queued.
+        ``body`` is a dict, or its JSON already encoded (bytes)."""
         exclude = self.conn if exclude_self else 0
-        return self.app.fabric.push_user(int(user_id), action, orjson.dumps(body), exclude)
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        return self.app.fabric.push_user(int(user_id), action, payload, exclude)
 
-    def push_channel(self, channel: str, action: int, body: dict, exclude_self: bool = True) -> int:
+    def push_channel(self, channel: str, action: int, body: dict | bytes, exclude_self: bool = True) -> int:
         """Push to every connection following ``channel`` (encoded once, fanned out in C)."""
         group = self.app.groups.get(channel)
         if group is None:
             return 0
         exclude = self.conn if exclude_self else 0
-        return self.app.fabric.broadcast(group, action, orjson.dumps(body), exclude)
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        return self.app.fabric.broadcast(group, action, payload, exclude)
 
     def follow(self, channel: str, user_id: str | None = None) -> None:
         """Every connection of the user (default: this one's) receives ``channel``'s pushes."""
@@ -237,7 +222,7 @@ class App:
                 body = error_body("bad_request", "body must be a JSON object")
         if body is None:
             handler = self.routes[action][0]
-            body = self._answer(ctx, lambda: handler(ctx, request))
+            body = self._answer(ctx, handler, ctx, request)
             if body is DEFERRED:
                 self.fabric.hold(conn)
                 return
@@ -246,7 +231,7 @@ class App:
     def _finish(self, ctx: Ctx, then: Callable[[Any], Any], ok: bool, value: Any) -> None:
         """A store result a handler waited on (``Ctx.later``) is ready."""
         if ok:
-            body = self._answer(ctx, lambda: then(value))
+            body = self._answer(ctx, then, value)
             if body is DEFERRED:
                 return              # ``then`` waits on another result
         else:
@@ -272,10 +257,10 @@ class App:
             return
         self.serve(conn, self.reactor.conn_user(conn), action, seq, payload)
 
-    def _answer(self, ctx: Ctx, step: Callable[[], Any]) -> Any:
-        """Run a handler (or a ``later`` continuation): its encoded answer, or DEFERRED."""
+    def _answer(self, ctx: Ctx, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``, a handler or a ``later`` continuation: its encoded answer, or DEFERRED."""
         try:
-            result = step()
+            result = step(*args)
         except Error as exc:
             return error_body(exc.code, exc.message)
         except Exception:
@@ -300,7 +285,7 @@ class App:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
 
         ``data`` holds the token secret and, unless the App was given a store, the
-        database (``zim.durable.DurableStore``, pruned by ``retention``).
+        database (``zim.storage.durable.DurableStore``, pruned by ``retention``).
 
         ``workers``: 1 serves from this process; N > 1 makes this process the
         supervisor and router of N worker processes sharing the ports.
@@ -334,7 +319,7 @@ class App:
         self.data_dir = data
         self.secret = tokens.load_or_create_secret(data)
         if self.store is None:
-            from zim.durable import DurableStore
+            from zim.storage.durable import DurableStore
 
             self.store = DurableStore(data, retention)
         ids = getattr(self, "ids", None)

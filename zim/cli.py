@@ -7,8 +7,8 @@ import os
 import sys
 
 from zim.app import DEFAULT_MAX_PACKET, MAX_WORKERS, App, parse_address
-from zim.retention import Retention, Tier, parse_tier
-from zim.store import MemoryStore
+from zim.storage.retention import Retention, Tier, parse_tier
+from zim.storage.store import MemoryStore
 
 
 def _address(text: str) -> str:

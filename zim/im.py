@@ -13,7 +13,7 @@ import orjson
 
 from zim.app import Error
 from zim.ids import Snowflake, timestamp_ms, wall_clock_ms
-from zim.store import CHANNEL, USER
+from zim.storage.store import CHANNEL, USER
 from zim.tokens import make_token, parse_user_id, verify_token
 
 if TYPE_CHECKING:
@@ -219,10 +219,11 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
 
     def stored(seq: int) -> dict:
         msg["seq"] = seq
+        pushed = orjson.dumps(msg)
         # to oneself: the sender's other connections are the receiver's
-        ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, msg, exclude_self=receiver_id == sender_id)
+        ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, pushed, exclude_self=receiver_id == sender_id)
         if receiver_id != sender_id:
-            ctx.push_user(ctx.user_id, PUSH_USER_MESSAGE, msg, exclude_self=True)
+            ctx.push_user(ctx.user_id, PUSH_USER_MESSAGE, pushed, exclude_self=True)
         return {"id": msg["id"], "seq": seq}
 
     return ctx.later(store.append_user_message(sender_id, receiver_id, msg), stored)

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from zim.sqlite_store import SCHEMA_VERSION, SQLiteStore
-from zim.store import MAX_USER_ID, MemoryStore, Store
+from zim.storage.sqlite import SCHEMA_VERSION, SQLiteStore
+from zim.storage.store import MAX_USER_ID, MemoryStore, Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -377,8 +377,8 @@ def test_kill_9_after_commit_loses_nothing(tmp_path):
         import sys, time
         sys.path.insert(0, {str(REPO_ROOT)!r})
         sys.path.insert(1, {str(Path(__file__).parent)!r})
-        from test_sqlite_store import fill, setup_users
-        from zim.sqlite_store import SQLiteStore
+        from test_storage_sqlite import fill, setup_users
+        from zim.storage.sqlite import SQLiteStore
         store = SQLiteStore({path!r})
         setup_users(store)
         fill(store, 25)

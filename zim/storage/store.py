@@ -1,7 +1,11 @@
-"""Where the IM keeps users, channels, messages and mailboxes.
+"""Where the IM keeps users, channels, messages and mailboxes: the interface.
 
-``Store`` is the interface zim.im talks to: synchronous, one call per fact, so a
-durable store (SQLite) can implement it later without touching the IM logic.
+``Store`` is the interface zim.im talks to: one call per fact. Reads of users,
+channels and memberships answer at once. Writes, message appends and the reads
+of messages (history, mailbox) answer either at once (``MemoryStore``) or with a
+``Pending`` that settles once the change is stored (``zim.storage.durable``);
+handlers wait on either with ``ctx.later``. Results settle in the order of the
+calls, and one settles successfully only if every earlier call was stored.
 ``MemoryStore`` keeps everything in this process's memory.
 
 Messages are plain dicts shaped as on the wire (PROTOCOL.md "Message"). A store
@@ -17,7 +21,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from itertools import islice
-from typing import Iterable, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Iterable, Literal, Protocol, Union, runtime_checkable
 
 Message = dict
 ChannelKey = str
@@ -85,6 +89,25 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release resources (flush, close files)."""
+
+
+class Pending:
+    """A store result that comes later: a durable store answers once the batch
+    holding the call is committed. The store calls ``settle(True, value)`` or
+    ``settle(False, reason)`` exactly once; a handler waits on it with ``ctx.later``."""
+
+    __slots__ = ("callback", "outcome")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[bool, Any], None] | None = None
+        self.outcome: tuple[bool, Any] | None = None    # settled before anyone waited
+
+    def settle(self, ok: bool, value: Any) -> None:
+        callback, self.callback = self.callback, None
+        if callback is None:
+            self.outcome = (ok, value)
+        else:
+            callback(ok, value)
 
 
 def pair_key(user_a: int, user_b: int) -> PairKey:

@@ -1,6 +1,6 @@
 """A durable ``Store`` on the standard library's sqlite3 (one database file).
 
-``SQLiteStore(path)`` implements the ``zim.store.Store`` protocol with the same
+``SQLiteStore(path)`` implements the ``zim.storage.store.Store`` protocol with the same
 semantics as ``MemoryStore``; every write method commits its own transaction
 before it returns, so a successful call is stored.
 
@@ -55,8 +55,8 @@ from typing import Any, Callable, Iterable, Iterator, Union
 
 import orjson
 
-from zim.retention import Retention
-from zim.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message,
+from zim.storage.retention import Retention
+from zim.storage.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message,
                        PairKey, _encode_name, pair_key)
 
 SCHEMA_VERSION = 2
@@ -422,7 +422,7 @@ class SQLiteStore:
 
     def checkpoint_automatically(self, on: bool) -> None:
         """Off: commits never copy the WAL into the database; someone else must run
-        ``PRAGMA wal_checkpoint`` (zim.writer's Checkpointer thread does)."""
+        ``PRAGMA wal_checkpoint`` (zim.storage.writer's Checkpointer thread does)."""
         self._connection().execute(f"PRAGMA wal_autocheckpoint = {1000 if on else 0}")
 
     def newest_id(self) -> int:
@@ -516,7 +516,7 @@ class SQLiteStore:
             raise ValueError(f"unknown history kind {kind!r}")
         row = self._one("SELECT last_seq FROM conversations WHERE conv = ?", (conv,))
         last_seq = 0 if row is None else row[0]
-        # the same arithmetic as zim.store.page: seq n sits at index n - 1
+        # the same arithmetic as zim.storage.store.page: seq n sits at index n - 1
         end = last_seq if before_seq is None else max(0, min(last_seq, before_seq - 1))
         start = max(0, end - max(limit, 0))
         if end <= start:

@@ -4,7 +4,7 @@
 server process, or the router of ``--workers N``). It keeps users, channels and
 memberships in memory (loaded at start; the same compact tables as MemoryStore),
 so checks and logins read nothing from disk. Every change, every message and
-every history or mailbox read is sent to the writer process (``zim.writer``)
+every history or mailbox read is sent to the writer process (``zim.storage.writer``)
 over a socketpair served by the reactor: the reactor never waits on the disk.
 
 A call that goes to the writer returns a ``Pending`` that settles when the
@@ -26,16 +26,15 @@ from typing import Callable, Iterable, Union
 import orjson
 
 from zim._core import Reactor
-from zim.app import Pending
-from zim.retention import Retention
-from zim.sqlite_store import SQLiteStore
-from zim.store import ChannelKey, HistoryKind, MemoryStore, Message, PairKey
-from zim.writer import (
+from zim.storage.retention import Retention
+from zim.storage.sqlite import SQLiteStore
+from zim.storage.store import ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending
+from zim.storage.writer import (
     FAILED, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME, OP_RESYNC,
     OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_USER_MESSAGE,
 )
 
-log = logging.getLogger("zim.store")
+log = logging.getLogger("zim.storage")
 
 DB_FILE = "zim.db"
 
@@ -101,7 +100,7 @@ class DurableStore:
 
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, "-m", "zim.writer", "--db", self.path,
+        command = [sys.executable, "-m", "zim.storage.writer", "--db", self.path,
                    "--link-fd", str(theirs.fileno()), "--parent", str(os.getpid()),
                    "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                    *self.retention.as_args()]

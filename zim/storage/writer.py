@@ -1,6 +1,6 @@
 """The writer process: the only process that touches the database after start-up.
 
-The server (``zim.durable.DurableStore``) sends it store operations over a Unix
+The server (``zim.storage.durable.DurableStore``) sends it store operations over a Unix
 socketpair, in zim's TCP framing: action = operation, body = orjson list of its
 arguments. It answers every operation, in order, with one packet: same action,
 seq = OK or FAILED, body = orjson of the result.
@@ -36,11 +36,11 @@ import orjson
 
 from zim._codec import TcpDecoder, encode_tcp
 from zim.ids import wall_clock_ms
-from zim.retention import Retention, parse_tier
-from zim.sqlite_store import SQLiteStore
-from zim.store import CHANNEL
+from zim.storage.retention import Retention, parse_tier
+from zim.storage.sqlite import SQLiteStore
+from zim.storage.store import CHANNEL
 
-log = logging.getLogger("zim.writer")
+log = logging.getLogger("zim.storage.writer")
 
 (OP_CREATE_USER, OP_RENAME, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_CHANNEL_MESSAGE, OP_USER_MESSAGE,
  OP_HISTORY, OP_MAILBOX, OP_ACK, OP_RESYNC) = range(1, 11)
@@ -210,7 +210,7 @@ def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="zim.writer", description="zim's database writer (started by zim-server)")
+    parser = argparse.ArgumentParser(prog="zim.storage.writer", description="zim's database writer (started by zim-server)")
     parser.add_argument("--db", required=True)
     parser.add_argument("--link-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)

@@ -39,7 +39,7 @@ def kill_everything(server) -> None:
 def writer_process(server) -> psutil.Process:
     root = psutil.Process(server.proc.pid)
     for child in root.children(recursive=True):
-        if "zim.writer" in child.cmdline():
+        if "zim.storage.writer" in child.cmdline():
             return child
     raise AssertionError("no writer process")
 
@@ -326,8 +326,8 @@ def test_failed_batch_undoes_memory_changes_newest_first(tmp_path):
     import socket
 
     from zim._core import Reactor
-    from zim.durable import DurableStore
-    from zim.writer import FAILED, OK
+    from zim.storage.durable import DurableStore
+    from zim.storage.writer import FAILED, OK
 
     store = DurableStore(str(tmp_path))
     reactor = Reactor(65536, lambda *packet: None)

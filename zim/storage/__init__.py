@@ -1,0 +1,14 @@
+"""Where zim keeps users, channels, messages and mailboxes.
+
+- ``store``: the ``Store`` interface the IM logic (zim.im) talks to, ``Pending``
+  (a result that comes once stored) and ``MemoryStore`` (nothing kept on exit);
+- ``durable``: ``DurableStore``, the default: users and memberships in memory,
+  every change and message sent to a writer process;
+- ``writer``: that process: group commit into SQLite, answers after the commit;
+- ``sqlite``: ``SQLiteStore``, the SQL (schema, batches, pruning) the writer runs;
+- ``retention``: the retention tiers (TTL and cap per kind of conversation).
+"""
+from zim.storage.retention import Retention, Tier
+from zim.storage.store import MemoryStore, Pending, Store
+
+__all__ = ["MemoryStore", "Pending", "Retention", "Store", "Tier"]
