@@ -55,6 +55,29 @@ def returns_none(ctx, body):
     return None
 
 
+@app.route(180)
+def note_to_self(ctx, body):
+    # docs/framework.md's ctx.later example: answered once the message is committed
+    me = int(ctx.user_id)
+    msg = {"id": str(ctx.app.ids.next()), "seq": 0, "content": str(body.get("text", "")),
+           "sender": {"id": ctx.user_id, "name": ctx.app.store.user_name(me)}}
+    stored = ctx.app.store.append_user_message(me, me, msg)
+
+    def done(seq):
+        ctx.send(101, msg)
+        return {"id": msg["id"], "seq": seq}
+
+    return ctx.later(stored, done)
+
+
+@app.route(190)
+def later_fails(ctx, body):
+    def done(_):
+        raise zim.Error("custom_code", "refused after the store answered")
+
+    return ctx.later(ctx.app.store.mailbox_pull(int(ctx.user_id), 1), done)
+
+
 app.run(tcp=sys.argv[1], ws=sys.argv[2], data=sys.argv[3])
 '''
 
@@ -163,6 +186,21 @@ def test_im_served_side_by_side(app_server, kind):
     assert alice.ok(100, {"mixed": True})["echo"] == {"mixed": True}
     assert error_code(bob.call(120)) == "internal"
     assert bob.ok(5, {"channel": channel})["messages"][0]["content"] == "framework + im"
+
+
+def test_ctx_later_answers_once_stored_then_pushes(app_server, kind):
+    client = app_server.client(kind)
+    client.login(unique("noter"))
+    first = client.ok(180, {"text": "remember"})
+    assert first["seq"] == 1
+    push = client.recv_push()
+    assert push[0] == 101 and push[1]["id"] == first["id"] and push[1]["seq"] == 1
+    assert client.ok(180, {"text": "again"})["seq"] == 2
+    client.recv_push()
+    history = client.ok(5, {"userId": client.user_id})["messages"]
+    assert [m["content"] for m in history] == ["remember", "again"]
+    assert [m["id"] for m in client.ok(7)["messages"]] == [first["id"], history[1]["id"]]
+    assert error_code(client.request(190, {})[2]) == "custom_code"
 
 
 @pytest.mark.parametrize("action", [0, -1, 32768, 70000])

@@ -287,8 +287,6 @@ def test_full_disk_answers_internal_never_a_false_ack_and_recovers(start_server,
     srv = start_server(data_dir=data)
     alice = srv.tcp_client()
     alice.login(unique("alice"))
-    bob = srv.tcp_client()
-    bob.login(unique("bob"))
     channel = unique("full")
     alice.ok(3, {"name": channel, "push": False})
     filler = small_disk / "filler"

@@ -409,3 +409,32 @@ def test_limit_and_lists():
     assert im.str_list({"ids": ["1", ""]}, "ids") == ["1", ""]
     for value in (None, "1", [1], [None], {"a": "b"}, ["1", 2]):
         _bad(lambda: im.str_list({"ids": value}, "ids"))
+
+
+def test_page_cut_measures_messages_of_any_shape():
+    """Custom handlers may store messages without a sender or with odd fields: the
+    page-size check measures them instead of failing."""
+    from zim.im import newest_that_fit, oldest_that_fit
+
+    odd = [{"content": "x"}, {"content": 5, "sender": None}, {"id": "1"}]
+    assert newest_that_fit(odd) == (odd, False)
+    assert oldest_that_fit(odd) == odd
+    big = [{"content": "y" * 400_000} for _ in range(3)]
+    kept, cut = newest_that_fit(big)
+    assert cut and kept == big[1:]
+
+
+def test_retention_flags_parse_and_print():
+    from zim.storage.retention import DAY_MS, Retention, Tier, parse_duration, parse_tier
+
+    assert parse_duration("90") == 90_000 and parse_duration("15m") == 900_000
+    assert parse_duration("500ms") == 500 and parse_duration("0") == 0
+    assert parse_tier("30d:10000") == Tier(30 * DAY_MS, 10_000)
+    assert str(Tier(2_000, 0)) == "2s:0" and str(Tier(0, 5)) == "0:5"
+    for bad in ("30", "3x:1", "1d:-1", "1d:", ":5", "200y:1", "1e3:1"):
+        with pytest.raises(ValueError):
+            parse_tier(bad)
+    defaults = Retention()
+    assert parse_tier(str(defaults.private)) == defaults.private
+    assert defaults.tier(True, 999) == defaults.channel and defaults.tier(True, 1000) == defaults.large
+    assert defaults.tier(False, 10**6) == defaults.private

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from typing import Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import orjson
 
@@ -40,14 +40,21 @@ DB_FILE = "zim.db"
 
 
 class StoreCall(Pending):
-    """One call sent to the writer: its place in line and how to undo its in-memory part."""
+    """One call sent to the writer: its place in line, how to undo its in-memory
+    part, and for a message append the caller's message (its seq is set once stored)."""
 
-    __slots__ = ("number", "undo")
+    __slots__ = ("number", "undo", "message")
 
     def __init__(self, number: int, undo: Callable[[], None] | None) -> None:
         super().__init__()
         self.number = number
         self.undo = undo
+        self.message: Message | None = None
+
+    def settle(self, ok: bool, value: Any) -> None:
+        if ok and self.message is not None:
+            self.message["seq"] = value     # as MemoryStore does to the dict it keeps
+        super().settle(ok, value)
 
 
 class DurableStore:
@@ -234,10 +241,14 @@ class DurableStore:
 
     # -- messages (seq is set by the writer, in the batch's transaction) --------
     def append_channel_message(self, channel: str, msg: Message) -> Pending:
-        return self._call(OP_CHANNEL_MESSAGE, [channel, msg])
+        call = self._call(OP_CHANNEL_MESSAGE, [channel, msg])
+        call.message = msg
+        return call
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> Pending:
-        return self._call(OP_USER_MESSAGE, [sender_id, receiver_id, msg])
+        call = self._call(OP_USER_MESSAGE, [sender_id, receiver_id, msg])
+        call.message = msg
+        return call
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> Pending:
