@@ -287,6 +287,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
         time.sleep(0.5)  # let the interpreter finish importing before the baseline
         tree = benchlib.ProcessTree(proc)   # the server and its writer process (and workers)
         rss_before = tree.rss()
+        each_before = [p.memory_info().rss for p in tree.processes]
         fds_before = proc.num_fds()
         slab_before = benchlib.meminfo_kib("Slab") * 1024
         print(f"baseline: rss {mib(rss_before)}, {fds_before} fds, kernel slab {mib(slab_before)}")
@@ -313,6 +314,9 @@ def run(args: argparse.Namespace, info: dict) -> int:
         if tree.changed():
             raise RuntimeError("a server process ended or restarted during the run")
         rss_after = tree.rss()
+        growth = [p.memory_info().rss - before for p, before in zip(tree.processes, each_before)]
+        print("rss growth by process: " + ", ".join(
+            f"{' '.join(p.cmdline()[1:3])} +{mib(g)}" for p, g in zip(tree.processes, growth)))
         fds_after = proc.num_fds()
         slab_after = benchlib.meminfo_kib("Slab") * 1024
         asked, answered = clients.verify(args.verify, timeout=15.0)

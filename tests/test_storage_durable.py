@@ -154,6 +154,10 @@ def test_kill_9_under_load_loses_nothing_acknowledged(start_server, tmp_path, wo
         assert acked
         receiver = second.tcp_client()
         receiver.login(name, token=token)
+        # offline delivery: the oldest waiting messages are pushed after the login answer
+        pushed = receiver.recv_pushes(min(100, len(acked)))
+        assert all(action == 101 for action, _ in pushed)
+        assert [m["seq"] for _, m in pushed] == sorted(m["seq"] for _, m in pushed)
         # history of the pair: all acknowledged, gap-free, and seq goes on after it
         pair = all_history(receiver, userId=sender.client.user_id)
         assert [m["seq"] for m in pair] == list(range(1, len(pair) + 1))
@@ -240,6 +244,30 @@ def test_bad_retention_flags_are_refused(tmp_path):
         assert flags[0] in result.stderr
 
 
+def test_ids_move_past_the_newest_stored_even_if_the_clock_is_behind(start_server, tmp_path):
+    """A database holding an id from one hour ahead (a clock that later stepped back):
+    after a restart every new id is greater."""
+    from zim.ids import EPOCH_MS, TIME_SHIFT, wall_clock_ms
+    from zim.storage.durable import DB_FILE
+    from zim.storage.sqlite import SQLiteStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    ahead = (wall_clock_ms() + 3_600_000 - EPOCH_MS) << TIME_SHIFT
+    db = SQLiteStore(str(data / DB_FILE))
+    db.create_user(1, "past")
+    db.subscribe("future", 1, True)
+    db.append_channel_message("future", {"id": str(ahead), "seq": 0, "content": "from the future",
+                                         "sender": {"id": "1", "name": "past"}, "createdAt": 0})
+    db.close()
+    srv = start_server(data_dir=data)
+    client = srv.tcp_client()
+    assert int(client.login(unique("now"))["id"]) > ahead
+    client.ok(3, {"name": "future"})
+    sent = client.ok(4, {"channel": "future", "content": "now"})
+    assert int(sent["id"]) > ahead and sent["seq"] == 2
+
+
 def test_writer_killed_answers_internal_then_recovers(start_server):
     srv = start_server(allowed_tracebacks=())
     alice = srv.tcp_client()
@@ -280,6 +308,20 @@ def small_disk(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_disk_at_start_is_a_clear_error(small_disk):
+    filler = small_disk / "filler"
+    with open(filler, "wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        except OSError:
+            pass
+    result = run_server_expecting_failure(small_disk / "data")
+    assert result.returncode == 1, result.stderr
+    assert "zim-server:" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_full_disk_answers_internal_never_a_false_ack_and_recovers(start_server, small_disk):
@@ -341,7 +383,7 @@ def test_failed_batch_undoes_memory_changes_newest_first(tmp_path):
         assert store.membership("room", 1) is False and store.user_name(1) == "alice2"
         outcomes = []
         for call in [kept, *calls]:
-            call.callback = lambda ok, value: outcomes.append(ok)
+            call.wait(lambda first, second, ok, value: outcomes.append(ok), None, None)
         store.on_link_packet(3, OK, b"null")
         store.on_link_packet(1, FAILED, b'"disk full"')
         # everything from the failed call on is undone

@@ -109,7 +109,7 @@ class Ctx:
                 log.error("action %d: %s", self.action, value)
                 raise Error("internal", STORE_FAILED)
             return then(value)
-        result.callback = lambda ok, value: self.app._finish(self, then, ok, value)
+        result.wait(self.app.finish_later, self, then)
         return DEFERRED
 
     # -- other connections -------------------------------------------------
@@ -153,6 +153,7 @@ class App:
         self.groups: dict[str, int] = {}
         self.store = store              # None: a DurableStore in the data directory, made by run()
         self.store_link = 0             # the reactor's link to the store's writer process (0: none)
+        self.finish_later = self._finish   # made once: one bound method for every wait
         self.reactor: Reactor | None = None
         self.fabric: Fabric | None = None
         self.max_packet = DEFAULT_MAX_PACKET

@@ -200,14 +200,27 @@ def login(ctx: "Ctx", body: dict) -> dict:
         if store.user_name(user_id) != name:
             store.set_user_name(user_id, name)
     # answered in order: the mailbox comes once the user (or its new name) is stored
+    return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id))
 
-    def logged_in(mailbox: list[dict]) -> dict:
-        ctx.login(str(user_id), channels=[channel for channel, push in store.user_channels(user_id) if push])
+
+class _LoggedIn:
+    """The end of a login, once stored: bind the connection, push the mailbox, answer.
+    (A small object rather than a closure: a login storm keeps thousands waiting.)"""
+
+    __slots__ = ("ctx", "user_id")
+
+    def __init__(self, ctx: "Ctx", user_id: int) -> None:
+        self.ctx = ctx
+        self.user_id = user_id
+
+    def __call__(self, mailbox: list[dict]) -> dict:
+        ctx, user_id = self.ctx, self.user_id
+        app = ctx.app
+        channels = [channel for channel, push in app.store.user_channels(user_id) if push]
+        ctx.login(str(user_id), channels=channels)
         for msg in mailbox:
             ctx.send(PUSH_USER_MESSAGE, msg)
         return {"id": str(user_id), "token": make_token(app.secret, user_id)}
-
-    return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), logged_in)
 
 
 def send_user_message(ctx: "Ctx", body: dict) -> dict:

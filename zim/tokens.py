@@ -26,7 +26,10 @@ def load_or_create_secret(data_dir: str) -> bytes:
     """
     path = os.path.join(data_dir, SECRET_FILE)
     if not os.path.lexists(path):
-        _create_secret(data_dir, path)
+        try:
+            _create_secret(data_dir, path)
+        except OSError as exc:
+            raise RuntimeError(f"cannot create the token secret {path}: {exc}") from exc
     try:
         with open(path, "rb") as file:
             secret = file.read(SECRET_BYTES + 1)

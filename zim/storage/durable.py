@@ -39,13 +39,18 @@ log = logging.getLogger("zim.storage")
 DB_FILE = "zim.db"
 
 
+# How to undo a call's in-memory change: a function and its arguments (a tuple
+# rather than a closure: thousands of calls may be waiting during a login storm)
+Undo = tuple
+
+
 class StoreCall(Pending):
     """One call sent to the writer: its place in line, how to undo its in-memory
     part, and for a message append the caller's message (its seq is set once stored)."""
 
     __slots__ = ("number", "undo", "message")
 
-    def __init__(self, number: int, undo: Callable[[], None] | None) -> None:
+    def __init__(self, number: int, undo: Undo | None) -> None:
         super().__init__()
         self.number = number
         self.undo = undo
@@ -160,10 +165,11 @@ class DurableStore:
     def _undo(self, calls: list[StoreCall]) -> None:
         for call in reversed(calls):
             if call.undo is not None:
-                call.undo()
+                function, *args = call.undo
+                function(*args)
                 call.undo = None
 
-    def _call(self, op: int, args: list, undo: Callable[[], None] | None = None) -> StoreCall:
+    def _call(self, op: int, args: list, undo: Undo | None = None) -> StoreCall:
         self.issued += 1
         call = StoreCall(self.issued, undo)
         if self.link and self.reactor.reply(self.link, op, 0, orjson.dumps(args)):
@@ -191,7 +197,7 @@ class DurableStore:
     def create_user(self, user_id: int, name: str) -> Pending:
         meta = self.meta
         meta.create_user(user_id, name)
-        return self._call(OP_CREATE_USER, [user_id, name], lambda: meta.remove_user(user_id))
+        return self._call(OP_CREATE_USER, [user_id, name], (MemoryStore.remove_user, meta, user_id))
 
     def user_exists(self, user_id: int) -> bool:
         return self.meta.user_exists(user_id)
@@ -203,7 +209,7 @@ class DurableStore:
         meta = self.meta
         old = meta.user_name(user_id)
         meta.set_user_name(user_id, name)
-        return self._call(OP_RENAME, [user_id, name], lambda: meta.set_user_name(user_id, old))
+        return self._call(OP_RENAME, [user_id, name], (meta.set_user_name, user_id, old))
 
     # -- channels ----------------------------------------------------------
     def channel_exists(self, channel: str) -> bool:
@@ -223,15 +229,14 @@ class DurableStore:
             if not existed:
                 meta.drop_channel(channel)
 
-        return self._call(OP_SUBSCRIBE, [channel, user_id, bool(push)], undo)
+        return self._call(OP_SUBSCRIBE, [channel, user_id, bool(push)], (undo,))
 
     def unsubscribe(self, channel: str, user_id: int) -> Pending | bool:
         meta = self.meta
         old = meta.membership(channel, user_id)
         if not meta.unsubscribe(channel, user_id):
             return False
-        return self._call(OP_UNSUBSCRIBE, [channel, user_id],
-                          lambda: meta.subscribe(channel, user_id, old))
+        return self._call(OP_UNSUBSCRIBE, [channel, user_id], (meta.subscribe, channel, user_id, old))
 
     def membership(self, channel: str, user_id: int) -> bool | None:
         return self.meta.membership(channel, user_id)

@@ -271,8 +271,8 @@ class SQLiteStore:
         self._mailbox_rows: list[tuple] = []
         self._last_seq: dict[str, int] = {}     # conv -> last seq (see _next_seq)
         self._dirty: dict[str, int] = {}        # conv -> last seq not written yet
-        self._newest_id = 0
-        self._batch_newest = 0
+        self._newest_id = 0             # the greatest id seen (stored, or being stored)
+        self._stored_newest_id = 0      # meta.newest_id as committed
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -312,7 +312,7 @@ class SQLiteStore:
             cur.execute("SELECT count(*) FROM conversations").fetchone()
             row = cur.execute("SELECT max((SELECT max(id) FROM users), "
                               "coalesce((SELECT value FROM meta WHERE key = 'newest_id'), 0))").fetchone()
-            self._newest_id = max(row[0] or 0, 0)
+            self._newest_id = self._stored_newest_id = max(row[0] or 0, 0)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -344,7 +344,6 @@ class SQLiteStore:
         cur = self._connection().cursor()
         cur.execute("BEGIN IMMEDIATE")
         self._batch = cur
-        self._batch_newest = self._newest_id
 
     def commit_batch(self) -> None:
         """Commit the batch; on an error it is rolled back and the error raised."""
@@ -353,11 +352,13 @@ class SQLiteStore:
             raise RuntimeError("no batch is open")
         try:
             self._flush()
-            if self._newest_id > self._batch_newest:
+            newest = self._newest_id
+            if newest > self._stored_newest_id:
                 cur.execute("INSERT INTO meta(key, value) VALUES ('newest_id', ?) "
                             "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-                            (self._newest_id,))
+                            (newest,))
             cur.execute("COMMIT")
+            self._stored_newest_id = newest
         except BaseException:
             self.rollback_batch()
             raise
@@ -410,8 +411,7 @@ class SQLiteStore:
 
     def rollback_batch(self) -> None:
         """Undo everything since ``begin_batch``."""
-        self._batch = None
-        self._newest_id = self._batch_newest
+        self._batch = None      # (_newest_id may stay ahead: it only ever moves id generators on)
         self._message_rows.clear()
         self._mailbox_rows.clear()
         self._last_seq.clear()
