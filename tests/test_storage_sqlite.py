@@ -478,3 +478,32 @@ def test_failed_write_rolls_back(tmp_path):
     assert store.append_channel_message("room", message("two", 3)) == 2   # no gap left
     assert [m["content"] for m in store.history("channel", "room", None, 10)[0]] == ["one", "two"]
     store.close()
+
+
+def test_wal_stays_bounded_under_steady_writes(tmp_path):
+    """The writer's checkpointer lets the WAL start over even while batches keep
+    coming (PASSIVE checkpoints alone never finish under steady writes)."""
+    import orjson
+
+    from zim.storage.retention import Retention
+    from zim.storage.writer import OP_USER_MESSAGE, Checkpointer, Writer
+
+    path = str(tmp_path / "zim.db")
+    store = SQLiteStore(path)
+    store.checkpoint_automatically(False)
+    checkpointer = Checkpointer(path, restart_frames=256)   # 1 MiB, to see it in a short test
+    checkpointer.INTERVAL = 0.005
+    checkpointer.start()
+    writer = Writer(store, Retention())
+    content = "x" * 300
+    biggest = 0
+    for batch in range(300):                    # ~30 MB of messages
+        ops = [(OP_USER_MESSAGE, orjson.dumps([1 + i % 8, 100 + i % 8, {
+            "id": str(10**15 + batch * 100 + i), "seq": 0, "content": content,
+            "sender": {"id": "1", "name": "a"}, "createdAt": 1}])) for i in range(100)]
+        answers = writer.apply(ops)
+        assert len(answers) == 100
+        writer.after_commit(checkpointer)
+        biggest = max(biggest, os.path.getsize(path + "-wal"))
+    store.close()
+    assert biggest < 12 * 1024 * 1024, f"the WAL grew to {biggest} bytes"

@@ -423,7 +423,16 @@ class SQLiteStore:
     def checkpoint_automatically(self, on: bool) -> None:
         """Off: commits never copy the WAL into the database; someone else must run
         ``PRAGMA wal_checkpoint`` (zim.storage.writer's Checkpointer thread does)."""
-        self._connection().execute(f"PRAGMA wal_autocheckpoint = {1000 if on else 0}")
+        conn = self._connection()
+        conn.execute(f"PRAGMA wal_autocheckpoint = {1000 if on else 0}")
+        # a WAL that grew under a burst is cut back to this size when it starts over
+        conn.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database now (PASSIVE: never waits on a lock);
+        True if all of it was copied, so the next transaction starts the WAL over."""
+        busy, frames, copied = self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return not busy and frames == copied
 
     def newest_id(self) -> int:
         """The greatest user or message id stored (0: none)."""

@@ -125,6 +125,16 @@ class Writer:
             answers.append(encode_tcp(op, FAILED, reason))
         self.failed = True
 
+    def after_commit(self, checkpointer: Checkpointer) -> None:
+        """Between batches: wake the checkpointer; finish its work if the WAL got big."""
+        if checkpointer.wal_big:
+            try:
+                if self.store.checkpoint():
+                    checkpointer.wal_big = False
+            except sqlite3.Error as exc:
+                log.warning("checkpoint failed: %s", exc)
+        checkpointer.commits.set()
+
     # -- retention -----------------------------------------------------------
     def prune_due(self) -> bool:
         return self.prune_from is not None or time.monotonic() >= self.prune_at
@@ -155,27 +165,37 @@ class Writer:
 
 class Checkpointer(threading.Thread):
     """Copies the WAL back into the database from a second connection, so that
-    the commits of the writer never pay for it (SQLite's automatic checkpoint runs
-    inside the commit that crosses its threshold: a latency spike every ~1,000
-    pages). A PASSIVE checkpoint never blocks the writer; the sqlite3 module lets
-    go of the GIL while it runs."""
+    the commits of the writer do not pay for it (SQLite's automatic checkpoint
+    runs inside the commit that crosses its threshold: a latency spike every
+    ~1,000 pages). The sqlite3 module lets go of the GIL while a checkpoint runs.
+
+    A PASSIVE checkpoint never blocks the writer, but under steady writes it
+    rarely finishes (new frames arrive while it copies), and the WAL starts over
+    from its beginning only at a write that follows a finished checkpoint: left
+    alone it would grow without end. So once the WAL holds ``restart_frames``,
+    ``wal_big`` asks the writer to finish the job between two batches
+    (``SQLiteStore.checkpoint``): by then this thread has copied nearly all of
+    it, and the writer's next transaction starts the WAL over.
+    ``journal_size_limit`` then cuts the file back."""
 
     INTERVAL = 0.05
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, restart_frames: int = 8192) -> None:   # 32 MiB of 4 KiB pages
         super().__init__(name="checkpoint", daemon=True)
         self.path = path
+        self.restart_frames = restart_frames
         self.commits = threading.Event()    # set after commits: there is work
+        self.wal_big = False
 
     def run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA busy_timeout = 1000")
             while True:
                 self.commits.wait()
                 self.commits.clear()
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.wal_big = frames >= self.restart_frames
                 except sqlite3.Error as exc:
                     log.warning("checkpoint failed: %s", exc)
                 time.sleep(self.INTERVAL)
@@ -204,7 +224,7 @@ def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None
         if packets:
             sock.sendall(b"".join(writer.apply(packets)))
             if checkpointer is not None:
-                checkpointer.commits.set()
+                writer.after_commit(checkpointer)
         if writer.prune_due():
             writer.prune_step()
 
