@@ -310,6 +310,24 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def test_read_only_data_directory_is_a_clear_error_at_start(start_server, small_disk):
+    """Root writes anywhere, so "unwritable" is a file system mounted read-only."""
+    data = small_disk / "data"
+    first = start_server(data_dir=data)           # a real data directory: secret and database
+    first.stop()
+    remount = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+    if remount.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {remount.stderr.strip()}")
+    try:
+        result = run_server_expecting_failure(data)
+        assert result.returncode == 1, result.stderr
+        assert "zim.db" in result.stderr and "Traceback" not in result.stderr
+        empty = run_server_expecting_failure(small_disk / "elsewhere")
+        assert empty.returncode == 1 and "data directory" in empty.stderr
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], capture_output=True)
+
+
 def test_full_disk_at_start_is_a_clear_error(small_disk):
     filler = small_disk / "filler"
     with open(filler, "wb") as file:
