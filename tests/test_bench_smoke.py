@@ -16,6 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     ("idle_memory.py", ["--connections", "300", "--settle", "1", "--ws"]),
     ("broadcast.py", ["--members", "100", "--messages", "300", "--runs", "1"]),
     ("workers.py", ["--members", "200", "--pairs", "20", "--runs", "1"]),
+    ("store.py", ["--messages", "400", "--senders-list", "1,4", "--runs", "1", "--rate", "500",
+                  "--rate-seconds", "0.5", "--engine-messages", "2000"]),
 ])
 def test_bench_runs(script: str, args: list[str]) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json"],

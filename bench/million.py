@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Hold N logged-in connections on one zim server and measure what it costs.
+
+Starts ``python -m zim --workers W`` (loopback ports, a temporary data directory,
+the default durable store), measures the idle baseline (RSS of the whole process
+tree: supervisor, workers, writer; and ``Slab`` in /proc/meminfo), then runs
+``tools/connflood --login --hold S --probe`` with N connections from P processes
+and samples the tree's RSS and Slab every 2 s while it runs. Reported:
+
+- server RSS per connection = (peak tree RSS - baseline) / connections logged in;
+- kernel Slab per connection (both ends of each loopback connection are on this
+  machine, so it counts two sockets), from the peak Slab;
+- connflood's connect rate, failures by kind, and its probe: the round trip of
+  a private message between two extra clients and a channel message to a
+  sample of the held connections, measured during the hold.
+
+Needs ``net.ipv4.ip_local_port_range`` wide (it is set to 1024 65535 here, as
+root) and N / 19,000 workers and client processes at least (20,000 open files per
+process). Example: ``python bench/million.py --connections 1000000 --workers 64
+--processes 56 --hold 60``; small: ``--connections 20000 --workers 4 --processes 2 --hold 5``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
+CONNFLOOD = os.path.join(benchlib.REPO_ROOT, "tools", "connflood")
+
+
+def widen_port_range() -> None:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as ports:
+            ports.write("1024 65535")
+    except OSError as exc:
+        print(f"note: cannot widen ip_local_port_range ({exc}); source addresses still spread the load")
+
+
+def run(args, info: dict) -> int:
+    widen_port_range()
+    server = benchlib.Server(extra_args=["--idle-timeout", "600", *args.server_args.split()],
+                             workers=args.workers)
+    with server:
+        root = server.start(timeout=120)
+        tree = benchlib.ProcessTree(root)
+        time.sleep(2.0)
+        rss_before = tree.rss()
+        slab_before = benchlib.meminfo_kib("Slab") * 1024
+        print(f"server: {args.workers} workers + supervisor + writer, baseline rss "
+              f"{rss_before / 2**20:.1f} MiB, slab {slab_before / 2**20:.0f} MiB", flush=True)
+        command = [sys.executable, CONNFLOOD, "--port", str(server.tcp_port), "--connections",
+                   str(args.connections), "--processes", str(args.processes), "--login",
+                   "--hold", str(args.hold), "--heartbeat", str(args.heartbeat), "--probe",
+                   "--probe-sample", str(args.probe_sample), "--json"]
+        print("running:", " ".join(command), flush=True)
+        flood = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        peak_rss, peak_slab = rss_before, slab_before
+        deadline = time.monotonic() + args.timeout
+        while flood.poll() is None and time.monotonic() < deadline:
+            time.sleep(2.0)
+            if tree.changed():
+                flood.kill()
+                raise RuntimeError(f"a server process ended during the run:\n{server.log_tail()}")
+            peak_rss = max(peak_rss, tree.rss())
+            peak_slab = max(peak_slab, benchlib.meminfo_kib("Slab") * 1024)
+        if flood.poll() is None:
+            flood.kill()
+            raise RuntimeError("connflood did not finish in time")
+        output = flood.stdout.read()
+        print(output, end="")
+        result = json.loads(output.strip().splitlines()[-1])
+        logged_in = result["logged_in"]
+        per_conn = (peak_rss - rss_before) / max(1, logged_in)
+        slab_per_conn = (peak_slab - slab_before) / max(1, logged_in)
+        dm = result["probe"].get("dm", {})
+        broadcast = result["probe"].get("broadcast", {})
+        print(f"RESULT million connections={logged_in} failed={result['failed']} "
+              f"connect_seconds={result['seconds']} connect_rate={result['connect_rate']} "
+              f"server_rss_bytes_per_connection={per_conn:.0f} (target 256) "
+              f"kernel_slab_bytes_per_connection={slab_per_conn:.0f} (both ends) "
+              f"dm_round_trip_p50_ms={dm.get('p50_ms')} dm_round_trip_p99_ms={dm.get('p99_ms')} (target < 50) "
+              f"broadcast_delivered={broadcast.get('delivered')}/{broadcast.get('expected')} "
+              f"broadcast_p99_ms={broadcast.get('p99_ms')}")
+        if args.json:
+            benchlib.print_json({"bench": "million", "ok": result["failed"] == 0, "machine": info,
+                                 "workers": args.workers, "baseline_rss": rss_before, "peak_rss": peak_rss,
+                                 "rss_bytes_per_connection": per_conn,
+                                 "slab_bytes_per_connection": slab_per_conn, "connflood": result})
+        return 0 if result["failed"] == 0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=1_000_000)
+    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--processes", type=int, default=56, help="connflood client processes")
+    parser.add_argument("--hold", type=float, default=60.0)
+    parser.add_argument("--heartbeat", type=float, default=100.0)
+    parser.add_argument("--probe-sample", type=int, default=1000)
+    parser.add_argument("--server-args", default="", help="more zim-server flags")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    return benchlib.run_main("million", "zim: N logged-in connections held on one machine", args, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
