@@ -51,6 +51,7 @@ def run(args, info: dict) -> int:
         tree = benchlib.ProcessTree(root)
         time.sleep(2.0)
         rss_before = tree.rss()
+        each_before = {p.pid: p.memory_info().rss for p in tree.processes}
         slab_before = benchlib.meminfo_kib("Slab") * 1024
         print(f"server: {args.workers} workers + supervisor + writer, baseline rss "
               f"{rss_before / 2**20:.1f} MiB, slab {slab_before / 2**20:.0f} MiB", flush=True)
@@ -61,13 +62,17 @@ def run(args, info: dict) -> int:
         print("running:", " ".join(command), flush=True)
         flood = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         peak_rss, peak_slab = rss_before, slab_before
+        peak_each = dict(each_before)
         deadline = time.monotonic() + args.timeout
         while flood.poll() is None and time.monotonic() < deadline:
             time.sleep(2.0)
             if tree.changed():
                 flood.kill()
                 raise RuntimeError(f"a server process ended during the run:\n{server.log_tail()}")
-            peak_rss = max(peak_rss, tree.rss())
+            rss_now = tree.rss()
+            if rss_now > peak_rss:
+                peak_rss = rss_now
+                peak_each = {p.pid: p.memory_info().rss for p in tree.processes}
             peak_slab = max(peak_slab, benchlib.meminfo_kib("Slab") * 1024)
         if flood.poll() is None:
             flood.kill()
@@ -76,6 +81,14 @@ def run(args, info: dict) -> int:
         print(output, end="")
         result = json.loads(output.strip().splitlines()[-1])
         logged_in = result["logged_in"]
+        kinds: dict[str, int] = {}
+        for process in tree.processes:
+            command = process.cmdline()
+            kind = "writer" if "zim.storage.writer" in command else "workers" if "zim.worker" in command \
+                else "supervisor"
+            kinds[kind] = kinds.get(kind, 0) + peak_each.get(process.pid, 0) - each_before[process.pid]
+        print("rss growth per connection by part: " + ", ".join(
+            f"{kind} {growth / max(1, logged_in):.0f} B" for kind, growth in sorted(kinds.items())))
         per_conn = (peak_rss - rss_before) / max(1, logged_in)
         slab_per_conn = (peak_slab - slab_before) / max(1, logged_in)
         dm = result["probe"].get("dm", {})
