@@ -14,8 +14,8 @@ and samples the tree's RSS and Slab every 2 s while it runs. Reported:
   a private message between two extra clients and a channel message to a
   sample of the held connections, measured during the hold.
 
-Needs ``net.ipv4.ip_local_port_range`` wide (it is set to 1024 65535 here, as
-root) and N / 19,000 workers and client processes at least (20,000 open files per
+Needs ``net.ipv4.ip_local_port_range`` wide (set to 1024 65535 while it runs, as
+root, and put back after) and N / 19,000 workers and client processes at least (20,000 open files per
 process). Example: ``python bench/million.py --connections 1000000 --workers 64
 --processes 56 --hold 60``; small: ``--connections 20000 --workers 4 --processes 2 --hold 5``.
 """
@@ -34,16 +34,34 @@ import benchlib  # noqa: E402
 CONNFLOOD = os.path.join(benchlib.REPO_ROOT, "tools", "connflood")
 
 
-def widen_port_range() -> None:
+PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def set_port_range(value: str) -> str | None:
+    """Set the ephemeral port range; returns the old one (None if it cannot)."""
     try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as ports:
-            ports.write("1024 65535")
+        with open(PORT_RANGE) as ports:
+            old = ports.read().strip()
+        with open(PORT_RANGE, "w") as ports:
+            ports.write(value)
+        return old
     except OSError as exc:
-        print(f"note: cannot widen ip_local_port_range ({exc}); source addresses still spread the load")
+        print(f"note: cannot set ip_local_port_range ({exc}); source addresses still spread the load")
+        return None
 
 
 def run(args, info: dict) -> int:
-    widen_port_range()
+    # wide while the bench runs, then back: a wide range lets ephemeral ports take
+    # the fixed ports other programs (and tests) listen on
+    old_range = set_port_range("1024 65535")
+    try:
+        return measure(args, info)
+    finally:
+        if old_range:
+            set_port_range(old_range)
+
+
+def measure(args, info: dict) -> int:
     server = benchlib.Server(extra_args=["--idle-timeout", "600", *args.server_args.split()],
                              workers=args.workers)
     with server:
