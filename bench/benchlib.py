@@ -5,11 +5,13 @@ Only standard library, orjson and psutil. Every wait here is bounded in time.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
+import select
 import shlex
 import signal
 import socket
@@ -129,6 +131,27 @@ def ws_split(buffer: bytearray) -> list[tuple[int, int, int, bytes]]:
         offset += head + length
     del buffer[:offset]
     return frames
+
+
+def start_connect(epoll: select.epoll, port: int) -> tuple[socket.socket, int]:
+    """A non-blocking connect to the loopback port, registered for EPOLLOUT; the
+    socket and connect_ex's code (0 or EINPROGRESS when it is under way)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    code = sock.connect_ex((LOOPBACK, port))
+    epoll.register(sock.fileno(), select.EPOLLOUT)
+    return sock, (0 if code == errno.EINPROGRESS else code)
+
+
+def read_some(fd: int, buffers: list) -> int:
+    """readv into ``buffers``: bytes read, 0 when the peer closed (or failed), -1 when
+    nothing was waiting."""
+    try:
+        return os.readv(fd, buffers)
+    except BlockingIOError:
+        return -1
+    except OSError:
+        return 0
 
 
 # -- the server under test ----------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import errno
 import multiprocessing
 import os
 import select
@@ -73,15 +72,11 @@ def open_members(port: int, first: int, count: int, inflight: int,
 
     while len(ready) + len(failures) < count and time.monotonic() < deadline:
         while opened < count and len(pending) < inflight:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            code = sock.connect_ex((benchlib.LOOPBACK, port))
-            fd = sock.fileno()
-            pending[fd] = [sock, bytearray(), False]
-            epoll.register(fd, select.EPOLLOUT)
+            sock, code = benchlib.start_connect(epoll, port)
+            pending[sock.fileno()] = [sock, bytearray(), False]
             opened += 1
-            if code not in (0, errno.EINPROGRESS):
-                fail(fd, f"connect: {os.strerror(code)}")
+            if code:
+                fail(sock.fileno(), f"connect: {os.strerror(code)}")
         for fd, _ in epoll.poll(0.2, 4096):
             entry = pending.get(fd)
             if entry is None:
@@ -160,7 +155,7 @@ def receive_run(sockets: list[socket.socket], sample_buf: bytearray, messages: i
     last_ns = 0
     chunk = bytearray(1 << 20)
     view = memoryview(chunk)
-    readv = os.readv
+    read_some = benchlib.read_some
     bufs = [chunk]
     monotonic_ns = time.monotonic_ns
     conn.send(("armed",))
@@ -198,12 +193,9 @@ def receive_run(sockets: list[socket.socket], sample_buf: bytearray, messages: i
             continue
         now = monotonic_ns()
         for fd, _ in events:
-            try:
-                n = readv(fd, bufs)
-            except BlockingIOError:
+            n = read_some(fd, bufs)
+            if n < 0:
                 continue
-            except OSError:
-                n = 0
             if n == 0:
                 closed += 1
                 epoll.unregister(fd)
