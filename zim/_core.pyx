@@ -7,6 +7,8 @@ place; only a trailing partial packet is kept, in a malloc'd buffer freed as
 soon as it is consumed. Output is appended to a per-connection buffer and
 flushed once per loop iteration with a single write carrying everything
 queued (the kernel charges per call, not per byte: ../shared/MEASURED.md).
+A channel broadcast is framed once into the group's pass buffer; members with
+nothing else queued are written straight from it (see pass_out_t).
 Python is called once per complete request packet.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -103,6 +105,7 @@ cdef enum:
     F_LINK = 64         # a trusted link to another zim process: no timeouts, caps or limits
     F_PAUSED = 128      # requests held (e.g. while a login is being decided elsewhere)
     F_FINAL_TOO_LARGE = 256     # answer final_action/final_seq with too_large before closing
+    F_SHARED = 512      # outbuf points at a pass_out_t: outcap is the start, outlen the length
 
 cdef enum:
     MAX_EVENTS = 1024
@@ -130,7 +133,8 @@ cdef struct conn_t:
     uint8_t _spare
     uint64_t user           # 0: not logged in
     char* inbuf             # trailing partial input, NULL when none
-    char* outbuf            # bytes the kernel has not taken yet, NULL when none
+    char* outbuf            # bytes the kernel has not taken yet, NULL when none;
+                            # with F_SHARED, a slice of a group's broadcasts (pass_out_t)
     uint32_t inlen
     uint32_t outlen
     uint32_t outcap
@@ -174,10 +178,27 @@ cdef handle_list_t handles_take(handle_list_t* hl) noexcept nogil:
     return taken
 
 
+cdef struct shared_buf_t:
+    char* data
+    uint32_t length
+    uint32_t capacity
+
+
+# A group's broadcasts of one loop pass, framed once per framing. A member with
+# nothing else queued is written straight from here (its slice: F_SHARED), so a
+# message is not copied into a thousand connection buffers to be written once
+# from each; a member that gets anything else first takes a private copy.
+cdef struct pass_out_t:
+    shared_buf_t framed[2]  # 0: TCP framing, 1: WebSocket framing
+    size_t refs             # members pointing into it, + 1 while its pass is open
+    size_t group
+
+
 cdef struct group_t:
     uint64_t* members       # connection handles; stale ones are dropped lazily
     uint32_t length
     uint32_t capacity
+    pass_out_t* pass_out    # this pass's broadcasts to the group, NULL when none
 
 
 # Router -> worker commands carried out in C (zim/worker.py packs the same layouts)
@@ -246,6 +267,7 @@ cdef class Reactor:
     # channel groups, indexed by group id
     cdef group_t* groups
     cdef size_t groups_cap
+    cdef handle_list_t pass_outs    # pass_out_t pointers of the groups broadcast to this pass
     cdef list listeners
     cdef dict watches                  # fd -> callback, for S_WATCH slots
     # liveness: a hashed timing wheel of connections, one slot per second
@@ -291,6 +313,7 @@ cdef class Reactor:
 
     def __dealloc__(self):
         cdef size_t i
+        self._end_pass()
         if self.conns != NULL:
             for i in range(<size_t>self.max_fds):
                 if self.conns[i].state != S_FREE:
@@ -305,6 +328,7 @@ cdef class Reactor:
         free(self.again.items)
         free(self.draining.items)
         free(self.gone_users.items)
+        free(self.pass_outs.items)
         free(self.route_table)
         idmap_free(&self.presence)
         if self.epfd >= 0:
@@ -427,6 +451,7 @@ cdef class Reactor:
                 if ev & EPOLLOUT:
                     self._mark_pending(fd)
             self._flush_all()
+            self._end_pass()
             if self.now != last_sweep:
                 last_sweep = self.now
                 self._every_second()
@@ -467,6 +492,7 @@ cdef class Reactor:
                 self.conns[fd].state = S_FREE
         self.listeners = []
         self._flush_all()
+        self._end_pass()
         for fd in range(self.max_fds):
             if self.conns[fd].state >= S_TCP:
                 self._close(fd)
@@ -699,8 +725,11 @@ cdef class Reactor:
     cdef char* _reserve(self, int fd, size_t extra) noexcept:
         """Room for extra more output bytes; NULL if the connection was dropped."""
         cdef conn_t* c = &self.conns[fd]
-        cdef size_t need = c.outlen + extra, cap
+        cdef size_t need, cap
         cdef char* grown
+        if c.flags & F_SHARED and not self._unshare(fd, 0):
+            return NULL
+        need = c.outlen + extra
         if need > c.outcap:
             if need > self.outbuf_limit and not (c.flags & F_LINK):
                 self.dropped_slow += 1
@@ -796,6 +825,8 @@ cdef class Reactor:
         """One write of everything queued: 1 all out, 0 some left (EPOLLOUT armed), -1 closed."""
         cdef conn_t* c = &self.conns[fd]
         cdef ssize_t n
+        if c.flags & F_SHARED and self._write_shared(fd) < 0:
+            return -1
         while c.outlen:
             n = write(fd, c.outbuf, c.outlen)
             if n < 0:
@@ -931,7 +962,10 @@ cdef class Reactor:
         if c.user:
             self._presence_unlink(c.user, fd)
         free(c.inbuf)
-        free(c.outbuf)
+        if c.flags & F_SHARED:
+            self._unref(<pass_out_t*>c.outbuf)
+        else:
+            free(c.outbuf)
         c.ws.frag_active = 0
         ws_release(&c.ws)
         c.inbuf = NULL
@@ -1117,12 +1151,19 @@ cdef class Reactor:
 
     cdef int _broadcast(self, size_t group, int action, const char* body, size_t length,
                         uint64_t exclude_conn) noexcept:
+        """Frame the push once per framing into the group's pass buffer; each
+        member gets its slice of it (or a copy when it has other output queued)."""
         cdef group_t* g = self._group(group, False)
+        cdef pass_out_t* p
         cdef size_t i = 0
+        cdef uint32_t start[2]
+        cdef uint32_t end[2]
         cdef uint64_t handle
-        cdef int fd, count = 0
+        cdef int fd, kind, count = 0
         if g == NULL:
             return 0
+        start[0] = start[1] = end[0] = end[1] = 0
+        p = self._pass_out(group, g)
         while i < g.length:
             handle = g.members[i]
             fd = self._conn_fd(handle)
@@ -1131,9 +1172,145 @@ cdef class Reactor:
                 g.members[i] = g.members[g.length]
                 continue
             i += 1
-            if handle != exclude_conn:
+            if handle == exclude_conn:
+                continue
+            kind = self.conns[fd].state == S_WS
+            if p != NULL and end[kind] == 0 and not self._frame_shared(
+                    &p.framed[kind], kind, action, body, length, &start[kind], &end[kind]):
+                p = NULL                # out of memory: copy into each member instead
+            if p == NULL or (self.conns[fd].state != S_TCP and self.conns[fd].state != S_WS):
                 count += self._queue_packet(fd, action, 0, body, length)
+            else:
+                count += self._queue_shared(fd, p, kind, start[kind], end[kind])
         return count
+
+    cdef pass_out_t* _pass_out(self, size_t group, group_t* g) noexcept:
+        """The group's buffer for this pass (made on its first broadcast); NULL: no memory."""
+        cdef pass_out_t* p = g.pass_out
+        if p != NULL:
+            return p
+        p = <pass_out_t*>calloc(1, sizeof(pass_out_t))
+        if p == NULL:
+            return NULL
+        p.refs = 1                      # the pass's own reference, dropped by _end_pass
+        p.group = group
+        handles_push(&self.pass_outs, <uint64_t><size_t>p)
+        if self.pass_outs.length == 0 or self.pass_outs.items[self.pass_outs.length - 1] != <uint64_t><size_t>p:
+            free(p)                     # could not list it for _end_pass
+            return NULL
+        g.pass_out = p
+        return p
+
+    cdef bint _frame_shared(self, shared_buf_t* buf, int kind, int action, const char* body,
+                            size_t length, uint32_t* start, uint32_t* end) noexcept:
+        """Append one push packet to a pass buffer; its bytes are [start, end)."""
+        cdef size_t need = buf.length + WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + length, cap
+        cdef char* grown
+        if need > buf.capacity:
+            if need > self.outbuf_limit:
+                return False
+            cap = buf.capacity * 2 if buf.capacity else 4096
+            while cap < need:
+                cap *= 2
+            grown = <char*>realloc(buf.data, cap)
+            if grown == NULL:
+                return False
+            buf.data = grown
+            buf.capacity = <uint32_t>cap
+        start[0] = buf.length
+        if kind:
+            buf.length += <uint32_t>ws_packet_header(buf.data + buf.length, length, action, 0)
+        else:
+            buf.length += <uint32_t>tcp_header(buf.data + buf.length, length, action, 0)
+        memcpy(buf.data + buf.length, body, length)
+        buf.length += <uint32_t>length
+        end[0] = buf.length
+        return True
+
+    cdef bint _queue_shared(self, int fd, pass_out_t* p, int kind, uint32_t start,
+                            uint32_t end) noexcept:
+        """Give a member bytes [start, end) of a pass buffer: by reference when it
+        has nothing else queued (or its slice ends at start), else as a copy."""
+        cdef conn_t* c = &self.conns[fd]
+        cdef char* out
+        if c.flags & F_SHUT:
+            return False
+        if c.flags & F_SHARED and <pass_out_t*>c.outbuf == p and c.outcap + c.outlen == start:
+            c.outlen += end - start     # the next message of the same pass: still one slice
+            return True
+        if c.outlen == 0 and not (c.flags & F_SHARED):
+            free(c.outbuf)              # an empty own buffer kept by a waiting close
+            c.outbuf = <char*>p
+            c.outcap = start
+            c.outlen = end - start
+            c.flags |= F_SHARED
+            p.refs += 1
+            self._mark_pending(fd)
+            return True
+        out = self._reserve(fd, end - start)
+        if out == NULL:
+            return False
+        memcpy(out, p.framed[kind].data + start, end - start)
+        c.outlen += end - start
+        return True
+
+    cdef int _write_shared(self, int fd) noexcept:
+        """Write a member's slice straight from the pass buffer; what the kernel
+        does not take is copied into the member's own buffer. -1: closed."""
+        cdef conn_t* c = &self.conns[fd]
+        cdef pass_out_t* p = <pass_out_t*>c.outbuf
+        cdef ssize_t n
+        while True:
+            n = write(fd, p.framed[c.state == S_WS].data + c.outcap, c.outlen)
+            if n >= 0 or errno != EINTR:
+                break
+        if n < 0:
+            if errno != EAGAIN:
+                self._close(fd)         # EPIPE, ECONNRESET: the peer is gone
+                return -1
+            n = 0
+        self.bytes_out += <uint64_t>n
+        return 0 if self._unshare(fd, n) else -1
+
+    cdef bint _unshare(self, int fd, size_t sent) noexcept:
+        """Turn a member's slice into its own buffer, minus the first ``sent``
+        bytes (already written). False: out of memory, the connection was closed."""
+        cdef conn_t* c = &self.conns[fd]
+        cdef pass_out_t* p = <pass_out_t*>c.outbuf
+        cdef size_t rest = c.outlen - sent
+        cdef char* own = NULL
+        if rest:
+            own = <char*>malloc(rest)
+            if own != NULL:
+                memcpy(own, p.framed[c.state == S_WS].data + c.outcap + sent, rest)
+        c.flags &= ~F_SHARED
+        c.outbuf = own
+        c.outlen = c.outcap = <uint32_t>(rest if own != NULL else 0)
+        self._unref(p)
+        if rest and own == NULL:
+            self._close(fd)
+            return False
+        return True
+
+    cdef void _unref(self, pass_out_t* p) noexcept:
+        p.refs -= 1
+        if p.refs == 0:
+            free(p.framed[0].data)
+            free(p.framed[1].data)
+            free(p)
+
+    cdef void _end_pass(self) noexcept:
+        """After the flush: the next broadcasts start new pass buffers. Slices
+        still queued (a member the kernel did not take all from) keep theirs alive."""
+        cdef handle_list_t batch = handles_take(&self.pass_outs)
+        cdef pass_out_t* p
+        cdef size_t i
+        for i in range(batch.length):
+            p = <pass_out_t*><size_t>batch.items[i]
+            if p.group < self.groups_cap and self.groups[p.group].pass_out == p:
+                self.groups[p.group].pass_out = NULL
+            self._unref(p)
+        free(batch.items)
 
     def adopt_link(self, int fd):
         """Serve an already connected socket as a trusted link to another zim
