@@ -230,6 +230,20 @@ cdef inline int handle_fd(uint64_t handle) noexcept nogil:
 cdef uint32_t NO_DEADLINE = <uint32_t>-1
 
 
+cdef bint grow(char** buf, uint32_t* capacity, size_t need, size_t first) noexcept nogil:
+    """Double a buffer's capacity (from ``first``) until ``need`` fits; False: no memory."""
+    cdef size_t cap = capacity[0] * 2 if capacity[0] else first
+    cdef char* grown
+    while cap < need:
+        cap *= 2
+    grown = <char*>realloc(buf[0], cap)
+    if grown == NULL:
+        return False
+    buf[0] = grown
+    capacity[0] = <uint32_t>cap
+    return True
+
+
 cdef inline uint32_t now_seconds() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -725,8 +739,7 @@ cdef class Reactor:
     cdef char* _reserve(self, int fd, size_t extra) noexcept:
         """Room for extra more output bytes; NULL if the connection was dropped."""
         cdef conn_t* c = &self.conns[fd]
-        cdef size_t need, cap
-        cdef char* grown
+        cdef size_t need
         if c.flags & F_SHARED and not self._unshare(fd, 0):
             return NULL
         need = c.outlen + extra
@@ -735,15 +748,9 @@ cdef class Reactor:
                 self.dropped_slow += 1
                 self._close(fd)         # a consumer that stopped reading
                 return NULL
-            cap = c.outcap * 2 if c.outcap else 512
-            while cap < need:
-                cap *= 2
-            grown = <char*>realloc(c.outbuf, cap)
-            if grown == NULL:
+            if not grow(&c.outbuf, &c.outcap, need, 512):
                 self._close(fd)
                 return NULL
-            c.outbuf = grown
-            c.outcap = <uint32_t>cap
         if not (c.flags & F_PENDING):
             self._mark_pending(fd)
         return c.outbuf + c.outlen
@@ -1204,19 +1211,10 @@ cdef class Reactor:
     cdef bint _frame_shared(self, shared_buf_t* buf, int kind, int action, const char* body,
                             size_t length, uint32_t* start, uint32_t* end) noexcept:
         """Append one push packet to a pass buffer; its bytes are [start, end)."""
-        cdef size_t need = buf.length + WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + length, cap
-        cdef char* grown
-        if need > buf.capacity:
-            if need > self.outbuf_limit:
-                return False
-            cap = buf.capacity * 2 if buf.capacity else 4096
-            while cap < need:
-                cap *= 2
-            grown = <char*>realloc(buf.data, cap)
-            if grown == NULL:
-                return False
-            buf.data = grown
-            buf.capacity = <uint32_t>cap
+        cdef size_t need = buf.length + WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + length
+        if need > buf.capacity and (need > self.outbuf_limit or not grow(&buf.data, &buf.capacity,
+                                                                        need, 4096)):
+            return False
         start[0] = buf.length
         if kind:
             buf.length += <uint32_t>ws_packet_header(buf.data + buf.length, length, action, 0)
