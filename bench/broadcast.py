@@ -337,7 +337,7 @@ def add_fanout_args(parser: argparse.ArgumentParser, members: int) -> None:
     parser.add_argument("--members", type=int, default=members, metavar="K",
                         help=f"subscribed member connections (default {members})")
     parser.add_argument("--messages", type=int, default=0, metavar="M",
-                        help="channel messages per run (default: about 5,000,000 / K, "
+                        help="channel messages per run (default: about 20,000,000 / K, "
                              "between 100 and 20,000)")
     parser.add_argument("--content-size", type=int, default=100, metavar="BYTES",
                         help="message content size (default 100; at least 20, the timestamp)")
@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.per_process > 19000:
         parser.error("--per-process above 19000 does not fit the open-files limit")
     if args.messages <= 0:
-        args.messages = max(100, min(20_000, 5_000_000 // args.members))
+        args.messages = max(100, min(20_000, 20_000_000 // args.members))
     return args
 
 
