@@ -12,7 +12,10 @@ and samples the tree's RSS and Slab every 2 s while it runs. Reported:
   machine, so it counts two sockets), from the peak Slab;
 - connflood's connect rate, failures by kind, and its probe: the round trip of
   a private message between two extra clients and a channel message to a
-  sample of the held connections, measured during the hold.
+  sample of the held connections, measured during the hold;
+- the CPU time the server tree and connflood's processes spent while the
+  connections were being opened (sampled every 2 s): which side the connect
+  rate was waiting on.
 
 Needs ``net.ipv4.ip_local_port_range`` wide (set to 1024 65535 while it runs, as
 root, and put back after) and N / 19,000 workers and client processes at least (20,000 open files per
@@ -27,6 +30,8 @@ import os
 import subprocess
 import sys
 import time
+
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
@@ -48,6 +53,19 @@ def set_port_range(value: str) -> str | None:
     except OSError as exc:
         print(f"note: cannot set ip_local_port_range ({exc}); source addresses still spread the load")
         return None
+
+
+def cpu_seconds(tree: benchlib.ProcessTree) -> float:
+    times = tree.cpu_times()
+    return times.user + times.system
+
+
+def flood_cpu_seconds(pid: int) -> float:
+    """User + system CPU of connflood and its client processes so far (0 once gone)."""
+    try:
+        return cpu_seconds(benchlib.ProcessTree(psutil.Process(pid)))
+    except psutil.Error:
+        return 0.0
 
 
 def run(args, info: dict) -> int:
@@ -79,11 +97,14 @@ def measure(args, info: dict) -> int:
                    "--probe-sample", str(args.probe_sample), "--json"]
         print("running:", " ".join(command), flush=True)
         flood = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        started = time.monotonic()
+        cpu_samples = [(0.0, cpu_seconds(tree), 0.0)]   # (seconds, server CPU, connflood CPU)
         peak_rss, peak_slab = rss_before, slab_before
         peak_each = dict(each_before)
         deadline = time.monotonic() + args.timeout
         while flood.poll() is None and time.monotonic() < deadline:
             time.sleep(2.0)
+            cpu_samples.append((time.monotonic() - started, cpu_seconds(tree), flood_cpu_seconds(flood.pid)))
             if tree.changed():
                 flood.kill()
                 raise RuntimeError(f"a server process ended during the run:\n{server.log_tail()}")
@@ -108,6 +129,14 @@ def measure(args, info: dict) -> int:
         print("rss growth per connection by part: " + ", ".join(
             f"{kind} {growth / max(1, logged_in):.0f} B" for kind, growth in sorted(kinds.items())))
         per_conn = (peak_rss - rss_before) / max(1, logged_in)
+        # the last sample inside the connect phase
+        until, server_cpu, flood_cpu = max((s for s in cpu_samples if s[0] <= result["seconds"] + 1.0),
+                                           key=lambda s: s[0])
+        server_cpu -= cpu_samples[0][1]
+        if until:
+            print(f"connect phase, first {until:.0f} s: server CPU {server_cpu:.1f} s "
+                  f"({server_cpu / until:.2f} cores), connflood CPU {flood_cpu:.1f} s "
+                  f"({flood_cpu / until:.2f} cores), of {psutil.cpu_count()} cores")
         slab_per_conn = (peak_slab - slab_before) / max(1, logged_in)
         dm = result["probe"].get("dm", {})
         broadcast = result["probe"].get("broadcast", {})
@@ -122,7 +151,10 @@ def measure(args, info: dict) -> int:
             benchlib.print_json({"bench": "million", "ok": result["failed"] == 0, "machine": info,
                                  "workers": args.workers, "baseline_rss": rss_before, "peak_rss": peak_rss,
                                  "rss_bytes_per_connection": per_conn,
-                                 "slab_bytes_per_connection": slab_per_conn, "connflood": result})
+                                 "slab_bytes_per_connection": slab_per_conn,
+                                 "connect_phase_cpu": {"seconds": until, "server": server_cpu,
+                                                       "connflood": flood_cpu},
+                                 "connflood": result})
         return 0 if result["failed"] == 0 else 1
 
 
