@@ -55,17 +55,12 @@ def set_port_range(value: str) -> str | None:
         return None
 
 
-def cpu_seconds(tree: benchlib.ProcessTree) -> float:
-    times = tree.cpu_times()
-    return times.user + times.system
-
-
-def flood_cpu_seconds(pid: int) -> float:
-    """User + system CPU of connflood and its client processes so far (0 once gone)."""
+def flood_cpu(pid: int) -> benchlib.CPUTimes:
+    """CPU of connflood and its client processes so far (0 once gone)."""
     try:
-        return cpu_seconds(benchlib.ProcessTree(psutil.Process(pid)))
+        return benchlib.ProcessTree(psutil.Process(pid)).cpu_times()
     except psutil.Error:
-        return 0.0
+        return benchlib.CPUTimes(0.0, 0.0)
 
 
 def run(args, info: dict) -> int:
@@ -98,13 +93,14 @@ def measure(args, info: dict) -> int:
         print("running:", " ".join(command), flush=True)
         flood = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         started = time.monotonic()
-        cpu_samples = [(0.0, cpu_seconds(tree), 0.0)]   # (seconds, server CPU, connflood CPU)
+        # (seconds, server CPU, connflood CPU)
+        cpu_samples = [(0.0, tree.cpu_times(), benchlib.CPUTimes(0.0, 0.0))]
         peak_rss, peak_slab = rss_before, slab_before
         peak_each = dict(each_before)
         deadline = time.monotonic() + args.timeout
         while flood.poll() is None and time.monotonic() < deadline:
             time.sleep(2.0)
-            cpu_samples.append((time.monotonic() - started, cpu_seconds(tree), flood_cpu_seconds(flood.pid)))
+            cpu_samples.append((time.monotonic() - started, tree.cpu_times(), flood_cpu(flood.pid)))
             if tree.changed():
                 flood.kill()
                 raise RuntimeError(f"a server process ended during the run:\n{server.log_tail()}")
@@ -130,13 +126,21 @@ def measure(args, info: dict) -> int:
             f"{kind} {growth / max(1, logged_in):.0f} B" for kind, growth in sorted(kinds.items())))
         per_conn = (peak_rss - rss_before) / max(1, logged_in)
         # the last sample inside the connect phase
-        until, server_cpu, flood_cpu = max((s for s in cpu_samples if s[0] <= result["seconds"] + 1.0),
+        until, server_end, flood_end = max((s for s in cpu_samples if s[0] <= result["seconds"] + 1.0),
                                            key=lambda s: s[0])
-        server_cpu -= cpu_samples[0][1]
+        server_start = cpu_samples[0][1]
+        phase = {"seconds": until,
+                 "server_user": server_end.user - server_start.user,
+                 "server_system": server_end.system - server_start.system,
+                 "connflood_user": flood_end.user, "connflood_system": flood_end.system}
         if until:
+            server_cpu = phase["server_user"] + phase["server_system"]
+            flood_total = flood_end.user + flood_end.system
             print(f"connect phase, first {until:.0f} s: server CPU {server_cpu:.1f} s "
-                  f"({server_cpu / until:.2f} cores), connflood CPU {flood_cpu:.1f} s "
-                  f"({flood_cpu / until:.2f} cores), of {psutil.cpu_count()} cores")
+                  f"({server_cpu / until:.2f} cores; user {phase['server_user']:.1f} + system "
+                  f"{phase['server_system']:.1f}), connflood CPU {flood_total:.1f} s "
+                  f"({flood_total / until:.2f} cores; user {flood_end.user:.1f} + system "
+                  f"{flood_end.system:.1f}), of {psutil.cpu_count()} cores")
         slab_per_conn = (peak_slab - slab_before) / max(1, logged_in)
         dm = result["probe"].get("dm", {})
         broadcast = result["probe"].get("broadcast", {})
@@ -152,8 +156,7 @@ def measure(args, info: dict) -> int:
                                  "workers": args.workers, "baseline_rss": rss_before, "peak_rss": peak_rss,
                                  "rss_bytes_per_connection": per_conn,
                                  "slab_bytes_per_connection": slab_per_conn,
-                                 "connect_phase_cpu": {"seconds": until, "server": server_cpu,
-                                                       "connflood": flood_cpu},
+                                 "connect_phase_cpu": phase,
                                  "connflood": result})
         return 0 if result["failed"] == 0 else 1
 
