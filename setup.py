@@ -4,7 +4,8 @@ from setuptools import Extension, setup
 
 _FLAGS = ["-O2"]
 extensions = [
-    Extension("zim._codec", ["zim/_codec.pyx"], extra_compile_args=_FLAGS),
+    # zlib: permessage-deflate on WebSocket (RFC 7692)
+    Extension("zim._codec", ["zim/_codec.pyx"], extra_compile_args=_FLAGS, libraries=["z"]),
     Extension("zim._idmap", ["zim/_idmap.pyx"], extra_compile_args=_FLAGS),
     Extension("zim._core", ["zim/_core.pyx"], extra_compile_args=_FLAGS),
 ]

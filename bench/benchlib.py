@@ -133,11 +133,24 @@ def ws_split(buffer: bytearray) -> list[tuple[int, int, int, bytes]]:
     return frames
 
 
-def start_connect(epoll: select.epoll, port: int) -> tuple[socket.socket, int]:
-    """A non-blocking connect to the loopback port, registered for EPOLLOUT; the
-    socket and connect_ex's code (0 or EINPROGRESS when it is under way)."""
+IP_BIND_ADDRESS_NO_PORT = 24    # linux/in.h: choose the source port at connect(), not bind()
+
+
+def source_address(index: int, sources: int) -> str | None:
+    """The source address of client ``index`` spread over 127.0.0.1..``sources`` (None:
+    the kernel's choice). One address has only ~28,000 ephemeral ports per server port."""
+    return None if sources <= 1 else f"127.0.0.{1 + index % sources}"
+
+
+def start_connect(epoll: select.epoll, port: int, source: str | None = None) -> tuple[socket.socket, int]:
+    """A non-blocking connect to the loopback port (from ``source`` if given),
+    registered for EPOLLOUT; the socket and connect_ex's code (0 or EINPROGRESS
+    when it is under way)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
+    if source is not None:
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
     code = sock.connect_ex((LOOPBACK, port))
     epoll.register(sock.fileno(), select.EPOLLOUT)
     return sock, (0 if code == errno.EINPROGRESS else code)
@@ -179,7 +192,9 @@ class Server:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "zim",
                 "--tcp", f"{LOOPBACK}:{self.tcp_port}", "--ws", f"{LOOPBACK}:{self.ws_port}",
-                "--data", self.data_dir, "--workers", str(self.workers), *self.extra_args]
+                "--data", self.data_dir, "--workers", str(self.workers),
+                "--channel-rate", "0",      # benches measure throughput, not the rate limit
+                *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> psutil.Process:
         self._tmp = tempfile.TemporaryDirectory(prefix="zim-bench-")

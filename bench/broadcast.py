@@ -49,9 +49,10 @@ STAMP_DIGITS = 20   # the content starts with the send time, zero-padded ns
 
 
 # -- members (client processes) ----------------------------------------------
-def open_members(port: int, first: int, count: int, inflight: int,
-                 deadline: float) -> tuple[list[socket.socket], bytearray, list[str]]:
-    """Connect ``count`` sockets, log each in and subscribe it; returns the ready ones.
+def open_members(port: int, first: int, count: int, inflight: int, deadline: float,
+                 sources: int = 1) -> tuple[list[socket.socket], bytearray, list[str]]:
+    """Connect ``count`` sockets (clients ``first``... spread over ``sources`` source
+    addresses), log each in and subscribe it; returns the ready ones.
 
     Also returns what was read past the subscribe response of the first ready
     socket (the sample connection): it belongs to the push stream (normally empty).
@@ -72,7 +73,8 @@ def open_members(port: int, first: int, count: int, inflight: int,
 
     while len(ready) + len(failures) < count and time.monotonic() < deadline:
         while opened < count and len(pending) < inflight:
-            sock, code = benchlib.start_connect(epoll, port)
+            source = benchlib.source_address(first + opened, sources)
+            sock, code = benchlib.start_connect(epoll, port, source)
             pending[sock.fileno()] = [sock, bytearray(), False]
             opened += 1
             if code:

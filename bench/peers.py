@@ -543,7 +543,8 @@ class PeerServer:
             if self.zim is not None and not template:
                 return self.zim.command
             return [python, "-m", "zim", "--tcp", f"{benchlib.LOOPBACK}:{port}",
-                    "--ws", f"{benchlib.LOOPBACK}:{port}", "--data", directory, "--workers", "1"]
+                    "--ws", f"{benchlib.LOOPBACK}:{port}", "--data", directory, "--workers", "1",
+                    "--channel-rate", "0"]
         if self.name == "redis":
             # maxclients: as many as the open-files limit allows (redis keeps 32 spare).
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -931,10 +932,11 @@ Versions and command lines (PORT: a free loopback port; DIR: a temporary directo
 Notes:
 
 - **zim** runs with its default flags (`benchlib.Server`: one worker, loopback
-  ports), so the durable SQLite store is on: every channel message is also
-  committed to the database by the writer process before the send is answered
-  (the writer's CPU is counted), and every user logged in by the idle test is
-  stored.
+  ports) but for `--channel-rate 0`: the default limit of 40 messages per second
+  per channel would refuse the bench's stream. The durable SQLite store is on:
+  every channel message is also committed to the database by the writer process
+  before the send is answered (the writer's CPU is counted), and every user
+  logged in by the idle test is stored.
 - **redis** stores nothing (`--save "" --appendonly no`): pub/sub over RESP2,
   one thread.
 - **nats** is core NATS (no JetStream: nothing stored). It is written in Go and

@@ -204,7 +204,8 @@ def _launch(tmp_path_factory, log_dir: Path, flags: Sequence[str] = (), app_scri
 def server(request, tmp_path_factory, _logs) -> Iterator[ServerProcess]:
     """The shared server, fresh data directory: every test that uses it runs against
     a single-process server and against a supervisor with 3 workers."""
-    srv = _launch(tmp_path_factory, _logs, flags=("--workers", request.param))
+    # no channel rate limit: protocol tests send bursts (the limits: test_traffic_limits.py)
+    srv = _launch(tmp_path_factory, _logs, flags=("--workers", request.param, "--channel-rate", "0"))
     try:
         yield srv
         srv.stop()

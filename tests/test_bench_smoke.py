@@ -18,6 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
     ("workers.py", ["--members", "200", "--pairs", "20", "--runs", "1"]),
     ("store.py", ["--messages", "400", "--senders-list", "1,4", "--runs", "1", "--rate", "500",
                   "--rate-seconds", "0.5", "--engine-messages", "2000"]),
+    ("hugegroup.py", ["--members-list", "500", "--workers", "2", "--runs", "1", "--sources", "2"]),
+    ("wire_bytes.py", ["--messages", "50"]),
     ("million.py", ["--connections", "3000", "--workers", "2", "--processes", "2", "--hold", "3",
                     "--probe-sample", "100"]),
 ])

@@ -115,7 +115,7 @@ class Sender(threading.Thread):
 @pytest.mark.parametrize("workers", ["1", "3"])
 def test_kill_9_under_load_loses_nothing_acknowledged(start_server, tmp_path, workers):
     data = tmp_path / "data"
-    first = start_server(["--workers", workers], data_dir=data)
+    first = start_server(["--workers", workers, "--channel-rate", "0"], data_dir=data)
     channel = unique("load")
     receivers = []
     for i in range(4):

@@ -27,7 +27,7 @@ from zimclient import (Closed, RawWs, TcpClient, WsClient, ZimClient, error_code
                        unique, ws_frame, ws_message)
 
 WORKERS = 4
-WORKER_FLAGS = ("--workers", str(WORKERS))
+WORKER_FLAGS = ("--workers", str(WORKERS), "--channel-rate", "0")     # bursts on purpose
 RESTART_TIMEOUT = 5.0       # a killed worker is replaced within this
 EXIT_TIMEOUT = 3.0          # workers are gone this long after their supervisor died
 

@@ -14,11 +14,20 @@ cdef enum:
     EV_TEXT = 7         # a text message: close 1003
     EV_SKIP = 8         # consumed a fragment; nothing to hand on yet
     EV_BAD_UTF8 = 9     # a close reason that is not UTF-8: close 1007
+    EV_BAD_DEFLATE = 10 # a compressed message that does not inflate: close 1007
 
     TCP_HEADER = 8      # length(4) action(2) seq(2)
     WS_PACKET_HEADER = 4  # action(2) seq(2) at the start of a WebSocket message
     WS_MAX_FRAME_HEADER = 14
     WS_MAX_CONTROL = 125
+    WS_DEFLATE_MIN = 64   # shorter messages go out uncompressed (see docs/protocol.md)
+
+
+cdef inline bint ws_deflate_fits(uint8_t window_bits, size_t message_len) noexcept nogil:
+    """Whether our compressed form of a message suits a client that allows the
+    server a window of 2**window_bits (0: no deflate). Every message is its own
+    deflate stream, so no match reaches further back than the message is long."""
+    return window_bits == 15 or (window_bits != 0 and message_len <= (<size_t>1 << window_bits))
 
 cdef struct packet_t:
     int action
@@ -33,18 +42,44 @@ cdef struct ws_state_t:
     char* frag
     uint32_t frag_len
     uint8_t frag_active
+    uint8_t frag_deflated   # the message in flight is compressed (RSV1 on its first frame)
+
+
+cdef extern from "zlib.h" nogil:
+    ctypedef struct z_stream:
+        const unsigned char* next_in
+        unsigned int avail_in
+        unsigned char* next_out
+        unsigned int avail_out
+
+
+# permessage-deflate (RFC 7692) with no context takeover either way: every
+# message is its own deflate stream, so one deflater and one inflater per
+# reactor serve all connections (nothing per connection but the window bits).
+# Both streams are made on first use; a reactor with no deflate client has none.
+cdef struct zcodec_t:
+    z_stream* deflater
+    z_stream* inflater
+    int deflate_level       # the deflater's current level (it depends on the message size)
+    char* deflated          # the last compressed message (ws_deflate)
+    size_t deflated_cap
+    char* inflated          # the last inflated message; a packet's body points here
+    size_t inflated_cap
 
 cdef int tcp_next(char* buf, size_t length, size_t max_packet,
                   packet_t* out, size_t* consumed) noexcept nogil
 cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
-                 packet_t* out, size_t* consumed) noexcept nogil
+                 zcodec_t* z, packet_t* out, size_t* consumed) noexcept nogil
 cdef void ws_release(ws_state_t* st) noexcept nogil
+cdef size_t ws_deflate(zcodec_t* z, int action, int seq, const char* body, size_t body_len) noexcept nogil
+cdef size_t ws_deflated_header(char* out, size_t payload_len) noexcept nogil
+cdef void zcodec_free(zcodec_t* z) noexcept nogil
 
 cdef size_t tcp_header(char* out, size_t body_len, int action, int seq) noexcept nogil
 cdef size_t ws_frame_header(char* out, size_t payload_len, int opcode) noexcept nogil
 cdef size_t ws_packet_header(char* out, size_t body_len, int action, int seq) noexcept nogil
 
-cdef bytes ws_handshake_response(bytes request)
+cdef object ws_handshake(bytes request, bint deflate)
 cdef Py_ssize_t find_header_end(const char* buf, size_t length) noexcept nogil
 
 

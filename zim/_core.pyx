@@ -24,11 +24,13 @@ from cpython.exc cimport PyErr_CheckSignals
 
 from zim._idmap cimport idmap_t, idmap_init, idmap_free, idmap_find, idmap_insert, idmap_delete
 from zim._codec cimport (
-    packet_t, ws_state_t, tcp_next, ws_next, ws_release, tcp_header,
+    packet_t, ws_state_t, zcodec_t, tcp_next, ws_next, ws_release, tcp_header,
     get16, get32, get64, put16, put32, put64,
-    ws_frame_header, ws_packet_header, ws_handshake_response, find_header_end,
+    ws_frame_header, ws_packet_header, ws_handshake, find_header_end,
+    ws_deflate, ws_deflate_fits, ws_deflated_header, zcodec_free,
     EV_NEED_MORE, EV_PACKET, EV_TOO_LARGE, EV_BROKEN, EV_PING, EV_PONG,
-    EV_CLOSE, EV_TEXT, EV_SKIP, EV_BAD_UTF8, TCP_HEADER, WS_MAX_FRAME_HEADER, WS_PACKET_HEADER,
+    EV_CLOSE, EV_TEXT, EV_SKIP, EV_BAD_UTF8, EV_BAD_DEFLATE, TCP_HEADER, WS_MAX_FRAME_HEADER,
+    WS_PACKET_HEADER,
 )
 
 import logging
@@ -106,6 +108,7 @@ cdef enum:
     F_PAUSED = 128      # requests held (e.g. while a login is being decided elsewhere)
     F_FINAL_TOO_LARGE = 256     # answer final_action/final_seq with too_large before closing
     F_SHARED = 512      # outbuf points at a pass_out_t: outcap is the start, outlen the length
+    F_SHARED_DEFLATE = 1024     # ... and the slice is in its compressed framing (FRAMING_DEFLATE)
 
 cdef enum:
     MAX_EVENTS = 1024
@@ -130,7 +133,7 @@ cdef struct conn_t:
     uint32_t gen            # bumped at accept (24 bits): handles of a closed fd go stale
     uint16_t flags
     uint8_t state
-    uint8_t _spare
+    uint8_t deflate_bits    # permessage-deflate: the server window bits agreed (8..15), 0: off
     uint64_t user           # 0: not logged in
     char* inbuf             # trailing partial input, NULL when none
     char* outbuf            # bytes the kernel has not taken yet, NULL when none;
@@ -188,8 +191,15 @@ cdef struct shared_buf_t:
 # nothing else queued is written straight from here (its slice: F_SHARED), so a
 # message is not copied into a thousand connection buffers to be written once
 # from each; a member that gets anything else first takes a private copy.
+cdef enum:
+    FRAMING_TCP = 0
+    FRAMING_WS = 1
+    FRAMING_DEFLATE = 2     # WebSocket, compressed: the same bytes for every deflate member,
+                            # since no context is taken over from one message to the next
+    FRAMINGS = 3
+
 cdef struct pass_out_t:
-    shared_buf_t framed[2]  # 0: TCP framing, 1: WebSocket framing
+    shared_buf_t framed[FRAMINGS]
     size_t refs             # members pointing into it, + 1 while its pass is open
     size_t group
 
@@ -274,6 +284,8 @@ cdef class Reactor:
     cdef bint running
     cdef uint32_t now
     cdef size_t outbuf_limit
+    cdef bint ws_deflate               # negotiate permessage-deflate with clients that offer it
+    cdef zcodec_t z                    # the deflater and inflater every deflate connection shares
     cdef handle_list_t pending      # connections with queued output: flushed once per pass
     cdef handle_list_t again        # read budget ran out before EAGAIN: resume next pass
     cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline
@@ -290,16 +302,17 @@ cdef class Reactor:
     cdef uint32_t login_timeout, idle_timeout
     # counters
     cdef public uint64_t accepted, closed, refused, packets_in, bytes_in, bytes_out
-    cdef public uint64_t connections, dropped_slow, timed_out
+    cdef public uint64_t connections, dropped_slow, timed_out, deflated_out, inflated_in
 
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
-                  uint32_t login_timeout=10, uint32_t idle_timeout=300):
+                  uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True):
         cdef rlimit lim
         cdef int i
         for i in range(WHEEL_SLOTS):
             self.wheel[i] = NO_CONN
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
+        self.ws_deflate = ws_deflate
         getrlimit(RLIMIT_NOFILE, &lim)
         # Output buffers are freed as soon as the kernel takes their bytes; keep
         # up to 32 MiB of freed heap so each burst does not fault pages back in.
@@ -344,6 +357,7 @@ cdef class Reactor:
         free(self.gone_users.items)
         free(self.pass_outs.items)
         free(self.route_table)
+        zcodec_free(&self.z)
         idmap_free(&self.presence)
         if self.epfd >= 0:
             close(self.epfd)
@@ -643,7 +657,8 @@ cdef class Reactor:
                 ev = tcp_next(self.scratch + offset, have - offset,
                               LINK_MAX_PACKET if c.flags & F_LINK else self.max_packet, &pkt, &consumed)
             elif c.state == S_WS:
-                ev = ws_next(self.scratch + offset, have - offset, self.max_packet, &c.ws, &pkt, &consumed)
+                ev = ws_next(self.scratch + offset, have - offset, self.max_packet, &c.ws,
+                             &self.z if c.deflate_bits else NULL, &pkt, &consumed)
             elif c.state == S_WS_HANDSHAKE:
                 head_end = find_header_end(self.scratch + offset, have - offset)
                 if head_end < 0:
@@ -663,6 +678,8 @@ cdef class Reactor:
                 return offset
             if ev == EV_PACKET:
                 self.packets_in += 1
+                if c.deflate_bits and pkt.body == self.z.inflated + WS_PACKET_HEADER:
+                    self.inflated_in += 1
                 self._dispatch(fd, &pkt)
                 if c.state == S_WS:
                     ws_release(&c.ws)
@@ -680,7 +697,7 @@ cdef class Reactor:
             elif ev == EV_TEXT:
                 self._ws_close(fd, 1003)
                 return have
-            elif ev == EV_BAD_UTF8:
+            elif ev == EV_BAD_UTF8 or ev == EV_BAD_DEFLATE:
                 self._ws_close(fd, 1007)
                 return have
             elif ev == EV_TOO_LARGE:
@@ -702,16 +719,17 @@ cdef class Reactor:
 
     cdef bint _handshake(self, int fd, size_t offset, size_t head_len) noexcept:
         cdef conn_t* c = &self.conns[fd]
-        cdef object response
+        cdef object answer
         try:
-            response = ws_handshake_response(PyBytes_FromStringAndSize(self.scratch + offset, head_len))
+            answer = ws_handshake(PyBytes_FromStringAndSize(self.scratch + offset, head_len), self.ws_deflate)
         except BaseException:
-            response = None
-        if response is None:
+            answer = None
+        if answer is None:
             self._queue_raw(fd, _HTTP_400)
             self._begin_close(fd)
             return False
-        self._queue_raw(fd, response)
+        self._queue_raw(fd, answer[0])
+        c.deflate_bits = <uint8_t>answer[1]
         c.state = S_WS
         return True
 
@@ -765,9 +783,20 @@ cdef class Reactor:
     cdef bint _queue_packet(self, int fd, int action, int seq, const char* body, size_t body_len) noexcept:
         cdef conn_t* c = &self.conns[fd]
         cdef char* out
-        cdef size_t head
+        cdef size_t head, deflated
         if c.flags & F_SHUT:
             return False
+        if c.state == S_WS and ws_deflate_fits(c.deflate_bits, body_len + WS_PACKET_HEADER):
+            deflated = ws_deflate(&self.z, action, seq, body, body_len)
+            if deflated:
+                out = self._reserve(fd, WS_MAX_FRAME_HEADER + deflated)
+                if out == NULL:
+                    return False
+                head = ws_deflated_header(out, deflated)
+                memcpy(out + head, self.z.deflated, deflated)
+                c.outlen += <uint32_t>(head + deflated)
+                self.deflated_out += 1
+                return True
         out = self._reserve(fd, WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + body_len)
         if out == NULL:
             return False
@@ -980,6 +1009,7 @@ cdef class Reactor:
         c.inlen = c.outlen = c.outcap = 0
         c.user = 0
         c.flags = 0
+        c.deflate_bits = 0
         c.inflight = 0
         c.close_code = 0
         c.state = S_FREE
@@ -1163,13 +1193,15 @@ cdef class Reactor:
         cdef group_t* g = self._group(group, False)
         cdef pass_out_t* p
         cdef size_t i = 0
-        cdef uint32_t start[2]
-        cdef uint32_t end[2]
+        cdef uint32_t start[FRAMINGS]
+        cdef uint32_t end[FRAMINGS]
         cdef uint64_t handle
         cdef int fd, kind, count = 0
+        cdef int deflate = 0            # compressed framing: 0 not tried yet, 1 framed, -1 none (plain)
         if g == NULL:
             return 0
-        start[0] = start[1] = end[0] = end[1] = 0
+        memset(start, 0, sizeof(start))
+        memset(end, 0, sizeof(end))
         p = self._pass_out(group, g)
         while i < g.length:
             handle = g.members[i]
@@ -1181,7 +1213,14 @@ cdef class Reactor:
             i += 1
             if handle == exclude_conn:
                 continue
-            kind = self.conns[fd].state == S_WS
+            kind = FRAMING_WS if self.conns[fd].state == S_WS else FRAMING_TCP
+            if kind == FRAMING_WS and p != NULL and deflate >= 0 and ws_deflate_fits(
+                    self.conns[fd].deflate_bits, length + WS_PACKET_HEADER):
+                if deflate == 0:        # compressed once, for every deflate member
+                    deflate = 1 if self._frame_deflated(&p.framed[FRAMING_DEFLATE], action, body, length,
+                                                        &start[FRAMING_DEFLATE], &end[FRAMING_DEFLATE]) else -1
+                if deflate == 1:
+                    kind = FRAMING_DEFLATE
             if p != NULL and end[kind] == 0 and not self._frame_shared(
                     &p.framed[kind], kind, action, body, length, &start[kind], &end[kind]):
                 p = NULL                # out of memory: copy into each member instead
@@ -1225,6 +1264,31 @@ cdef class Reactor:
         end[0] = buf.length
         return True
 
+    cdef bint _frame_deflated(self, shared_buf_t* buf, int action, const char* body, size_t length,
+                              uint32_t* start, uint32_t* end) noexcept:
+        """Append the push, compressed, to a pass buffer; False when it goes out
+        uncompressed (too short or not made smaller) or there is no memory."""
+        cdef size_t deflated = ws_deflate(&self.z, action, 0, body, length)
+        cdef size_t need = buf.length + WS_MAX_FRAME_HEADER + deflated
+        if deflated == 0:
+            return False
+        if need > buf.capacity and (need > self.outbuf_limit or not grow(&buf.data, &buf.capacity,
+                                                                        need, 4096)):
+            return False
+        start[0] = buf.length
+        buf.length += <uint32_t>ws_deflated_header(buf.data + buf.length, deflated)
+        memcpy(buf.data + buf.length, self.z.deflated, deflated)
+        buf.length += <uint32_t>deflated
+        end[0] = buf.length
+        self.deflated_out += 1
+        return True
+
+    cdef inline int _slice_framing(self, conn_t* c) noexcept:
+        """Which of its pass buffer's framings a sharing member's slice is in."""
+        if c.flags & F_SHARED_DEFLATE:
+            return FRAMING_DEFLATE
+        return FRAMING_WS if c.state == S_WS else FRAMING_TCP
+
     cdef bint _queue_shared(self, int fd, pass_out_t* p, int kind, uint32_t start,
                             uint32_t end) noexcept:
         """Give a member bytes [start, end) of a pass buffer: by reference when it
@@ -1233,7 +1297,8 @@ cdef class Reactor:
         cdef char* out
         if c.flags & F_SHUT:
             return False
-        if c.flags & F_SHARED and <pass_out_t*>c.outbuf == p and c.outcap + c.outlen == start:
+        if c.flags & F_SHARED and <pass_out_t*>c.outbuf == p and c.outcap + c.outlen == start \
+                and self._slice_framing(c) == kind:
             c.outlen += end - start     # the next message of the same pass: still one slice
             return True
         if c.outlen == 0 and not (c.flags & F_SHARED):
@@ -1241,7 +1306,7 @@ cdef class Reactor:
             c.outbuf = <char*>p
             c.outcap = start
             c.outlen = end - start
-            c.flags |= F_SHARED
+            c.flags |= F_SHARED | (F_SHARED_DEFLATE if kind == FRAMING_DEFLATE else 0)
             p.refs += 1
             self._mark_pending(fd)
             return True
@@ -1259,7 +1324,7 @@ cdef class Reactor:
         cdef pass_out_t* p = <pass_out_t*>c.outbuf
         cdef ssize_t n
         while True:
-            n = write(fd, p.framed[c.state == S_WS].data + c.outcap, c.outlen)
+            n = write(fd, p.framed[self._slice_framing(c)].data + c.outcap, c.outlen)
             if n >= 0 or errno != EINTR:
                 break
         if n < 0:
@@ -1280,8 +1345,8 @@ cdef class Reactor:
         if rest:
             own = <char*>malloc(rest)
             if own != NULL:
-                memcpy(own, p.framed[c.state == S_WS].data + c.outcap + sent, rest)
-        c.flags &= ~F_SHARED
+                memcpy(own, p.framed[self._slice_framing(c)].data + c.outcap + sent, rest)
+        c.flags &= ~(F_SHARED | F_SHARED_DEFLATE)
         c.outbuf = own
         c.outlen = c.outcap = <uint32_t>(rest if own != NULL else 0)
         self._unref(p)
@@ -1291,10 +1356,11 @@ cdef class Reactor:
         return True
 
     cdef void _unref(self, pass_out_t* p) noexcept:
+        cdef int framing
         p.refs -= 1
         if p.refs == 0:
-            free(p.framed[0].data)
-            free(p.framed[1].data)
+            for framing in range(FRAMINGS):
+                free(p.framed[framing].data)
             free(p)
 
     cdef void _end_pass(self) noexcept:
@@ -1520,4 +1586,6 @@ cdef class Reactor:
             "bytes_out": self.bytes_out,
             "users_online": self.presence.count,
             "conn_slot_bytes": sizeof(conn_t),
+            "deflated_out": self.deflated_out,
+            "inflated_in": self.inflated_in,
         }

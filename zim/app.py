@@ -14,6 +14,8 @@ import orjson
 
 from zim._core import Reactor
 from zim.fabric import Fabric, LocalFabric
+from zim.limits import SendLimits
+from zim.pushmerge import DEFAULT_PUSH_MAX, PUSH_CHANNEL_MESSAGE, PushMerger, check_push_settings
 from zim.storage.retention import Retention
 from zim.storage.store import Pending
 
@@ -22,6 +24,11 @@ log = logging.getLogger("zim")
 Handler = Callable[["Ctx", dict], dict]
 
 DEFAULT_MAX_PACKET = 65536
+DEFAULT_USER_RATE = 0           # off: a user's send reaches one user; channels are what fan out
+DEFAULT_CHANNEL_RATE = 40       # messages per second per channel, the article's figure
+DEFAULT_MAX_OUTBUF = 64 * 1024 * 1024   # bytes queued for one connection before it is cut
+MIN_OUTBUF = 2 * 1024 * 1024    # above the largest server packet (< 1 MiB) with room to spare
+MAX_OUTBUF = 1024 * 1024 * 1024
 
 
 class Error(Exception):
@@ -121,13 +128,21 @@ class Ctx:
         return self.app.fabric.push_user(int(user_id), action, payload, exclude)
 
     def push_channel(self, channel: str, action: int, body: dict | bytes, exclude_self: bool = True) -> int:
-        """Push to every connection following ``channel`` (encoded once, fanned out in C)."""
-        group = self.app.groups.get(channel)
+        """Push to every connection following ``channel`` (encoded once, fanned out in C).
+
+        With merged pushes on (``App.run(push_window_ms=...)``) a channel message
+        (action 102) joins the channel's time slice instead and goes out with it as
+        one 103 (``zim.pushmerge``); 0 is returned then."""
+        app = self.app
+        group = app.groups.get(channel)
         if group is None:
             return 0
         exclude = self.conn if exclude_self else 0
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
-        return self.app.fabric.broadcast(group, action, payload, exclude)
+        if app.push_merger is not None and action == PUSH_CHANNEL_MESSAGE:
+            app.push_merger.add(channel, exclude, payload)
+            return 0
+        return app.fabric.broadcast(group, action, payload, exclude)
 
     def follow(self, channel: str, user_id: str | None = None) -> None:
         """Every connection of the user (default: this one's) receives ``channel``'s pushes."""
@@ -159,6 +174,9 @@ class App:
         self.max_packet = DEFAULT_MAX_PACKET
         self.data_dir: str | None = None
         self.secret: bytes = b""
+        self.limits = SendLimits()      # off until run() sets the configured ones
+        self.channel_push = True        # a subscribe without "push" gets pushes
+        self.push_merger: PushMerger | None = None     # merged pushes (103), when run() turns them on
         if im:
             from zim import im as im_module
 
@@ -282,6 +300,13 @@ class App:
         login_timeout: int = 10,
         idle_timeout: int = 300,
         retention: Retention = Retention(),
+        user_rate: float = DEFAULT_USER_RATE,
+        channel_rate: float = DEFAULT_CHANNEL_RATE,
+        max_outbuf: int = DEFAULT_MAX_OUTBUF,
+        channel_push: bool = True,
+        push_window_ms: int = 0,
+        push_max: int = DEFAULT_PUSH_MAX,
+        ws_deflate: bool = True,
     ) -> None:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
 
@@ -292,13 +317,36 @@ class App:
         supervisor and router of N worker processes sharing the ports.
         ``login_timeout``: seconds a connection may stay without logging in;
         ``idle_timeout``: seconds without a byte received (0 turns either off).
+        ``user_rate``: messages a second one user may send (actions 2 and 4
+        together); ``channel_rate``: messages a second per channel (action 4);
+        a token bucket each, burst one second's worth; excess is answered
+        ``rate_limited`` and not stored; 0 turns a limit off.
+        ``max_outbuf``: bytes queued for one connection (a client that stopped
+        reading) before the server closes it.
+        ``channel_push``: whether a subscribe without a ``"push"`` field gets pushes
+        (False: members read by history unless they ask for ``"push": true``).
+        ``push_window_ms``: merge a channel's message pushes into one 103 per member
+        connection per slice of this many ms, the first message held until the slice
+        ends (0: off, one 102 per message); ``push_max``: the newest messages a 103
+        carries, older ones counted in its ``skipped``.
+        ``ws_deflate``: accept permessage-deflate from WebSocket clients that offer
+        it (no context takeover either way; docs/protocol.md).
+        Bad values raise ValueError before anything starts.
         """
-        options = ServeOptions(tcp, ws, max_packet, login_timeout, idle_timeout)
+        options = ServeOptions(tcp, ws, max_packet, login_timeout, idle_timeout, max_outbuf=max_outbuf,
+                               ws_deflate=ws_deflate)
         options.check()
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}")
+        if not isinstance(channel_push, bool):
+            raise ValueError(f"channel_push must be True or False, not {channel_push!r}")
+        limits = SendLimits(user_rate, channel_rate)
+        check_push_settings(push_window_ms, push_max)
         self._open_data(data, retention)
         self.max_packet = max_packet
+        self.limits = limits
+        self.channel_push = channel_push
+        self.push_merger = PushMerger(self, push_window_ms, push_max) if push_window_ms else None
         try:
             if workers == 1:
                 self._run_single(options)
@@ -328,6 +376,16 @@ class App:
         if ids is not None and newest is not None:
             ids.advance_past(newest())      # ids keep growing even if the clock went back
 
+    def start_push_merger(self, reactor: Reactor) -> None:
+        """Run the merged pushes' timer, if they are on, on the handlers' reactor."""
+        if self.push_merger is not None:
+            self.push_merger.start(reactor)
+
+    def stop_push_merger(self) -> None:
+        """Send the open slices' pushes now and stop their timer."""
+        if self.push_merger is not None:
+            self.push_merger.close()
+
     def attach_store(self, reactor: Reactor) -> None:
         """Start the store's writer process, if it has one, on this reactor."""
         attach = getattr(self.store, "attach", None)
@@ -344,12 +402,23 @@ class App:
             return True
         return False
 
+    def every_second(self) -> None:
+        """The handlers' once-a-second chores, called by the reactor that runs them."""
+        self.limits.purge()
+
     def _run_single(self, options: "ServeOptions") -> None:
         self.reactor = reactor = options.reactor(self._on_packet)
         self.fabric = LocalFabric(reactor)
-        reactor.on_tick = RefusalLog(reactor, "server")
+        refusals = RefusalLog(reactor, "server")
+
+        def tick() -> None:
+            refusals()
+            self.every_second()
+
+        reactor.on_tick = tick
         reactor.on_link_closed = self.on_link_closed
         self.attach_store(reactor)
+        self.start_push_merger(reactor)
         # handlers first: a signal that comes as soon as the ports accept must stop us
         with stop_on_signals(reactor.stop):
             try:
@@ -357,6 +426,7 @@ class App:
                 log.info("zim serving tcp=%s ws=%s", options.tcp, options.ws)
                 reactor.run()
             finally:
+                self.stop_push_merger()
                 self.store.close()      # first: the writer's link closing is then no crash
                 reactor.close_all()
 
@@ -364,16 +434,30 @@ class App:
 MAX_WORKERS = 64    # presence keeps one bit per worker in a 64-bit mask
 
 
+def check_outbuf(max_outbuf: int, max_packet: int) -> None:
+    """ValueError unless ``max_outbuf`` holds the largest server packet (< 1 MiB)
+    and two of the largest pushes (a client packet of ``max_packet``, sent on)."""
+    if isinstance(max_outbuf, bool) or not isinstance(max_outbuf, int):
+        raise ValueError(f"max_outbuf must be a number of bytes, not {max_outbuf!r}")
+    if not MIN_OUTBUF <= max_outbuf <= MAX_OUTBUF:
+        raise ValueError(f"max_outbuf must be between {MIN_OUTBUF} (2 MiB) and {MAX_OUTBUF} (1 GiB) bytes")
+    if max_outbuf < 2 * max_packet:
+        raise ValueError(f"max_outbuf ({max_outbuf}) must be at least twice max_packet ({max_packet})")
+
+
 class ServeOptions:
     """Listening addresses and limits, the same for every worker."""
 
     def __init__(self, tcp: str | None, ws: str | None, max_packet: int,
-                 login_timeout: int, idle_timeout: int) -> None:
+                 login_timeout: int, idle_timeout: int, max_outbuf: int = DEFAULT_MAX_OUTBUF,
+                 ws_deflate: bool = True) -> None:
         self.tcp = tcp
         self.ws = ws
         self.max_packet = max_packet
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
+        self.max_outbuf = max_outbuf
+        self.ws_deflate = ws_deflate
 
     def check(self) -> None:
         if not 8 <= self.max_packet <= 16 * 1024 * 1024:
@@ -381,13 +465,17 @@ class ServeOptions:
         for name, value in (("login_timeout", self.login_timeout), ("idle_timeout", self.idle_timeout)):
             if not 0 <= value <= 86400:
                 raise ValueError(f"{name} must be between 0 and 86400 seconds")
+        check_outbuf(self.max_outbuf, self.max_packet)
+        if not isinstance(self.ws_deflate, bool):
+            raise ValueError(f"ws_deflate must be True or False, not {self.ws_deflate!r}")
         for address in (self.tcp, self.ws):
             if address:
                 parse_address(address, 1)
 
     def reactor(self, on_packet) -> Reactor:
-        return Reactor(self.max_packet, on_packet, login_timeout=self.login_timeout,
-                       idle_timeout=self.idle_timeout)
+        return Reactor(self.max_packet, on_packet, outbuf_limit=self.max_outbuf,
+                       login_timeout=self.login_timeout, idle_timeout=self.idle_timeout,
+                       ws_deflate=self.ws_deflate)
 
     def listen(self, reactor: Reactor) -> None:
         if self.tcp:
@@ -400,7 +488,9 @@ class ServeOptions:
         return ["--tcp", self.tcp or "off", "--ws", self.ws or "off",
                 "--max-packet", str(self.max_packet),
                 "--login-timeout", str(self.login_timeout),
-                "--idle-timeout", str(self.idle_timeout)]
+                "--idle-timeout", str(self.idle_timeout),
+                "--max-outbuf", str(self.max_outbuf),
+                "--ws-deflate", "on" if self.ws_deflate else "off"]
 
 
 class RefusalLog:

@@ -4,9 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
-from zim.app import DEFAULT_MAX_PACKET, MAX_WORKERS, App, parse_address
+from zim.app import (
+    DEFAULT_CHANNEL_RATE, DEFAULT_MAX_OUTBUF, DEFAULT_MAX_PACKET, DEFAULT_USER_RATE, MAX_OUTBUF, MAX_WORKERS,
+    MIN_OUTBUF, App, check_outbuf, parse_address,
+)
+from zim.limits import check_rate
+from zim.pushmerge import DEFAULT_PUSH_MAX, MAX_PUSH_MAX, MAX_PUSH_WINDOW_MS
 from zim.storage.retention import Retention, Tier, parse_tier
 from zim.storage.store import MemoryStore
 
@@ -32,6 +38,37 @@ def _bounded_int(low: int, high: int):
         return value
 
     return parse
+
+
+_SIZE = re.compile(r"(\d+)\s*(?:([kKmMgG])(?:iB)?)?")
+_UNIT_BYTES = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(low: int, high: int):
+    """Bytes: an integer, or one with a binary unit (``8M``, ``8MiB``, ``512k``)."""
+    def parse(text: str) -> int:
+        match = _SIZE.fullmatch(text.strip())
+        if match is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 8388608 or 8MiB)")
+        unit = match[2].lower() if match[2] else None
+        value = int(match[1]) * _UNIT_BYTES[unit]
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high} bytes")
+        return value
+
+    return parse
+
+
+def _rate(text: str) -> float:
+    """Messages per second, >= 0 (0: off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return check_rate("the rate", value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tier(text: str) -> Tier:
@@ -63,6 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-timeout", type=_bounded_int(0, 86400), default=300, metavar="S",
                         help="close connections silent for S seconds (default 300; 0: off); "
                              "heartbeats (action 9) and WebSocket pings count")
+    parser.add_argument("--user-rate", type=_rate, default=DEFAULT_USER_RATE, metavar="N",
+                        help="messages per second one user may send, actions 2 and 4 together; "
+                             f"bursts of one second's worth; excess answered rate_limited (default "
+                             f"{DEFAULT_USER_RATE:g}; 0: off)")
+    parser.add_argument("--channel-rate", type=_rate, default=DEFAULT_CHANNEL_RATE, metavar="N",
+                        help="messages per second per channel (action 4); bursts of one second's worth; "
+                             f"excess answered rate_limited (default {DEFAULT_CHANNEL_RATE:g}; 0: off)")
+    parser.add_argument("--max-outbuf", type=_size(MIN_OUTBUF, MAX_OUTBUF), default=DEFAULT_MAX_OUTBUF,
+                        metavar="BYTES",
+                        help="bytes queued for one connection before the server cuts it (a client that "
+                             f"stopped reading); 2MiB..1GiB, at least twice --max-packet "
+                             f"(default {DEFAULT_MAX_OUTBUF >> 20}MiB)")
+    parser.add_argument("--channel-push", choices=["on", "off"], default="on",
+                        help="on (default): a subscribe without a \"push\" field gets pushes; off: "
+                             "members read by history unless they subscribe with \"push\": true")
+    parser.add_argument("--push-window-ms", type=_bounded_int(0, MAX_PUSH_WINDOW_MS), default=0, metavar="MS",
+                        help="merge a channel's message pushes into one 103 packet per member connection "
+                             "per slice of MS milliseconds; a slice's first message waits until it ends "
+                             "(default 0: off, one 102 per message)")
+    parser.add_argument("--push-max", type=_bounded_int(1, MAX_PUSH_MAX), default=DEFAULT_PUSH_MAX, metavar="N",
+                        help="the newest messages a 103 carries; the older ones of its slice are counted "
+                             f"in its \"skipped\" and read from history (default {DEFAULT_PUSH_MAX})")
+    parser.add_argument("--ws-deflate", choices=["on", "off"], default="on",
+                        help="on (default): compress WebSocket messages with clients that offer "
+                             "permessage-deflate (no context takeover: no per-connection zlib state); "
+                             "off: never negotiate it")
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite",
                         help="sqlite (default): everything in DIR/zim.db, kept across restarts; "
                              "memory: nothing kept (for tests and comparisons)")
@@ -84,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_outbuf(args.max_outbuf, args.max_packet)
+    except ValueError as exc:
+        parser.error(str(exc))          # exit status 2, like every other bad flag
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tcp = None if args.tcp == "off" else args.tcp
@@ -94,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                               args.large_channel, args.prune_every)
         App(store=MemoryStore() if args.store == "memory" else None).run(
             tcp=tcp, ws=ws, workers=args.workers, data=args.data, max_packet=args.max_packet,
-            login_timeout=args.login_timeout, idle_timeout=args.idle_timeout, retention=retention)
+            login_timeout=args.login_timeout, idle_timeout=args.idle_timeout, retention=retention,
+            user_rate=args.user_rate, channel_rate=args.channel_rate, max_outbuf=args.max_outbuf,
+            channel_push=args.channel_push == "on", push_window_ms=args.push_window_ms,
+            push_max=args.push_max, ws_deflate=args.ws_deflate == "on")
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"zim-server: {exc}", file=sys.stderr)
         return 1

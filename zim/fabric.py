@@ -41,6 +41,12 @@ class Fabric(Protocol):
     def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
         """Push to every connection following a channel group."""
 
+    def broadcast_except(self, group: int, action: int, payload: bytes,
+                         own: dict[int, bytes | None]) -> int:
+        """Push ``payload`` to every connection following a group but those in
+        ``own``; each of those that follows it gets its own payload instead (None:
+        nothing). For merged pushes: the senders of a slice."""
+
     def follow(self, user_id: int, group: int) -> None:
         """Every connection of the user starts receiving the group's pushes."""
 
@@ -75,6 +81,10 @@ class LocalFabric:
     def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
         return self.reactor.broadcast(group, action, payload, exclude_conn)
 
+    def broadcast_except(self, group: int, action: int, payload: bytes,
+                         own: dict[int, bytes | None]) -> int:
+        return broadcast_except_here(self.reactor, group, action, payload, own)
+
     def follow(self, user_id: int, group: int) -> None:
         follow_here(self.reactor, user_id, group)
 
@@ -92,6 +102,32 @@ def bind_here(reactor: Reactor, conn: int, user_id: int, groups: Iterable[int]) 
     for group in groups:
         reactor.group_add(group, conn, False)   # a fresh login holds no group yet
     return True
+
+
+def broadcast_except_here(reactor: Reactor, group: int, action: int, payload: bytes,
+                          own: dict[int, bytes | None]) -> int:
+    """``Fabric.broadcast_except`` on this reactor's members (connections of this
+    reactor); an empty ``payload`` is not broadcast (only the own payloads go out)."""
+    if not own:
+        return reactor.broadcast(group, action, payload)
+    if len(own) == 1:
+        (conn, body), = own.items()
+        if body is None:        # the common case, one sender alone in its slice: all in C
+            return reactor.broadcast(group, action, payload, conn)
+    # Several to leave out (the C broadcast excludes one): take them out of the
+    # group for the broadcast; the ones that were in it then get their own payload.
+    # O(members) per connection left out, in C.
+    members = [conn for conn in own if reactor.group_remove(group, conn)]
+    try:
+        count = reactor.broadcast(group, action, payload) if payload else 0
+    finally:
+        for conn in members:
+            reactor.group_add(group, conn, False)
+    for conn in members:
+        body = own[conn]
+        if body is not None:
+            count += reactor.reply(conn, action, 0, body)
+    return count
 
 
 def follow_here(reactor: Reactor, user_id: int, group: int) -> None:

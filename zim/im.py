@@ -1,7 +1,8 @@
 """The IM actions 1..9 of PROTOCOL.md, as zim.App handlers.
 
 Every handler checks the body's shape first (``bad_request``), then the action's
-own rules (``not_found``, ``forbidden`` ...), then stores, then pushes. The
+own rules (``not_found``, ``forbidden`` ...), then, for sends, the rate limits
+(``rate_limited``), then stores, then pushes. The
 framework has already answered unknown actions, callers not logged in and bodies
 that are not JSON objects.
 """
@@ -122,6 +123,14 @@ def known_user(store, text: str) -> int:
     return user_id
 
 
+def check_rate_limits(ctx: "Ctx", channel: str | None = None) -> None:
+    """``rate_limited`` if the sender (or the channel) has no token left; the last
+    check before a send is stored, so a refused send is neither stored nor counted."""
+    reason = ctx.app.limits.refusal(ctx.user_id, channel)
+    if reason is not None:
+        raise Error("rate_limited", reason)
+
+
 # ------------------------------------------------------------ page size
 
 
@@ -229,6 +238,7 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
     content = required_str(body, "content")
     store = ctx.app.store
     receiver_id = known_user(store, receiver_text)
+    check_rate_limits(ctx)
     sender_id = int(ctx.user_id)
     msg = _new_message(ctx, sender_id, content)
     msg["receiverId"] = str(receiver_id)
@@ -246,9 +256,10 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
 
 
 def subscribe(ctx: "Ctx", body: dict) -> dict:
-    """3: join a channel (creating it), or update the push flag of a membership."""
+    """3: join a channel (creating it), or update the push flag of a membership.
+    Without a ``push`` field the server's policy decides (``App.run(channel_push=...)``)."""
     channel = channel_name(body, "name")
-    push = optional_bool(body, "push", True)
+    push = optional_bool(body, "push", ctx.app.channel_push)
 
     def stored(_: object) -> dict:
         if push:
@@ -270,6 +281,7 @@ def send_channel_message(ctx: "Ctx", body: dict) -> dict:
         raise Error("not_found", f"no channel {channel}")
     if store.membership(channel, sender_id) is None:
         raise Error("forbidden", f"not a member of {channel}")
+    check_rate_limits(ctx, channel)
     msg = _new_message(ctx, sender_id, content)
     msg["channel"] = channel
 

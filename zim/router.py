@@ -26,8 +26,8 @@ from typing import Iterable
 from zim._idmap import IdMap
 from zim.app import App, ServeOptions, stop_on_signals
 from zim.worker import (
-    BIND_HEAD, CLOSE_BODY, CMD_BIND, CMD_CLOSE, CMD_FOLLOW, CMD_UNFOLLOW, EVENT, EVENT_USER_GONE,
-    FOLLOW_BODY, format_routes,
+    BIND_HEAD, CLOSE_BODY, CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_FOLLOW, CMD_UNFOLLOW, EVENT,
+    EVENT_USER_GONE, FOLLOW_BODY, format_routes, pack_broadcast_except,
 )
 
 log = logging.getLogger("zim.router")
@@ -75,6 +75,7 @@ class Router:
         app.reactor = reactor
         app.fabric = RouterFabric(self)
         app.attach_store(reactor)
+        app.start_push_merger(reactor)      # merged pushes are merged here; workers fan them out
 
     # -- processes -------------------------------------------------------------
     def run(self) -> None:
@@ -87,6 +88,7 @@ class Router:
                          len(self.slots), self.options.tcp, self.options.ws)
                 self.reactor.run()
             finally:
+                self.app.stop_push_merger()
                 self._kill_all()
                 self.app.store.close()
                 self.reactor.close_all()
@@ -162,6 +164,7 @@ class Router:
         # the loop goes on until the workers are gone, so their last requests are answered
 
     def _tick(self) -> None:
+        self.app.every_second()     # the handlers run here
         if self.stopping and time.monotonic() > self.stop_deadline:
             self.reactor.stop()
 
@@ -246,6 +249,27 @@ class RouterFabric:
     def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
         return self._to_workers(self.router.interest.get(group, 0), self.reactor.command_broadcast,
                                 group, action, payload, exclude_conn)
+
+    def broadcast_except(self, group: int, action: int, payload: bytes,
+                         own: dict[int, bytes | None]) -> int:
+        """One command per interested worker: the C broadcast when at most one of
+        its connections is left out, with nothing of its own; else CMD_BROADCAST_EXCEPT
+        (which the worker carries out in Python, once per merged slice)."""
+        by_worker: dict[int, dict[int, bytes | None]] = {}
+        for conn, body in own.items():
+            by_worker.setdefault(conn >> HANDLE_BITS, {})[conn & HANDLE_MASK] = body
+        sent = 0
+        for index in self.router.workers_in(self.router.interest.get(group, 0)):
+            link = self.slots[index].link
+            if not link:
+                continue
+            mine = by_worker.get(index, {})
+            if len(mine) > 1 or any(body is not None for body in mine.values()):
+                for body in pack_broadcast_except(group, action, payload, mine):
+                    sent += self.router.send(index, CMD_BROADCAST_EXCEPT, body)
+            else:
+                sent += self.reactor.command_broadcast(link, group, next(iter(mine), 0), action, payload)
+        return sent
 
     def _to_workers(self, bits: int, command, target: int, action: int, payload: bytes,
                     exclude_conn: int) -> int:

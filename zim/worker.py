@@ -16,7 +16,7 @@ import struct
 import sys
 
 from zim.app import RefusalLog, ServeOptions, stop_on_signals
-from zim.fabric import bind_here, follow_here, unfollow_here
+from zim.fabric import bind_here, broadcast_except_here, follow_here, unfollow_here
 
 log = logging.getLogger("zim.worker")
 
@@ -24,6 +24,7 @@ log = logging.getLogger("zim.worker")
 # BROADCAST are packed and carried out in C (Reactor.command_* and _run_command);
 # the rest are packed below and carried out here.
 CMD_REPLY, CMD_PUSH_USER, CMD_BROADCAST, CMD_BIND, CMD_FOLLOW, CMD_UNFOLLOW, CMD_CLOSE = range(1, 8)
+CMD_BROADCAST_EXCEPT = 8    # a merged push (103) with several senders on this worker
 # Worker -> router events: action 0, the kind in the seq field. Every other
 # action on the link is a client request: body = conn(8) user(8) client body
 # (packed and unpacked in C: Reactor._forward and Reactor._route_request).
@@ -33,6 +34,9 @@ EVENT_USER_GONE = 1
 BIND_HEAD = struct.Struct(">QQ")            # conn, user (then groups, 4 bytes each)
 FOLLOW_BODY = struct.Struct(">QI")          # user, group
 CLOSE_BODY = struct.Struct(">Q")
+EXCEPT_HEAD = struct.Struct(">IHI")         # group, action, n; then n entries, then the payload
+EXCEPT_ENTRY = struct.Struct(">QI")         # conn, length of its own payload (0: none), payload
+LINK_COMMAND_BUDGET = 2 << 20   # bytes: under the links' packet limit (4 MiB), a 103 is < 1 MiB
 
 PR_SET_PDEATHSIG = 1
 
@@ -59,7 +63,7 @@ class Worker:
         reactor.on_link_closed = self._link_closed
         reactor.on_tick = RefusalLog(reactor, f"worker {index}")
         self.commands = {CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
-                         CMD_CLOSE: self._close}
+                         CMD_CLOSE: self._close, CMD_BROADCAST_EXCEPT: self._broadcast_except}
 
     def run(self) -> None:
         reactor = self.reactor
@@ -104,6 +108,56 @@ class Worker:
     def _close(self, body: bytes) -> None:
         self.reactor.close(CLOSE_BODY.unpack(body)[0])
 
+    def _broadcast_except(self, body: bytes) -> None:
+        group, action, payload, own = unpack_broadcast_except(body)
+        broadcast_except_here(self.reactor, group, action, payload, own)
+
+
+def pack_broadcast_except(group: int, action: int, payload: bytes,
+                          own: dict[int, bytes | None]) -> list[bytes]:
+    """The CMD_BROADCAST_EXCEPT bodies for ``Fabric.broadcast_except`` on one worker
+    (``own``: its connection handles), each under LINK_COMMAND_BUDGET. The first
+    broadcasts ``payload`` leaving out every connection of ``own`` and carries the
+    own payloads that fit; the rest carry the others, with an empty broadcast
+    payload (none is sent then)."""
+    first: dict[int, bytes | None] = {}
+    later: list[dict[int, bytes | None]] = []
+    size = len(payload) + EXCEPT_ENTRY.size * len(own)
+    later_size = 0
+    for conn, body in own.items():
+        if body is not None and size + len(body) > LINK_COMMAND_BUDGET:
+            if not later or later_size + len(body) > LINK_COMMAND_BUDGET:
+                later.append({})
+                later_size = 0
+            later[-1][conn] = body
+            later_size += EXCEPT_ENTRY.size + len(body)
+            body = None         # left out of the broadcast here, sent by a later command
+        elif body is not None:
+            size += len(body)
+        first[conn] = body
+    return [_pack_except(group, action, payload, first)] + [_pack_except(group, action, b"", part)
+                                                            for part in later]
+
+
+def _pack_except(group: int, action: int, payload: bytes, own: dict[int, bytes | None]) -> bytes:
+    parts = [EXCEPT_HEAD.pack(group, action, len(own))]
+    for conn, body in own.items():
+        parts += (EXCEPT_ENTRY.pack(conn, len(body or b"")), body or b"")
+    parts.append(payload)
+    return b"".join(parts)
+
+
+def unpack_broadcast_except(body: bytes) -> tuple[int, int, bytes, dict[int, bytes | None]]:
+    group, action, count = EXCEPT_HEAD.unpack_from(body)
+    at = EXCEPT_HEAD.size
+    own: dict[int, bytes | None] = {}
+    for _ in range(count):
+        conn, length = EXCEPT_ENTRY.unpack_from(body, at)
+        at += EXCEPT_ENTRY.size
+        own[conn] = body[at:at + length] if length else None   # an own body is never empty JSON
+        at += length
+    return group, action, body[at:], own
+
 
 def route_table(routes: dict[int, bool]) -> bytes:
     """One byte per action for the C fast path: 0 unknown, 1 open, 2 login needed."""
@@ -137,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-packet", type=int, required=True)
     parser.add_argument("--login-timeout", type=int, required=True)
     parser.add_argument("--idle-timeout", type=int, required=True)
+    parser.add_argument("--max-outbuf", type=int, required=True)
+    parser.add_argument("--ws-deflate", choices=["on", "off"], default="on")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(name)s[{args.index}] %(levelname)s %(message)s")
     options = ServeOptions(None if args.tcp == "off" else args.tcp, None if args.ws == "off" else args.ws,
-                           args.max_packet, args.login_timeout, args.idle_timeout)
+                           args.max_packet, args.login_timeout, args.idle_timeout,
+                           max_outbuf=args.max_outbuf, ws_deflate=args.ws_deflate == "on")
     try:
         Worker(options, args.link_fd, parse_routes(args.routes), args.index).run()
     except OSError as exc:
