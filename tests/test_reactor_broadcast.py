@@ -38,6 +38,7 @@ class Harness:
     def __init__(self) -> None:
         self.reactor = Reactor(65536, self.on_packet)
         self.handles: dict[int, int] = {}
+        self.found: list[bool] = []     # broadcast_except named exactly the members left out
         self.ports = {}
         for kind in ("tcp", "ws"):
             with socket.socket() as probe:
@@ -76,6 +77,12 @@ class Harness:
                 self.reactor.push_user(op[1] + 1, PUSH_USER, payload(op[2], op[3]))
             elif op[0] == "x":          # close a member after what is queued for it
                 self.reactor.close(self.handles[op[1]])
+            elif op[0] == "e":          # broadcast leaving out several members
+                left_out = [self.handles[index] for index in op[3]]
+                _, members = self.reactor.broadcast_except(op[1], PUSH_GROUP, payload(op[2], op[4]),
+                                                           left_out)
+                self.found.append(sorted(members) == sorted(
+                    self.handles[index] for index in set(op[3]) if index in GROUPS[op[1]]))
 
     def run_scripts(self, scripts: list[list]) -> None:
         """Send every script in one write: the reactor reads them in one pass."""
@@ -101,6 +108,10 @@ def expected_streams(scripts: list[list]) -> dict[int, list[tuple[int, int, byte
             if op[0] == "b":
                 for member in GROUPS[op[1]]:
                     if member != op[3]:
+                        streams[member].append((PUSH_GROUP, 0, payload(op[2], op[4])))
+            elif op[0] == "e":
+                for member in GROUPS[op[1]]:
+                    if member not in op[3]:
                         streams[member].append((PUSH_GROUP, 0, payload(op[2], op[4])))
             elif op[0] == "r":
                 streams[op[1]].append((REPLY, 7, payload(op[2], op[3])))
@@ -128,15 +139,19 @@ operation = st.one_of(
               st.one_of(st.just(-1), member), size),
     st.tuples(st.just("r"), member, st.integers(0, 999), size),
     st.tuples(st.just("u"), member, st.integers(0, 999), size),
+    st.tuples(st.just("e"), st.sampled_from(sorted(GROUPS)), st.integers(0, 999),
+              st.lists(member, max_size=4), size),
 )
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scripts=st.lists(st.lists(operation, min_size=1, max_size=25), min_size=1, max_size=3))
 def test_every_member_receives_exactly_its_packets_in_order(harness, scripts):
+    harness.found.clear()
     harness.run_scripts([[list(op) for op in script] for script in scripts])
     for index, stream in expected_streams(scripts).items():
         assert receive(harness.clients[index], len(stream)) == stream, f"member {index}"
+    assert all(harness.found)
 
 
 def test_a_member_that_stops_reading_gets_the_rest_later_in_order(harness):

@@ -240,6 +240,23 @@ cdef inline int handle_fd(uint64_t handle) noexcept nogil:
 cdef uint32_t NO_DEADLINE = <uint32_t>-1
 
 
+cdef inline bint is_excluded(uint64_t handle, const uint64_t* excluded, size_t n,
+                             uint8_t* found) noexcept nogil:
+    """Binary search of a sorted handle array; marks found[k] when it is there."""
+    cdef size_t low = 0, high = n, middle
+    while low < high:
+        middle = (low + high) // 2
+        if excluded[middle] < handle:
+            low = middle + 1
+        elif excluded[middle] > handle:
+            high = middle
+        else:
+            if found != NULL:
+                found[middle] = 1
+            return True
+    return False
+
+
 cdef bint grow(char** buf, uint32_t* capacity, size_t need, size_t first) noexcept nogil:
     """Double a buffer's capacity (from ``first``) until ``need`` fits; False: no memory."""
     cdef size_t cap = capacity[0] * 2 if capacity[0] else first
@@ -1177,6 +1194,17 @@ cdef class Reactor:
                 return True
         return False
 
+    def group_has(self, size_t group, uint64_t conn):
+        """Whether a connection is in a group (a scan of the group)."""
+        cdef group_t* g = self._group(group, False)
+        cdef size_t i
+        if g == NULL:
+            return False
+        for i in range(g.length):
+            if g.members[i] == conn:
+                return True
+        return False
+
     def group_size(self, size_t group):
         cdef group_t* g = self._group(group, False)
         return g.length if g != NULL else 0
@@ -1184,12 +1212,36 @@ cdef class Reactor:
     def broadcast(self, size_t group, int action, bytes payload, uint64_t exclude_conn=0):
         """Queue one push to every live member of a group in one C loop; returns how many."""
         return self._broadcast(group, action, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
-                               exclude_conn)
+                               &exclude_conn, 1 if exclude_conn else 0, NULL)
+
+    def broadcast_except(self, size_t group, int action, bytes payload, excluded):
+        """``broadcast`` leaving out every connection of ``excluded`` (handles);
+        returns (how many were queued, the excluded connections that are members)."""
+        cdef list handles = sorted(set(excluded))
+        cdef size_t n = len(handles), i
+        cdef uint64_t* sorted_handles = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))
+        cdef uint8_t* found = <uint8_t*>calloc(max(n, 1), 1)
+        cdef int count
+        if sorted_handles == NULL or found == NULL:
+            free(sorted_handles)
+            free(found)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                sorted_handles[i] = handles[i]
+            count = self._broadcast(group, action, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
+                                    sorted_handles, n, found)
+            return count, [sorted_handles[i] for i in range(n) if found[i]]
+        finally:
+            free(sorted_handles)
+            free(found)
 
     cdef int _broadcast(self, size_t group, int action, const char* body, size_t length,
-                        uint64_t exclude_conn) noexcept:
+                        const uint64_t* excluded, size_t n_excluded, uint8_t* found) noexcept:
         """Frame the push once per framing into the group's pass buffer; each
-        member gets its slice of it (or a copy when it has other output queued)."""
+        member gets its slice of it (or a copy when it has other output queued).
+        ``excluded``: sorted handles left out; ``found[k]`` (if not NULL) is set
+        when excluded[k] is a member."""
         cdef group_t* g = self._group(group, False)
         cdef pass_out_t* p
         cdef size_t i = 0
@@ -1211,7 +1263,7 @@ cdef class Reactor:
                 g.members[i] = g.members[g.length]
                 continue
             i += 1
-            if handle == exclude_conn:
+            if n_excluded and is_excluded(handle, excluded, n_excluded, found):
                 continue
             kind = FRAMING_WS if self.conns[fd].state == S_WS else FRAMING_TCP
             if kind == FRAMING_WS and p != NULL and deflate >= 0 and ws_deflate_fits(
@@ -1549,6 +1601,7 @@ cdef class Reactor:
         """Carry out a router command in C; False: leave it to Python."""
         cdef const char* b = pkt.body
         cdef size_t n = pkt.body_len
+        cdef uint64_t handle
         cdef int fd
         if pkt.action == CMD_REPLY and n >= 13:     # conn(8) action(2) seq(2) response(1)
             fd = self._conn_fd(get64(b))
@@ -1562,7 +1615,8 @@ cdef class Reactor:
             self._push_user(get64(b), get16(b + 16), b + 18, n - 18, get64(b + 8))
             return True
         if pkt.action == CMD_BROADCAST and n >= 14:  # group(4) exclude(8) action(2)
-            self._broadcast(get32(b), get16(b + 12), b + 14, n - 14, get64(b + 4))
+            handle = get64(b + 4)
+            self._broadcast(get32(b), get16(b + 12), b + 14, n - 14, &handle, 1 if handle else 0, NULL)
             return True
         return False
 

@@ -112,17 +112,14 @@ def broadcast_except_here(reactor: Reactor, group: int, action: int, payload: by
         return reactor.broadcast(group, action, payload)
     if len(own) == 1:
         (conn, body), = own.items()
-        if body is None:        # the common case, one sender alone in its slice: all in C
+        if body is None:        # the common case, one sender alone in its slice
             return reactor.broadcast(group, action, payload, conn)
-    # Several to leave out (the C broadcast excludes one): take them out of the
-    # group for the broadcast; the ones that were in it then get their own payload.
-    # O(members) per connection left out, in C.
-    members = [conn for conn in own if reactor.group_remove(group, conn)]
-    try:
-        count = reactor.broadcast(group, action, payload) if payload else 0
-    finally:
-        for conn in members:
-            reactor.group_add(group, conn, False)
+    # Several left out: one C pass that also says which of them are members; those
+    # then get their own payload (a sender who is not a member gets nothing).
+    if payload:
+        count, members = reactor.broadcast_except(group, action, payload, list(own))
+    else:
+        count, members = 0, [conn for conn in own if reactor.group_has(group, conn)]
     for conn in members:
         body = own[conn]
         if body is not None:
