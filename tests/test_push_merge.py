@@ -291,3 +291,17 @@ def test_bad_push_settings_raise_before_starting(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         App().run(tcp=None, ws=None, data=str(tmp_path), **settings)
     assert not (tmp_path / "zim.db").exists()       # nothing was opened
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_open_slices_are_pushed_when_the_server_stops(start_server, workers):
+    """SIGTERM in the middle of a long window: the members get the slice's 103 before
+    their connections close (with workers too, which must not stop before it reaches them)."""
+    srv = start_server(merging(window_ms=30_000, workers=workers))
+    channel = unique("stopping")
+    sender = member(srv, channel, name="sender")
+    readers = [member(srv, channel, kind) for kind in ("tcp", "ws", "tcp")]
+    send_all(sender, channel, ["last", "words"])
+    srv.signal_and_check()
+    for reader in readers:
+        assert contents(batch(reader, channel)) == ["last", "words"]

@@ -382,9 +382,11 @@ class App:
             self.push_merger.start(reactor)
 
     def stop_push_merger(self) -> None:
-        """Send the open slices' pushes now and stop their timer."""
+        """Send the open slices' pushes now and stop their timer; pushes from
+        here on go out unmerged (102), as the server is stopping."""
         if self.push_merger is not None:
             self.push_merger.close()
+            self.push_merger = None
 
     def attach_store(self, reactor: Reactor) -> None:
         """Start the store's writer process, if it has one, on this reactor."""

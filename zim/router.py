@@ -65,6 +65,7 @@ class Router:
         self.presence = IdMap()
         self.interest: dict[int, int] = {}
         self.stopping = False
+        self.terminate_pending = False      # SIGTERM came: terminate the workers at the next tick
         self.stop_deadline = 0.0
         self.exit_code = 0
         # the router's reactor serves only the worker links (no listeners)
@@ -158,13 +159,22 @@ class Router:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
+        # Open merged-push slices go to the workers now; the workers are told to
+        # stop at the next tick, once this pass has written those commands out.
+        self.app.stop_push_merger()
+        self.terminate_pending = True
+        # the loop goes on until the workers are gone, so their last requests are answered
+
+    def _terminate_workers(self) -> None:
+        self.terminate_pending = False
         for slot in self.slots:
             if slot.process is not None:
                 slot.process.terminate()
-        # the loop goes on until the workers are gone, so their last requests are answered
 
     def _tick(self) -> None:
         self.app.every_second()     # the handlers run here
+        if self.terminate_pending:
+            self._terminate_workers()
         if self.stopping and time.monotonic() > self.stop_deadline:
             self.reactor.stop()
 
