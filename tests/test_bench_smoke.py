@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
                   "--rate-seconds", "0.5", "--engine-messages", "2000"]),
     ("hugegroup.py", ["--members-list", "500", "--workers", "2", "--runs", "1", "--sources", "2"]),
     ("wire_bytes.py", ["--messages", "50"]),
+    pytest.param("redis_link.py", ["--ops", "300", "--runs", "1", "--depths", "1,16"],
+                 marks=pytest.mark.skipif(shutil.which("redis-server") is None,
+                                          reason="redis-server is not installed (CI installs it)")),
     ("million.py", ["--connections", "3000", "--workers", "2", "--processes", "2", "--hold", "3",
                     "--probe-sample", "100"]),
 ])

@@ -1,0 +1,403 @@
+"""The connection from a node to Redis, served by the reactor without blocking.
+
+``RedisLink`` owns one non-blocking TCP socket to Redis. Commands are packed by
+hiredis (``pack_command``) and replies parsed by ``hiredis.Reader``, both in C;
+everything else (when to write, which call a reply belongs to) is here, run
+from the reactor loop. Why a socket in the loop rather than redis-py in a
+thread: docs/architecture.md, "Redis: how a node talks to it".
+
+- ``call(*command)`` and ``pipeline([command, ...])`` return a
+  ``zim.storage.store.Pending``, so handlers wait on it with ``ctx.later`` like
+  on a store result. Results settle in the order of the calls, from the loop.
+  ``ok=True`` carries the reply (bytes, int, list...; a pipeline: the list of
+  replies); ``ok=False`` a reason (str): Redis answered an error, or the
+  connection was lost before the reply came, so a handler answers ``internal``
+  and never acknowledges what Redis may not have.
+- Each connection starts with a handshake (AUTH and SELECT when the URL asks
+  for them, else PING): the link is ``up`` once Redis has answered it.
+- A lost connection (closed, reset, a protocol error, or no reply for
+  ``reply_timeout`` seconds while calls wait) fails every call waiting on it;
+  while the link is down new calls fail at once; it reconnects by itself after
+  ``backoff_delay(failures)`` seconds (doubling, capped).
+- The reactor watches one descriptor for the link: an epoll set of its own
+  holding the socket (edge-triggered, in and out), so the link sees
+  writability and connect completion without any change to the reactor.
+  Deadlines (reconnect, reply timeout) use a ``zim.pushmerge.Alarm``.
+- Commands queued while the link handles a wake-up (a result's callback that
+  calls again) leave in one ``send`` at its end, as do those of a pipeline.
+
+Pub/sub (SUBSCRIBE/SSUBSCRIBE) is not here yet: a subscribed connection answers
+one reply per channel and pushes messages no call waits for, so it will be a
+second link class on the same socket machinery, with a message callback and a
+list of channels it subscribes again after every reconnect.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Sequence
+
+import hiredis
+
+from zim._core import Reactor
+from zim.pushmerge import Alarm
+from zim.storage.store import Pending
+
+log = logging.getLogger("zim.nodes")
+
+Command = Sequence[Any]     # ("SET", "key", b"value"): str, bytes, int or float each
+
+DOWN, CONNECTING, UP, CLOSED = "down", "connecting", "up", "closed"
+
+FIRST_BACKOFF = 0.05        # seconds before the first reconnect
+MAX_BACKOFF = 2.0           # the cap: a restarted Redis is found within this much
+REPLY_TIMEOUT = 5.0         # seconds without any reply while calls wait: the link is dead
+READ_SIZE = 256 * 1024
+
+_MORE = object()            # hiredis.Reader's answer when a reply is still incomplete
+_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+def backoff_delay(failures: int, first: float = FIRST_BACKOFF, cap: float = MAX_BACKOFF) -> float:
+    """Seconds to wait before reconnecting after ``failures`` failed attempts in a
+    row (1 or more): ``first`` doubled at each further failure, at most ``cap``."""
+    if failures < 1:
+        raise ValueError("failures counts from 1")
+    # min() on the exponent first: 2.0 ** 10_000 would overflow
+    return min(cap, first * 2.0 ** min(failures - 1, 64))
+
+
+class PipelineResult(Pending):
+    """The replies of a pipeline, gathered until the last one has come."""
+
+    __slots__ = ("expected", "replies")
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.replies: list = []
+
+
+class _Handshake(Pending):
+    """A command sent first on every connection (AUTH, SELECT, PING): the link is
+    up once Redis has answered the last one; if Redis refuses one, the connection
+    is useless and is dropped."""
+
+    __slots__ = ("link", "last")
+
+    def __init__(self, link: "RedisLink", last: bool) -> None:
+        super().__init__()
+        self.link = link
+        self.last = last
+
+    def settle(self, ok: bool, value: Any) -> None:
+        if self.link.state is not CONNECTING:
+            return
+        if not ok:
+            self.link._lost(f"handshake refused: {value}")
+        elif self.last:
+            self.link._up()
+
+
+class RedisLink:
+    """A connection to one Redis, served by ``reactor``; see the module docstring.
+
+    It starts connecting at once; ``state`` is ``"connecting"``, ``"up"`` (Redis
+    has answered this connection's handshake: AUTH and SELECT when asked for,
+    else a PING), ``"down"`` (waiting to reconnect) or ``"closed"``.
+    ``on_state(state)``, if given, learns every change to ``"up"`` or ``"down"``.
+    Calls made while connecting are sent after the handshake (or fail with the
+    attempt); calls made while down fail at once.
+    """
+
+    def __init__(self, reactor: Reactor, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
+                 password: str | None = None, username: str | None = None, *,
+                 reply_timeout: float = REPLY_TIMEOUT, first_backoff: float = FIRST_BACKOFF,
+                 max_backoff: float = MAX_BACKOFF,
+                 on_state: Callable[[str], None] | None = None) -> None:
+        self.reactor = reactor
+        self.address = (host, port)
+        self.reply_timeout = reply_timeout
+        self.first_backoff = first_backoff
+        self.max_backoff = max_backoff
+        self.on_state = on_state
+        self.state = DOWN
+        self.failures = 0               # failed attempts since the link was last up
+        self.connections = 0            # connections made so far (1 + reconnects)
+        self._handshake = self._handshake_commands(db, username, password)
+        self._sock: socket.socket | None = None
+        self._connected = False         # the socket is connected: bytes may be sent
+        self._reader = hiredis.Reader(notEnoughData=_MORE)
+        self._waiting: deque[Pending] = deque()     # sent or queued, oldest first
+        self._out = bytearray()         # packed commands the socket has not taken
+        self._handling = False          # in a wake-up: hold sends until its end
+        self._replies = 0               # replies read so far (the stall check's progress)
+        self._replies_at_check = 0
+        self._stalled_for = 0.0
+        self._poller = select.epoll()
+        self._alarm: Alarm | None = None
+        try:
+            reactor.watch(self._poller.fileno(), self._on_ready)
+            self._alarm = Alarm(reactor, self._on_alarm)
+        except BaseException:
+            self.close()
+            raise
+        self._connect()
+
+    @classmethod
+    def from_url(cls, reactor: Reactor, url: str, **options: Any) -> "RedisLink":
+        """A link to ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` (redis-py's parser)."""
+        from redis.connection import parse_url
+        parsed = parse_url(url)
+        if "path" in parsed or parsed.get("connection_class") is not None:
+            raise ValueError("only redis://HOST:PORT/DB URLs are supported")
+        return cls(reactor, parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379)),
+                   int(parsed.get("db", 0)), parsed.get("password"), parsed.get("username"),
+                   **options)
+
+    @staticmethod
+    def _handshake_commands(db: int, username: str | None, password: str | None) -> list[tuple]:
+        commands = []
+        if password is not None:
+            commands.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            commands.append(("SELECT", db))
+        return commands or [("PING",)]
+
+    # -- calls ---------------------------------------------------------------
+    def call(self, *command: Any) -> Pending:
+        """Send one command; the Pending settles with its reply."""
+        pending = Pending()
+        if self.state is UP or self.state is CONNECTING:
+            self._waiting.append(pending)
+            self._send(hiredis.pack_command(command))
+        else:
+            pending.settle(False, f"redis link {self.state}")
+        return pending
+
+    def pipeline(self, commands: Iterable[Command]) -> Pending:
+        """Send several commands in one write; the Pending settles with the list of
+        their replies, or ok=False with the first error Redis answered (the other
+        commands ran: this is not a transaction; wrap them in MULTI/EXEC for one)."""
+        packed = [hiredis.pack_command(tuple(command)) for command in commands]
+        if not packed:
+            raise ValueError("an empty pipeline (it would have nothing to settle in order with)")
+        result = PipelineResult(len(packed))
+        if self.state is UP or self.state is CONNECTING:
+            self._waiting.append(result)
+            self._send(b"".join(packed))
+        else:
+            result.settle(False, f"redis link {self.state}")
+        return result
+
+    @property
+    def waiting(self) -> int:
+        """Calls sent (or queued) and not answered yet."""
+        return len(self._waiting)
+
+    def close(self) -> None:
+        """Drop the connection for good: waiting calls fail, later ones fail at once."""
+        if self.state is CLOSED:
+            return
+        self._drop_socket()
+        self.state = CLOSED
+        if self._alarm is not None:
+            self._alarm.close()
+        self.reactor.unwatch(self._poller.fileno())
+        self._poller.close()
+        self._fail_waiting("redis link closed")
+
+    # -- the socket ------------------------------------------------------------
+    def _connect(self) -> None:
+        self.state = CONNECTING
+        self._stalled_for = 0.0
+        try:
+            sock = socket.getaddrinfo(*self.address, type=socket.SOCK_STREAM)[0]
+            family, kind, proto, _, address = sock
+            self._sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = self._sock.connect_ex(address)
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, errno.errorcode.get(code, str(code)))
+            self._poller.register(self._sock.fileno(), _EVENTS)
+        except OSError as exc:
+            self._lost(f"cannot connect to {self.address[0]}:{self.address[1]}: {exc}")
+            return
+        self._arm_stall_check()
+        for number, command in enumerate(self._handshake, 1):
+            self._waiting.append(_Handshake(self, last=number == len(self._handshake)))
+            self._out += hiredis.pack_command(command)
+        # the connect's completion comes as EPOLLOUT (then _on_ready sends _out)
+
+    def _send(self, packed: bytes) -> None:
+        if self._out or self._handling or not self._connected:
+            self._out += packed
+            return
+        try:
+            sent = self._sock.send(packed)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(f"send failed: {exc}")
+            return
+        if sent < len(packed):      # the rest goes when EPOLLOUT says there is room
+            self._out += memoryview(packed)[sent:]
+
+    def _flush(self) -> None:
+        out = self._out
+        while out and self._connected:
+            try:
+                sent = self._sock.send(out)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(f"send failed: {exc}")
+                return
+            del out[:sent]
+
+    def _on_ready(self) -> None:
+        """The link's epoll set is readable: the socket connected, has replies,
+        has room again, or broke."""
+        sock = self._sock
+        self._poller.poll(0)        # empty the set's ready list (edge-triggered items)
+        if sock is None:
+            return
+        self._handling = True
+        try:
+            if not self._connected:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    self._lost(f"cannot connect to {self.address[0]}:{self.address[1]}: "
+                               f"{errno.errorcode.get(code, code)}")
+                    return
+                self._connected = True
+            self._read(sock)
+        finally:
+            self._handling = False
+        if self._sock is sock:
+            self._flush()
+
+    def _up(self) -> None:
+        self.state = UP
+        self.connections += 1
+        if self.failures:
+            log.info("redis %s:%d reachable again after %d failed attempts", *self.address, self.failures)
+        self.failures = 0
+        if self.on_state is not None:
+            self.on_state(UP)
+
+    def _read(self, sock: socket.socket) -> None:
+        reader = self._reader
+        waiting = self._waiting
+        while True:
+            try:
+                data = sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(f"receive failed: {exc}")
+                return
+            if not data:
+                self._lost("redis closed the connection")
+                return
+            reader.feed(data)
+            try:
+                while waiting:
+                    reply = reader.gets()
+                    if reply is _MORE:
+                        break
+                    self._replies += 1
+                    self._settle_oldest(waiting, reply)
+                    if self._sock is not sock:      # a callback closed the link
+                        return
+                else:
+                    if reader.gets() is not _MORE:
+                        raise hiredis.ProtocolError("a reply no call waits for")
+            except hiredis.ProtocolError as exc:
+                self._lost(f"protocol error: {exc}")
+                return
+            if len(data) < READ_SIZE:   # a short read emptied the socket: the next byte is a new edge
+                return
+
+    @staticmethod
+    def _settle_oldest(waiting: deque, reply: Any) -> None:
+        oldest = waiting[0]
+        if type(oldest) is PipelineResult:
+            oldest.replies.append(reply)
+            if len(oldest.replies) < oldest.expected:
+                return
+            waiting.popleft()
+            errors = [r for r in oldest.replies if isinstance(r, hiredis.ReplyError)]
+            if errors:
+                oldest.settle(False, str(errors[0]))
+            else:
+                oldest.settle(True, oldest.replies)
+            return
+        waiting.popleft()
+        if isinstance(reply, hiredis.ReplyError):
+            oldest.settle(False, str(reply))
+        else:
+            oldest.settle(True, reply)
+
+    # -- failures and deadlines ---------------------------------------------------
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        self._connected = False
+        if sock is not None:
+            try:
+                self._poller.unregister(sock.fileno())
+            except OSError:
+                pass
+            sock.close()
+        self._out.clear()
+        self._reader = hiredis.Reader(notEnoughData=_MORE)
+
+    def _lost(self, reason: str) -> None:
+        """The connection is unusable: fail what waits on it, retry later."""
+        was_up = self.state is UP
+        self._drop_socket()
+        self.state = DOWN
+        self.failures += 1
+        delay = backoff_delay(self.failures, self.first_backoff, self.max_backoff)
+        if was_up or self.failures == 1:
+            log.warning("redis %s:%d: %s; %d calls fail; reconnecting", *self.address, reason,
+                        len(self._waiting))
+        else:
+            log.debug("redis %s:%d: %s; next attempt in %.2f s", *self.address, reason, delay)
+        self._alarm.set(time.monotonic_ns() + int(delay * 1e9))
+        if was_up and self.on_state is not None:
+            self.on_state(DOWN)
+        self._fail_waiting(f"redis link lost: {reason}")
+
+    def _fail_waiting(self, reason: str) -> None:
+        # taken first: a callback may call again (and fail at once, the link being down)
+        waiting, self._waiting = self._waiting, deque()
+        for pending in waiting:
+            pending.settle(False, reason)
+
+    def _arm_stall_check(self) -> None:
+        self._alarm.set(time.monotonic_ns() + int(self._stall_step() * 1e9))
+
+    def _stall_step(self) -> float:
+        return max(0.01, self.reply_timeout / 4)
+
+    def _on_alarm(self) -> None:
+        if self.state is DOWN:
+            self._connect()
+            return
+        if self.state is CLOSED:
+            return
+        # Connecting, or calls waiting, and no reply since the last check: stalled.
+        if self.state is CONNECTING or (self._waiting and self._replies == self._replies_at_check):
+            self._stalled_for += self._stall_step()
+        else:
+            self._stalled_for = 0.0
+        self._replies_at_check = self._replies
+        if self._stalled_for >= self.reply_timeout:
+            self._lost(f"no answer for {self.reply_timeout:g} s")
+            return
+        self._arm_stall_check()

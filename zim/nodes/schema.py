@@ -1,0 +1,350 @@
+"""The Redis data layout of multi-node zim (issue 7): key names, Lua scripts, commands.
+
+Everything here builds plain command tuples (``("XREVRANGE", key, ...)``) and
+parses replies; nothing talks to Redis. A node sends the commands through
+``zim.nodes.link.RedisLink`` (or, in tests and tools, a synchronous redis-py
+client via ``execute``). docs/redis.md explains the layout and why.
+
+Hash tags. Every key of one conversation carries the same hash tag, so a Lua
+script touching them runs on one Redis Cluster node:
+
+- a channel: ``{c:<name>}``: ``zim:{c:<name>}:seq``, ``:log``, ``:members``;
+- a user pair: ``{u:<low id>:<high id>}``: ``:seq``, ``:log``;
+- a user: ``{m:<id>}``: ``:user`` (name), ``:channels``, ``:box`` and ``:mail``
+  (the mailbox), ``:presence``.
+
+A conversation's history is a Redis Stream whose entry ids are
+``<seq>-<createdAt ms>``: ids grow with seq, so ``XREVRANGE log <seq> -`` pages
+by seq in one command, and the creation time needed for the TTL rides in the id.
+
+Operations that touch two hash tags (a direct message: the pair's history, then
+the receiver's mailbox; subscribe; a user's name index) are returned as
+``steps``: commands to send one after the other, each once the one before it
+succeeded, and to acknowledge to the client only after the last.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import orjson
+
+from zim.storage.retention import Retention, Tier
+from zim.storage.store import Message, pair_key
+
+Command = tuple
+PREFIX = "zim"
+SECRET_KEY = f"{PREFIX}:secret"        # the token-signing secret, one for all nodes
+NODES_KEY = f"{PREFIX}:nodes"          # sorted set: node id -> heartbeat deadline (ms)
+ACK_CHUNK = 1000                       # ids per ZREM/HDEL inside the ack script (Lua's unpack limit)
+
+
+# ---------------------------------------------------------------- keys
+
+
+class ConversationKeys(NamedTuple):
+    """The keys of one conversation; ``members`` is None for a user pair."""
+
+    seq: str          # string: the last seq given (never expires, so seq never restarts)
+    log: str          # stream: the history, entry id "<seq>-<createdAt ms>", field "m" the message
+    members: str | None   # hash: user id -> "1" (push) or "0" (channels only)
+
+
+class UserKeys(NamedTuple):
+    """The keys of one user, all in the user's hash slot."""
+
+    user: str         # hash: "name"
+    channels: str     # hash: channel -> "1"/"0" (push); an index of the channels' members hashes
+    box: str          # sorted set: message id, scored by arrival (the mailbox's order)
+    mail: str         # hash: message id -> the message as JSON (a copy, with seq)
+    presence: str     # hash: node id -> number of the user's connections on that node
+
+
+def channel_keys(channel: str) -> ConversationKeys:
+    """The keys of a channel's conversation (hash tag ``{c:<name>}``)."""
+    base = f"{PREFIX}:{{c:{channel}}}"
+    return ConversationKeys(f"{base}:seq", f"{base}:log", f"{base}:members")
+
+
+def pair_keys(user_a: int, user_b: int) -> ConversationKeys:
+    """The keys of the direct conversation of two users, either order
+    (hash tag ``{u:<low>:<high>}``)."""
+    low, high = pair_key(user_a, user_b)
+    base = f"{PREFIX}:{{u:{low}:{high}}}"
+    return ConversationKeys(f"{base}:seq", f"{base}:log", None)
+
+
+def user_keys(user_id: int) -> UserKeys:
+    """The keys of one user (hash tag ``{m:<id>}``)."""
+    base = f"{PREFIX}:{{m:{user_id}}}"
+    return UserKeys(f"{base}:user", f"{base}:channels", f"{base}:box", f"{base}:mail",
+                    f"{base}:presence")
+
+
+def name_key(name: str) -> str:
+    """The set of user ids that have had this display name (names are not unique)."""
+    return f"{PREFIX}:{{n:{name}}}:ids"
+
+
+def node_users_key(node: str) -> str:
+    """The set of users with connections on a node, so a sweeper can clear a dead
+    node's presence fields without scanning every user."""
+    return f"{PREFIX}:{{node:{node}}}:users"
+
+
+# ---------------------------------------------------------------- scripts
+
+
+class Script:
+    """A Lua script sent as EVALSHA, with EVAL as the fallback on NOSCRIPT (a
+    restarted or new cluster node has an empty script cache)."""
+
+    registry: dict[str, "Script"] = {}
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        Script.registry[self.sha] = self
+
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> Command:
+        """The EVALSHA command running this script on ``keys`` with ``args``."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def load_command(self) -> Command:
+        """SCRIPT LOAD, to send to every master at start (then EVALSHA finds it)."""
+        return ("SCRIPT", "LOAD", self.source)
+
+
+def eval_fallback(command: Command) -> Command:
+    """The EVAL form of an EVALSHA command built here: what to send after NOSCRIPT."""
+    return ("EVAL", Script.registry[command[1]].source, *command[2:])
+
+
+def is_noscript(error: object) -> bool:
+    """Whether an error (a link's failure reason or a client's exception) says
+    that the script is not in the server's cache. redis-py drops the NOSCRIPT
+    prefix from the message, so the text is checked too."""
+    text = str(error)
+    return text.startswith("NOSCRIPT") or "No matching script" in text
+
+
+def execute(client: Any, command: Command) -> Any:
+    """Run one command on a synchronous redis-py client (``Redis`` or
+    ``RedisCluster``), retrying an EVALSHA as EVAL on NOSCRIPT. For tests and
+    tools; a node sends the same commands through its link."""
+    try:
+        return client.execute_command(*command)
+    except Exception as exc:  # noqa: BLE001 -- only NOSCRIPT is retried; the rest re-raised
+        if command[0] == "EVALSHA" and is_noscript(exc):
+            return client.execute_command(*eval_fallback(command))
+        raise
+
+
+# KEYS: seq, log, [members]. ARGV: message, createdAt ms, now ms, ttl ms, cap,
+# large_members (0: no large tier), large ttl ms, large cap.
+APPEND = Script("append", """
+local seq = redis.call('INCR', KEYS[1])
+local ttl, cap = tonumber(ARGV[4]), tonumber(ARGV[5])
+if KEYS[3] and tonumber(ARGV[6]) > 0 and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[6]) then
+  ttl, cap = tonumber(ARGV[7]), tonumber(ARGV[8])
+end
+redis.call('XADD', KEYS[2], string.format('%d-%s', seq, ARGV[2]), 'm', ARGV[1])
+if cap > 0 and seq > cap then
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', seq - cap + 1))
+end
+if ttl > 0 then
+  -- drop expired messages from the head, at most 8 per append: more than arrive
+  -- (one), so an active conversation's head keeps up; a quiet one expires whole
+  local horizon = tonumber(ARGV[3]) - ttl
+  local keep = nil
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 8)) do
+    local s, created = string.match(entry[1], '^(%d+)-(%d+)$')
+    keep = tonumber(s)
+    if tonumber(created) >= horizon then break end
+    keep = keep + 1
+  end
+  if keep then redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', keep)) end
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return seq
+""")
+
+# KEYS: box, mail. ARGV: message id, message JSON. A retry of the same id keeps
+# its place and replaces the copy (as MemoryStore and SQLiteStore do).
+MAILBOX_ADD = Script("mailbox_add", """
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('ZADD', KEYS[1], last[2] and (tonumber(last[2]) + 1) or 1, ARGV[1])
+return 1
+""")
+
+# KEYS: box, mail. ARGV: limit. The copies of the oldest ``limit`` messages.
+MAILBOX_PULL = Script("mailbox_pull", """
+local limit = tonumber(ARGV[1])
+if limit < 1 then return {} end  -- ZRANGE 0 -1 would be the whole mailbox
+local ids = redis.call('ZRANGE', KEYS[1], 0, limit - 1)
+if #ids == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(ids))
+""")
+
+# KEYS: box, mail. ARGV: message ids (unknown ones are ignored). Atomic, so an
+# entry never loses its copy or the other way round.
+MAILBOX_ACK = Script("mailbox_ack", f"""
+local removed = 0
+for first = 1, #ARGV, {ACK_CHUNK} do
+  local chunk = {{unpack(ARGV, first, math.min(first + {ACK_CHUNK} - 1, #ARGV))}}
+  removed = removed + redis.call('ZREM', KEYS[1], unpack(chunk))
+  redis.call('HDEL', KEYS[2], unpack(chunk))
+end
+return removed
+""")
+
+# KEYS: presence. ARGV: node, delta (+1 a connection bound, -1 one closed).
+PRESENCE = Script("presence", """
+local count = redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[2]))
+if count <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return count
+""")
+
+SCRIPTS = (APPEND, MAILBOX_ADD, MAILBOX_PULL, MAILBOX_ACK, PRESENCE)
+
+
+# ---------------------------------------------------------------- messages
+
+
+def encode_message(msg: Message) -> bytes:
+    """A message as stored in a history stream: JSON without its seq (the entry id
+    carries it)."""
+    return orjson.dumps({field: value for field, value in msg.items() if field != "seq"})
+
+
+def _tier_args(tier: Tier) -> list[int]:
+    return [tier.ttl_ms, tier.cap]
+
+
+def append_channel_command(channel: str, msg: Message, now_ms: int, retention: Retention) -> Command:
+    """Append a message to a channel's history; the reply is its seq. The
+    script picks the channel or large tier by the member count, atomically."""
+    keys = channel_keys(channel)
+    return APPEND.command(keys, [encode_message(msg), int(msg.get("createdAt", now_ms)), now_ms,
+                                 *_tier_args(retention.channel), retention.large_members,
+                                 *_tier_args(retention.large)])
+
+
+def append_pair_command(sender_id: int, receiver_id: int, msg: Message, now_ms: int,
+                        retention: Retention) -> Command:
+    """Append a direct message to the pair's history; the reply is its seq.
+    Only the first step of a send: see ``mailbox_add_command``."""
+    keys = pair_keys(sender_id, receiver_id)
+    return APPEND.command(keys[:2], [encode_message(msg), int(msg.get("createdAt", now_ms)), now_ms,
+                                     *_tier_args(retention.private), 0, 0, 0])
+
+
+def history_command(keys: ConversationKeys, before_seq: int | None, limit: int) -> Command:
+    """One page of history: up to ``limit`` messages with seq < ``before_seq``
+    (the newest when None), plus one more to tell whether older ones exist."""
+    end = "+" if before_seq is None else str(max(0, before_seq - 1))
+    return ("XREVRANGE", keys.log, end, "-", "COUNT", max(0, limit) + 1)
+
+
+def parse_history(reply: list, limit: int) -> tuple[list[Message], bool]:
+    """The (messages oldest first, hasMore) of a ``history_command`` reply."""
+    limit = max(0, limit)
+    newest_first = reply[:limit]
+    messages = []
+    for entry_id, fields in reversed(newest_first):
+        msg = orjson.loads(_field(fields, b"m"))
+        msg["seq"] = int(entry_id.split(b"-", 1)[0])
+        messages.append(msg)
+    return messages, len(reply) > limit
+
+
+def _field(fields: Any, name: bytes) -> bytes:
+    # redis-py hands stream fields back as a dict, hiredis (the link) as a flat list
+    if isinstance(fields, dict):
+        return fields[name]
+    return fields[fields.index(name) + 1]
+
+
+# ---------------------------------------------------------------- mailboxes
+
+
+def mailbox_add_command(receiver_id: int, msg: Message) -> Command:
+    """Put a copy of a direct message (seq set) into the receiver's mailbox. The
+    second step of a send, after ``append_pair_command``; idempotent by id."""
+    keys = user_keys(receiver_id)
+    return MAILBOX_ADD.command((keys.box, keys.mail), [msg["id"], orjson.dumps(msg)])
+
+
+def mailbox_pull_command(user_id: int, limit: int) -> Command:
+    """The oldest ``limit`` unacknowledged messages; parse with ``parse_mailbox``."""
+    keys = user_keys(user_id)
+    return MAILBOX_PULL.command((keys.box, keys.mail), [max(0, limit)])
+
+
+def parse_mailbox(reply: list) -> list[Message]:
+    """The messages of a ``mailbox_pull_command`` reply, oldest first."""
+    return [orjson.loads(body) for body in reply if body is not None]
+
+
+def mailbox_ack_command(user_id: int, ids: Iterable[str]) -> Command | None:
+    """Remove these ids from the mailbox (unknown ones ignored); None when there
+    is nothing to send. Only strings can be ids (as in the other stores)."""
+    wanted = [message_id for message_id in ids if isinstance(message_id, str)]
+    if not wanted:
+        return None
+    keys = user_keys(user_id)
+    return MAILBOX_ACK.command((keys.box, keys.mail), wanted)
+
+
+# ---------------------------------------------------------------- users, channels, presence
+
+
+def create_user_steps(user_id: int, name: str) -> list[Command]:
+    """A new user: the name index first, then the record (so the index never
+    misses a user; readers check an indexed id against its record)."""
+    return [("SADD", name_key(name), user_id), ("HSET", user_keys(user_id).user, "name", name)]
+
+
+def subscribe_steps(channel: str, user_id: int, push: bool) -> list[Command]:
+    """Join (or change the push flag): the channel's side, then the user's index,
+    so the index never names a channel the user is not a member of. ``seq`` is
+    created at 0 on the first join: the channel exists from then on, members or not."""
+    keys = channel_keys(channel)
+    flag = "1" if push else "0"
+    return [("SET", keys.seq, 0, "NX"), ("HSET", keys.members, user_id, flag),
+            ("HSET", user_keys(user_id).channels, channel, flag)]
+
+
+def unsubscribe_steps(channel: str, user_id: int) -> list[Command]:
+    """Leave: the user's index first, then the channel's side (whose reply, 1 or
+    0, says whether the user was a member)."""
+    return [("HDEL", user_keys(user_id).channels, channel),
+            ("HDEL", channel_keys(channel).members, user_id)]
+
+
+def secret_steps(candidate: bytes) -> list[Command]:
+    """The shared token secret: every node offers a fresh one with SET NX and
+    reads back the winner, so all nodes sign with the same secret."""
+    return [("SET", SECRET_KEY, candidate, "NX"), ("GET", SECRET_KEY)]
+
+
+def heartbeat_command(node: str, now_ms: int, lifetime_ms: int) -> Command:
+    """A node's heartbeat: it counts as alive until ``now + lifetime``. A node id
+    names one run of a node (host, pid, start time), never reused by a restart."""
+    return ("ZADD", NODES_KEY, now_ms + lifetime_ms, node)
+
+
+def live_nodes_command(now_ms: int) -> Command:
+    """The nodes whose heartbeat has not run out (presence fields of others are stale)."""
+    return ("ZRANGEBYSCORE", NODES_KEY, now_ms, "+inf")
+
+
+def presence_steps(user_id: int, node: str, delta: int) -> list[Command]:
+    """Count a connection of the user on a node in (+1) or out (-1); the field
+    goes when the count reaches 0. A connection in also records the user in the
+    node's set first, so a sweeper can clear the fields of a node that died."""
+    count = PRESENCE.command((user_keys(user_id).presence,), [node, delta])
+    return [("SADD", node_users_key(node), user_id), count] if delta > 0 else [count]
