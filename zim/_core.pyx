@@ -240,6 +240,15 @@ cdef inline int handle_fd(uint64_t handle) noexcept nogil:
 cdef uint32_t NO_DEADLINE = <uint32_t>-1
 
 
+cdef inline ssize_t member_index(const group_t* g, uint64_t conn) noexcept nogil:
+    """Where ``conn`` is in a group's member array (a scan), -1 if not there."""
+    cdef size_t i
+    for i in range(g.length):
+        if g.members[i] == conn:
+            return <ssize_t>i
+    return -1
+
+
 cdef inline bint is_excluded(uint64_t handle, const uint64_t* excluded, size_t n,
                              uint8_t* found) noexcept nogil:
     """Binary search of a sorted handle array; marks found[k] when it is there."""
@@ -1160,16 +1169,14 @@ cdef class Reactor:
         """Add a connection to a channel group (this worker's push list)."""
         cdef group_t* g
         cdef uint64_t* grown
-        cdef size_t i, cap
+        cdef size_t cap
         if self._conn_fd(conn) < 0:
             return False
         g = self._group(group, True)
         if g == NULL:
             raise MemoryError()
-        if check_duplicate:
-            for i in range(g.length):
-                if g.members[i] == conn:
-                    return False
+        if check_duplicate and member_index(g, conn) >= 0:
+            return False
         if g.length == g.capacity:
             cap = g.capacity * 2 if g.capacity else 8
             grown = <uint64_t*>realloc(g.members, cap * sizeof(uint64_t))
@@ -1184,26 +1191,17 @@ cdef class Reactor:
     def group_remove(self, size_t group, uint64_t conn):
         """Remove a connection from a group (closed connections drop out by themselves)."""
         cdef group_t* g = self._group(group, False)
-        cdef size_t i
-        if g == NULL:
+        cdef ssize_t i = member_index(g, conn) if g != NULL else -1
+        if i < 0:
             return False
-        for i in range(g.length):
-            if g.members[i] == conn:
-                g.length -= 1
-                g.members[i] = g.members[g.length]
-                return True
-        return False
+        g.length -= 1
+        g.members[i] = g.members[g.length]
+        return True
 
     def group_has(self, size_t group, uint64_t conn):
         """Whether a connection is in a group (a scan of the group)."""
         cdef group_t* g = self._group(group, False)
-        cdef size_t i
-        if g == NULL:
-            return False
-        for i in range(g.length):
-            if g.members[i] == conn:
-                return True
-        return False
+        return g != NULL and member_index(g, conn) >= 0
 
     def group_size(self, size_t group):
         cdef group_t* g = self._group(group, False)
