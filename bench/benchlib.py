@@ -168,6 +168,14 @@ def read_some(fd: int, buffers: list) -> int:
 
 
 # -- the server under test ----------------------------------------------------
+def release_files(log, tmp: tempfile.TemporaryDirectory | None) -> None:
+    """Close a server's log file and remove its temporary directory (either may be None)."""
+    if log is not None:
+        log.close()
+    if tmp is not None:
+        tmp.cleanup()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
@@ -281,12 +289,8 @@ class Server:
             elif signals > 1:
                 print(f"warning: zim stopped only after {signals} SIGTERMs", file=sys.stderr)
             code = self.process.returncode
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        release_files(self._log, self._tmp)
+        self._log = self._tmp = None
         return code
 
     def __enter__(self) -> "Server":

@@ -619,12 +619,8 @@ class PeerServer:
                 print(f"warning: {self.name} ignored SIGTERM for {timeout:.0f} s; killed")
             code = self.process.returncode
             self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        benchlib.release_files(self._log, self._tmp)
+        self._log = self._tmp = None
         return code
 
 
