@@ -85,7 +85,8 @@ class LocalRedis:
         """SIGKILL the server and reap it (the port is free again at once). It keeps
         nothing on disk, so this is also how it stops."""
         if self.process is not None and self.process.poll() is None:
-            self.resume()           # a stopped process dies only once continued
+            # SIGKILL ends a stopped (paused) process too; continuing it first would
+            # let it answer, for a moment, what it held while paused
             self.process.kill()
             self.process.wait(10)
 
