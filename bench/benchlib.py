@@ -189,6 +189,7 @@ class Server:
 
     extra_args: list[str] = field(default_factory=list)
     workers: int = 1
+    redis: str | None = None     # redis://HOST:PORT/DB: one node of a multi-node service (--redis)
     tcp_port: int = 0
     ws_port: int = 0
     process: subprocess.Popen | None = None
@@ -202,7 +203,7 @@ class Server:
                 "--tcp", f"{LOOPBACK}:{self.tcp_port}", "--ws", f"{LOOPBACK}:{self.ws_port}",
                 "--data", self.data_dir, "--workers", str(self.workers),
                 "--channel-rate", "0",      # benches measure throughput, not the rate limit
-                *self.extra_args]
+                *(["--redis", self.redis] if self.redis else []), *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> psutil.Process:
         self._tmp = tempfile.TemporaryDirectory(prefix="zim-bench-")
@@ -357,6 +358,81 @@ class ProcessTree:
 class CPUTimes:
     user: float
     system: float
+
+
+class ForkingProcess:
+    """CPU time and memory of one server process that forks short-lived helpers
+    (redis-server: an AOF rewrite, a snapshot), with the ``ProcessTree`` interface.
+
+    ``cpu_times()`` counts the process and its children already reaped (a
+    helper's CPU counts once it has ended); ``changed()`` is true only when the
+    process itself has ended: a helper coming or going is not a restart.
+    """
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.root = process
+        self.processes = [process]
+        self.pids = [process.pid]
+
+    def cpu_times(self) -> CPUTimes:
+        try:
+            times = self.root.cpu_times()
+        except psutil.Error:
+            return CPUTimes(0.0, 0.0)     # gone: changed() reports it
+        return CPUTimes(times.user + times.children_user, times.system + times.children_system)
+
+    def rss(self) -> int:
+        try:
+            return self.root.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def changed(self) -> bool:
+        try:
+            return not self.root.is_running() or self.root.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+
+class ProcessGroup:
+    """Named parts (each a list of ``ProcessTree`` or ``ForkingProcess``) read as one,
+    with the ``ProcessTree`` interface: e.g. the nodes of a service and its redis-servers.
+
+    ``cpu_times()`` sums every part and keeps each part's reading, so that after
+    two readings (before and after a phase) ``last_interval()`` splits the
+    difference by part, e.g. {"nodes": 1.8, "redis": 0.7} CPU seconds.
+    """
+
+    def __init__(self, parts: dict[str, list]) -> None:
+        self.parts = parts
+        self.processes = [p for trees in parts.values() for tree in trees for p in tree.processes]
+        self._readings: list[dict[str, float]] = []
+
+    def cpu_times(self) -> CPUTimes:
+        user = system = 0.0
+        reading: dict[str, float] = {}
+        for name, trees in self.parts.items():
+            reading[name] = 0.0
+            for tree in trees:
+                times = tree.cpu_times()
+                user += times.user
+                system += times.system
+                reading[name] += times.user + times.system
+        self._readings = [*self._readings[-1:], reading]
+        return CPUTimes(user, system)
+
+    def last_interval(self) -> dict[str, float]:
+        """CPU seconds of each part between the last two ``cpu_times()`` readings."""
+        if len(self._readings) < 2:
+            return {name: 0.0 for name in self.parts}
+        before, after = self._readings
+        return {name: after[name] - before[name] for name in self.parts}
+
+    def rss(self) -> int:
+        return sum(tree.rss() for trees in self.parts.values() for tree in trees)
+
+    def changed(self) -> bool:
+        return any(tree.changed() for trees in self.parts.values() for tree in trees)
 
 
 def _accepts(port: int) -> bool:

@@ -438,19 +438,25 @@ def measure(args, workers: int) -> dict:
 
 
 # -- orchestration -------------------------------------------------------------------
+def add_dm_args(parser: argparse.ArgumentParser, messages: int) -> None:
+    """The private-message flags, shared with bench/nodes.py."""
+    parser.add_argument("--pairs", type=int, default=100, metavar="P",
+                        help="private-message pairs: 2P clients (default 100)")
+    parser.add_argument("--dm-messages", type=int, default=messages, metavar="N",
+                        help=f"private messages each client sends per run (default {messages})")
+    parser.add_argument("--dm-window", type=int, default=8, metavar="N",
+                        help="unanswered private messages per client (default 8)")
+    parser.add_argument("--dm-processes", type=int, default=2, metavar="N",
+                        help="client processes for the private-message clients (default 2; "
+                             "bench/nodes.py: at least one per node)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers-list", default="1,4", metavar="W,W",
                         help="worker counts to measure, comma-separated; the first is the "
                              "baseline of the per-core ratio (default 1,4)")
-    parser.add_argument("--pairs", type=int, default=100, metavar="P",
-                        help="private-message pairs: 2P clients (default 100)")
-    parser.add_argument("--dm-messages", type=int, default=1000, metavar="N",
-                        help="private messages each client sends per run (default 1000)")
-    parser.add_argument("--dm-window", type=int, default=8, metavar="N",
-                        help="unanswered private messages per client (default 8)")
-    parser.add_argument("--dm-processes", type=int, default=2, metavar="N",
-                        help="client processes for the private-message clients (default 2)")
+    add_dm_args(parser, 1000)
     broadcast.add_fanout_args(parser, 10_000)
     parser.add_argument("--server-args", default="", metavar="FLAGS",
                         help="extra zim-server flags, one string")

@@ -332,32 +332,38 @@ def test_subscribe_and_unsubscribe_keep_both_sides(client):
 
 
 def test_users_names_and_the_shared_secret(client):
-    for step in schema.create_user_steps(31, "alice") + schema.create_user_steps(32, "alice"):
-        execute(client, step)
+    execute(client, schema.user_record_command(31, "alice"))
     assert client.hget(schema.user_keys(31).user, "name") == b"alice"
-    assert client.smembers(schema.name_key("alice")) >= {b"31", b"32"}
+    execute(client, schema.user_record_command(31, "alicia"))
+    assert client.hget(schema.user_keys(31).user, "name") == b"alicia"
     client.delete(schema.SECRET_KEY)
     first = [execute(client, step) for step in schema.secret_steps(b"A" * 32)][-1]
     second = [execute(client, step) for step in schema.secret_steps(b"B" * 32)][-1]
     assert first == second == b"A" * 32
 
 
-def test_presence_counts_connections_and_dead_nodes_drop_out(client):
-    user, node = fresh_user(), unique("node")
-    presence = schema.user_keys(user).presence
-    for _ in range(2):
-        for step in schema.presence_steps(user, node, +1):
-            execute(client, step)
-    assert client.hget(presence, node) == b"2"
-    assert client.sismember(schema.node_users_key(node), user)
-    for _ in range(2):
-        for step in schema.presence_steps(user, node, -1):
-            execute(client, step)
-    assert client.hget(presence, node) is None
+def test_presence_per_node_dead_nodes_and_the_sweep(client):
+    users, node = [fresh_user() for _ in range(schema.SWEEP_BATCH + 3)], unique("node")
+    for user in users:
+        for command in schema.presence_in_commands(user, node):
+            execute(client, command)
+    assert client.hgetall(schema.user_keys(users[0]).presence) == {node.encode(): b"1"}
+    for command in schema.presence_out_commands(users[0], node):
+        execute(client, command)
+    assert client.hget(schema.user_keys(users[0]).presence, node) is None
+    assert not client.sismember(schema.node_users_key(node), users[0])
     now = now_ms()
     execute(client, schema.heartbeat_command(node, now, 3000))
-    assert node.encode() in execute(client, schema.live_nodes_command(now + 2000))
-    assert node.encode() not in execute(client, schema.live_nodes_command(now + 4000))
+    assert node.encode() not in execute(client, schema.dead_nodes_command(now + 2000))
+    assert node.encode() in execute(client, schema.dead_nodes_command(now + 4000))
+    # the sweep takes the users in batches, without repeats, until the set is empty
+    swept = []
+    while batch := execute(client, schema.sweep_step_command(node)):
+        assert len(batch) <= schema.SWEEP_BATCH
+        swept += [int(user) for user in batch]
+    assert sorted(swept) == sorted(users[1:])
+    execute(client, schema.forget_node_command(node))
+    assert node.encode() not in execute(client, schema.dead_nodes_command(now + 4000))
 
 
 # ---------------------------------------------------------------- cluster and script cache

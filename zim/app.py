@@ -80,7 +80,7 @@ class Ctx:
     ``ctx.app`` is the App (``ctx.app.store`` the store).
     """
 
-    __slots__ = ("app", "conn", "user_id", "action", "seq", "_after")
+    __slots__ = ("app", "conn", "user_id", "action", "seq", "rechecked", "_after")
 
     def __init__(self, app: "App", conn: int, user_id: str | None, action: int, seq: int) -> None:
         self.app = app
@@ -88,6 +88,7 @@ class Ctx:
         self.user_id = user_id
         self.action = action
         self.seq = seq
+        self.rechecked = False      # the store was asked to confirm a "no" (zim.im.rechecking)
         self._after: list[bytes] | None = None
 
     # -- this connection ---------------------------------------------------
@@ -166,6 +167,8 @@ class App:
     def __init__(self, im: bool = True, store=None) -> None:
         self.routes: dict[int, tuple[Handler, bool]] = {}
         self.groups: dict[str, int] = {}
+        self.group_names: list[str] = []    # group id - 1 -> channel
+        self.node = None                # zim.nodes.node.Node when run(redis=...) joins a multi-node service
         self.store = store              # None: a DurableStore in the data directory, made by run()
         self.store_link = 0             # the reactor's link to the store's writer process (0: none)
         self.finish_later = self._finish   # made once: one bound method for every wait
@@ -201,6 +204,7 @@ class App:
         group = self.groups.get(channel)
         if group is None:
             group = self.groups[channel] = len(self.groups) + 1
+            self.group_names.append(channel)
         return group
 
     def follow(self, channel: str, user_id: str) -> None:
@@ -307,6 +311,7 @@ class App:
         push_window_ms: int = 0,
         push_max: int = DEFAULT_PUSH_MAX,
         ws_deflate: bool = True,
+        redis: str | None = None,
     ) -> None:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
 
@@ -331,6 +336,10 @@ class App:
         carries, older ones counted in its ``skipped``.
         ``ws_deflate``: accept permessage-deflate from WebSocket clients that offer
         it (no context takeover either way; docs/protocol.md).
+        ``redis``: ``"redis://HOST:PORT/DB"``: this server is one node of several
+        sharing that Redis (or Redis Cluster) for users, messages, mailboxes,
+        presence and pushes (``zim.nodes``); ``data`` and the App's store are then
+        not used. None: a server on its own.
         Bad values raise ValueError before anything starts.
         """
         options = ServeOptions(tcp, ws, max_packet, login_timeout, idle_timeout, max_outbuf=max_outbuf,
@@ -342,7 +351,10 @@ class App:
             raise ValueError(f"channel_push must be True or False, not {channel_push!r}")
         limits = SendLimits(user_rate, channel_rate)
         check_push_settings(push_window_ms, push_max)
-        self._open_data(data, retention)
+        if redis is not None:
+            self._join_nodes(redis, retention)
+        else:
+            self._open_data(data, retention)
         self.max_packet = max_packet
         self.limits = limits
         self.channel_push = channel_push
@@ -376,6 +388,17 @@ class App:
         if ids is not None and newest is not None:
             ids.advance_past(newest())      # ids keep growing even if the clock went back
 
+    def _join_nodes(self, url: str, retention: Retention) -> None:
+        """Be a node of the service sharing the Redis at ``url`` (blocks until
+        Redis answers or RuntimeError)."""
+        from zim.ids import Snowflake
+        from zim.nodes.node import Node
+
+        self.node = Node(url, retention)
+        self.store = self.node.store
+        self.secret = self.node.secret
+        self.ids = Snowflake(self.node.worker_id)
+
     def start_push_merger(self, reactor: Reactor) -> None:
         """Run the merged pushes' timer, if they are on, on the handlers' reactor."""
         if self.push_merger is not None:
@@ -389,7 +412,11 @@ class App:
             self.push_merger = None
 
     def attach_store(self, reactor: Reactor) -> None:
-        """Start the store's writer process, if it has one, on this reactor."""
+        """Start the store's writer process, if it has one, on this reactor (or,
+        for a node, its links to Redis; the node then wraps ``self.fabric``)."""
+        if self.node is not None:
+            self.node.attach(self, reactor)
+            return
         attach = getattr(self.store, "attach", None)
         if attach is not None:
             attach(reactor, self._set_store_link)
@@ -407,6 +434,18 @@ class App:
     def every_second(self) -> None:
         """The handlers' once-a-second chores, called by the reactor that runs them."""
         self.limits.purge()
+        if self.node is not None:
+            self.node.beat()
+
+    def leave_nodes(self) -> None:
+        """A node stopping: its beat goes, its Redis connections close."""
+        if self.node is not None:
+            self.node.close()
+
+    def user_gone(self, user_id: int) -> None:
+        """The user's last connection on this server closed."""
+        if self.node is not None:
+            self.node.fabric.user_gone(user_id)
 
     def _run_single(self, options: "ServeOptions") -> None:
         self.reactor = reactor = options.reactor(self._on_packet)
@@ -419,6 +458,7 @@ class App:
 
         reactor.on_tick = tick
         reactor.on_link_closed = self.on_link_closed
+        reactor.on_user_gone = self.user_gone
         self.attach_store(reactor)
         self.start_push_merger(reactor)
         # handlers first: a signal that comes as soon as the ports accept must stop us
@@ -430,6 +470,7 @@ class App:
             finally:
                 self.stop_push_merger()
                 self.store.close()      # first: the writer's link closing is then no crash
+                self.leave_nodes()
                 reactor.close_all()
 
 

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 f"(default {defaults.large_members})")
     parser.add_argument("--prune-every", type=_bounded_int(1, 86400), default=defaults.prune_every_s,
                         metavar="S", help=f"start a pruning pass every S seconds (default {defaults.prune_every_s})")
+    parser.add_argument("--redis", metavar="URL",
+                        help="redis://HOST:PORT/DB: be one node of a zim service sharing this Redis (or "
+                             "Redis Cluster) for users, messages, mailboxes, presence and pushes; --data "
+                             "and --store are then not used (docs/redis.md)")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             login_timeout=args.login_timeout, idle_timeout=args.idle_timeout, retention=retention,
             user_rate=args.user_rate, channel_rate=args.channel_rate, max_outbuf=args.max_outbuf,
             channel_push=args.channel_push == "on", push_window_ms=args.push_window_ms,
-            push_max=args.push_max, ws_deflate=args.ws_deflate == "on")
+            push_max=args.push_max, ws_deflate=args.ws_deflate == "on", redis=args.redis)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"zim-server: {exc}", file=sys.stderr)
         return 1

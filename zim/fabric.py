@@ -7,7 +7,8 @@ Handlers never touch sockets. They call a ``Fabric``:
   commands to the workers holding the connections (a channel message crosses to
   each interested worker once, then fans out in C there).
 
-A multi-node fabric (Redis) is a third implementation of the same interface.
+- ``zim.nodes.fabric.NodeFabric``: one node of several sharing a Redis; it
+  wraps one of the above and reaches the other nodes over pub/sub.
 
 A connection is named by an int ``conn``: the reactor's handle (generation and
 fd, 56 bits), with the worker index in the top 8 bits when there are workers.
@@ -33,6 +34,9 @@ class Fabric(Protocol):
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         """Log ``conn`` in as ``user_id``; it receives the pushes of ``groups``."""
+
+    def has_user(self, user_id: int) -> bool:
+        """Whether the user has connections here (on this server)."""
 
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
         """Push to every connection of a user; returns how many deliveries (or
@@ -74,6 +78,9 @@ class LocalFabric:
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         bind_here(self.reactor, conn, user_id, groups)
+
+    def has_user(self, user_id: int) -> bool:
+        return bool(self.reactor.user_conns(user_id))
 
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
         return self.reactor.push_user(user_id, action, payload, exclude_conn)

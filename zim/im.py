@@ -18,7 +18,7 @@ from zim.storage.store import CHANNEL, USER
 from zim.tokens import make_token, parse_user_id, verify_token
 
 if TYPE_CHECKING:
-    from zim.app import App, Ctx
+    from zim.app import App, Ctx, Handler
 
 LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
 PUSH_USER_MESSAGE = 101
@@ -115,12 +115,68 @@ def str_list(body: dict, field: str) -> list[str]:
     return value
 
 
-def known_user(store, text: str) -> int:
+class Unsure(Exception):
+    """A store that keeps only a cache of users and memberships (one node of
+    several: ``zim.nodes.store.RedisStore``) answered "no", which may be stale:
+    ``pending`` settles once it has asked the shared store; the handler then runs
+    again, once (``rechecking``)."""
+
+    def __init__(self, pending: object) -> None:
+        super().__init__("the store confirms a negative answer")
+        self.pending = pending
+
+
+def ask_store(ctx: "Ctx", confirm_name: str, *args: object) -> None:
+    """Raise ``Unsure`` if the store can confirm a "no" (it has the method
+    ``confirm_name`` and answers a Pending) and this request has not asked yet."""
+    confirm = getattr(ctx.app.store, confirm_name, None)
+    if confirm is None or ctx.rechecked:
+        return
+    pending = confirm(*args)
+    if pending is not None:
+        raise Unsure(pending)
+
+
+def rechecking(handler: "Handler") -> "Handler":
+    """``handler``, run again once the store has confirmed what it was unsure of."""
+    def run(ctx: "Ctx", body: dict) -> dict:
+        try:
+            return handler(ctx, body)
+        except Unsure as unsure:
+            ctx.rechecked = True
+            return ctx.later(unsure.pending, lambda _: handler(ctx, body))
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def known_user(ctx: "Ctx", text: str) -> int:
     """The id of an existing user named by a decimal string, else ``not_found``."""
+    store = ctx.app.store
     user_id = parse_user_id(text)
+    if user_id is not None and not store.user_exists(user_id):
+        ask_store(ctx, "confirm_user", user_id)
     if user_id is None or not store.user_exists(user_id):
         raise Error("not_found", f"no user {text}")
     return user_id
+
+
+def member_of(ctx: "Ctx", channel: str, user_id: int) -> bool | None:
+    """The user's membership of an existing channel (None: not a member; see
+    ``Store.membership``), else ``not_found``."""
+    store = ctx.app.store
+    if not store.channel_exists(channel) or store.membership(channel, user_id) is None:
+        ask_store(ctx, "confirm_member", channel, user_id)
+    if not store.channel_exists(channel):
+        raise Error("not_found", f"no channel {channel}")
+    return store.membership(channel, user_id)
+
+
+def check_member(ctx: "Ctx", channel: str, user_id: int) -> None:
+    """``not_found`` for an unknown channel, ``forbidden`` for a non-member."""
+    if member_of(ctx, channel, user_id) is None:
+        raise Error("forbidden", f"not a member of {channel}")
 
 
 def check_rate_limits(ctx: "Ctx", channel: str | None = None) -> None:
@@ -204,6 +260,8 @@ def login(ctx: "Ctx", body: dict) -> dict:
         store.create_user(user_id, name)
     else:
         user_id = verify_token(app.secret, token)
+        if user_id is not None and not store.user_exists(user_id):
+            ask_store(ctx, "confirm_user", user_id)
         if user_id is None or not store.user_exists(user_id):
             raise Error("unauthorized", "invalid token")
         if store.user_name(user_id) != name:
@@ -237,7 +295,7 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
     receiver_text = required_str(body, "receiverId")
     content = required_str(body, "content")
     store = ctx.app.store
-    receiver_id = known_user(store, receiver_text)
+    receiver_id = known_user(ctx, receiver_text)
     check_rate_limits(ctx)
     sender_id = int(ctx.user_id)
     msg = _new_message(ctx, sender_id, content)
@@ -277,10 +335,7 @@ def send_channel_message(ctx: "Ctx", body: dict) -> dict:
     content = required_str(body, "content")
     store = ctx.app.store
     sender_id = int(ctx.user_id)
-    if not store.channel_exists(channel):
-        raise Error("not_found", f"no channel {channel}")
-    if store.membership(channel, sender_id) is None:
-        raise Error("forbidden", f"not a member of {channel}")
+    check_member(ctx, channel, sender_id)
     check_rate_limits(ctx, channel)
     msg = _new_message(ctx, sender_id, content)
     msg["channel"] = channel
@@ -307,13 +362,10 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
     store = ctx.app.store
     me = int(ctx.user_id)
     if channel is not None:
-        if not store.channel_exists(channel):
-            raise Error("not_found", f"no channel {channel}")
-        if store.membership(channel, me) is None:
-            raise Error("forbidden", f"not a member of {channel}")
+        check_member(ctx, channel, me)
         page = store.history(CHANNEL, channel, before_seq, limit)
     else:
-        other = known_user(store, other_text)
+        other = known_user(ctx, other_text)
         page = store.history(USER, (me, other), before_seq, limit)
 
     def fit(found: tuple[list[dict], bool]) -> dict:
@@ -327,10 +379,8 @@ def unsubscribe(ctx: "Ctx", body: dict) -> dict:
     """6: leave a channel; leaving one you are not in is fine, an unknown one is not_found."""
     channel = channel_name(body, "name")
     store = ctx.app.store
-    if not store.channel_exists(channel):
-        raise Error("not_found", f"no channel {channel}")
     me = int(ctx.user_id)
-    if store.membership(channel, me) is None:
+    if member_of(ctx, channel, me) is None:
         return {}
 
     def stored(_: object) -> dict:
@@ -361,12 +411,12 @@ def heartbeat(ctx: "Ctx", body: dict) -> dict:
 def register(app: "App") -> None:
     """Register actions 1..9 on ``app`` (and give it an id generator, ``app.ids``)."""
     _ensure_ids(app)
-    app.route(LOGIN, login=False)(login)
-    app.route(SEND_USER)(send_user_message)
+    app.route(LOGIN, login=False)(rechecking(login))
+    app.route(SEND_USER)(rechecking(send_user_message))
     app.route(SUBSCRIBE)(subscribe)
-    app.route(SEND_CHANNEL)(send_channel_message)
-    app.route(HISTORY)(query_history)
-    app.route(UNSUBSCRIBE)(unsubscribe)
+    app.route(SEND_CHANNEL)(rechecking(send_channel_message))
+    app.route(HISTORY)(rechecking(query_history))
+    app.route(UNSUBSCRIBE)(rechecking(unsubscribe))
     app.route(PULL)(pull_mailbox)
     app.route(ACK)(ack_mailbox)
     app.route(HEARTBEAT, login=False)(heartbeat)

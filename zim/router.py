@@ -92,6 +92,7 @@ class Router:
                 self.app.stop_push_merger()
                 self._kill_all()
                 self.app.store.close()
+                self.app.leave_nodes()
                 self.reactor.close_all()
         if self.exit_code:
             raise RuntimeError("workers kept failing at start; see the log above")
@@ -200,7 +201,10 @@ class Router:
             return
         slot = self.by_link.get(link)
         if slot is not None and action == EVENT and seq == EVENT_USER_GONE:
-            self.presence.clear_bits(int.from_bytes(payload[:8], "big"), worker_bit(slot.index))
+            user_id = int.from_bytes(payload[:8], "big")
+            self.presence.clear_bits(user_id, worker_bit(slot.index))
+            if not self.presence.get(user_id):
+                self.app.user_gone(user_id)
 
     def send(self, index: int, command: int, body: bytes) -> bool:
         slot = self.slots[index]
@@ -240,6 +244,9 @@ class RouterFabric:
 
     def answer(self, conn: int, action: int, seq: int, payload: bytes) -> None:
         self.reply(conn, action, seq, payload, True)
+
+    def has_user(self, user_id: int) -> bool:
+        return bool(self.router.presence.get(user_id))
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         router = self.router

@@ -26,10 +26,11 @@ thread: docs/architecture.md, "Redis: how a node talks to it".
 - Commands queued while the link handles a wake-up (a result's callback that
   calls again) leave in one ``send`` at its end, as do those of a pipeline.
 
-Pub/sub (SUBSCRIBE/SSUBSCRIBE) is not here yet: a subscribed connection answers
-one reply per channel and pushes messages no call waits for, so it will be a
-second link class on the same socket machinery, with a message callback and a
-list of channels it subscribes again after every reconnect.
+Pub/sub: ``SubscriberLink`` is the same socket machinery in RESP2 subscribed
+mode for shard channels (SSUBSCRIBE): no call waits on it, every reply is a
+confirmation or a message (``RedisLink``'s ``on_push`` hook), and it subscribes
+again to its channels after every reconnect. ``zim.nodes.client`` puts command
+links and subscriber links together behind one API, on one server or a cluster.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
 import hiredis
+from redis.crc import key_slot
 
 from zim._core import Reactor
 from zim.pushmerge import Alarm
@@ -60,6 +62,19 @@ READ_SIZE = 256 * 1024
 
 _MORE = object()            # hiredis.Reader's answer when a reply is still incomplete
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+def parse_redis_url(url: str) -> dict[str, Any]:
+    """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` as RedisLink's arguments
+    (host, port, db, password, username), with redis-py's parser; ValueError
+    for other schemes (unix sockets, TLS)."""
+    from redis.connection import parse_url
+    parsed = parse_url(url)
+    if "path" in parsed or parsed.get("connection_class") is not None:
+        raise ValueError("only redis://HOST:PORT/DB URLs are supported")
+    return {"host": parsed.get("host", "127.0.0.1"), "port": int(parsed.get("port", 6379)),
+            "db": int(parsed.get("db", 0)), "password": parsed.get("password"),
+            "username": parsed.get("username")}
 
 
 def backoff_delay(failures: int, first: float = FIRST_BACKOFF, cap: float = MAX_BACKOFF) -> float:
@@ -111,20 +126,24 @@ class RedisLink:
     else a PING), ``"down"`` (waiting to reconnect) or ``"closed"``.
     ``on_state(state)``, if given, learns every change to ``"up"`` or ``"down"``.
     Calls made while connecting are sent after the handshake (or fail with the
-    attempt); calls made while down fail at once.
+    attempt); calls made while down fail at once. ``on_push(reply)``, if given,
+    gets every reply that no call waits for (a subscribed connection's
+    confirmations and messages); without it such a reply is a protocol error.
     """
 
     def __init__(self, reactor: Reactor, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
                  password: str | None = None, username: str | None = None, *,
                  reply_timeout: float = REPLY_TIMEOUT, first_backoff: float = FIRST_BACKOFF,
                  max_backoff: float = MAX_BACKOFF,
-                 on_state: Callable[[str], None] | None = None) -> None:
+                 on_state: Callable[[str], None] | None = None,
+                 on_push: Callable[[Any], None] | None = None) -> None:
         self.reactor = reactor
         self.address = (host, port)
         self.reply_timeout = reply_timeout
         self.first_backoff = first_backoff
         self.max_backoff = max_backoff
         self.on_state = on_state
+        self.on_push = on_push
         self.state = DOWN
         self.failures = 0               # failed attempts since the link was last up
         self.connections = 0            # connections made so far (1 + reconnects)
@@ -151,13 +170,7 @@ class RedisLink:
     @classmethod
     def from_url(cls, reactor: Reactor, url: str, **options: Any) -> "RedisLink":
         """A link to ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`` (redis-py's parser)."""
-        from redis.connection import parse_url
-        parsed = parse_url(url)
-        if "path" in parsed or parsed.get("connection_class") is not None:
-            raise ValueError("only redis://HOST:PORT/DB URLs are supported")
-        return cls(reactor, parsed.get("host", "127.0.0.1"), int(parsed.get("port", 6379)),
-                   int(parsed.get("db", 0)), parsed.get("password"), parsed.get("username"),
-                   **options)
+        return cls(reactor, **parse_redis_url(url), **options)
 
     @staticmethod
     def _handshake_commands(db: int, username: str | None, password: str | None) -> list[tuple]:
@@ -306,17 +319,19 @@ class RedisLink:
                 return
             reader.feed(data)
             try:
-                while waiting:
+                while True:
                     reply = reader.gets()
                     if reply is _MORE:
                         break
                     self._replies += 1
-                    self._settle_oldest(waiting, reply)
+                    if waiting:
+                        self._settle_oldest(waiting, reply)
+                    elif self.on_push is not None:
+                        self.on_push(reply)
+                    else:
+                        raise hiredis.ProtocolError("a reply no call waits for")
                     if self._sock is not sock:      # a callback closed the link
                         return
-                else:
-                    if reader.gets() is not _MORE:
-                        raise hiredis.ProtocolError("a reply no call waits for")
             except hiredis.ProtocolError as exc:
                 self._lost(f"protocol error: {exc}")
                 return
@@ -401,3 +416,187 @@ class RedisLink:
             self._lost(f"no answer for {self.reply_timeout:g} s")
             return
         self._arm_stall_check()
+
+
+# ---------------------------------------------------------------- subscribed mode
+
+SUBSCRIBE_BATCH = 1000      # channels per SSUBSCRIBE / SUNSUBSCRIBE command
+
+
+def as_bytes(value: Any) -> bytes:
+    """A key or channel as Redis receives it (str as UTF-8, numbers as text)."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode()
+
+
+class SubscriberLink(RedisLink):
+    """A connection in RESP2 subscribed mode for shard channels (SSUBSCRIBE).
+
+    ``subscribe(channels)`` and ``unsubscribe(channels)`` change the set of
+    channels this connection wants (``wanted``). The commands leave at the next
+    pass of the loop, all of that pass's changes in one write, channels of one
+    slot batched per command (one SSUBSCRIBE may only name channels of one slot
+    on a cluster). After every reconnect the link subscribes again to all of
+    ``wanted``: messages published while it was down are lost (pub/sub is
+    at-most-once).
+
+    Replies are pushes, no call waits on them (so the reply-timeout stall check
+    never trips here): ``["ssubscribe", channel, n]`` marks ``channel`` as
+    ``confirmed``; ``["smessage", channel, data]`` goes to
+    ``on_message(channel, data)`` if the channel is still wanted (a message
+    already on its way when the caller unsubscribed is dropped);
+    ``["sunsubscribe", channel, n]`` that nobody asked for (the server dropped
+    the channel: its slot moved to another master) goes to
+    ``on_dropped(channel)``; an error reply (MOVED for a channel whose slot is
+    elsewhere) to ``on_error(text)``.
+    """
+
+    def __init__(self, reactor: Reactor, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
+                 password: str | None = None, username: str | None = None, *,
+                 on_message: Callable[[bytes, bytes], None] | None = None,
+                 on_dropped: Callable[[bytes], None] | None = None,
+                 on_error: Callable[[str], None] | None = None, **options: Any) -> None:
+        self.on_message = on_message
+        self.on_dropped = on_dropped
+        self.on_error = on_error
+        self.wanted: set[bytes] = set()
+        self.confirmed: set[bytes] = set()      # confirmed on the current connection
+        self._sent: set[bytes] = set()          # SSUBSCRIBEd on it, no SUNSUBSCRIBE since
+        self._leaving: dict[bytes, int] = {}    # SUNSUBSCRIBEs sent and not confirmed yet
+        self._changed: set[bytes] = set()       # touched since the last flush
+        self._flush_armed = False
+        self._flush_alarm: Alarm | None = None
+        super().__init__(reactor, host, port, db, password, username, on_push=self._on_push, **options)
+        try:
+            self._flush_alarm = Alarm(reactor, self._flush_subscriptions)
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, *command: Any) -> Pending:
+        raise TypeError("a subscriber link takes no calls (its replies are pushes)")
+
+    def pipeline(self, commands: Iterable[Command]) -> Pending:
+        raise TypeError("a subscriber link takes no calls (its replies are pushes)")
+
+    def subscribe(self, channels: Iterable[str | bytes]) -> None:
+        """Want these channels (already wanted ones: nothing happens)."""
+        for channel in map(as_bytes, channels):
+            if channel not in self.wanted:
+                self.wanted.add(channel)
+                self._changed.add(channel)
+        self._arm_flush()
+
+    def unsubscribe(self, channels: Iterable[str | bytes]) -> None:
+        """Stop wanting these channels: their messages are no longer delivered, from now."""
+        for channel in map(as_bytes, channels):
+            if channel in self.wanted:
+                self.wanted.discard(channel)
+                self._changed.add(channel)
+        self._arm_flush()
+
+    def forget(self, channels: Iterable[bytes]) -> None:
+        """Stop wanting these channels without telling the server: it no longer
+        holds them (it answered MOVED, or dropped them with their slot)."""
+        for channel in channels:
+            self.wanted.discard(channel)
+            self._sent.discard(channel)
+            self.confirmed.discard(channel)
+            self._changed.discard(channel)
+
+    def close(self) -> None:
+        super().close()
+        if self._flush_alarm is not None:
+            self._flush_alarm.close()
+
+    # -- sending ---------------------------------------------------------------
+    def _arm_flush(self) -> None:
+        # at the next pass of the loop rather than now: a login subscribing a user
+        # to hundreds of channels costs one write
+        if self._changed and not self._flush_armed and self.state is UP:
+            self._flush_armed = True
+            self._flush_alarm.set(0)
+
+    def _flush_subscriptions(self) -> None:
+        self._flush_armed = False
+        if self.state is not UP:
+            return      # _up() sends everything wanted
+        joining, leaving = [], []
+        for channel in self._changed:
+            if channel in self.wanted:
+                if channel not in self._sent:
+                    joining.append(channel)
+            elif channel in self._sent:
+                leaving.append(channel)
+        self._changed.clear()
+        self._sent.update(joining)
+        self._sent.difference_update(leaving)
+        for channel in leaving:
+            self._leaving[channel] = self._leaving.get(channel, 0) + 1
+        self._send_by_slot("SSUBSCRIBE", joining)
+        self._send_by_slot("SUNSUBSCRIBE", leaving)
+
+    def _send_by_slot(self, command: str, channels: list[bytes]) -> None:
+        by_slot: dict[int, list[bytes]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel), []).append(channel)
+        packed = [hiredis.pack_command((command, *group[first:first + SUBSCRIBE_BATCH]))
+                  for group in by_slot.values() for first in range(0, len(group), SUBSCRIBE_BATCH)]
+        if packed:
+            self._send(b"".join(packed))
+
+    def _up(self) -> None:
+        # a new connection holds no subscription: all of them again (sent with the
+        # handshake's wake-up, before anyone learns that the link is up)
+        self._sent = set(self.wanted)
+        self._changed.clear()
+        self._send_by_slot("SSUBSCRIBE", list(self.wanted))
+        super()._up()
+
+    def _drop_socket(self) -> None:
+        super()._drop_socket()
+        self._sent.clear()
+        self.confirmed.clear()
+        self._leaving.clear()
+
+    # -- receiving -------------------------------------------------------------
+    def _on_push(self, reply: Any) -> None:
+        if type(reply) is list and len(reply) == 3:
+            kind, channel, data = reply
+            if kind == b"smessage":
+                if channel in self.wanted and self.on_message is not None:
+                    try:
+                        self.on_message(channel, data)
+                    except Exception:  # noqa: BLE001 -- one bad message must not break the link
+                        log.exception("on_message failed for a message on %r", channel)
+                return
+            if kind == b"ssubscribe":
+                self.confirmed.add(channel)
+                return
+            if kind == b"sunsubscribe":
+                self.confirmed.discard(channel)
+                self._on_sunsubscribe(channel)
+                return
+        if isinstance(reply, hiredis.ReplyError):
+            if self.on_error is not None:
+                self.on_error(str(reply))
+            else:
+                log.warning("redis %s:%d refused a subscription: %s", *self.address, reply)
+            return
+        log.warning("redis %s:%d: an unexpected push on a subscriber link: %r", *self.address, reply)
+
+    def _on_sunsubscribe(self, channel: bytes) -> None:
+        leaving = self._leaving.get(channel, 0)
+        if leaving:         # the confirmation of our own SUNSUBSCRIBE
+            if leaving == 1:
+                del self._leaving[channel]
+            else:
+                self._leaving[channel] = leaving - 1
+            return
+        # the server dropped it (its slot went to another master)
+        self._sent.discard(channel)
+        if channel in self.wanted and self.on_dropped is not None:
+            self.on_dropped(channel)

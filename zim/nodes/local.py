@@ -1,9 +1,11 @@
-"""A throwaway redis-server on a free loopback port, for tests and benches.
+"""A throwaway redis-server on a free loopback port, or a local Redis Cluster of
+several, for tests and benches.
 
-It keeps nothing (``--save "" --appendonly no``, a temporary directory) and is
-stopped with ``close()``. ``kill()``/``start()`` restart it on the same port,
+``LocalRedis`` keeps nothing (``--save "" --appendonly no``, a temporary
+directory) unless given ``DURABLE_ARGS``, and is stopped with ``close()``.
+``kill()``/``start()`` restart it on the same port and directory,
 ``pause()``/``resume()`` freeze it (SIGSTOP/SIGCONT): the failures a node must
-survive.
+survive. ``LocalCluster`` forms masters of those with ``redis-cli --cluster create``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ import tempfile
 import time
 
 LOOPBACK = "127.0.0.1"
+# What "nothing acknowledged is lost" needs of Redis when redis-server itself is
+# killed (docs/redis.md): every write in the AOF before its reply is sent. (The
+# last --appendonly given wins over LocalRedis's "no".)
+DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always")
+CLUSTER_BUS_OFFSET = 10_000     # a cluster node also listens on port + 10000 (the cluster bus)
+CLUSTER_TIMEOUT = 20.0
 
 
 def redis_server_binary() -> str | None:
@@ -23,10 +31,24 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def free_loopback_port() -> int:
+def free_loopback_port(with_bus: bool = False) -> int:
+    """A free loopback port; ``with_bus``: port + 10000 is free too (cluster nodes)."""
+    for _ in range(1000):
+        with socket.socket() as probe:
+            probe.bind((LOOPBACK, 0))
+            port = probe.getsockname()[1]
+        if not with_bus or (port + CLUSTER_BUS_OFFSET <= 65535 and _port_is_free(port + CLUSTER_BUS_OFFSET)):
+            return port
+    raise RuntimeError("no free loopback port whose cluster bus port is free too")
+
+
+def _port_is_free(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
 
 
 class LocalRedis:
@@ -71,12 +93,16 @@ class LocalRedis:
 
     def answers_ping(self) -> bool:
         """Whether the server answers PING within half a second (a blocking probe)."""
+        return self.ask(b"PING\r\n").startswith(b"+PONG")
+
+    def ask(self, inline_command: bytes) -> bytes:
+        """The start of the reply to one inline command (b"" if none within half a second)."""
         try:
             with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as probe:
-                probe.sendall(b"PING\r\n")
-                return probe.recv(64).startswith(b"+PONG")
+                probe.sendall(inline_command)
+                return probe.recv(4096)
         except OSError:
-            return False
+            return b""
 
     def pid(self) -> int:
         return self.process.pid if self.process else 0
@@ -89,6 +115,12 @@ class LocalRedis:
             # let it answer, for a moment, what it held while paused
             self.process.kill()
             self.process.wait(10)
+
+    def restart(self, down_for: float = 0.5) -> None:
+        """kill -9, then start again on the same port and directory (its AOF, if any)."""
+        self.kill()
+        time.sleep(down_for)
+        self.start()
 
     def pause(self) -> None:
         os.kill(self.pid(), signal.SIGSTOP)
@@ -110,6 +142,72 @@ class LocalRedis:
             return ""
 
     def __enter__(self) -> "LocalRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalCluster:
+    """A Redis Cluster of ``masters`` LocalRedis masters (no replicas) on free
+    loopback ports, each with ``extra_args`` too; ``start()`` returns once every
+    node reports ``cluster_state:ok``. ``servers[i].kill()``/``restart(i)`` take
+    one master down and back (its cluster config stays in its directory)."""
+
+    def __init__(self, masters: int = 3, extra_args: tuple[str, ...] = ()) -> None:
+        self.masters = masters
+        self.extra_args = tuple(extra_args)
+        self.servers: list[LocalRedis] = []
+
+    @property
+    def url(self) -> str:
+        """Any master's URL: a node finds the others from it."""
+        return self.servers[0].url
+
+    def start(self, timeout: float = CLUSTER_TIMEOUT) -> "LocalCluster":
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed (apt-get install redis-server)")
+        try:
+            ports: list[int] = []
+            while len(ports) < self.masters:
+                port = free_loopback_port(with_bus=True)
+                if port not in ports:
+                    ports.append(port)
+            for port in ports:
+                self.servers.append(LocalRedis(port, (
+                    *self.extra_args, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                    "--cluster-node-timeout", "5000")).start(timeout))
+            subprocess.run([cli, "--cluster", "create", *(f"{LOOPBACK}:{port}" for port in ports),
+                            "--cluster-replicas", "0", "--cluster-yes"],
+                           check=True, capture_output=True, timeout=timeout)
+            self.wait_ok(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_ok(self, timeout: float = CLUSTER_TIMEOUT) -> None:
+        """Wait until every master reports ``cluster_state:ok``."""
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            while b"cluster_state:ok" not in server.ask(b"CLUSTER INFO\r\n"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node :{server.port} never reached cluster_state:ok")
+                time.sleep(0.05)
+
+    def restart(self, which: int, down_for: float = 0.5) -> None:
+        """kill -9 one master, start it again on its port and directory, and wait
+        until the cluster is whole."""
+        self.servers[which].restart(down_for)
+        self.wait_ok()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+    def __enter__(self) -> "LocalCluster":
         return self.start()
 
     def __exit__(self, *exc) -> None:

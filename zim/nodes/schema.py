@@ -18,7 +18,7 @@ A conversation's history is a Redis Stream whose entry ids are
 by seq in one command, and the creation time needed for the TTL rides in the id.
 
 Operations that touch two hash tags (a direct message: the pair's history, then
-the receiver's mailbox; subscribe; a user's name index) are returned as
+the receiver's mailbox; subscribe; presence) are returned as
 ``steps``: commands to send one after the other, each once the one before it
 succeeded, and to acknowledge to the client only after the last.
 """
@@ -57,7 +57,7 @@ class UserKeys(NamedTuple):
     channels: str     # hash: channel -> "1"/"0" (push); an index of the channels' members hashes
     box: str          # sorted set: message id, scored by arrival (the mailbox's order)
     mail: str         # hash: message id -> the message as JSON (a copy, with seq)
-    presence: str     # hash: node id -> number of the user's connections on that node
+    presence: str     # hash: node id -> 1, for each node holding connections of the user
 
 
 def channel_keys(channel: str) -> ConversationKeys:
@@ -79,11 +79,6 @@ def user_keys(user_id: int) -> UserKeys:
     base = f"{PREFIX}:{{m:{user_id}}}"
     return UserKeys(f"{base}:user", f"{base}:channels", f"{base}:box", f"{base}:mail",
                     f"{base}:presence")
-
-
-def name_key(name: str) -> str:
-    """The set of user ids that have had this display name (names are not unique)."""
-    return f"{PREFIX}:{{n:{name}}}:ids"
 
 
 def node_users_key(node: str) -> str:
@@ -201,14 +196,7 @@ end
 return removed
 """)
 
-# KEYS: presence. ARGV: node, delta (+1 a connection bound, -1 one closed).
-PRESENCE = Script("presence", """
-local count = redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[2]))
-if count <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return count
-""")
-
-SCRIPTS = (APPEND, MAILBOX_ADD, MAILBOX_PULL, MAILBOX_ACK, PRESENCE)
+SCRIPTS = (APPEND, MAILBOX_ADD, MAILBOX_PULL, MAILBOX_ACK)
 
 
 # ---------------------------------------------------------------- messages
@@ -302,10 +290,9 @@ def mailbox_ack_command(user_id: int, ids: Iterable[str]) -> Command | None:
 # ---------------------------------------------------------------- users, channels, presence
 
 
-def create_user_steps(user_id: int, name: str) -> list[Command]:
-    """A new user: the name index first, then the record (so the index never
-    misses a user; readers check an indexed id against its record)."""
-    return [("SADD", name_key(name), user_id), ("HSET", user_keys(user_id).user, "name", name)]
+def user_record_command(user_id: int, name: str) -> Command:
+    """Create a user, or change its name (users are never deleted)."""
+    return ("HSET", user_keys(user_id).user, "name", name)
 
 
 def subscribe_steps(channel: str, user_id: int, push: bool) -> list[Command]:
@@ -337,14 +324,31 @@ def heartbeat_command(node: str, now_ms: int, lifetime_ms: int) -> Command:
     return ("ZADD", NODES_KEY, now_ms + lifetime_ms, node)
 
 
-def live_nodes_command(now_ms: int) -> Command:
-    """The nodes whose heartbeat has not run out (presence fields of others are stale)."""
-    return ("ZRANGEBYSCORE", NODES_KEY, now_ms, "+inf")
+def dead_nodes_command(now_ms: int) -> Command:
+    """The nodes whose heartbeat has run out: presence fields of theirs are stale."""
+    return ("ZRANGEBYSCORE", NODES_KEY, "-inf", f"({now_ms}")
 
 
-def presence_steps(user_id: int, node: str, delta: int) -> list[Command]:
-    """Count a connection of the user on a node in (+1) or out (-1); the field
-    goes when the count reaches 0. A connection in also records the user in the
-    node's set first, so a sweeper can clear the fields of a node that died."""
-    count = PRESENCE.command((user_keys(user_id).presence,), [node, delta])
-    return [("SADD", node_users_key(node), user_id), count] if delta > 0 else [count]
+def presence_in_commands(user_id: int, node: str) -> list[Command]:
+    """The user has connections on the node. The node's set of users first, so
+    that a node that dies leaves no field the sweeper cannot find."""
+    return [("SADD", node_users_key(node), user_id), ("HSET", user_keys(user_id).presence, node, 1)]
+
+
+def presence_out_commands(user_id: int, node: str) -> list[Command]:
+    """The user's last connection on the node closed."""
+    return [("HDEL", user_keys(user_id).presence, node), ("SREM", node_users_key(node), user_id)]
+
+
+SWEEP_BATCH = 500       # users of a dead node cleared per step of the sweep
+
+
+def sweep_step_command(node: str) -> Command:
+    """Take up to SWEEP_BATCH users from a dead node's set (SPOP: sweeping nodes
+    share the work without overlap); the sweeper then HDELs each one's field,
+    and forgets the node (``forget_node_command``) once the set is empty."""
+    return ("SPOP", node_users_key(node), SWEEP_BATCH)
+
+
+def forget_node_command(node: str) -> Command:
+    return ("ZREM", NODES_KEY, node)

@@ -8,6 +8,13 @@ handlers wait on either with ``ctx.later``. Results settle in the order of the
 calls, and one settles successfully only if every earlier call was stored.
 ``MemoryStore`` keeps everything in this process's memory.
 
+A store whose reads of users and memberships come from a cache that may lag
+(``zim.nodes.store.RedisStore``: one node of several) also has
+``confirm_user(user_id)`` and ``confirm_member(channel, user_id)``: each
+returns a ``Pending`` that settles once the cache holds the shared store's
+answer (or None when the cached answer is certain). zim.im asks before it
+answers a "no" (``zim.im.rechecking``).
+
 Messages are plain dicts shaped as on the wire (PROTOCOL.md "Message"). A store
 keeps the dict it is given (setting its ``"seq"``) and hands the same dicts back:
 callers must not mutate what they get.

@@ -1,0 +1,210 @@
+"""``Node``: one zim server as a member of a multi-node service sharing a Redis.
+
+``zim-server --redis redis://HOST:PORT/DB`` makes the process that runs the
+handlers (the single process, or the router of ``--workers N``) a node:
+
+- at start (before the loop runs, so waiting is allowed): the shared token
+  secret (``SET NX``, then ``GET``: every node signs with the same one) and a
+  Snowflake worker id of its own (``SET zim:worker:<n> <node> NX PX``, renewed
+  by every beat), so message and user ids stay unique across nodes;
+- then, on the loop: a ``RedisClient`` (``zim.nodes.client``), the
+  ``RedisStore`` over it, the ``NodeFabric`` wrapped around the process's own
+  fabric, and its pub/sub channels: its inbox, the change feed, and the
+  channels its users follow;
+- every second: a beat in ``zim:nodes`` (a deadline ``NODE_LIFETIME_MS`` ahead)
+  and the list of nodes whose deadline has passed: their presence fields are
+  ignored, and swept away (each dead node's set of users, taken by batches with
+  ``SPOP`` so that several live nodes share the work), then the node is forgotten.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from zim.ids import MAX_WORKER
+from zim.nodes import schema
+from zim.nodes.fabric import NodeFabric, channel_of_push, inbox_channel
+from zim.nodes.link import parse_redis_url
+from zim.nodes.store import RedisStore, now_ms
+from zim.storage.retention import Retention
+
+if TYPE_CHECKING:
+    from zim._core import Reactor
+    from zim.app import App
+
+log = logging.getLogger("zim.nodes")
+
+NODE_LIFETIME_MS = 10_000          # a node silent this long is dead: its users are elsewhere
+WORKER_CLAIM_MS = 60_000           # a worker id is held this long past the last beat
+FEED_CHANNEL = f"{schema.PREFIX}:{{feed}}"     # memberships and names changed by any node
+START_TIMEOUT_S = 5.0            # a node waits this long for Redis at start, then exits
+SECRET_BYTES = 32
+
+
+def worker_key(worker_id: int) -> str:
+    return f"{schema.PREFIX}:worker:{worker_id}"
+
+
+def sync_client(url: str) -> Any:
+    """A blocking redis-py client for the node's start (a cluster client when the
+    server at ``url`` is a cluster node); RuntimeError if Redis does not answer."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            probe = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            cluster = probe.info("cluster").get("cluster_enabled") == 1
+            if not cluster:
+                return probe
+            probe.close()
+            return RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        except redis.RedisError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis at {url} does not answer: {exc}") from exc
+            time.sleep(0.2)
+
+
+class Node:
+    """One node: see the module docstring. ``Node(url)`` does the start's
+    blocking part; ``attach(app, reactor)`` the rest, once the reactor exists."""
+
+    def __init__(self, url: str, retention: Retention = Retention()) -> None:
+        parse_redis_url(url)            # ValueError for what the links could not use
+        self.url = url
+        self.node_id = f"{socket.gethostname()}-{os.getpid()}-{now_ms()}"
+        client = sync_client(url)
+        try:
+            self.secret = self._shared_secret(client)
+            self.worker_id = self._claim_worker_id(client)
+        finally:
+            client.close()
+        self.store = RedisStore(retention, on_change=self.publish_change)
+        self.redis: Any = None
+        self.fabric: NodeFabric | None = None
+        self.app: "App | None" = None
+        self.dead_nodes: set[str] = set()
+        self.sweeping = False
+        self.inbox = inbox_channel(self.node_id).encode()
+
+    # -- the blocking start -------------------------------------------------------
+    @staticmethod
+    def _shared_secret(client: Any) -> bytes:
+        for command in schema.secret_steps(os.urandom(SECRET_BYTES)):
+            secret = client.execute_command(*command)
+        if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
+            raise RuntimeError(f"{schema.SECRET_KEY} in redis is not a {SECRET_BYTES}-byte secret")
+        return secret
+
+    def _claim_worker_id(self, client: Any) -> int:
+        """A Snowflake worker id no live node holds (1..1023; 0 is a lone server's)."""
+        start = client.incr(f"{schema.PREFIX}:worker-next")
+        for step in range(MAX_WORKER):
+            worker_id = (start + step) % MAX_WORKER + 1
+            if client.set(worker_key(worker_id), self.node_id, nx=True, px=WORKER_CLAIM_MS):
+                return worker_id
+        raise RuntimeError(f"every Snowflake worker id (1..{MAX_WORKER}) is held by a live node")
+
+    # -- on the loop -----------------------------------------------------------------
+    def attach(self, app: "App", reactor: "Reactor") -> None:
+        """Connect on ``reactor`` and take over ``app``'s store and fabric."""
+        from zim.nodes.client import open_redis
+
+        self.app = app
+        self.redis = redis = open_redis(reactor, self.url)
+        redis.on_message = self._on_message
+        self.store.redis = redis
+        self.fabric = NodeFabric(app.fabric, app, self)
+        app.fabric = self.fabric
+        redis.subscribe(FEED_CHANNEL)
+        redis.subscribe(self.inbox.decode())
+        self.beat()
+        log.info("zim node %s (worker id %d) on %s", self.node_id, self.worker_id, self.url)
+
+    def beat(self) -> None:
+        """Every second: say this node is alive, and learn which nodes are not."""
+        now = now_ms()
+        redis = self.redis
+        redis.call(*schema.heartbeat_command(self.node_id, now, NODE_LIFETIME_MS))
+        redis.call("SET", worker_key(self.worker_id), self.node_id, "PX", WORKER_CLAIM_MS)
+        redis.call(*schema.dead_nodes_command(now)).wait(self._learn_dead, None, None)
+
+    def _learn_dead(self, _: None, __: None, ok: bool, nodes: Any) -> None:
+        if not ok:
+            return
+        self.dead_nodes = {node.decode() for node in nodes}
+        if self.dead_nodes and not self.sweeping:
+            self._sweep(min(self.dead_nodes))
+
+    # -- the sweep of dead nodes' presence ----------------------------------------------
+    def _sweep(self, node: str) -> None:
+        """One step: a batch of the dead node's users loses its field; the next
+        step follows the answer (one batch in flight), until its set is empty."""
+        self.sweeping = True
+        self.redis.call(*schema.sweep_step_command(node)).wait(self._swept, node, None)
+
+    def _swept(self, node: str, _: None, ok: bool, users: Any) -> None:
+        if not ok:
+            self.sweeping = False       # the next beat tries again
+            return
+        if not users:
+            self.redis.call(*schema.forget_node_command(node))
+            self.dead_nodes.discard(node)
+            self.sweeping = False
+            log.info("swept the presence of dead node %s", node)
+            return
+        for user in users:
+            self.redis.call("HDEL", schema.user_keys(int(user)).presence, node)
+        self._sweep(node)
+
+    def close(self) -> None:
+        """Leave: the node's beat goes (its users' presence fields then count as
+        dead), and the connections close."""
+        if self.redis is not None:
+            self.redis.call("ZADD", schema.NODES_KEY, 0, self.node_id)
+            self.redis.close()
+
+    # -- pub/sub -----------------------------------------------------------------------
+    def publish_change(self, change: dict) -> None:
+        """Tell the other nodes of a membership or name change (RedisStore's feed)."""
+        if self.redis is not None:
+            change["n"] = self.node_id
+            self.redis.publish(FEED_CHANNEL, orjson.dumps(change))
+
+    def _on_message(self, topic: bytes, data: bytes) -> None:
+        try:
+            if topic == self.inbox:
+                self.fabric.on_inbox(data)
+                return
+            channel = channel_of_push(topic)
+            if channel is not None:
+                self.fabric.on_channel_push(channel, data)
+            elif topic == FEED_BYTES:
+                self._on_change(orjson.loads(data))
+        except Exception:  # noqa: BLE001 -- one bad message must not stop the node
+            log.exception("a pub/sub message on %r could not be used", topic)
+
+    def _on_change(self, change: dict) -> None:
+        if change.get("n") == self.node_id:
+            return
+        self.store.apply_change(change)
+        if change.get("k") != "member":
+            return
+        user_id, channel, push = change["u"], change["c"], change["p"]
+        if not self.fabric.has_user(user_id):
+            return
+        # a membership changed on another node: this node's connections of the user follow it
+        if push:
+            self.app.follow(channel, str(user_id))
+        else:
+            self.app.unfollow(channel, str(user_id))
+
+
+FEED_BYTES = FEED_CHANNEL.encode()
+

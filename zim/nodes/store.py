@@ -1,0 +1,301 @@
+"""``RedisStore``: the Store of a node, over the Redis layout of ``zim.nodes.schema``.
+
+Messages, history and mailboxes live only in Redis: every append, page and
+mailbox call is a command (or two) on the node's ``RedisClient`` and answers
+with a ``Pending`` that settles once Redis has replied, so a client is
+acknowledged only after Redis holds its message.
+
+Users, channels and memberships live in Redis too, and each node keeps a
+*cache* of them in a ``MemoryStore`` so that the checks of every request
+(does the receiver exist, is the sender a member) read nothing remote:
+
+- what this node wrote is in its cache at once (and undone if Redis refused);
+- what other nodes change reaches it over the change feed (``apply_change``,
+  a pub/sub channel every node subscribes to);
+- a "no" from the cache may still be stale (the change was made a moment ago
+  on another node), so the handlers ask ``confirm_user`` / ``confirm_member``
+  before answering ``not_found``, ``forbidden`` or ``unauthorized``
+  (``zim.im.rechecking``); those read Redis and update the cache.
+
+Users are never deleted, so a cached user never becomes wrong; a cached
+membership can be stale only for the moment a feed message takes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable, Union
+
+from zim.nodes import schema
+from zim.storage.retention import Retention
+from zim.storage.store import CHANNEL, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending
+
+log = logging.getLogger("zim.nodes")
+
+Change = dict       # a change-feed entry: {"k": kind, ...}; see RedisStore.apply_change
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def after(pending: Pending, step: Callable[[Any], Any]) -> Pending:
+    """A Pending for ``step(value)`` once ``pending`` succeeds: ``step`` returns the
+    value, or another Pending to wait on. A failure (or an exception in ``step``)
+    settles it with ok=False."""
+    result = Pending()
+    pending.wait(_run_step, result, step)
+    return result
+
+
+def _run_step(result: Pending, step: Callable[[Any], Any], ok: bool, value: Any) -> None:
+    if not ok:
+        result.settle(False, value)
+        return
+    try:
+        value = step(value)
+    except Exception as exc:  # noqa: BLE001 -- a bad reply must fail the call, not the loop
+        log.exception("a Redis reply could not be used")
+        result.settle(False, f"bad reply from redis: {exc}")
+        return
+    if isinstance(value, Pending):
+        value.wait(_relay, result, None)
+    else:
+        result.settle(True, value)
+
+
+def _relay(result: Pending, _: None, ok: bool, value: Any) -> None:
+    result.settle(ok, value)
+
+
+class Shared(Pending):
+    """A Pending that several may wait on (a plain one has one waiter)."""
+
+    __slots__ = ("_others",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._others: list[tuple] = []
+
+    def wait(self, callback: Callable[[Any, Any, bool, Any], None], first: Any, second: Any) -> None:
+        if self.outcome is None and self._callback is not None:
+            self._others.append((callback, first, second))
+            return
+        super().wait(callback, first, second)
+
+    def settle(self, ok: bool, value: Any) -> None:
+        others, self._others = self._others, []
+        super().settle(ok, value)
+        self.outcome = (ok, value)      # whoever waits later learns it at once
+        for callback, first, second in others:
+            callback(first, second, ok, value)
+
+
+def shared(pending: Pending) -> Shared:
+    result = Shared()
+    pending.wait(_relay, result, None)
+    return result
+
+
+def both(first: Pending, second: Pending) -> Pending:
+    """A Pending for ``second``'s value once both succeeded (the first failure otherwise)."""
+    return after(first, lambda _: second)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class RedisStore:
+    """A Store over Redis for one node of several; see the module docstring.
+
+    ``redis`` is the node's ``zim.nodes.client.RedisClient`` (it may be set after
+    construction, before the first call); ``on_change(change)`` publishes a change
+    on the feed for the other nodes (set by ``zim.nodes.node.Node``).
+    """
+
+    def __init__(self, retention: Retention = Retention(), redis: Any = None,
+                 on_change: Callable[[Change], None] | None = None) -> None:
+        self.retention = retention
+        self.redis = redis
+        self.on_change = on_change
+        self.cache = MemoryStore()
+        self._user_writes: dict[int, Pending] = {}   # a user's record write not yet answered
+
+    # -- users ---------------------------------------------------------------
+    def create_user(self, user_id: int, name: str) -> Pending:
+        self.cache.create_user(user_id, name)
+        return self._write_user(user_id, name)
+
+    def user_exists(self, user_id: int) -> bool:
+        return self.cache.user_exists(user_id)
+
+    def user_name(self, user_id: int) -> str | None:
+        return self.cache.user_name(user_id)
+
+    def set_user_name(self, user_id: int, name: str) -> Pending:
+        self.cache.set_user_name(user_id, name)
+        self._publish({"k": "name", "u": user_id, "name": name})
+        return self._write_user(user_id, name)
+
+    def _write_user(self, user_id: int, name: str) -> Pending:
+        written = shared(self.redis.call(*schema.user_record_command(user_id, name)))
+        self._user_writes[user_id] = written
+        written.wait(self._user_written, user_id, written)
+        return written
+
+    def _user_written(self, user_id: int, written: Pending, ok: bool, value: Any) -> None:
+        if self._user_writes.get(user_id) is written:
+            del self._user_writes[user_id]
+
+    def confirm_user(self, user_id: int) -> Pending | None:
+        """Read the user (name and channels) from Redis into the cache; None if it
+        is cached already (users are never deleted)."""
+        if self.cache.user_exists(user_id):
+            return None
+        keys = schema.user_keys(user_id)
+        return after(self.redis.pipeline([("HGET", keys.user, "name"), ("HGETALL", keys.channels)]),
+                     lambda replies: self._learn_user(user_id, *replies))
+
+    def _learn_user(self, user_id: int, name: bytes | None, channels: Any) -> bool:
+        if name is None:
+            return False
+        cache = self.cache
+        if not cache.user_exists(user_id):
+            cache.create_user(user_id, _text(name))
+        for channel, push in _pairs(channels):
+            cache.subscribe(_text(channel), user_id, push == b"1")
+        return True
+
+    # -- channels ------------------------------------------------------------
+    def channel_exists(self, channel: str) -> bool:
+        return self.cache.channel_exists(channel)
+
+    def membership(self, channel: str, user_id: int) -> bool | None:
+        return self.cache.membership(channel, user_id)
+
+    def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
+        return self.cache.user_channels(user_id)
+
+    def confirm_member(self, channel: str, user_id: int) -> Pending:
+        """Read whether the channel exists and the user's membership from Redis into the cache."""
+        keys = schema.channel_keys(channel)
+        return after(self.redis.pipeline([("EXISTS", keys.seq), ("HGET", keys.members, user_id)]),
+                     lambda replies: self._learn_member(channel, user_id, *replies))
+
+    def _learn_member(self, channel: str, user_id: int, exists: int, push: bytes | None) -> bool:
+        cache = self.cache
+        if push is not None:
+            cache.subscribe(channel, user_id, push == b"1")
+        else:
+            if exists:
+                cache.add_channel(channel)
+            cache.unsubscribe(channel, user_id)
+        return push is not None
+
+    def subscribe(self, channel: str, user_id: int, push: bool) -> Pending:
+        cache = self.cache
+        existed, old = cache.channel_exists(channel), cache.membership(channel, user_id)
+        cache.subscribe(channel, user_id, push)
+        steps = schema.subscribe_steps(channel, user_id, push)
+        done = shared(after(self.redis.pipeline(steps[:2]), lambda _: self.redis.call(*steps[2])))
+        done.wait(self._member_written, (channel, user_id, existed, old), {"k": "member", "c": channel,
+                                                                          "u": user_id, "p": int(push)})
+        return after(done, lambda _: None)
+
+    def unsubscribe(self, channel: str, user_id: int) -> Pending:
+        cache = self.cache
+        old = cache.membership(channel, user_id)
+        cache.unsubscribe(channel, user_id)
+        first, second = schema.unsubscribe_steps(channel, user_id)
+        done = shared(after(self.redis.call(*first), lambda _: self.redis.call(*second)))
+        done.wait(self._member_written, (channel, user_id, True, old),
+                  {"k": "member", "c": channel, "u": user_id, "p": None})
+        return after(done, lambda removed: bool(removed))
+
+    def _member_written(self, before: tuple, change: Change, ok: bool, value: Any) -> None:
+        if ok:
+            self._publish(change)
+            return
+        channel, user_id, existed, old = before      # Redis refused: the cache goes back
+        cache = self.cache
+        if old is None:
+            cache.unsubscribe(channel, user_id)
+            if not existed:
+                cache.drop_channel(channel)
+        else:
+            cache.subscribe(channel, user_id, old)
+
+    # -- the change feed -------------------------------------------------------
+    def _publish(self, change: Change) -> None:
+        if self.on_change is not None:
+            self.on_change(change)
+
+    def apply_change(self, change: Change) -> None:
+        """Another node changed a name or a membership: update the cache. Names
+        of users this node never saw are not kept (``confirm_user`` reads them)."""
+        cache = self.cache
+        kind = change.get("k")
+        if kind == "name":
+            user_id = change["u"]
+            if cache.user_exists(user_id):
+                cache.set_user_name(user_id, change["name"])
+        elif kind == "member":
+            channel, user_id, push = change["c"], change["u"], change["p"]
+            if push is None:
+                cache.add_channel(channel)
+                cache.unsubscribe(channel, user_id)
+            else:
+                cache.subscribe(channel, user_id, bool(push))
+
+    # -- messages --------------------------------------------------------------
+    def append_channel_message(self, channel: str, msg: Message) -> Pending:
+        command = schema.append_channel_command(channel, msg, now_ms(), self.retention)
+        return after(self.redis.call(*command), lambda seq: _set_seq(msg, seq))
+
+    def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> Pending:
+        """The pair's history first (which gives the seq), then the receiver's
+        mailbox copy (with it); settled after both (docs/redis.md)."""
+        command = schema.append_pair_command(sender_id, receiver_id, msg, now_ms(), self.retention)
+        return after(self.redis.call(*command), lambda seq: self._to_mailbox(receiver_id, msg, seq))
+
+    def _to_mailbox(self, receiver_id: int, msg: Message, seq: int) -> Pending:
+        _set_seq(msg, seq)
+        return after(self.redis.call(*schema.mailbox_add_command(receiver_id, msg)), lambda _: seq)
+
+    def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
+                before_seq: int | None, limit: int) -> Pending:
+        if kind == CHANNEL:
+            keys = schema.channel_keys(key)  # type: ignore[arg-type]
+        elif kind == USER:
+            keys = schema.pair_keys(*key)  # type: ignore[misc]
+        else:
+            raise ValueError(f"unknown history kind {kind!r}")
+        return after(self.redis.call(*schema.history_command(keys, before_seq, limit)),
+                     lambda reply: schema.parse_history(reply, limit))
+
+    # -- mailboxes -------------------------------------------------------------
+    def mailbox_pull(self, user_id: int, limit: int) -> Pending:
+        pulled = after(self.redis.call(*schema.mailbox_pull_command(user_id, limit)), schema.parse_mailbox)
+        written = self._user_writes.get(user_id)
+        # a login's mailbox is answered only once its user (or new name) is stored
+        return pulled if written is None else both(written, pulled)
+
+    def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> Pending | None:
+        command = schema.mailbox_ack_command(user_id, ids)
+        return None if command is None else after(self.redis.call(*command), lambda _: None)
+
+    def close(self) -> None:
+        """Nothing to flush: every call was answered by Redis or failed."""
+
+
+def _set_seq(msg: Message, seq: int) -> int:
+    msg["seq"] = seq
+    return seq
+
+
+def _pairs(reply: Any) -> Iterable[tuple[bytes, bytes]]:
+    """A HGETALL reply's (field, value) pairs: hiredis gives a flat list."""
+    if isinstance(reply, dict):
+        return reply.items()
+    return zip(reply[0::2], reply[1::2])
