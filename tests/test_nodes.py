@@ -9,6 +9,7 @@ Every test runs on both backends (the module's ``backend`` fixture).
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -19,6 +20,9 @@ from node_fixtures import Backend, backend_fixture
 from redis_fixtures import requires_redis_server
 from test_storage_durable import Sender, all_history, drain_mailbox, kill_everything
 from zimclient import unique
+
+from zim.nodes import schema
+from zim.nodes.node import NODE_LIFETIME_MS
 
 pytestmark = requires_redis_server
 
@@ -34,6 +38,19 @@ def backend(request) -> Backend:
 def nodes(backend, start_module_server):
     """Nodes A and B, two workers each, on the module's Redis."""
     return [start_module_server([*NODE_FLAGS, "--redis", backend.url]) for _ in range(2)]
+
+
+@contextlib.contextmanager
+def redis_client(backend: Backend):
+    """A blocking redis-py client of the backend (a cluster client on a cluster)."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    client = (RedisCluster if backend.kind == "cluster" else redis.Redis).from_url(backend.url)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def logged_in(node, name: str | None = None, token: str | None = None):
@@ -162,6 +179,7 @@ def test_the_users_of_a_killed_node_resume_on_the_other_and_find_their_mailbox(b
     alice.ok(3, {"name": channel})
     before = alice.ok(2, {"receiverId": bob.user_id, "content": "before"})
     assert bob.recv_push()[1]["id"] == before["id"]        # pushed, not acked
+    b_pid = b.proc.pid
     kill_everything(b)
     during = [alice.ok(2, {"receiverId": bob.user_id, "content": f"during {i}"})["id"] for i in range(5)]
     resumed = logged_in(a, "bob", token=bob.token)
@@ -171,6 +189,18 @@ def test_the_users_of_a_killed_node_resume_on_the_other_and_find_their_mailbox(b
     # its channels follow it: a push reaches it on A
     sent = alice.ok(4, {"channel": channel, "content": "welcome back"})
     assert resumed.recv_push()[1]["id"] == sent["id"]
+    # once B's beat has run out, A sweeps B's presence fields and forgets B
+    presence = schema.user_keys(int(bob.user_id)).presence
+    with redis_client(backend) as client:
+        # a node id is "<host>-<pid>-<start ms>"
+        node_b = next(field for field in client.hkeys(presence) if f"-{b_pid}-".encode() in field)
+        fields = set(client.hkeys(presence))
+        assert len(fields) == 2                               # B's field (stale) and A's
+        deadline = time.monotonic() + NODE_LIFETIME_MS / 1000 + 10
+        while len(client.hkeys(presence)) > 1 or client.zscore(schema.NODES_KEY, node_b) is not None:
+            assert time.monotonic() < deadline, "the dead node's presence was never swept"
+            time.sleep(0.2)
+        assert (node_b,) == tuple(fields - set(client.hkeys(presence)))
 
 
 def test_redis_restarted_under_load_loses_nothing_acknowledged(backend, start_server):
