@@ -138,6 +138,50 @@ def test_a_channel_with_members_on_both_nodes(nodes):
     members[3].assert_no_push(0.3)
 
 
+def test_a_join_on_one_node_reaches_the_users_connections_on_the_other(nodes):
+    a, b = nodes
+    channel = unique("feed")
+    carol_a = logged_in(a)
+    carol_b = logged_in(b, carol_a.name, token=carol_a.token)
+    dave = logged_in(b)
+    dave.ok(3, {"name": channel})
+    carol_a.ok(3, {"name": channel})        # joined on A: her connection on B follows too
+    deadline = time.monotonic() + 5
+    while True:                             # B learns of the join over the feed, a moment later
+        sent = dave.ok(4, {"channel": channel, "content": "to both of carol's"})
+        assert carol_a.recv_push()[1]["id"] == sent["id"]
+        try:
+            assert carol_b.recv_push(0.5)[1]["id"] == sent["id"]
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline, "carol's connection on B never followed the channel"
+    carol_a.ok(6, {"name": channel})        # and leaving on A stops them on B
+    deadline = time.monotonic() + 5
+    while True:
+        dave.ok(4, {"channel": channel, "content": "to nobody"})
+        try:
+            carol_b.recv_push(0.5)
+        except TimeoutError:
+            break
+        assert time.monotonic() < deadline, "carol's connection on B kept the channel"
+    carol_a.assert_no_push()
+
+
+def test_merged_pushes_cross_nodes(backend, start_server):
+    flags = [*NODE_FLAGS, "--push-window-ms", "100", "--redis", backend.url]
+    a, b = (start_server(flags) for _ in range(2))
+    channel = unique("merged")
+    sender, near, far = logged_in(a), logged_in(a), logged_in(b)
+    for client in (sender, near, far):
+        client.ok(3, {"name": channel})
+    sent = [sender.ok(4, {"channel": channel, "content": f"m{i}"})["id"] for i in range(3)]
+    for member in (near, far):
+        action, batch = member.recv_push()
+        assert action == 103 and batch["channel"] == channel
+        assert [m["id"] for m in batch["messages"]] == sent and batch["skipped"] == 0
+    sender.assert_no_push()
+
+
 def test_seq_is_gap_free_with_senders_on_both_nodes_and_history_reads_the_same(nodes):
     a, b = nodes
     channel = unique("seq")
