@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import redis_fixtures
 from redis_fixtures import after, requires_redis_server, run_in_loop
 from zim._core import Reactor
-from zim.nodes.link import RedisLink, backoff_delay
+from zim.nodes.link import BACKOFF_JITTER, RedisLink, backoff_delay, jittered
 from zim.storage.store import Pending
 
 redis_server = redis_fixtures.redis_server
@@ -49,6 +49,13 @@ def test_backoff_starts_at_first_and_doubles_below_the_cap(failures, first):
     cap = 1e12
     assert backoff_delay(1, first, cap) == first
     assert backoff_delay(failures + 1, first, cap) == pytest.approx(2 * backoff_delay(failures, first, cap))
+
+
+@given(st.integers(1, 100), st.floats(0.0, 1.0, exclude_max=True))
+def test_jitter_only_shortens_a_delay_and_by_at_most_a_quarter(failures, draw):
+    delay = backoff_delay(failures)
+    assert (1 - BACKOFF_JITTER) * delay <= jittered(delay, draw) <= delay
+    assert jittered(delay, 0.0) == delay
 
 
 def test_backoff_reaches_the_cap_and_counts_from_one():

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import random
 import select
 import socket
 import time
@@ -57,6 +58,9 @@ DOWN, CONNECTING, UP, CLOSED = "down", "connecting", "up", "closed"
 
 FIRST_BACKOFF = 0.05        # seconds before the first reconnect
 MAX_BACKOFF = 2.0           # the cap: a restarted Redis is found within this much
+# Each delay is shortened by up to this fraction, at random: the links of many
+# nodes that lost a restarted Redis together do not all come back in the same instant.
+BACKOFF_JITTER = 0.25
 REPLY_TIMEOUT = 5.0         # seconds without any reply while calls wait: the link is dead
 READ_SIZE = 256 * 1024
 
@@ -84,6 +88,11 @@ def backoff_delay(failures: int, first: float = FIRST_BACKOFF, cap: float = MAX_
         raise ValueError("failures counts from 1")
     # min() on the exponent first: 2.0 ** 10_000 would overflow
     return min(cap, first * 2.0 ** min(failures - 1, 64))
+
+
+def jittered(delay: float, draw: float) -> float:
+    """``delay`` shortened by ``draw`` (0 <= draw < 1) times BACKOFF_JITTER of itself."""
+    return delay * (1.0 - BACKOFF_JITTER * draw)
 
 
 class PipelineResult(Pending):
@@ -378,6 +387,7 @@ class RedisLink:
         self.state = DOWN
         self.failures += 1
         delay = backoff_delay(self.failures, self.first_backoff, self.max_backoff)
+        delay = jittered(delay, random.random())
         if was_up or self.failures == 1:
             log.warning("redis %s:%d: %s; %d calls fail; reconnecting", *self.address, reason,
                         len(self._waiting))
