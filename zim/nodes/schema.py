@@ -1,4 +1,4 @@
-"""The Redis data layout of multi-node zim (issue 7): key names, Lua scripts, commands.
+"""The Redis data layout of multi-node zim: key names, Lua scripts, commands.
 
 Everything here builds plain command tuples (``("XREVRANGE", key, ...)``) and
 parses replies; nothing talks to Redis. A node sends the commands through
