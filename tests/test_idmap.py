@@ -31,8 +31,9 @@ def test_idmap_matches_a_dict(operations):
                 if not model[key]:
                     del model[key]
         else:
-            table.clear_bits_everywhere(value)
-            # entries holding a cleared bit lose it, and go when nothing is left
+            emptied = table.clear_bits_everywhere(value)
+            # entries holding a cleared bit lose it, and go when nothing is left (and are named)
+            assert sorted(emptied) == sorted(k for k, v in model.items() if v and not v & ~value)
             model = {k: v & ~value for k, v in model.items() if not (v & value and not v & ~value)}
         assert len(table) == len(model)
     for key, value in model.items():

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 from node_fixtures import Backend, backend_fixture
 from redis_fixtures import requires_redis_server
@@ -245,6 +246,25 @@ def test_the_users_of_a_killed_node_resume_on_the_other_and_find_their_mailbox(b
             assert time.monotonic() < deadline, "the dead node's presence was never swept"
             time.sleep(0.2)
         assert (node_b,) == tuple(fields - set(client.hkeys(presence)))
+
+
+def test_the_users_of_a_dead_worker_leave_the_nodes_presence(backend, start_server):
+    node = start_server([*NODE_FLAGS, "--redis", backend.url])
+    users = [logged_in(node) for _ in range(6)]
+    presences = [schema.user_keys(int(user.user_id)).presence for user in users]
+    with redis_client(backend) as client:
+        assert all(len(client.hkeys(presence)) == 1 for presence in presences)
+        for worker in psutil.Process(node.proc.pid).children():
+            if "zim.worker" in worker.cmdline():
+                worker.kill()               # the router notices, restarts it, and forgets its users
+        deadline = time.monotonic() + 10
+        while any(client.hkeys(presence) for presence in presences):
+            assert time.monotonic() < deadline, "a dead worker's users stayed present"
+            time.sleep(0.1)
+    back = logged_in(node, users[0].name, token=users[0].token)      # a restarted worker serves again
+    with redis_client(backend) as client:
+        assert len(client.hkeys(presences[0])) == 1
+    back.close()
 
 
 def test_redis_restarted_under_load_loses_nothing_acknowledged(backend, start_server):

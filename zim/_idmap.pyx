@@ -147,14 +147,19 @@ cdef class IdMap:
                 idmap_delete(&self.m, key)
 
     def clear_bits_everywhere(self, uint64_t bits):
-        """Clear bits in every entry (one C pass), dropping emptied entries."""
+        """Clear bits in every entry (one C pass), dropping emptied entries;
+        returns the ids whose entries were dropped (e.g. the users a dead worker
+        held and no other worker does)."""
         cdef size_t i = 0
         cdef uint64_t key
+        cdef list emptied = []
         while i < self.m.capacity:
             key = self.m.keys[i]
             if key and self.m.values[i] & bits:
                 self.m.values[i] &= ~bits
                 if self.m.values[i] == 0:
                     idmap_delete(&self.m, key)
+                    emptied.append(key)
                     continue        # a shifted entry may now sit at i
             i += 1
+        return emptied

@@ -140,7 +140,8 @@ class Router:
     def _forget_worker(self, slot: WorkerSlot) -> None:
         """A dead worker's users and members are gone: drop its bits everywhere."""
         bit = worker_bit(slot.index)
-        self.presence.clear_bits_everywhere(bit)
+        for user_id in self.presence.clear_bits_everywhere(bit):
+            self.app.user_gone(user_id)     # held by no other worker: gone from this server
         for group in list(self.interest):
             self.interest[group] &= ~bit
         self.by_link.pop(slot.link, None)
