@@ -166,11 +166,12 @@ def member_of(ctx: "Ctx", channel: str, user_id: int) -> bool | None:
     """The user's membership of an existing channel (None: not a member; see
     ``Store.membership``), else ``not_found``."""
     store = ctx.app.store
-    if not store.channel_exists(channel) or store.membership(channel, user_id) is None:
+    membership = store.membership(channel, user_id)
+    if membership is None:      # a member implies the channel: only a "no" needs more
         ask_store(ctx, "confirm_member", channel, user_id)
-    if not store.channel_exists(channel):
-        raise Error("not_found", f"no channel {channel}")
-    return store.membership(channel, user_id)
+        if not store.channel_exists(channel):
+            raise Error("not_found", f"no channel {channel}")
+    return membership
 
 
 def check_member(ctx: "Ctx", channel: str, user_id: int) -> None:
