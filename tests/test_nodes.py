@@ -319,7 +319,7 @@ def test_redis_restarted_under_load_loses_nothing_acknowledged(backend, start_se
 
 
 @pytest.mark.parametrize("url, says", [
-    ("redis://127.0.0.1:{closed}/0", "does not answer"),
+    ("redis://127.0.0.1:{closed}/0", "could not be reached"),
     ("http://127.0.0.1:{closed}/0", "redis://"),
 ])
 def test_a_node_whose_redis_cannot_be_used_exits_with_a_clear_error(tmp_path, zim_env, url, says):

@@ -74,7 +74,6 @@ class NodeFabric:
         self.redis = node.redis
         self.me = node.node_id
         self.me_bytes = node.node_id.encode()
-        self.inbox_head_size = INBOX_HEAD.size
         # channels followed by this node's users: user -> channels, and how many
         # users follow each channel (the node's subscription to it)
         self.follows: dict[int, set[str]] = {}

@@ -3,7 +3,8 @@
 ``zim-server --redis redis://HOST:PORT/DB`` makes the process that runs the
 handlers (the single process, or the router of ``--workers N``) a node:
 
-- at start (before the loop runs, so waiting is allowed): the shared token
+- at start (before the loop runs, so waiting is allowed): Redis found once
+  (``zim.nodes.client.discover``: cluster or not, the scripts loaded), the shared token
   secret (``SET NX``, then ``GET``: every node signs with the same one) and a
   Snowflake worker id of its own (``SET zim:worker:<n> <node> NX PX``, renewed
   by every beat), so message and user ids stay unique across nodes;
@@ -21,13 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from zim.ids import MAX_WORKER
 from zim.nodes import schema
+from zim.nodes.client import ClusterRedis, SingleRedis, discover
 from zim.nodes.fabric import NodeFabric, channel_of_push, inbox_channel
 from zim.nodes.link import parse_redis_url
 from zim.nodes.store import RedisStore, now_ms
@@ -42,7 +43,6 @@ log = logging.getLogger("zim.nodes")
 NODE_LIFETIME_MS = 10_000          # a node silent this long is dead: its users are elsewhere
 WORKER_CLAIM_MS = 60_000           # a worker id is held this long past the last beat
 FEED_CHANNEL = f"{schema.PREFIX}:{{feed}}"     # memberships and names changed by any node
-START_TIMEOUT_S = 5.0            # a node waits this long for Redis at start, then exits
 SECRET_BYTES = 32
 
 
@@ -50,25 +50,17 @@ def worker_key(worker_id: int) -> str:
     return f"{schema.PREFIX}:worker:{worker_id}"
 
 
-def sync_client(url: str) -> Any:
-    """A blocking redis-py client for the node's start (a cluster client when the
-    server at ``url`` is a cluster node); RuntimeError if Redis does not answer."""
+def start_client(address: dict[str, Any], slot_ranges: list | None) -> Any:
+    """A blocking redis-py client for the node's start, once ``discover`` found
+    Redis: a cluster client when ``slot_ranges`` says it is a cluster."""
     import redis
     from redis.cluster import RedisCluster
 
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            probe = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            cluster = probe.info("cluster").get("cluster_enabled") == 1
-            if not cluster:
-                return probe
-            probe.close()
-            return RedisCluster.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        except redis.RedisError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis at {url} does not answer: {exc}") from exc
-            time.sleep(0.2)
+    options = {"host": address["host"], "port": address["port"], "password": address["password"],
+               "username": address["username"], "socket_timeout": 2, "socket_connect_timeout": 2}
+    if slot_ranges is None:
+        return redis.Redis(db=address["db"], **options)
+    return RedisCluster(**options)
 
 
 class Node:
@@ -76,10 +68,13 @@ class Node:
     blocking part; ``attach(app, reactor)`` the rest, once the reactor exists."""
 
     def __init__(self, url: str, retention: Retention = Retention()) -> None:
-        parse_redis_url(url)            # ValueError for what the links could not use
+        self.address = parse_redis_url(url)     # ValueError for what the links could not use
         self.url = url
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{now_ms()}"
-        client = sync_client(url)
+        # cluster or not, the slot map, the scripts on every master (RuntimeError
+        # after START_TIMEOUT); ``attach`` opens the links on what it found
+        self.slot_ranges = discover(self.address)
+        client = start_client(self.address, self.slot_ranges)
         try:
             self.secret = self._shared_secret(client)
             self.worker_id = self._claim_worker_id(client)
@@ -114,10 +109,11 @@ class Node:
     # -- on the loop -----------------------------------------------------------------
     def attach(self, app: "App", reactor: "Reactor") -> None:
         """Connect on ``reactor`` and take over ``app``'s store and fabric."""
-        from zim.nodes.client import open_redis
-
         self.app = app
-        self.redis = redis = open_redis(reactor, self.url)
+        if self.slot_ranges is None:
+            self.redis = redis = SingleRedis(reactor, self.address)
+        else:
+            self.redis = redis = ClusterRedis(reactor, self.address, self.slot_ranges)
         redis.on_message = self._on_message
         self.store.redis = redis
         self.fabric = NodeFabric(app.fabric, app, self)
