@@ -301,8 +301,9 @@ class RedisClient:
     channel (bytes, bytes), from the loop. ``on_state(state)`` learns the
     aggregate state: ``"up"`` once every link (commands and subscriptions, of
     every master) is up, ``"down"`` as soon as one of them is lost after that;
-    ``up`` tells the same at any time. ``redirects`` counts MOVED and ASK
-    replies followed (a correct slot map keeps it at 0).
+    ``up`` tells the same at any time. ``redirects`` counts the MOVED and ASK
+    replies calls followed, ``subscription_redirects`` the MOVED replies to
+    SSUBSCRIBE (a correct slot map keeps both at 0).
     """
 
     cluster = False
@@ -314,6 +315,7 @@ class RedisClient:
         self.reactor = reactor
         self.on_state: Callable[[str], None] | None = None
         self.redirects = 0
+        self.subscription_redirects = 0
         self.closed = False
         self._credentials = {"password": address.get("password"), "username": address.get("username")}
         self._link_options = link_options
@@ -633,10 +635,10 @@ class ClusterRedis(RedisClient):
 
     def _redirect_target(self, error: str, link: RedisLink) -> tuple[int, _Master]:
         slot, host, port = parse_redirect(error)
-        self.redirects += 1
         return slot, self._master_at(host or link.address[0], port)
 
     def _moved(self, error: str, link: RedisLink) -> RedisLink | None:
+        self.redirects += 1
         slot, master = self._redirect_target(error, link)
         if self._owner[slot] is not master:
             self._owner[slot] = master
@@ -647,6 +649,7 @@ class ClusterRedis(RedisClient):
 
     def _asked(self, error: str, link: RedisLink) -> RedisLink | None:
         # a slot being migrated: this once only, the map stays as it is
+        self.redirects += 1
         return self._redirect_target(error, link)[1].link
 
     # -- subscriptions whose slot moved -----------------------------------------------------
@@ -660,6 +663,7 @@ class ClusterRedis(RedisClient):
         if not error.startswith("MOVED "):
             super()._subscriber_error(master, error)
             return
+        self.subscription_redirects += 1
         slot, owner = self._redirect_target(error, master.link)
         self._owner[slot] = owner
         if owner not in self._serving:
