@@ -238,16 +238,21 @@ class ServerFactory:
         return srv
 
     def finish(self) -> None:
-        errors = []
-        for srv in self.started:
-            try:
-                srv.stop()
-            except AssertionError as exc:
-                errors.append(str(exc))
-            finally:
-                srv.close_clients()
-                srv.kill()      # whatever a test did with it, nothing outlives the fixture
-        assert not errors, "\n\n".join(errors)
+        stop_servers(self.started)
+
+
+def stop_servers(servers: Sequence[ServerProcess]) -> None:
+    """Stop and check every server; whatever a test did with one, none outlives this."""
+    errors = []
+    for srv in servers:
+        try:
+            srv.stop()
+        except AssertionError as exc:
+            errors.append(str(exc))
+        finally:
+            srv.close_clients()
+            srv.kill()
+    assert not errors, "\n\n".join(errors)
 
 
 @pytest.fixture
@@ -305,3 +310,19 @@ def user(connect) -> Callable[..., ZimClient]:
         return client
 
     return make
+
+
+MISSING_SERVICE = "is not installed"    # the words of every skip for a missing service binary
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a test skipped for a missing service (redis-server, prometheus ...)
+    fails instead: CI installs them all (.ci/run), so a skip there hides a broken install."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") == "true":
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if MISSING_SERVICE in reason:
+            report.outcome = "failed"
+            report.longrepr = f"CI=true and a service the test needs is missing: {reason}"

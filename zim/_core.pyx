@@ -109,16 +109,81 @@ cdef enum:
     F_FINAL_TOO_LARGE = 256     # answer final_action/final_seq with too_large before closing
     F_SHARED = 512      # outbuf points at a pass_out_t: outcap is the start, outlen the length
     F_SHARED_DEFLATE = 1024     # ... and the slice is in its compressed framing (FRAMING_DEFLATE)
+    F_LOGGING_IN = 2048 # a login (action 1) of a connection not logged in waits for its answer
 
 cdef enum:
     MAX_EVENTS = 1024
     READS_PER_EVENT = 16        # fairness: a flooding peer yields after this many reads
     MAX_HANDSHAKE = 8192
     DRAIN_SECONDS = 5           # how long a closing connection may take to send EOF
+    ACTION_LOGIN = 1            # the protocol's login: the one request the login timeout waits for
     NO_CONN = -1
     WHEEL_SLOTS = 1024          # timing wheel: one slot per second, lazily re-armed
 
 DEF_OUTBUF_LIMIT = 64 * 1024 * 1024
+
+# Why a connection was closed (conn_t.close_reason, set by the first decision to close it;
+# unset means the peer closed or broke it). Counted by reason at the close.
+cdef enum:
+    R_PEER = 0
+    R_LOGIN_TIMEOUT = 1
+    R_IDLE_TIMEOUT = 2
+    R_TOO_LARGE = 3
+    R_PROTOCOL_ERROR = 4
+    R_OUTPUT_CAP = 5
+    R_FD_LIMIT = 6          # refused at accept: never a connection, counted directly
+    R_SHUTDOWN = 7
+    R_SERVER = 8            # closed by the application (Reactor.close)
+    R_NO_MEMORY = 9
+    CLOSE_REASONS = 10
+
+CLOSE_REASON_NAMES = ("peer", "login_timeout", "idle_timeout", "too_large", "protocol_error",
+                      "output_cap", "fd_limit", "shutdown", "server", "no_memory")
+
+# The reactor's metric counters: one flat uint64 array (Reactor.share_counters can move it
+# into memory another process reads), so counting costs one add and no Python object.
+# Client connections only: the links between zim's own processes are counted apart.
+cdef enum:
+    C_ACCEPTED = 0
+    C_CLOSED = 1                    # + reason: C_CLOSED .. C_CLOSED + CLOSE_REASONS - 1
+    C_REQUESTS = 11                 # + action for actions 0..15; C_REQUESTS + 16: any other
+    C_ERR_UNKNOWN_ACTION = 28       # refusals answered in C (worker mode)
+    C_ERR_NOT_LOGGED_IN = 29
+    C_ERR_NO_ROUTER = 30
+    C_DELIVERIES_USER = 31          # push packets queued to connections
+    C_DELIVERIES_CHANNEL = 32
+    C_BYTES_IN = 33
+    C_BYTES_OUT = 34
+    C_LINK_BYTES_IN = 35
+    C_LINK_BYTES_OUT = 36
+    C_DEFLATED_OUT = 37
+    C_INFLATED_IN = 38
+    C_PACKETS_IN = 39
+    # gauges: values now, not totals
+    C_CONNECTIONS_TCP = 40          # WebSocket ones count as ws from accept, handshake included
+    C_CONNECTIONS_WS = 41
+    C_LOGGED_IN = 42
+    C_LINKS = 43
+    C_OUTBUF_BYTES = 44             # refreshed once a second (a table scan, off the hot path)
+    C_OUTBUF_MAX_BYTES = 45
+    C_LINK_QUEUE_BYTES = 46
+    N_COUNTERS = 47
+    FIRST_GAUGE = 40
+
+REQUEST_ACTIONS = 16
+
+COUNTER_NAMES = (
+    ("accepted",) + tuple("closed_" + name for name in CLOSE_REASON_NAMES)
+    + tuple(f"requests_action_{action}" for action in range(REQUEST_ACTIONS)) + ("requests_action_other",)
+    + ("errors_unknown_action", "errors_not_logged_in", "errors_internal",
+       "deliveries_user", "deliveries_channel", "bytes_in", "bytes_out", "link_bytes_in",
+       "link_bytes_out", "deflated_out", "inflated_in", "packets_in",
+       "connections_tcp", "connections_ws", "logged_in", "links", "outbuf_bytes", "outbuf_max_bytes",
+       "link_queue_bytes")
+)
+GAUGE_NAMES = frozenset(COUNTER_NAMES[FIRST_GAUGE:])
+COUNTER_BYTES = N_COUNTERS * 8
+assert len(COUNTER_NAMES) == N_COUNTERS and COUNTER_NAMES[C_LINK_QUEUE_BYTES] == "link_queue_bytes"
 
 # Canned responses (C-side: sent without a Python call)
 _TOO_LARGE_BODY = b'{"error":{"code":"too_large","message":"packet exceeds the server\'s max packet size"}}'
@@ -152,6 +217,7 @@ cdef struct conn_t:
     uint16_t close_code     # WebSocket close to send once every answer is out
     uint16_t final_action   # too_large answer to send last (F_FINAL_TOO_LARGE)
     uint16_t final_seq
+    uint8_t close_reason    # R_*: why the server decided to close it (R_PEER: it did not)
 
 
 # A growable list of connection handles; entries may go stale (checked on use).
@@ -326,9 +392,10 @@ cdef class Reactor:
     cdef int32_t wheel[WHEEL_SLOTS]
     cdef uint32_t wheel_now
     cdef uint32_t login_timeout, idle_timeout
-    # counters
-    cdef public uint64_t accepted, closed, refused, packets_in, bytes_in, bytes_out
-    cdef public uint64_t connections, dropped_slow, timed_out, deflated_out, inflated_in
+    # metric counters (C_*): own_counters, or memory another process reads (share_counters)
+    cdef uint64_t* counters
+    cdef uint64_t own_counters[N_COUNTERS]
+    cdef object shared_counters         # keeps that memory's buffer exported while in use
 
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
                   uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True):
@@ -336,6 +403,8 @@ cdef class Reactor:
         cdef int i
         for i in range(WHEEL_SLOTS):
             self.wheel[i] = NO_CONN
+        memset(self.own_counters, 0, sizeof(self.own_counters))
+        self.counters = self.own_counters
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
         self.ws_deflate = ws_deflate
@@ -515,6 +584,7 @@ cdef class Reactor:
     cdef void _every_second(self) noexcept:
         self._sweep_draining()
         self._expire_idle()
+        self._refresh_gauges()
         if self.on_tick is not None:
             try:
                 self.on_tick()
@@ -549,7 +619,7 @@ cdef class Reactor:
         self._end_pass()
         for fd in range(self.max_fds):
             if self.conns[fd].state >= S_TCP:
-                self._close(fd)
+                self._close_for(fd, R_SHUTDOWN)
 
     # ----------------------------------------------------------- accept --
     cdef void _accept(self, int lfd) noexcept:
@@ -569,7 +639,7 @@ cdef class Reactor:
                         fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC)
                         if fd >= 0:
                             close(fd)
-                            self.refused += 1
+                            self.counters[C_CLOSED + R_FD_LIMIT] += 1
                         self.reserve_fd = c_open(b"/dev/null", O_RDONLY | O_CLOEXEC)
                         if fd >= 0:
                             continue
@@ -579,7 +649,7 @@ cdef class Reactor:
                 return                  # EAGAIN or a transient error from the peer
             if fd >= self.max_fds:      # cannot happen under RLIMIT_NOFILE; be safe
                 close(fd)
-                self.refused += 1
+                self.counters[C_CLOSED + R_FD_LIMIT] += 1
                 continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
             if self._claim(fd, kind, 0, EPOLLIN | EPOLLRDHUP | EPOLLET) < 0:
@@ -589,8 +659,8 @@ cdef class Reactor:
             c.last_active = self.now
             c.born = self.now
             self._wheel_insert(fd)
-            self.accepted += 1
-            self.connections += 1
+            self.counters[C_ACCEPTED] += 1
+            self.counters[C_CONNECTIONS_TCP if kind == S_TCP else C_CONNECTIONS_WS] += 1
 
     # ------------------------------------------------------------- read --
     cdef void _on_readable(self, int fd) noexcept:
@@ -624,7 +694,7 @@ cdef class Reactor:
             n = read(fd, self.scratch + have, self.scratch_cap - have)
             if n > 0:
                 reads += 1
-                self.bytes_in += <uint64_t>n
+                self.counters[C_LINK_BYTES_IN if c.flags & F_LINK else C_BYTES_IN] += <uint64_t>n
                 have += <size_t>n
                 if c.flags & (F_CLOSING | F_SHUT):
                     have = 0            # draining: discard
@@ -653,7 +723,7 @@ cdef class Reactor:
         if have and not (c.flags & (F_CLOSING | F_SHUT)):
             c.inbuf = <char*>malloc(have)
             if c.inbuf == NULL:
-                self._close(fd)
+                self._close_for(fd, R_NO_MEMORY)
                 return
             memcpy(c.inbuf, self.scratch, have)
             c.inlen = <uint32_t>have
@@ -690,7 +760,7 @@ cdef class Reactor:
                 if head_end < 0:
                     if have - offset > MAX_HANDSHAKE:
                         self._queue_raw(fd, _HTTP_400)
-                        self._begin_close(fd)
+                        self._begin_close_for(fd, R_PROTOCOL_ERROR)
                         return have
                     return offset
                 if not self._handshake(fd, offset, <size_t>head_end):
@@ -703,10 +773,17 @@ cdef class Reactor:
             if ev == EV_NEED_MORE:
                 return offset
             if ev == EV_PACKET:
-                self.packets_in += 1
-                if c.deflate_bits and pkt.body == self.z.inflated + WS_PACKET_HEADER:
-                    self.inflated_in += 1
+                if not (c.flags & F_LINK):
+                    self.counters[C_PACKETS_IN] += 1
+                    self.counters[C_REQUESTS + (pkt.action if 0 <= pkt.action < REQUEST_ACTIONS
+                                                else REQUEST_ACTIONS)] += 1
+                    if c.deflate_bits and pkt.body == self.z.inflated + WS_PACKET_HEADER:
+                        self.counters[C_INFLATED_IN] += 1
+                    if pkt.action == ACTION_LOGIN and c.user == 0:
+                        c.flags |= F_LOGGING_IN
                 self._dispatch(fd, &pkt)
+                if c.gen == gen and c.inflight == 0:
+                    c.flags &= ~F_LOGGING_IN        # answered at once (or nothing to wait for)
                 if c.state == S_WS:
                     ws_release(&c.ws)
                 if c.gen != gen or c.state == S_FREE:
@@ -721,12 +798,15 @@ cdef class Reactor:
                 self._ws_close(fd, pkt.close_code if pkt.close_code else 1000)
                 return have
             elif ev == EV_TEXT:
+                self._set_reason(fd, R_PROTOCOL_ERROR)
                 self._ws_close(fd, 1003)
                 return have
             elif ev == EV_BAD_UTF8 or ev == EV_BAD_DEFLATE:
+                self._set_reason(fd, R_PROTOCOL_ERROR)
                 self._ws_close(fd, 1007)
                 return have
             elif ev == EV_TOO_LARGE:
+                self._set_reason(fd, R_TOO_LARGE)
                 c.flags |= F_FINAL_TOO_LARGE
                 c.final_action = <uint16_t>pkt.action
                 c.final_seq = <uint16_t>pkt.seq
@@ -736,6 +816,7 @@ cdef class Reactor:
                     self._begin_close(fd)
                 return have
             else:                       # EV_BROKEN
+                self._set_reason(fd, R_PROTOCOL_ERROR)
                 if c.state == S_WS:
                     self._ws_close(fd, 1002)
                 else:
@@ -752,7 +833,7 @@ cdef class Reactor:
             answer = None
         if answer is None:
             self._queue_raw(fd, _HTTP_400)
-            self._begin_close(fd)
+            self._begin_close_for(fd, R_PROTOCOL_ERROR)
             return False
         self._queue_raw(fd, answer[0])
         c.deflate_bits = <uint8_t>answer[1]
@@ -789,11 +870,10 @@ cdef class Reactor:
         need = c.outlen + extra
         if need > c.outcap:
             if need > self.outbuf_limit and not (c.flags & F_LINK):
-                self.dropped_slow += 1
-                self._close(fd)         # a consumer that stopped reading
+                self._close_for(fd, R_OUTPUT_CAP)   # a consumer that stopped reading
                 return NULL
             if not grow(&c.outbuf, &c.outcap, need, 512):
-                self._close(fd)
+                self._close_for(fd, R_NO_MEMORY)
                 return NULL
         if not (c.flags & F_PENDING):
             self._mark_pending(fd)
@@ -821,7 +901,7 @@ cdef class Reactor:
                 head = ws_deflated_header(out, deflated)
                 memcpy(out + head, self.z.deflated, deflated)
                 c.outlen += <uint32_t>(head + deflated)
-                self.deflated_out += 1
+                self.counters[C_DEFLATED_OUT] += 1
                 return True
         out = self._reserve(fd, WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + body_len)
         if out == NULL:
@@ -872,6 +952,19 @@ cdef class Reactor:
         self.conns[fd].flags |= F_CLOSING
         self._mark_pending(fd)
 
+    cdef inline void _set_reason(self, int fd, uint8_t reason) noexcept:
+        """Why the server closes fd; the first reason given stands."""
+        if self.conns[fd].close_reason == R_PEER:
+            self.conns[fd].close_reason = reason
+
+    cdef void _begin_close_for(self, int fd, uint8_t reason) noexcept:
+        self._set_reason(fd, reason)
+        self._begin_close(fd)
+
+    cdef void _close_for(self, int fd, uint8_t reason) noexcept:
+        self._set_reason(fd, reason)
+        self._close(fd)
+
     cdef void _flush_all(self) noexcept:
         cdef handle_list_t batch = handles_take(&self.pending)
         cdef size_t i
@@ -898,7 +991,7 @@ cdef class Reactor:
                     break
                 self._close(fd)         # EPIPE, ECONNRESET: the peer is gone
                 return -1
-            self.bytes_out += <uint64_t>n
+            self.counters[C_LINK_BYTES_OUT if c.flags & F_LINK else C_BYTES_OUT] += <uint64_t>n
             if <size_t>n < c.outlen:
                 memmove(c.outbuf, c.outbuf + n, c.outlen - n)
             c.outlen -= <uint32_t>n
@@ -957,7 +1050,10 @@ cdef class Reactor:
     cdef uint32_t _deadline(self, int fd) noexcept:
         cdef conn_t* c = &self.conns[fd]
         cdef uint32_t deadline = c.last_active + self.idle_timeout if self.idle_timeout else NO_DEADLINE
-        if c.user == 0 and self.login_timeout and c.born + self.login_timeout < deadline:
+        # A login that arrived in time and waits on a busy server is not cut: while it is in
+        # flight, only the idle timeout applies (other requests, heartbeats, do not count).
+        if c.user == 0 and not (c.flags & F_LOGGING_IN) and self.login_timeout \
+                and c.born + self.login_timeout < deadline:
             deadline = c.born + self.login_timeout
         return deadline
 
@@ -1008,7 +1104,8 @@ cdef class Reactor:
                 nxt = c.wheel_next
                 c.wheel_prev = c.wheel_next = NO_CONN - 1
                 if self._deadline(fd) <= self.wheel_now:
-                    self.timed_out += 1
+                    self._set_reason(fd, R_LOGIN_TIMEOUT if c.user == 0 and self.login_timeout and
+                                     c.born + self.login_timeout <= self.wheel_now else R_IDLE_TIMEOUT)
                     if c.state == S_WS:
                         self._ws_close(fd, 1001)
                     else:
@@ -1021,8 +1118,9 @@ cdef class Reactor:
     cdef void _release(self, int fd) noexcept:
         cdef conn_t* c = &self.conns[fd]
         self._wheel_unlink(fd)
-        if c.user:
+        if c.user and not (c.flags & F_LINK):
             self._presence_unlink(c.user, fd)
+            self.counters[C_LOGGED_IN] -= 1
         free(c.inbuf)
         if c.flags & F_SHARED:
             self._unref(<pass_out_t*>c.outbuf)
@@ -1038,6 +1136,7 @@ cdef class Reactor:
         c.deflate_bits = 0
         c.inflight = 0
         c.close_code = 0
+        c.close_reason = R_PEER
         c.state = S_FREE
 
     cdef void _close(self, int fd) noexcept:
@@ -1046,6 +1145,11 @@ cdef class Reactor:
         cdef bint link = self.conns[fd].flags & F_LINK
         if self.conns[fd].state < S_TCP:
             return
+        if link:
+            self.counters[C_LINKS] -= 1
+        else:
+            self.counters[C_CLOSED + self.conns[fd].close_reason] += 1
+            self.counters[C_CONNECTIONS_TCP if self.conns[fd].state == S_TCP else C_CONNECTIONS_WS] -= 1
         self._release(fd)
         if user and not link and self.on_user_gone is not None and not self._has_user(user):
             handles_push(&self.gone_users, user)
@@ -1055,8 +1159,6 @@ cdef class Reactor:
             except BaseException:
                 log.exception("link close handler failed")
         close(fd)                       # also removes it from the epoll set
-        self.closed += 1
-        self.connections -= 1
 
     # --------------------------------------------------------- presence --
     cdef void _presence_unlink(self, uint64_t user, int fd) noexcept:
@@ -1102,9 +1204,12 @@ cdef class Reactor:
             return False
         if self.conns[fd].user:
             self._presence_unlink(self.conns[fd].user, fd)
+            self.conns[fd].user = 0
+            self.counters[C_LOGGED_IN] -= 1
         head = idmap_insert(&self.presence, user_id, <uint64_t><uint32_t>NO_CONN)
         if head == NULL:
             raise MemoryError()
+        self.counters[C_LOGGED_IN] += 1
         self.conns[fd].next_dev = <int32_t>head[0]
         head[0] = <uint64_t><uint32_t>fd
         self.conns[fd].user = user_id
@@ -1146,6 +1251,7 @@ cdef class Reactor:
             if make_handle(self.conns[cur].gen, cur) != exclude_conn:
                 count += self._queue_packet(cur, action, 0, body, length)
             cur = nxt
+        self.counters[C_DELIVERIES_USER] += <uint64_t>count
         return count
 
     cdef group_t* _group(self, size_t group, bint create) noexcept:
@@ -1278,6 +1384,7 @@ cdef class Reactor:
                 count += self._queue_packet(fd, action, 0, body, length)
             else:
                 count += self._queue_shared(fd, p, kind, start[kind], end[kind])
+        self.counters[C_DELIVERIES_CHANNEL] += <uint64_t>count
         return count
 
     cdef pass_out_t* _pass_out(self, size_t group, group_t* g) noexcept:
@@ -1330,7 +1437,7 @@ cdef class Reactor:
         memcpy(buf.data + buf.length, self.z.deflated, deflated)
         buf.length += <uint32_t>deflated
         end[0] = buf.length
-        self.deflated_out += 1
+        self.counters[C_DEFLATED_OUT] += 1
         return True
 
     cdef inline int _slice_framing(self, conn_t* c) noexcept:
@@ -1382,7 +1489,7 @@ cdef class Reactor:
                 self._close(fd)         # EPIPE, ECONNRESET: the peer is gone
                 return -1
             n = 0
-        self.bytes_out += <uint64_t>n
+        self.counters[C_BYTES_OUT] += <uint64_t>n
         return 0 if self._unshare(fd, n) else -1
 
     cdef bint _unshare(self, int fd, size_t sent) noexcept:
@@ -1401,7 +1508,7 @@ cdef class Reactor:
         c.outlen = c.outcap = <uint32_t>(rest if own != NULL else 0)
         self._unref(p)
         if rest and own == NULL:
-            self._close(fd)
+            self._close_for(fd, R_NO_MEMORY)
             return False
         return True
 
@@ -1433,7 +1540,7 @@ cdef class Reactor:
             raise ValueError("bad link descriptor")
         os.set_blocking(fd, False)      # edge-triggered reads must never block
         self._claim_or_raise(fd, S_TCP, F_LINK, EPOLLIN | EPOLLRDHUP | EPOLLET)
-        self.connections += 1
+        self.counters[C_LINKS] += 1
         return make_handle(self.conns[fd].gen, fd)
 
     def hold(self, uint64_t conn):
@@ -1470,6 +1577,12 @@ cdef class Reactor:
             self.conns[fd].inflight -= 1
             if self.conns[fd].flags & (F_CLOSING | F_PEER_EOF):
                 self._mark_pending(fd)          # may be free to close now
+            elif self.conns[fd].inflight == 0 and self.conns[fd].flags & F_LOGGING_IN:
+                self.conns[fd].flags &= ~F_LOGGING_IN
+                if self.conns[fd].user == 0 and self.login_timeout:
+                    # the login failed: its deadline applies again
+                    self._wheel_unlink(fd)
+                    self._wheel_insert(fd)
 
     cdef void _resume(self, int fd) noexcept:
         """Release a paused connection: its buffered requests are read next pass."""
@@ -1507,12 +1620,15 @@ cdef class Reactor:
             n = snprintf(text, sizeof(text),
                          b'{"error":{"code":"unknown_action","message":"unknown action %d"}}', pkt.action)
             self._queue_packet(fd, pkt.action, pkt.seq, text, n)
+            self.counters[C_ERR_UNKNOWN_ACTION] += 1
             return
         if route == 2 and c.user == 0:
             self._queue_packet(fd, pkt.action, pkt.seq, _NOT_LOGGED_IN_BODY, len(_NOT_LOGGED_IN_BODY))
+            self.counters[C_ERR_NOT_LOGGED_IN] += 1
             return
         if link_fd < 0:
             self._queue_packet(fd, pkt.action, pkt.seq, _INTERNAL_BODY, len(_INTERNAL_BODY))
+            self.counters[C_ERR_NO_ROUTER] += 1
             return
         out = self._reserve(link_fd, TCP_HEADER + 16 + pkt.body_len)
         if out == NULL:
@@ -1622,22 +1738,60 @@ cdef class Reactor:
         """Close a connection after flushing what is queued for it."""
         cdef int fd = self._conn_fd(conn)
         if fd >= 0:
-            self._begin_close(fd)
+            self._begin_close_for(fd, R_SERVER)
 
     def stats(self):
-        """Counters of this worker's reactor."""
-        return {
-            "connections": self.connections,
-            "accepted": self.accepted,
-            "closed": self.closed,
-            "refused": self.refused,
-            "dropped_slow": self.dropped_slow,
-            "timed_out": self.timed_out,
-            "packets_in": self.packets_in,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "users_online": self.presence.count,
-            "conn_slot_bytes": sizeof(conn_t),
-            "deflated_out": self.deflated_out,
-            "inflated_in": self.inflated_in,
-        }
+        """This reactor's figures (its counters by name, and a few sizes)."""
+        cdef dict result = self.counters_dict()
+        result["connections"] = (self.counters[C_CONNECTIONS_TCP] + self.counters[C_CONNECTIONS_WS]
+                                 + self.counters[C_LINKS])
+        result["users_online"] = self.presence.count
+        result["conn_slot_bytes"] = sizeof(conn_t)
+        return result
+
+    def counters_dict(self):
+        """The metric counters (COUNTER_NAMES) by name, gauges refreshed first."""
+        cdef int i
+        self._refresh_gauges()
+        return {COUNTER_NAMES[i]: self.counters[i] for i in range(N_COUNTERS)}
+
+    @property
+    def refused(self):
+        """Connections refused at the open-file limit so far."""
+        return self.counters[C_CLOSED + R_FD_LIMIT]
+
+    def share_counters(self, buffer):
+        """Keep the counters in ``buffer`` (writable, COUNTER_BYTES long, e.g. a shared
+        mmap) from now on, so another process can read them without asking. Totals
+        already there are added to (a restarted worker goes on from its predecessor's);
+        gauges are replaced by this reactor's."""
+        cdef uint64_t[::1] region = memoryview(buffer).cast("B").cast("Q")
+        cdef int i
+        if region.shape[0] < N_COUNTERS:
+            raise ValueError(f"the counters need {COUNTER_BYTES} bytes")
+        for i in range(N_COUNTERS):
+            if i < FIRST_GAUGE:
+                region[i] += self.counters[i]
+            else:
+                region[i] = self.counters[i]
+        self.shared_counters = region
+        self.counters = &region[0]
+
+    cdef void _refresh_gauges(self) noexcept:
+        """Output queued: a scan of the table (once a second and per scrape, never per packet)."""
+        cdef uint64_t total = 0, largest = 0, links = 0
+        cdef int fd
+        cdef conn_t* c
+        for fd in range(self.max_fds):
+            c = &self.conns[fd]
+            if c.state < S_TCP or c.outlen == 0:
+                continue
+            if c.flags & F_LINK:
+                links += c.outlen
+            else:
+                total += c.outlen
+                if c.outlen > largest:
+                    largest = c.outlen
+        self.counters[C_OUTBUF_BYTES] = total
+        self.counters[C_OUTBUF_MAX_BYTES] = largest
+        self.counters[C_LINK_QUEUE_BYTES] = links

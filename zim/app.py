@@ -13,8 +13,10 @@ from typing import Any, Callable, Iterable
 import orjson
 
 from zim._core import Reactor
+from zim.closelog import CloseLog
 from zim.fabric import Fabric, LocalFabric
 from zim.limits import SendLimits
+from zim.process import connection_ceiling
 from zim.pushmerge import DEFAULT_PUSH_MAX, PUSH_CHANNEL_MESSAGE, PushMerger, check_push_settings
 from zim.storage.retention import Retention
 from zim.storage.store import Pending
@@ -56,6 +58,7 @@ class _Deferred:
 DEFERRED = _Deferred()
 
 STORE_FAILED = "the store failed; nothing was stored"
+MAX_ERROR_CODES = 64            # distinct error codes counted by name; the rest count as "other"
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -126,6 +129,7 @@ class Ctx:
         ``body`` is a dict, or its JSON already encoded (bytes)."""
         exclude = self.conn if exclude_self else 0
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        self.app.pushes["user"] += 1
         return self.app.fabric.push_user(int(user_id), action, payload, exclude)
 
     def push_channel(self, channel: str, action: int, body: dict | bytes, exclude_self: bool = True) -> int:
@@ -140,6 +144,7 @@ class Ctx:
             return 0
         exclude = self.conn if exclude_self else 0
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        app.pushes["channel"] += 1
         if app.push_merger is not None and action == PUSH_CHANNEL_MESSAGE:
             app.push_merger.add(channel, exclude, payload)
             return 0
@@ -180,6 +185,12 @@ class App:
         self.limits = SendLimits()      # off until run() sets the configured ones
         self.channel_push = True        # a subscribe without "push" gets pushes
         self.push_merger: PushMerger | None = None     # merged pushes (103), when run() turns them on
+        self._metrics = None            # zim.metrics.Metrics, made on first use
+        self.metrics_address: str | None = None     # run(metrics="HOST:PORT") serves them
+        self.error_counts: dict[str, int] = {}          # code -> errors answered (App.error)
+        self.pushes = {"user": 0, "channel": 0}         # messages pushed (one per message)
+        self.logins = 0                 # successful logins (zim.im)
+        self.users_created = 0          # ... of them by new users
         if im:
             from zim import im as im_module
 
@@ -223,9 +234,9 @@ class App:
         """
         route = self.routes.get(action)
         if route is None:
-            return error_body("unknown_action", f"unknown action {action}")
+            return self.error("unknown_action", f"unknown action {action}")
         if route[1] and not user:
-            return error_body("not_logged_in", "log in first (action 1)")
+            return self.error("not_logged_in", "log in first (action 1)")
         return None
 
     def serve(self, conn: int, user: int, action: int, seq: int, payload: bytes) -> None:
@@ -239,10 +250,10 @@ class App:
             request = orjson.loads(payload) if payload else {}
         except orjson.JSONDecodeError:
             request = None
-            body = error_body("bad_request", "body is not valid UTF-8 JSON")
+            body = self.error("bad_request", "body is not valid UTF-8 JSON")
         else:
             if not isinstance(request, dict):
-                body = error_body("bad_request", "body must be a JSON object")
+                body = self.error("bad_request", "body must be a JSON object")
         if body is None:
             handler = self.routes[action][0]
             body = self._answer(ctx, handler, ctx, request)
@@ -260,7 +271,7 @@ class App:
         else:
             log.error("action %d: %s", ctx.action, value)
             ctx._after = None
-            body = error_body("internal", STORE_FAILED)
+            body = self.error("internal", STORE_FAILED)
         self._respond(ctx, body, held=True)
 
     def _respond(self, ctx: Ctx, body: bytes, held: bool) -> None:
@@ -280,15 +291,26 @@ class App:
             return
         self.serve(conn, self.reactor.conn_user(conn), action, seq, payload)
 
+    def error(self, code: str, message: str) -> bytes:
+        """The encoded error answer, counted by code (``zim_errors_total``)."""
+        counts = self.error_counts
+        if code in counts:
+            counts[code] += 1
+        elif len(counts) < MAX_ERROR_CODES:
+            counts[code] = 1
+        else:
+            counts["other"] = counts.get("other", 0) + 1    # an application's codes stay bounded
+        return error_body(code, message)
+
     def _answer(self, ctx: Ctx, step: Callable[..., Any], *args: Any) -> Any:
         """``step(*args)``, a handler or a ``later`` continuation: its encoded answer, or DEFERRED."""
         try:
             result = step(*args)
         except Error as exc:
-            return error_body(exc.code, exc.message)
+            return self.error(exc.code, exc.message)
         except Exception:
             log.exception("handler for action %d failed", ctx.action)
-            return error_body("internal", "internal server error")
+            return self.error("internal", "internal server error")
         if result is DEFERRED:
             return result
         return orjson.dumps(result if result is not None else {})
@@ -312,6 +334,7 @@ class App:
         push_max: int = DEFAULT_PUSH_MAX,
         ws_deflate: bool = True,
         redis: str | None = None,
+        metrics: str | None = None,
     ) -> None:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
 
@@ -340,6 +363,8 @@ class App:
         sharing that Redis (or Redis Cluster) for users, messages, mailboxes,
         presence and pushes (``zim.nodes``); ``data`` and the App's store are then
         not used. None: a server on its own.
+        ``metrics``: ``"HOST:PORT"`` to serve ``/metrics`` (Prometheus), ``/healthz``
+        and ``/readyz`` over HTTP from the server's loop (docs/deploy.md); None: off.
         Bad values raise ValueError before anything starts.
         """
         options = ServeOptions(tcp, ws, max_packet, login_timeout, idle_timeout, max_outbuf=max_outbuf,
@@ -351,6 +376,9 @@ class App:
             raise ValueError(f"channel_push must be True or False, not {channel_push!r}")
         limits = SendLimits(user_rate, channel_rate)
         check_push_settings(push_window_ms, push_max)
+        if metrics is not None:
+            parse_address(metrics, 1)
+        self.metrics_address = metrics
         if redis is not None:
             self._join_nodes(redis, retention)
         else:
@@ -436,6 +464,75 @@ class App:
         self.limits.purge()
         if self.node is not None:
             self.node.beat()
+        tick = getattr(self.store, "tick", None)
+        if tick is not None:
+            tick()                  # a DurableStore restarting its writer after a back-off
+
+    @property
+    def metrics(self):
+        """This server's ``zim.metrics.Metrics`` (the registry ``--metrics`` serves)."""
+        if self._metrics is None:
+            # imported here, not at the top: zim.app is imported by every worker, and
+            # prometheus_client would add a quarter to a worker's start
+            from zim.metrics import Metrics
+
+            self._metrics = Metrics()
+        return self._metrics
+
+    def serve_metrics(self, reactor: Reactor, core_counters: Callable[[], dict[str, int]],
+                      listening: Callable[[], tuple[bool, str]]) -> None:
+        """Expose this server's figures: the reactors' C counters (``core_counters()``,
+        over every worker already) and the handlers' own; serve them if ``run`` was
+        given a metrics address. ``listening()`` is the server's part of readiness."""
+        self.metrics.add_source(lambda: self.metric_families(core_counters()))
+
+        def ready() -> tuple[bool, str]:
+            ok, reason = listening()
+            if not ok:
+                return ok, reason
+            return self.store_ready()
+
+        if self.metrics_address is not None:
+            server = self.metrics.serve(reactor, self.metrics_address, ready)
+            log.info("metrics on http://%s:%d/metrics", *server.address)
+
+    def store_ready(self) -> tuple[bool, str]:
+        """Whether the store takes writes: its writer process is up, or Redis is reachable."""
+        if self.node is not None:
+            if not self.node.redis.up:
+                return False, "Redis is not reachable"
+            return True, ""
+        if not getattr(self.store, "writer_up", True):
+            return False, "the store writer is down (restarting)"
+        return True, ""
+
+    def metric_families(self, core: dict[str, int]) -> list:
+        """The metric families of this server, from the reactors' counters and its own."""
+        from zim.metrics import APP_FAMILIES, core_families, families_from_counts
+        errors = dict(self.error_counts)
+        for code in ("unknown_action", "not_logged_in", "internal"):     # answered in C by workers
+            errors[code] = errors.get(code, 0) + core.pop(f"errors_{code}", 0)
+        values: dict = {("zim_errors_total", code): count for code, count in errors.items() if count}
+        values["zim_logins_total"] = self.logins
+        values["zim_users_created_total"] = self.users_created
+        for kind, count in self.pushes.items():
+            values[("zim_pushes_total", kind)] = count
+        for scope, count in self.limits.refused.items():
+            values[("zim_rate_limited_total", scope)] = count
+        families = core_families(core)
+        batch_stats = getattr(self.store, "batch_stats", None)
+        if batch_stats is not None:
+            values["zim_store_writer_restarts_total"] = self.store.restarts
+            families += batch_stats.families()
+        if self.node is not None:
+            for master, up in self.node.redis.masters_up().items():
+                values[("zim_redis_link_up", master)] = int(up)
+        return families + families_from_counts(APP_FAMILIES, values)
+
+    def begin_stop(self) -> None:
+        """The server begins to stop (SIGTERM): helpers that end now are not restarted."""
+        if hasattr(self.store, "stopping"):
+            self.store.stopping = True
 
     def leave_nodes(self) -> None:
         """A node stopping: its beat goes, its Redis connections close."""
@@ -450,11 +547,12 @@ class App:
     def _run_single(self, options: "ServeOptions") -> None:
         self.reactor = reactor = options.reactor(self._on_packet)
         self.fabric = LocalFabric(reactor)
-        refusals = RefusalLog(reactor, "server")
+        close_log = CloseLog("server")
 
         def tick() -> None:
-            refusals()
+            close_log(reactor.counters_dict())
             self.every_second()
+            self.metrics.tick()
 
         reactor.on_tick = tick
         reactor.on_link_closed = self.on_link_closed
@@ -462,16 +560,24 @@ class App:
         self.attach_store(reactor)
         self.start_push_merger(reactor)
         # handlers first: a signal that comes as soon as the ports accept must stop us
-        with stop_on_signals(reactor.stop):
+        def stop() -> None:
+            self.begin_stop()
+            reactor.stop()
+
+        with stop_on_signals(stop):
             try:
                 options.listen(reactor)
                 log.info("zim serving tcp=%s ws=%s", options.tcp, options.ws)
+                log_ceiling(1)
+                self.serve_metrics(reactor, reactor.counters_dict, lambda: (True, ""))
                 reactor.run()
             finally:
+                self.metrics.close()
                 self.stop_push_merger()
                 self.store.close()      # first: the writer's link closing is then no crash
                 self.leave_nodes()
                 reactor.close_all()
+                close_log(reactor.counters_dict(), final=True)
 
 
 MAX_WORKERS = 64    # presence keeps one bit per worker in a 64-bit mask
@@ -536,20 +642,12 @@ class ServeOptions:
                 "--ws-deflate", "on" if self.ws_deflate else "off"]
 
 
-class RefusalLog:
-    """A reactor tick: log connections refused at the open-file limit, when it changes."""
-
-    def __init__(self, reactor: Reactor, name: str) -> None:
-        self.reactor = reactor
-        self.name = name
-        self.logged = 0
-
-    def __call__(self) -> None:
-        refused = self.reactor.refused
-        if refused != self.logged:
-            log.warning("%s: %d connections refused at the open-file limit (%d in all)",
-                        self.name, refused - self.logged, refused)
-            self.logged = refused
+def log_ceiling(serving_processes: int) -> None:
+    """Say at start how many connections the open-files limit lets the server hold."""
+    limit, ceiling = connection_ceiling(serving_processes)
+    log.info("open files: %d per process; %d serving process%s: at most about %d connections "
+             "(docs/deploy.md: raise LimitNOFILE or add workers for more)", limit, serving_processes,
+             "" if serving_processes == 1 else "es", ceiling)
 
 
 class stop_on_signals:

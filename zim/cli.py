@@ -11,6 +11,7 @@ from zim.app import (
     DEFAULT_CHANNEL_RATE, DEFAULT_MAX_OUTBUF, DEFAULT_MAX_PACKET, DEFAULT_USER_RATE, MAX_OUTBUF, MAX_WORKERS,
     MIN_OUTBUF, App, check_outbuf, parse_address,
 )
+from zim.config import ConfigError, load_config
 from zim.limits import check_rate
 from zim.pushmerge import DEFAULT_PUSH_MAX, MAX_PUSH_MAX, MAX_PUSH_WINDOW_MS
 from zim.storage.retention import Retention, Tier, parse_tier
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zim-server",
         description="zim instant-messaging server (TCP and WebSocket, one wire format).",
     )
+    parser.add_argument("--config", metavar="FILE",
+                        help="read settings from a TOML file: its keys are these flags without the "
+                             "leading dashes (workers = 4, max-outbuf = \"8MiB\", channel-push = false); "
+                             "a flag given on the command line overrides the file")
     parser.add_argument("--tcp", type=_address, default=":8081", metavar="HOST:PORT",
                         help="TCP listen address (default :8081; 'off' to disable)")
     parser.add_argument("--ws", type=_address, default=":8082", metavar="HOST:PORT",
@@ -145,18 +150,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="redis://HOST:PORT/DB: be one node of a zim service sharing this Redis (or "
                              "Redis Cluster) for users, messages, mailboxes, presence and pushes; --data "
                              "and --store are then not used (docs/redis.md)")
+    parser.add_argument("--metrics", type=_address, default="off", metavar="HOST:PORT",
+                        help="serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP on "
+                             "this address (default off; docs/deploy.md). Not authenticated: use a "
+                             "private address")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings from the command line (``sys.argv[1:]`` if None) and the
+    ``--config`` file it names: built-in default < file < flag given. A usage error
+    (bad flag, bad file) prints the usage and a message and exits with status 2."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)          # the flags checked, and --config found
+    if args.config is not None:
+        try:
+            from_file = load_config(args.config, parser)
+        except ConfigError as exc:
+            parser.error(str(exc))          # "zim-server: error: FILE: KEY: ...", exit status 2
+        # Again, over a namespace holding the file's values: argparse fills in a default
+        # only where the namespace has nothing, and a flag on the command line always sets
+        # its value, whatever it equals.
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**from_file))
     try:
         check_outbuf(args.max_outbuf, args.max_packet)
     except ValueError as exc:
         parser.error(str(exc))          # exit status 2, like every other bad flag
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tcp = None if args.tcp == "off" else args.tcp
@@ -169,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             login_timeout=args.login_timeout, idle_timeout=args.idle_timeout, retention=retention,
             user_rate=args.user_rate, channel_rate=args.channel_rate, max_outbuf=args.max_outbuf,
             channel_push=args.channel_push == "on", push_window_ms=args.push_window_ms,
-            push_max=args.push_max, ws_deflate=args.ws_deflate == "on", redis=args.redis)
+            push_max=args.push_max, ws_deflate=args.ws_deflate == "on", redis=args.redis,
+            metrics=None if args.metrics == "off" else args.metrics)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"zim-server: {exc}", file=sys.stderr)
         return 1

@@ -256,7 +256,8 @@ def login(ctx: "Ctx", body: dict) -> dict:
         raise bad_request("this connection is logged in already")
     app = ctx.app
     store = app.store
-    if token is None:
+    created = token is None
+    if created:
         user_id = app.ids.next()
         store.create_user(user_id, name)
     else:
@@ -268,18 +269,19 @@ def login(ctx: "Ctx", body: dict) -> dict:
         if store.user_name(user_id) != name:
             store.set_user_name(user_id, name)
     # answered in order: the mailbox comes once the user (or its new name) is stored
-    return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id))
+    return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, created))
 
 
 class _LoggedIn:
     """The end of a login, once stored: bind the connection, push the mailbox, answer.
     (A small object rather than a closure: a login storm keeps thousands waiting.)"""
 
-    __slots__ = ("ctx", "user_id")
+    __slots__ = ("ctx", "user_id", "created")
 
-    def __init__(self, ctx: "Ctx", user_id: int) -> None:
+    def __init__(self, ctx: "Ctx", user_id: int, created: bool) -> None:
         self.ctx = ctx
         self.user_id = user_id
+        self.created = created      # a new user: counted once it is stored
 
     def __call__(self, mailbox: list[dict]) -> dict:
         ctx, user_id = self.ctx, self.user_id
@@ -288,6 +290,9 @@ class _LoggedIn:
         ctx.login(str(user_id), channels=channels)
         for msg in mailbox:
             ctx.send(PUSH_USER_MESSAGE, msg)
+        app.logins += 1
+        if self.created:
+            app.users_created += 1
         return {"id": str(user_id), "token": make_token(app.secret, user_id)}
 
 

@@ -74,7 +74,7 @@ class SendLimits:
     A rate of 0 turns that limit off.
     """
 
-    __slots__ = ("user_rate", "channel_rate", "users", "channels", "clock")
+    __slots__ = ("user_rate", "channel_rate", "users", "channels", "clock", "refused")
 
     def __init__(self, user_rate: float = 0, channel_rate: float = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -83,6 +83,7 @@ class SendLimits:
         self.users = TokenBuckets(self.user_rate) if self.user_rate else None
         self.channels = TokenBuckets(self.channel_rate) if self.channel_rate else None
         self.clock = clock
+        self.refused = {"user": 0, "channel": 0}    # sends refused, by the bucket that refused them
 
     def refusal(self, user: str, channel: str | None = None) -> str | None:
         """Why a send by ``user`` (to ``channel``, for a channel message) is refused,
@@ -92,9 +93,11 @@ class SendLimits:
             return None
         now = self.clock()
         if users is not None and not users.has_token(user, now):
+            self.refused["user"] += 1
             return f"at most {self.user_rate:g} messages per second per user"
         if channels is not None and channel is not None:
             if not channels.has_token(channel, now):
+                self.refused["channel"] += 1
                 return f"at most {self.channel_rate:g} messages per second in channel {channel}"
             channels.take(channel, now)
         if users is not None:

@@ -15,19 +15,22 @@ interested worker once, whatever the number of members there.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import Iterable
 
+from zim._core import COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES
 from zim._idmap import IdMap
-from zim.app import App, ServeOptions, stop_on_signals
+from zim.app import App, ServeOptions, log_ceiling, stop_on_signals
+from zim.metrics import APP_FAMILIES, combine_core_values, families_from_counts
+from zim.process import Backoff, exit_reason, helper_command
 from zim.worker import (
     BIND_HEAD, CLOSE_BODY, CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_FOLLOW, CMD_UNFOLLOW, EVENT,
-    EVENT_USER_GONE, FOLLOW_BODY, format_routes, pack_broadcast_except,
+    EVENT_LISTENING, EVENT_USER_GONE, FOLLOW_BODY, format_routes, pack_broadcast_except,
 )
 
 log = logging.getLogger("zim.router")
@@ -35,8 +38,8 @@ log = logging.getLogger("zim.router")
 HANDLE_BITS = 56
 HANDLE_MASK = (1 << HANDLE_BITS) - 1
 STOP_GRACE_SECONDS = 5
-CRASH_WINDOW_SECONDS = 2    # a worker dying this soon after its start counts as a crash...
-CRASH_LIMIT = 5             # ...and this many in a row stop the server (e.g. a port in use)
+GAUGE_INDEXES = [index for index, name in enumerate(COUNTER_NAMES) if name in GAUGE_NAMES]
+CRASH_LIMIT = 5     # failures at start in a row (Backoff: at once, then 0.5, 1, 2 s) stop the server
 
 
 def worker_bit(index: int) -> int:
@@ -49,9 +52,17 @@ class WorkerSlot:
     def __init__(self, index: int) -> None:
         self.index = index
         self.process: subprocess.Popen | None = None
+        # the worker's reactor counters, in memory both processes map; kept across restarts
+        # so the totals go on from the last worker's
+        self.counters_fd = os.memfd_create(f"zim-worker-{index}-counters", os.MFD_CLOEXEC)
+        os.ftruncate(self.counters_fd, COUNTER_BYTES)
+        self.counters = mmap.mmap(self.counters_fd, COUNTER_BYTES)
+        self.counter_values = memoryview(self.counters).cast("Q")
         self.link = 0               # the router reactor's handle for the link
         self.started = 0.0
-        self.quick_deaths = 0
+        self.backoff = Backoff()
+        self.restart_at = 0.0       # a failed start waits for this time (monotonic) before the next
+        self.listening = False      # its listeners are open (EVENT_LISTENING)
 
 
 class Router:
@@ -68,6 +79,7 @@ class Router:
         self.terminate_pending = False      # SIGTERM came: terminate the workers at the next tick
         self.stop_deadline = 0.0
         self.exit_code = 0
+        self.worker_restarts = 0
         # the router's reactor serves only the worker links (no listeners)
         self.reactor = reactor = options.reactor(self._on_link_packet)
         reactor.on_link_closed = self._on_link_closed
@@ -87,8 +99,13 @@ class Router:
                     self._spawn(slot)
                 log.info("zim supervising %d workers, tcp=%s ws=%s",
                          len(self.slots), self.options.tcp, self.options.ws)
+                log_ceiling(len(self.slots))
+                self.app.serve_metrics(self.reactor, self.core_counters, self.listening)
+                self.app.metrics.add_source(lambda: families_from_counts(
+                    APP_FAMILIES, {"zim_worker_restarts_total": self.worker_restarts}))
                 self.reactor.run()
             finally:
+                self.app.metrics.close()
                 self.app.stop_push_merger()
                 self._kill_all()
                 self.app.store.close()
@@ -97,19 +114,34 @@ class Router:
         if self.exit_code:
             raise RuntimeError("workers kept failing at start; see the log above")
 
+    def core_counters(self) -> dict[str, int]:
+        """The C counters of this reactor and of every worker's (read from their shared memory)."""
+        return combine_core_values([self.reactor.counters_dict(),
+                                    *(dict(zip(COUNTER_NAMES, slot.counter_values)) for slot in self.slots)])
+
+    def listening(self) -> tuple[bool, str]:
+        """Every worker has opened its listeners (the server's part of /readyz)."""
+        listening = sum(slot.listening for slot in self.slots)
+        if listening < len(self.slots):
+            return False, f"{listening} of {len(self.slots)} workers listening"
+        return True, ""
+
     def _spawn(self, slot: WorkerSlot) -> None:
+        if slot.started:
+            self.worker_restarts += 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
-        command = [sys.executable, "-m", "zim.worker", "--link-fd", str(theirs.fileno()),
-                   "--index", str(slot.index), "--parent", str(os.getpid()),
-                   "--routes", format_routes(self.app.routes),
-                   "--log-level", logging.getLevelName(logging.getLogger().level),
-                   *self.options.as_args()]
-        slot.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
+        command = helper_command(
+            "zim.worker", "--link-fd", str(theirs.fileno()), "--index", str(slot.index),
+            "--parent", str(os.getpid()), "--routes", format_routes(self.app.routes),
+            "--counters-fd", str(slot.counters_fd),
+            "--log-level", logging.getLevelName(logging.getLogger().level), *self.options.as_args())
+        slot.process = subprocess.Popen(command, pass_fds=(theirs.fileno(), slot.counters_fd))
         theirs.close()
         slot.link = self.reactor.adopt_link(ours.detach())
         self.reactor.set_link_index(slot.link, slot.index)
         slot.started = time.monotonic()
+        slot.restart_at = 0.0
         self.by_link[slot.link] = slot
 
     def _on_sigchld(self, signum, frame) -> None:
@@ -121,24 +153,34 @@ class Router:
             self._forget_worker(slot)
             if self.stopping:
                 continue
-            log.warning("worker %d (pid %d) exited with %s; restarting",
-                        slot.index, process.pid, process.returncode)
-            if time.monotonic() - slot.started < CRASH_WINDOW_SECONDS:
-                slot.quick_deaths += 1
-                if slot.quick_deaths >= CRASH_LIMIT:
-                    log.error("worker %d keeps failing at start; stopping", slot.index)
-                    self.exit_code = 1
-                    self._begin_stop()
-                    self.reactor.stop()
-                    return
+            delay = slot.backoff.after_exit(time.monotonic() - slot.started)
+            if slot.backoff.failures >= CRASH_LIMIT:
+                log.error("worker %d (pid %d) failed at start %d times in a row (%s); stopping",
+                          slot.index, process.pid, slot.backoff.failures, exit_reason(process.returncode))
+                self.exit_code = 1
+                self._begin_stop()
+                self.reactor.stop()
+                return
+            log.warning("worker %d (pid %d) ended (%s); restarting it%s", slot.index, process.pid,
+                        exit_reason(process.returncode), f" in {delay:g} s" if delay else "")
+            if delay:
+                slot.restart_at = time.monotonic() + delay      # _tick starts it
             else:
-                slot.quick_deaths = 0
-            self._spawn(slot)
+                self._spawn(slot)
         if self.stopping and all(slot.process is None for slot in self.slots):
             self.reactor.stop()
 
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.process is None and slot.restart_at and now >= slot.restart_at:
+                self._spawn(slot)
+
     def _forget_worker(self, slot: WorkerSlot) -> None:
         """A dead worker's users and members are gone: drop its bits everywhere."""
+        slot.listening = False
+        for index in GAUGE_INDEXES:         # its connections are gone; the next worker sets them again
+            slot.counter_values[index] = 0
         bit = worker_bit(slot.index)
         for user_id in self.presence.clear_bits_everywhere(bit):
             self.app.user_gone(user_id)     # held by no other worker: gone from this server
@@ -160,6 +202,7 @@ class Router:
         if self.stopping:
             return
         self.stopping = True
+        self.app.begin_stop()
         self.stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
         # Open merged-push slices go to the workers now; the workers are told to
         # stop at the next tick, once this pass has written those commands out.
@@ -175,9 +218,13 @@ class Router:
 
     def _tick(self) -> None:
         self.app.every_second()     # the handlers run here
+        self.app.metrics.tick()
+        if not self.stopping:
+            self._restart_due()
         if self.terminate_pending:
             self._terminate_workers()
-        if self.stopping and time.monotonic() > self.stop_deadline:
+        if self.stopping and (time.monotonic() > self.stop_deadline
+                              or all(slot.process is None for slot in self.slots)):
             self.reactor.stop()
 
     def _kill_all(self) -> None:
@@ -201,11 +248,15 @@ class Router:
             self.app.store.on_link_packet(action, seq, payload)
             return
         slot = self.by_link.get(link)
-        if slot is not None and action == EVENT and seq == EVENT_USER_GONE:
+        if slot is None or action != EVENT:
+            return
+        if seq == EVENT_USER_GONE:
             user_id = int.from_bytes(payload[:8], "big")
             self.presence.clear_bits(user_id, worker_bit(slot.index))
             if not self.presence.get(user_id):
                 self.app.user_gone(user_id)
+        elif seq == EVENT_LISTENING:
+            slot.listening = True
 
     def send(self, index: int, command: int, body: bytes) -> bool:
         slot = self.slots[index]

@@ -8,15 +8,17 @@ in C (replies, pushes, channel fan-out to this worker's members).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
+import mmap
 import os
-import signal
 import struct
 import sys
 
-from zim.app import RefusalLog, ServeOptions, stop_on_signals
+from zim.app import ServeOptions, stop_on_signals
+from zim.closelog import CloseLog
+from zim._core import COUNTER_BYTES
 from zim.fabric import bind_here, broadcast_except_here, follow_here, unfollow_here
+from zim.process import die_with_parent
 
 log = logging.getLogger("zim.worker")
 
@@ -30,6 +32,7 @@ CMD_BROADCAST_EXCEPT = 8    # a merged push (103) with several senders on this w
 # (packed and unpacked in C: Reactor._forward and Reactor._route_request).
 EVENT = 0
 EVENT_USER_GONE = 1
+EVENT_LISTENING = 2         # the worker's listeners are open (the router's readiness)
 
 BIND_HEAD = struct.Struct(">QQ")            # conn, user (then groups, 4 bytes each)
 FOLLOW_BODY = struct.Struct(">QI")          # user, group
@@ -38,30 +41,26 @@ EXCEPT_HEAD = struct.Struct(">IHI")         # group, action, n; then n entries, 
 EXCEPT_ENTRY = struct.Struct(">QI")         # conn, length of its own payload (0: none), payload
 LINK_COMMAND_BUDGET = 2 << 20   # bytes: under the links' packet limit (4 MiB), a 103 is < 1 MiB
 
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """SIGTERM this process when the supervisor dies, even by SIGKILL (no orphans)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:          # it died before the prctl took effect
-        sys.exit(0)
-
-
 class Worker:
     """One reactor serving clients, linked to the router."""
 
-    def __init__(self, options: ServeOptions, link_fd: int, routes: dict[int, bool], index: int) -> None:
+    def __init__(self, options: ServeOptions, link_fd: int, routes: dict[int, bool], index: int,
+                 counters_fd: int = -1) -> None:
         self.index = index
         self.reactor = reactor = options.reactor(self._on_packet)
+        if counters_fd >= 0:
+            # the router reads this worker's counters from there (metrics), without asking
+            self.counters = mmap.mmap(counters_fd, COUNTER_BYTES)
+            os.close(counters_fd)
+            reactor.share_counters(self.counters)
         self.options = options
         self.link = reactor.adopt_link(link_fd)
         # requests up and the hot commands down are handled in C from here on
         reactor.forward_to(self.link, route_table(routes))
         reactor.on_user_gone = self._user_gone
         reactor.on_link_closed = self._link_closed
-        reactor.on_tick = RefusalLog(reactor, f"worker {index}")
+        self.close_log = CloseLog(f"worker {index}")
+        reactor.on_tick = self._tick
         self.commands = {CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
                          CMD_CLOSE: self._close, CMD_BROADCAST_EXCEPT: self._broadcast_except}
 
@@ -70,10 +69,15 @@ class Worker:
         with stop_on_signals(reactor.stop):
             try:
                 self.options.listen(reactor)
+                reactor.reply(self.link, EVENT, EVENT_LISTENING, b"")
                 reactor.run()
             finally:
                 reactor.on_link_closed = None   # our own shutdown closes it
                 reactor.close_all()
+                self.close_log(reactor.counters_dict(), final=True)
+
+    def _tick(self) -> None:
+        self.close_log(self.reactor.counters_dict())
 
     # -- from the router (what C leaves to Python: logins and channel bookkeeping)
     def _on_packet(self, conn: int, action: int, seq: int, payload: bytes) -> None:
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-timeout", type=int, required=True)
     parser.add_argument("--max-outbuf", type=int, required=True)
     parser.add_argument("--ws-deflate", choices=["on", "off"], default="on")
+    parser.add_argument("--counters-fd", type=int, default=-1,
+                        help="shared memory for the reactor's counters (Reactor.share_counters)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.max_packet, args.login_timeout, args.idle_timeout,
                            max_outbuf=args.max_outbuf, ws_deflate=args.ws_deflate == "on")
     try:
-        Worker(options, args.link_fd, parse_routes(args.routes), args.index).run()
+        Worker(options, args.link_fd, parse_routes(args.routes), args.index, args.counters_fd).run()
     except OSError as exc:
         log.error("worker %d: %s", args.index, exc)
         return 1

@@ -390,6 +390,11 @@ class RedisClient:
         """The (host, port) of every master serving slots."""
         return [master.address for master in self._serving_masters()]
 
+    def masters_up(self) -> dict[str, bool]:
+        """``"host:port"`` of every master serving slots -> whether both its links are up."""
+        return {f"{master.address[0]}:{master.address[1]}": all(link.state is UP for link in master.links())
+                for master in self._serving_masters()}
+
     def close(self) -> None:
         """Close every link: waiting calls fail, later ones fail at once."""
         self.closed = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -129,11 +130,13 @@ class Node:
         redis = self.redis
         redis.call(*schema.heartbeat_command(self.node_id, now, NODE_LIFETIME_MS))
         redis.call("SET", worker_key(self.worker_id), self.node_id, "PX", WORKER_CLAIM_MS)
-        redis.call(*schema.dead_nodes_command(now)).wait(self._learn_dead, None, None)
+        redis.call(*schema.dead_nodes_command(now)).wait(self._learn_dead, time.monotonic(), None)
 
-    def _learn_dead(self, _: None, __: None, ok: bool, nodes: Any) -> None:
+    def _learn_dead(self, sent: float, __: None, ok: bool, nodes: Any) -> None:
         if not ok:
             return
+        # the beat's round trip, once a second: the latency a node's calls see (metrics)
+        self.app.metrics.redis_latency.observe(time.monotonic() - sent)
         self.dead_nodes = {node.decode() for node in nodes}
         if self.dead_nodes and not self.sweeping:
             self._sweep(min(self.dead_nodes))

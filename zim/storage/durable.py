@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
-import sys
+import time
 from collections import deque
 from typing import Any, Callable, Iterable, Union
 
 import orjson
 
 from zim._core import Reactor
+from zim.process import Backoff, exit_reason, helper_command
+from zim.storage.batchstats import BatchStats
 from zim.storage.retention import Retention
 from zim.storage.sqlite import SQLiteStore
 from zim.storage.store import ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending
@@ -81,7 +84,13 @@ class DurableStore:
         self.link = 0
         self.on_link: Callable[[int], None] = lambda link: None
         self.process: subprocess.Popen | None = None
+        self.started = 0.0                      # monotonic time of the writer's start
+        self.backoff = Backoff()
+        self.restart_at = 0.0                   # the writer failed at start: next try then (tick)
+        self.restarts = 0                       # writers started after the first
+        self.batch_stats, self._stats_fd = BatchStats.create()     # the writers' figures, kept across restarts
         self.closed = False
+        self.stopping = False                   # the server is stopping: a writer that ends stays down
         self._newest_id = self._load()
 
     def _load(self) -> int:
@@ -111,30 +120,61 @@ class DurableStore:
         self._spawn()
 
     def _spawn(self) -> None:
+        self.restart_at = 0.0
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, "-m", "zim.storage.writer", "--db", self.path,
-                   "--link-fd", str(theirs.fileno()), "--parent", str(os.getpid()),
-                   "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
-                   *self.retention.as_args()]
+        command = helper_command(
+            "zim.storage.writer", "--db", self.path, "--link-fd", str(theirs.fileno()),
+            "--parent", str(os.getpid()), "--stats-fd", str(self._stats_fd),
+            "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+            *self.retention.as_args())
+        self.started = time.monotonic()
         try:
-            self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(),))
+            self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(), self._stats_fd))
         except OSError as exc:
-            log.error("cannot start the writer process: %s", exc)
             ours.close()
+            self._restart_later(f"cannot start the writer process: {exc}")
             return
         finally:
             theirs.close()
         self.link = self.reactor.adopt_link(ours.detach())
         self.on_link(self.link)
 
+    def _restart_later(self, why: str, at_least: float = 0.0) -> None:
+        delay = max(at_least, self.backoff.after_exit(time.monotonic() - self.started))
+        log.error("%s; restarting it%s", why, f" in {delay:g} s" if delay else "")
+        if delay:
+            self.restart_at = time.monotonic() + delay
+        else:
+            self._respawn()
+
+    def _respawn(self) -> None:
+        self.restarts += 1
+        self._spawn()
+
+    def tick(self) -> None:
+        """Once a second: start the writer again once its back-off delay is over."""
+        if self.restart_at and not self.closed and time.monotonic() >= self.restart_at:
+            self._respawn()
+
+    @property
+    def writer_up(self) -> bool:
+        """The writer process is running and linked (writes can be stored)."""
+        return bool(self.link) and self.process is not None and self.process.poll() is None
+
     def on_link_closed(self) -> None:
         """The writer died: what it had not answered fails (it may or may not be
-        stored: the client gets ``internal`` and may retry); start a new one."""
+        stored: the client gets ``internal`` and may retry); start a new one, at
+        once if it had been running a while, else after a growing delay."""
         if self.closed:
             return
+        code = None
         if self.process is not None:
-            code = self.process.poll()
-            log.error("the writer process exited (%s); %d store calls fail", code, len(self.calls))
+            try:
+                code = self.process.wait(0.2)   # its link closed: it is exiting
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = self.process.wait()
+        self.process = None
         self.link = 0
         self.on_link(0)
         calls = list(self.calls)
@@ -142,7 +182,15 @@ class DurableStore:
         self._undo(calls)
         for call in calls:
             call.settle(False, "the writer process exited")
-        self._spawn()
+        if self.stopping:
+            # SIGTERM reaches every process of the group (systemd's stop): nothing to restart
+            log.info("the writer process ended (%s) as the server stops; %d store calls failed",
+                     exit_reason(code), len(calls))
+            return
+        # a SIGTERM from outside may be the start of a stop: give it a moment before restarting
+        stopped = code is not None and -code in (signal.SIGTERM, signal.SIGINT)
+        self._restart_later(f"the writer process ended ({exit_reason(code)}); "
+                            f"{len(calls)} store calls failed", at_least=1.0 if stopped else 0.0)
 
     def on_link_packet(self, op: int, status: int, payload: bytes) -> None:
         """The writer's answer to the oldest call."""

@@ -36,6 +36,8 @@ import orjson
 
 from zim._codec import TcpDecoder, encode_tcp
 from zim.ids import wall_clock_ms
+from zim.process import die_with_parent
+from zim.storage.batchstats import BatchStats
 from zim.storage.retention import Retention, parse_tier
 from zim.storage.sqlite import SQLiteStore
 from zim.storage.store import CHANNEL
@@ -203,7 +205,8 @@ class Checkpointer(threading.Thread):
             conn.close()
 
 
-def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None = None) -> None:
+def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None = None,
+          stats: BatchStats | None = None) -> None:
     """Read operations, apply them in batches, answer; until the server goes away."""
     decoder = TcpDecoder(LINK_MAX_PACKET)
     fd = sock.fileno()
@@ -224,7 +227,11 @@ def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None
                 return
             packets.append((event[1], event[3]))
         if packets:
-            sock.sendall(b"".join(writer.apply(packets)))
+            started = time.monotonic()
+            answers = writer.apply(packets)
+            if stats is not None:
+                stats.record(len(packets), time.monotonic() - started)
+            sock.sendall(b"".join(answers))
             if checkpointer is not None:
                 writer.after_commit(checkpointer)
         if writer.prune_due():
@@ -241,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retain-large", type=parse_tier, default=Retention.large)
     parser.add_argument("--large-channel", type=int, default=Retention.large_members)
     parser.add_argument("--prune-every", type=int, default=Retention.prune_every_s)
+    parser.add_argument("--stats-fd", type=int, default=-1,
+                        help="shared memory for the batch figures (zim.storage.batchstats)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    from zim.worker import die_with_parent
-
     die_with_parent(args.parent)
+    # SIGINT (Ctrl-C reaches the whole process group) is the server's to act on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (the server stopping, or dying) ends it at once: an open batch is
     # simply not committed, and none of its operations was answered
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -264,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpointer = Checkpointer(args.db)
     checkpointer.start()
     try:
-        serve(sock, Writer(store, retention), checkpointer)
+        serve(sock, Writer(store, retention), checkpointer,
+              BatchStats.attach(args.stats_fd) if args.stats_fd >= 0 else None)
     except (BrokenPipeError, ConnectionResetError):
         pass
     finally:
