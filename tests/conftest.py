@@ -8,6 +8,7 @@ ones a test announces via ``allowed_tracebacks``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -326,3 +327,26 @@ def pytest_runtest_makereport(item, call):
         if MISSING_SERVICE in reason:
             report.outcome = "failed"
             report.longrepr = f"CI=true and a service the test needs is missing: {reason}"
+
+
+@contextlib.contextmanager
+def durable_store_on_a_test_link(directory) -> Iterator:
+    """A DurableStore in ``directory`` whose writer link is a socketpair nobody serves,
+    on a reactor that never runs: the test plays the writer, feeding its answers to
+    ``store.on_link_packet``."""
+    import socket as socket_module
+
+    from zim._core import Reactor
+    from zim.storage.durable import DurableStore
+
+    store = DurableStore(str(directory))
+    reactor = Reactor(65536, lambda *packet: None)
+    ours, theirs = socket_module.socketpair()
+    store.reactor = reactor
+    store.link = reactor.adopt_link(ours.detach())
+    try:
+        yield store
+    finally:
+        reactor.close_all()
+        theirs.close()
+        store.close()

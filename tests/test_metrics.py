@@ -64,10 +64,14 @@ def start_with_metrics(start_server, *flags: str):
     srv = start_server(flags=("--metrics", f"{HOST}:{port}", *flags))
     scraper = Scraper(port)
     deadline = time.monotonic() + 10
-    while scraper.get("/readyz")[0] != 200:     # workers listening, writer up
-        assert time.monotonic() < deadline, f"never ready: {scraper.get('/readyz')}\n{srv.stderr()}"
+    while True:                                 # serving metrics, workers listening, writer up
+        try:
+            if scraper.get("/readyz")[0] == 200:
+                return srv, scraper
+        except urllib.error.URLError:
+            pass                                # the metrics port opens just after the clients' ports
+        assert time.monotonic() < deadline, f"never ready:\n{srv.stderr()}"
         time.sleep(0.05)
-    return srv, scraper
 
 
 def writer_process(srv) -> psutil.Process:

@@ -16,7 +16,7 @@ import orjson
 import psutil
 import pytest
 
-from conftest import HOST, free_port, server_env
+from conftest import HOST, free_port, server_env, durable_store_on_a_test_link
 from zimclient import Closed, error_code, unique
 
 SEND_WINDOW = 16          # requests a sender keeps in flight
@@ -381,18 +381,9 @@ def test_full_disk_answers_internal_never_a_false_ack_and_recovers(start_server,
 def test_failed_batch_undoes_memory_changes_newest_first(tmp_path):
     """What the writer answers FAILED is undone in the server's memory, in reverse order,
     and only once: later FAILED answers of the same failure undo nothing more."""
-    import socket
-
-    from zim._core import Reactor
-    from zim.storage.durable import DurableStore
     from zim.storage.writer import FAILED, OK
 
-    store = DurableStore(str(tmp_path))
-    reactor = Reactor(65536, lambda *packet: None)
-    ours, theirs = socket.socketpair()
-    store.reactor = reactor
-    store.link = reactor.adopt_link(ours.detach())
-    try:
+    with durable_store_on_a_test_link(tmp_path) as store:
         store.meta.create_user(1, "alice")
         kept = store.subscribe("kept", 1, True)
         calls = [store.create_user(2, "bob"), store.subscribe("room", 1, True),
@@ -417,6 +408,3 @@ def test_failed_batch_undoes_memory_changes_newest_first(tmp_path):
         again = store.subscribe("room", 1, True)
         store.on_link_packet(3, OK, b"null")
         assert again.outcome == (True, None) and store.membership("room", 1) is True
-    finally:
-        reactor.close_all()
-        theirs.close()

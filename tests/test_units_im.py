@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from zim.ids import EPOCH_MS, MAX_SEQUENCE, Snowflake, timestamp_ms
 from zim.storage.store import MAX_USER_ID, MemoryStore, UserNames, page
-from zim.tokens import SECRET_BYTES, load_or_create_secret, make_token, parse_user_id, verify_token
+from zim.tokens import SECRET_BYTES, Claims, load_or_create_secret, make_token, parse_user_id, verify_token
 
 SECRET = bytes(range(32))
 OTHER_SECRET = bytes(range(1, 33))
@@ -116,42 +116,51 @@ def test_snowflake_monotonic_under_any_clock(steps, worker):
 # ------------------------------------------------------------------ tokens
 
 
+# Tokens carry an epoch and an expiry since version 2 (zim.tokens; the lifetime
+# and revocation tests are in test_tokens_lifetime.py).
+EXPIRES = NOW + 86_400_000
+
+
 def test_token_round_trip():
     for user_id in (1, 12345, 7259483021034782720, (1 << 64) - 1):
-        token = make_token(SECRET, user_id)
-        assert token.startswith(f"{user_id}.")
-        assert verify_token(SECRET, token) == user_id
+        token = make_token(SECRET, user_id, 3, EXPIRES)
+        assert token.startswith(f"v2.{user_id}.3.{EXPIRES}.")
+        assert verify_token(SECRET, token) == Claims(user_id, 3, EXPIRES, 2)
         assert token.isascii() and "=" not in token
-        assert make_token(SECRET, user_id) == token     # deterministic, nothing stored
+        assert make_token(SECRET, user_id, 3, EXPIRES) == token     # deterministic, nothing stored
 
 
 def test_token_other_secret_or_other_user_rejected():
-    token = make_token(SECRET, 42)
+    token = make_token(SECRET, 42, 0, EXPIRES)
     assert verify_token(OTHER_SECRET, token) is None
-    signature = token.split(".", 1)[1]
-    assert verify_token(SECRET, f"43.{signature}") is None
+    signature = token.rsplit(".", 1)[1]
+    assert verify_token(SECRET, f"v2.43.0.{EXPIRES}.{signature}") is None
 
 
 @pytest.mark.parametrize("user_id", [0, -1, 1 << 64])
 def test_make_token_rejects_out_of_range_ids(user_id):
     with pytest.raises(ValueError):
-        make_token(SECRET, user_id)
+        make_token(SECRET, user_id, 0, EXPIRES)
 
 
 def _forgeries(token: str) -> list:
-    user_text, signature = token.split(".")
+    _, user_text, epoch, expires, signature = token.split(".")
+    head = f"v2.{user_text}.{epoch}.{expires}"
     return [
         "", ".", "42", "42.", f".{signature}", token + "x", token[:-1], token[::-1],
-        "0." + token, token + "==", f"042.{signature}", f"+42.{signature}", f" 42.{signature}",
-        f"42 .{signature}", f"42.{signature} ", f"٤٢.{signature}", f"42.{signature.upper()}",
-        f"42.{signature[:-1]}{'A' if signature[-1] != 'A' else 'B'}", "x" * 10_000,
-        f"{'9' * 30}.{signature}", "42.\udcff", "😀.😀", "\x00", None, 42, b"42.abc", ["42", signature],
-        {"token": token}, 4.2,
+        "0." + token, token + "==", f"v2.042.{epoch}.{expires}.{signature}", f"v2.+42.{epoch}.{expires}.{signature}",
+        f"v2. 42.{epoch}.{expires}.{signature}", f"{head} .{signature}", f"{head}.{signature} ",
+        f"v2.٤٢.{epoch}.{expires}.{signature}", f"{head}.{signature.upper()}",
+        f"{head}.{signature[:-1]}{'A' if signature[-1] != 'A' else 'B'}", "x" * 10_000,
+        f"v2.{'9' * 30}.{epoch}.{expires}.{signature}", f"v2.42.00.{expires}.{signature}",
+        f"v2.42.{epoch}.0{expires}.{signature}", f"V2.42.{epoch}.{expires}.{signature}",
+        f"v1.42.{epoch}.{expires}.{signature}", f"42.{signature}", f"{head}.\udcff", "😀.😀", "\x00",
+        None, 42, b"42.abc", ["42", signature], {"token": token}, 4.2,
     ]
 
 
 def test_token_forgeries_and_garbage_rejected():
-    token = make_token(SECRET, 42)
+    token = make_token(SECRET, 42, 0, EXPIRES)
     for forged in _forgeries(token):
         assert verify_token(SECRET, forged) is None, forged
 
@@ -167,8 +176,8 @@ def test_verify_token_never_raises(garbage):
 @given(st.integers(min_value=1, max_value=(1 << 64) - 1), st.integers(min_value=0, max_value=21),
        st.characters(codec="ascii"))
 def test_one_changed_character_breaks_a_token(user_id, position, replacement):
-    token = make_token(SECRET, user_id)
-    signature_start = token.index(".") + 1
+    token = make_token(SECRET, user_id, 0, EXPIRES)
+    signature_start = token.rindex(".") + 1
     index = signature_start + position
     if token[index] == replacement:
         return

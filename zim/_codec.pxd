@@ -79,7 +79,7 @@ cdef size_t tcp_header(char* out, size_t body_len, int action, int seq) noexcept
 cdef size_t ws_frame_header(char* out, size_t payload_len, int opcode) noexcept nogil
 cdef size_t ws_packet_header(char* out, size_t body_len, int action, int seq) noexcept nogil
 
-cdef object ws_handshake(bytes request, bint deflate)
+cdef object ws_handshake(bytes request, bint deflate, object origins=*)
 cdef Py_ssize_t find_header_end(const char* buf, size_t length) noexcept nogil
 
 

@@ -517,6 +517,9 @@ cdef Py_ssize_t find_header_end(const char* buf, size_t length) noexcept nogil:
 
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_ORIGIN_REFUSED = b"origin not allowed (--ws-origins)\n"
+_HTTP_403_ORIGIN = (b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                    b"Content-Length: " + str(len(_ORIGIN_REFUSED)).encode() + b"\r\n\r\n" + _ORIGIN_REFUSED)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _WINDOW_BITS = {str(bits): bits for bits in range(8, 16)}
@@ -621,14 +624,18 @@ def negotiate_deflate(str offers):
     return None, 0
 
 
-cdef object ws_handshake(bytes request, bint deflate):
+cdef object ws_handshake(bytes request, bint deflate, object origins=None):
     """(the 101 answer, server window bits or 0) for a valid RFC 6455 upgrade
     request head, else None. ``deflate``: accept a permessage-deflate offer.
+    ``origins``: None (any Origin), or a zim.origins.OriginPolicy whose
+    ``allows(values)`` decides on the request's Origin header values; a valid
+    request it refuses gets (the 403 answer, -1).
 
     Runs once per WebSocket connection, so plain Python parsing is fine here.
     """
     cdef list lines
     cdef list extensions = []
+    cdef list origin_values = []
     try:
         lines = request.decode("latin-1").split("\r\n")
     except Exception:
@@ -647,6 +654,8 @@ cdef object ws_handshake(bytes request, bint deflate):
         headers[name] = value.strip()
         if name == "sec-websocket-extensions":     # may come in several lines
             extensions.append(value.strip())
+        elif name == "origin":
+            origin_values.append(value.strip())
     if headers.get("upgrade", "").lower() != "websocket":
         return None
     if "upgrade" not in {t.strip().lower() for t in headers.get("connection", "").split(",")}:
@@ -659,6 +668,8 @@ cdef object ws_handshake(bytes request, bint deflate):
             return None
     except Exception:
         return None
+    if origins is not None and not origins.allows(origin_values):
+        return _HTTP_403_ORIGIN, -1
     accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
     response = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n")
@@ -691,9 +702,10 @@ def encode_ws_control(int opcode, bytes payload):
     return head[:n] + payload
 
 
-def handshake_response(bytes request, bint deflate=True):
-    """The 101 response for a WebSocket upgrade request head, or None."""
-    answer = ws_handshake(request, deflate)
+def handshake_response(bytes request, bint deflate=True, object origins=None):
+    """The 101 response for a WebSocket upgrade request head (or the 403 for an
+    Origin ``origins`` refuses), or None."""
+    answer = ws_handshake(request, deflate, origins)
     return None if answer is None else answer[0]
 
 

@@ -12,7 +12,7 @@ nothing else queued are written straight from it (see pass_out_t).
 Python is called once per complete request packet.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcpy, memmove, memset
 from libc.stdio cimport snprintf
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
@@ -120,7 +120,8 @@ cdef enum:
     NO_CONN = -1
     WHEEL_SLOTS = 1024          # timing wheel: one slot per second, lazily re-armed
 
-DEF_OUTBUF_LIMIT = 64 * 1024 * 1024
+DEF_OUTBUF_LIMIT = 8 * 1024 * 1024
+DEF_MAX_INFLIGHT = 128
 
 # Why a connection was closed (conn_t.close_reason, set by the first decision to close it;
 # unset means the peer closed or broke it). Counted by reason at the close.
@@ -135,42 +136,44 @@ cdef enum:
     R_SHUTDOWN = 7
     R_SERVER = 8            # closed by the application (Reactor.close)
     R_NO_MEMORY = 9
-    CLOSE_REASONS = 10
+    R_MEMORY_BUDGET = 10    # the worker's output queues passed --max-client-memory: largest cut first
+    R_ORIGIN = 11           # a WebSocket handshake from an Origin not in --ws-origins
+    CLOSE_REASONS = 12
 
 CLOSE_REASON_NAMES = ("peer", "login_timeout", "idle_timeout", "too_large", "protocol_error",
-                      "output_cap", "fd_limit", "shutdown", "server", "no_memory")
+                      "output_cap", "fd_limit", "shutdown", "server", "no_memory", "memory_budget",
+                      "origin")
 
 # The reactor's metric counters: one flat uint64 array (Reactor.share_counters can move it
 # into memory another process reads), so counting costs one add and no Python object.
 # Client connections only: the links between zim's own processes are counted apart.
 cdef enum:
+    REQUEST_ACTIONS = 16            # actions counted one by one; the rest as "other"
     C_ACCEPTED = 0
     C_CLOSED = 1                    # + reason: C_CLOSED .. C_CLOSED + CLOSE_REASONS - 1
-    C_REQUESTS = 11                 # + action for actions 0..15; C_REQUESTS + 16: any other
-    C_ERR_UNKNOWN_ACTION = 28       # refusals answered in C (worker mode)
-    C_ERR_NOT_LOGGED_IN = 29
-    C_ERR_NO_ROUTER = 30
-    C_DELIVERIES_USER = 31          # push packets queued to connections
-    C_DELIVERIES_CHANNEL = 32
-    C_BYTES_IN = 33
-    C_BYTES_OUT = 34
-    C_LINK_BYTES_IN = 35
-    C_LINK_BYTES_OUT = 36
-    C_DEFLATED_OUT = 37
-    C_INFLATED_IN = 38
-    C_PACKETS_IN = 39
+    C_REQUESTS = C_CLOSED + CLOSE_REASONS       # + action for actions 0..15; + 16: any other
+    C_ERR_UNKNOWN_ACTION = C_REQUESTS + REQUEST_ACTIONS + 1     # refusals answered in C (workers)
+    C_ERR_NOT_LOGGED_IN
+    C_ERR_NO_ROUTER
+    C_DELIVERIES_USER               # push packets queued to connections
+    C_DELIVERIES_CHANNEL
+    C_BYTES_IN
+    C_BYTES_OUT
+    C_LINK_BYTES_IN
+    C_LINK_BYTES_OUT
+    C_DEFLATED_OUT
+    C_INFLATED_IN
+    C_PACKETS_IN
     # gauges: values now, not totals
-    C_CONNECTIONS_TCP = 40          # WebSocket ones count as ws from accept, handshake included
-    C_CONNECTIONS_WS = 41
-    C_LOGGED_IN = 42
-    C_LINKS = 43
-    C_OUTBUF_BYTES = 44             # refreshed once a second (a table scan, off the hot path)
-    C_OUTBUF_MAX_BYTES = 45
-    C_LINK_QUEUE_BYTES = 46
-    N_COUNTERS = 47
-    FIRST_GAUGE = 40
-
-REQUEST_ACTIONS = 16
+    C_CONNECTIONS_TCP               # WebSocket ones count as ws from accept, handshake included
+    C_CONNECTIONS_WS
+    C_LOGGED_IN
+    C_LINKS
+    C_OUTBUF_BYTES                  # refreshed once a second (a table scan, off the hot path)
+    C_OUTBUF_MAX_BYTES
+    C_LINK_QUEUE_BYTES
+    N_COUNTERS
+    FIRST_GAUGE = C_CONNECTIONS_TCP
 
 COUNTER_NAMES = (
     ("accepted",) + tuple("closed_" + name for name in CLOSE_REASON_NAMES)
@@ -184,6 +187,7 @@ COUNTER_NAMES = (
 GAUGE_NAMES = frozenset(COUNTER_NAMES[FIRST_GAUGE:])
 COUNTER_BYTES = N_COUNTERS * 8
 assert len(COUNTER_NAMES) == N_COUNTERS and COUNTER_NAMES[C_LINK_QUEUE_BYTES] == "link_queue_bytes"
+assert len(CLOSE_REASON_NAMES) == CLOSE_REASONS and COUNTER_NAMES[FIRST_GAUGE] == "connections_tcp"
 
 # Canned responses (C-side: sent without a Python call)
 _TOO_LARGE_BODY = b'{"error":{"code":"too_large","message":"packet exceeds the server\'s max packet size"}}'
@@ -287,7 +291,18 @@ cdef uint64_t HANDLE_MASK = (<uint64_t>1 << 56) - 1
 
 cdef enum:
     GEN_MASK = 0xFFFFFF     # handles fit in 56 bits, leaving 8 for a worker index
-    LINK_MAX_PACKET = 4 * 1024 * 1024
+    LINK_PACKET_FLOOR = 64 * 1024 * 1024
+
+
+def link_packet_limit(size_t max_packet):
+    """The largest packet a link between zim processes carries (both ends use it):
+    far above anything sent on one, so no client can make a link hit it. A link
+    carries a client's request (at most ``max_packet``) with a 16-byte head, a
+    store operation holding one message, an answer to a client or a push (one
+    message, or a page kept under 1 MiB), a page of the store (bounded by bytes:
+    about 1 MB and two messages at most). So max(64 MiB, 4 x max packet + 1 MiB),
+    and a TCP length fits 32 bits."""
+    return min(max(<size_t>LINK_PACKET_FLOOR, 4 * max_packet + (1 << 20)), <size_t>0xFFFFFFFF)
 
 
 cdef inline uint32_t next_gen(uint32_t gen) noexcept nogil:
@@ -346,6 +361,12 @@ cdef bint grow(char** buf, uint32_t* capacity, size_t need, size_t first) noexce
     return True
 
 
+cdef int by_size_descending(const void* a, const void* b) noexcept nogil:
+    """qsort order for (bytes << 32 | fd) keys: the largest first."""
+    cdef uint64_t x = (<const uint64_t*>a)[0], y = (<const uint64_t*>b)[0]
+    return -1 if x > y else (1 if x < y else 0)
+
+
 cdef inline uint32_t now_seconds() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -363,6 +384,7 @@ cdef class Reactor:
     cdef int max_fds
     cdef conn_t* conns
     cdef size_t max_packet
+    cdef readonly size_t link_max_packet    # link_packet_limit(max_packet): links' packets, either way
     cdef char* scratch
     cdef size_t scratch_cap
     cdef object on_packet
@@ -377,10 +399,14 @@ cdef class Reactor:
     cdef uint32_t now
     cdef size_t outbuf_limit
     cdef bint ws_deflate               # negotiate permessage-deflate with clients that offer it
+    cdef object ws_origins             # None: any Origin; else a zim.origins.OriginPolicy
     cdef zcodec_t z                    # the deflater and inflater every deflate connection shares
     cdef handle_list_t pending      # connections with queued output: flushed once per pass
     cdef handle_list_t again        # read budget ran out before EAGAIN: resume next pass
     cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline
+    cdef handle_list_t backlog      # client connections the kernel did not take all from (EPOLLOUT)
+    cdef size_t memory_budget       # bytes of output the backlog may hold in all (0: no budget)
+    cdef uint32_t max_inflight      # requests of one connection in flight before it is not read
     cdef idmap_t presence           # user id -> first connection fd (next: conn.next_dev)
     # channel groups, indexed by group id
     cdef group_t* groups
@@ -398,7 +424,8 @@ cdef class Reactor:
     cdef object shared_counters         # keeps that memory's buffer exported while in use
 
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
-                  uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True):
+                  uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True,
+                  uint32_t max_inflight=DEF_MAX_INFLIGHT, size_t memory_budget=0, object ws_origins=None):
         cdef rlimit lim
         cdef int i
         for i in range(WHEEL_SLOTS):
@@ -408,6 +435,7 @@ cdef class Reactor:
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
         self.ws_deflate = ws_deflate
+        self.ws_origins = ws_origins
         getrlimit(RLIMIT_NOFILE, &lim)
         # Output buffers are freed as soon as the kernel takes their bytes; keep
         # up to 32 MiB of freed heap so each burst does not fault pages back in.
@@ -417,7 +445,9 @@ cdef class Reactor:
         self.conns = <conn_t*>calloc(self.max_fds, sizeof(conn_t))
         self.max_packet = max_packet
         # room for a whole maximal WebSocket frame plus a read's worth more
-        self.scratch_cap = max(max_packet, LINK_MAX_PACKET) + WS_MAX_FRAME_HEADER + 256 * 1024
+        self.link_max_packet = link_packet_limit(max_packet)
+        # (address space: pages are touched only as far as reads reach)
+        self.scratch_cap = max(max_packet, self.link_max_packet) + WS_MAX_FRAME_HEADER + 256 * 1024
         self.scratch = <char*>malloc(self.scratch_cap)
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         self.reserve_fd = c_open(b"/dev/null", O_RDONLY | O_CLOEXEC)
@@ -425,6 +455,8 @@ cdef class Reactor:
             raise MemoryError("reactor setup failed")
         self.on_packet = on_packet
         self.outbuf_limit = outbuf_limit
+        self.max_inflight = max(1, min(max_inflight, 0xFFFF))
+        self.memory_budget = memory_budget
         if idmap_init(&self.presence) < 0:
             raise MemoryError("reactor setup failed")
         self.listeners = []
@@ -449,6 +481,7 @@ cdef class Reactor:
         free(self.pending.items)
         free(self.again.items)
         free(self.draining.items)
+        free(self.backlog.items)
         free(self.gone_users.items)
         free(self.pass_outs.items)
         free(self.route_table)
@@ -575,6 +608,8 @@ cdef class Reactor:
                     self._mark_pending(fd)
             self._flush_all()
             self._end_pass()
+            if self.backlog.length and self.memory_budget:
+                self._keep_to_budget()
             if self.now != last_sweep:
                 last_sweep = self.now
                 self._every_second()
@@ -751,7 +786,7 @@ cdef class Reactor:
                 return offset           # held: the bytes stay buffered until resume()
             if c.state == S_TCP:
                 ev = tcp_next(self.scratch + offset, have - offset,
-                              LINK_MAX_PACKET if c.flags & F_LINK else self.max_packet, &pkt, &consumed)
+                              self.link_max_packet if c.flags & F_LINK else self.max_packet, &pkt, &consumed)
             elif c.state == S_WS:
                 ev = ws_next(self.scratch + offset, have - offset, self.max_packet, &c.ws,
                              &self.z if c.deflate_bits else NULL, &pkt, &consumed)
@@ -805,6 +840,9 @@ cdef class Reactor:
                 self._set_reason(fd, R_PROTOCOL_ERROR)
                 self._ws_close(fd, 1007)
                 return have
+            elif c.flags & F_LINK:      # EV_TOO_LARGE or EV_BROKEN from another zim process
+                self._link_broken(fd, offset, have, ev)
+                return have
             elif ev == EV_TOO_LARGE:
                 self._set_reason(fd, R_TOO_LARGE)
                 c.flags |= F_FINAL_TOO_LARGE
@@ -824,16 +862,34 @@ cdef class Reactor:
                 return have
         return offset
 
+    cdef void _link_broken(self, int fd, size_t offset, size_t have, int ev) noexcept:
+        """A link sent a frame no zim process sends (over the links' limit, or
+        unframeable): close it at once. Nothing is written into it: a client's
+        ``too_large`` answer would be one more bad frame to the other end. Its
+        owner learns of it through ``on_link_closed``, as for any link that ends."""
+        cdef uint32_t length = get32(self.scratch + offset) if have - offset >= 4 else 0
+        try:
+            log.error("closing a link: %s frame of %d bytes (links carry up to %d)",
+                      "an oversized" if ev == EV_TOO_LARGE else "a broken", length, self.link_max_packet)
+        except BaseException:
+            pass
+        self._close(fd)
+
     cdef bint _handshake(self, int fd, size_t offset, size_t head_len) noexcept:
         cdef conn_t* c = &self.conns[fd]
         cdef object answer
         try:
-            answer = ws_handshake(PyBytes_FromStringAndSize(self.scratch + offset, head_len), self.ws_deflate)
+            answer = ws_handshake(PyBytes_FromStringAndSize(self.scratch + offset, head_len), self.ws_deflate,
+                                  self.ws_origins)
         except BaseException:
             answer = None
         if answer is None:
             self._queue_raw(fd, _HTTP_400)
             self._begin_close_for(fd, R_PROTOCOL_ERROR)
+            return False
+        if answer[1] < 0:               # a valid upgrade from an Origin not in --ws-origins: 403
+            self._queue_raw(fd, answer[0])
+            self._begin_close_for(fd, R_ORIGIN)
             return False
         self._queue_raw(fd, answer[0])
         c.deflate_bits = <uint8_t>answer[1]
@@ -892,6 +948,9 @@ cdef class Reactor:
         cdef size_t head, deflated
         if c.flags & F_SHUT:
             return False
+        if c.flags & F_LINK and body_len + TCP_HEADER > self.link_max_packet:
+            self._refuse_link_packet(action, body_len + TCP_HEADER)
+            return False
         if c.state == S_WS and ws_deflate_fits(c.deflate_bits, body_len + WS_PACKET_HEADER):
             deflated = ws_deflate(&self.z, action, seq, body, body_len)
             if deflated:
@@ -913,6 +972,15 @@ cdef class Reactor:
         memcpy(out + head, body, body_len)
         c.outlen += <uint32_t>(head + body_len)
         return True
+
+    cdef void _refuse_link_packet(self, int action, size_t length) noexcept:
+        """A packet too big for a link is not queued (the other end would close
+        the link): the caller fails that one call. Nothing zim sends comes near."""
+        try:
+            log.error("a packet of %d bytes (action %d) is over the links' limit of %d: not sent",
+                      length, action, self.link_max_packet)
+        except BaseException:
+            pass
 
     cdef void _queue_raw(self, int fd, bytes data) noexcept:
         cdef char* out = self._reserve(fd, len(data))
@@ -999,8 +1067,48 @@ cdef class Reactor:
             if not (c.flags & F_EPOLLOUT):
                 c.flags |= F_EPOLLOUT
                 self._epoll_mod(fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+                if not (c.flags & F_LINK):
+                    handles_push(&self.backlog, make_handle(c.gen, fd))
             return 0
         return 1
+
+    cdef inline size_t _held(self, int fd) noexcept:
+        """Bytes of memory a connection's output holds (a shared slice: its length)."""
+        return self.conns[fd].outlen if self.conns[fd].flags & F_SHARED else self.conns[fd].outcap
+
+    cdef void _keep_to_budget(self) noexcept:
+        """The output the kernel has not taken, over every client connection, stays
+        under --max-client-memory: over it, the largest queues are cut first (Redis's
+        maxmemory-clients). Only connections with a backlog are looked at."""
+        cdef size_t i, kept = 0, total = 0
+        cdef uint64_t handle
+        cdef uint64_t* keys
+        cdef int fd
+        for i in range(self.backlog.length):
+            handle = self.backlog.items[i]
+            fd = self._conn_fd(handle)
+            if fd < 0 or not (self.conns[fd].flags & F_EPOLLOUT):
+                continue                # closed, or drained since
+            self.backlog.items[kept] = handle
+            kept += 1
+            total += self._held(fd)
+        self.backlog.length = kept
+        if total <= self.memory_budget:
+            return
+        keys = <uint64_t*>malloc(kept * sizeof(uint64_t))
+        if keys == NULL:
+            return
+        for i in range(kept):
+            fd = handle_fd(self.backlog.items[i])
+            keys[i] = (<uint64_t>min(self._held(fd), 0xFFFFFFFF) << 32) | <uint32_t>fd
+        qsort(keys, kept, sizeof(uint64_t), by_size_descending)
+        i = 0
+        while total > self.memory_budget and i < kept:
+            fd = <int><uint32_t>keys[i]
+            total -= self._held(fd)
+            self._close_for(fd, R_MEMORY_BUDGET)
+            i += 1
+        free(keys)
 
     cdef void _flush(self, int fd) noexcept:
         cdef conn_t* c = &self.conns[fd]
@@ -1535,7 +1643,9 @@ cdef class Reactor:
 
     def adopt_link(self, int fd):
         """Serve an already connected socket as a trusted link to another zim
-        process (TCP framing, packets up to 4 MiB, no timeouts or output cap)."""
+        process (TCP framing, packets up to ``link_max_packet`` either way, no
+        timeouts or output cap). A frame over that limit, or a broken one, closes
+        it at once, writing nothing into it."""
         if fd < 0 or fd >= self.max_fds or self.conns[fd].state != S_FREE:
             raise ValueError("bad link descriptor")
         os.set_blocking(fd, False)      # edge-triggered reads must never block
@@ -1555,7 +1665,7 @@ cdef class Reactor:
         c = &self.conns[fd]
         if c.inflight < 0xFFFF:
             c.inflight += 1
-        if c.user == 0:
+        if c.user == 0 or c.inflight >= self.max_inflight:
             c.flags |= F_PAUSED
         return True
 
@@ -1569,7 +1679,8 @@ cdef class Reactor:
                                               PyBytes_GET_SIZE(payload))
         if self._conn_fd(conn) == fd:       # a full output buffer may have dropped it
             self._answered(fd)
-            self._resume(fd)
+            if self.conns[fd].inflight < self.max_inflight:
+                self._resume(fd)
         return queued
 
     cdef void _answered(self, int fd) noexcept:
@@ -1640,8 +1751,9 @@ cdef class Reactor:
         self.conns[link_fd].outlen += <uint32_t>(TCP_HEADER + 16 + pkt.body_len)
         if c.inflight < 0xFFFF:
             c.inflight += 1             # a close waits for the answer
-        if c.user == 0:
-            # it may be logging in: hold its next requests until this answer
+        if c.user == 0 or c.inflight >= self.max_inflight:
+            # it may be logging in: hold its next requests until this answer; or it has
+            # enough waiting already: read no more of it (its requests stay in the kernel)
             c.flags |= F_PAUSED
 
     cdef void _route_request(self, int fd, packet_t* pkt) noexcept:
@@ -1660,11 +1772,15 @@ cdef class Reactor:
     # Router mode: the commands a worker runs in C (_run_command), packed here.
     cdef char* _command(self, uint64_t link, int command, size_t head, bytes payload) noexcept:
         """Queue a command packet carrying payload after a head of fixed fields;
-        returns where the caller writes the head (NULL: the link is gone)."""
+        returns where the caller writes the head (NULL: the link is gone, or the
+        packet would be over the links' limit)."""
         cdef int fd = self._conn_fd(link)
         cdef size_t length = PyBytes_GET_SIZE(payload)
         cdef char* out
         if fd < 0:
+            return NULL
+        if TCP_HEADER + head + length > self.link_max_packet:
+            self._refuse_link_packet(command, TCP_HEADER + head + length)
             return NULL
         out = self._reserve(fd, TCP_HEADER + head + length)
         if out == NULL:
@@ -1723,7 +1839,8 @@ cdef class Reactor:
                 self._queue_packet(fd, get16(b + 8), get16(b + 10), b + 13, n - 13)
                 if b[12]:
                     self._answered(fd)
-                    self._resume(fd)
+                    if self.conns[fd].inflight < self.max_inflight:
+                        self._resume(fd)
             return True
         if pkt.action == CMD_PUSH_USER and n >= 18:  # user(8) exclude(8) action(2)
             self._push_user(get64(b), get16(b + 16), b + 18, n - 18, get64(b + 8))

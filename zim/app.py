@@ -6,16 +6,17 @@ request packet; everything per byte or per member happens in ``zim._core``.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from typing import Any, Callable, Iterable
 
 import orjson
+import psutil
 
 from zim._core import Reactor
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, LocalFabric
 from zim.limits import SendLimits
+from zim.origins import DEFAULT as DEFAULT_WS_ORIGINS, origin_check, parse_origins
 from zim.process import connection_ceiling
 from zim.pushmerge import DEFAULT_PUSH_MAX, PUSH_CHANNEL_MESSAGE, PushMerger, check_push_settings
 from zim.storage.retention import Retention
@@ -28,7 +29,12 @@ Handler = Callable[["Ctx", dict], dict]
 DEFAULT_MAX_PACKET = 65536
 DEFAULT_USER_RATE = 0           # off: a user's send reaches one user; channels are what fan out
 DEFAULT_CHANNEL_RATE = 40       # messages per second per channel, the article's figure
-DEFAULT_MAX_OUTBUF = 64 * 1024 * 1024   # bytes queued for one connection before it is cut
+DEFAULT_MAX_OUTBUF = 8 * 1024 * 1024    # bytes queued for one connection before it is cut (Redis's
+                                        # pub/sub soft limit); --max-client-memory bounds them all
+DEFAULT_MAX_INFLIGHT = 128      # requests of one connection waiting for answers before it is not read
+CLIENT_MEMORY_SHARE = 4         # auto --max-client-memory: a quarter of the machine over the serving processes
+DEFAULT_TOKEN_TTL = 30 * 86400  # seconds a login token is valid (renewed by every login and action 10)
+MAX_TOKEN_TTL = 100 * 365 * 86400
 MIN_OUTBUF = 2 * 1024 * 1024    # above the largest server packet (< 1 MiB) with room to spare
 MAX_OUTBUF = 1024 * 1024 * 1024
 
@@ -182,11 +188,14 @@ class App:
         self.max_packet = DEFAULT_MAX_PACKET
         self.data_dir: str | None = None
         self.secret: bytes = b""
+        self.token_ttl_ms = DEFAULT_TOKEN_TTL * 1000    # run(token_ttl=...)
+        self.tokens_v1_until = 0        # Unix ms: version 1 tokens (no expiry) are accepted until then
         self.limits = SendLimits()      # off until run() sets the configured ones
         self.channel_push = True        # a subscribe without "push" gets pushes
         self.push_merger: PushMerger | None = None     # merged pushes (103), when run() turns them on
         self._metrics = None            # zim.metrics.Metrics, made on first use
         self.metrics_address: str | None = None     # run(metrics="HOST:PORT") serves them
+        self.auto_client_memory = True  # run() chose --max-client-memory (for the start log)
         self.error_counts: dict[str, int] = {}          # code -> errors answered (App.error)
         self.pushes = {"user": 0, "channel": 0}         # messages pushed (one per message)
         self.logins = 0                 # successful logins (zim.im)
@@ -335,6 +344,11 @@ class App:
         ws_deflate: bool = True,
         redis: str | None = None,
         metrics: str | None = None,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_client_memory: int | None = None,
+        ws_origins: str | Iterable[str] = DEFAULT_WS_ORIGINS,
+        token_ttl: float = DEFAULT_TOKEN_TTL,
+        secret_file: str | None = None,
     ) -> None:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
 
@@ -351,6 +365,12 @@ class App:
         ``rate_limited`` and not stored; 0 turns a limit off.
         ``max_outbuf``: bytes queued for one connection (a client that stopped
         reading) before the server closes it.
+        ``max_inflight``: requests of one connection waiting for their answers
+        before the server stops reading it (its next requests wait in the kernel).
+        ``max_client_memory``: bytes of output queued for all the clients of one
+        serving process (a worker, or the single process); past it the largest
+        queues are cut first. None: a quarter of the machine's memory shared
+        between the serving processes; 0: no budget.
         ``channel_push``: whether a subscribe without a ``"push"`` field gets pushes
         (False: members read by history unless they ask for ``"push": true``).
         ``push_window_ms``: merge a channel's message pushes into one 103 per member
@@ -359,16 +379,31 @@ class App:
         carries, older ones counted in its ``skipped``.
         ``ws_deflate``: accept permessage-deflate from WebSocket clients that offer
         it (no context takeover either way; docs/protocol.md).
+        ``ws_origins``: the web origins whose pages may open a WebSocket, as
+        ``--ws-origins`` (``"https://chat.example.com,https://app.example.com"``,
+        or a list of them; ``"*"``: any; ``null``, ``require-origin``: see
+        zim.origins); another Origin gets HTTP 403.
         ``redis``: ``"redis://HOST:PORT/DB"``: this server is one node of several
         sharing that Redis (or Redis Cluster) for users, messages, mailboxes,
         presence and pushes (``zim.nodes``); ``data`` and the App's store are then
         not used. None: a server on its own.
         ``metrics``: ``"HOST:PORT"`` to serve ``/metrics`` (Prometheus), ``/healthz``
         and ``/readyz`` over HTTP from the server's loop (docs/deploy.md); None: off.
-        Bad values raise ValueError before anything starts.
+        ``token_ttl``: seconds a login token is valid (default 30 days); every
+        login answers a new one, and action 10 renews it (zim.tokens).
+        ``secret_file``: read the token secret from this file (32 bytes, ours,
+        mode 0600) instead of ``DATA/secret`` or, for a node, the Redis key
+        ``zim:secret``; every node of a service needs the same one.
+        Bad values raise ValueError before anything starts; a data directory,
+        secret or database that others may write, or that is not ours, raises
+        RuntimeError (zim.datadir).
         """
+        self.auto_client_memory = max_client_memory is None
+        if max_client_memory is None:
+            max_client_memory = max(max_outbuf, default_client_memory(workers))
         options = ServeOptions(tcp, ws, max_packet, login_timeout, idle_timeout, max_outbuf=max_outbuf,
-                               ws_deflate=ws_deflate)
+                               ws_deflate=ws_deflate, max_inflight=max_inflight,
+                               max_client_memory=max_client_memory, ws_origins=ws_origins)
         options.check()
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}")
@@ -379,10 +414,14 @@ class App:
         if metrics is not None:
             parse_address(metrics, 1)
         self.metrics_address = metrics
+        if isinstance(token_ttl, bool) or not isinstance(token_ttl, (int, float)) \
+                or not 1 <= token_ttl <= MAX_TOKEN_TTL:
+            raise ValueError(f"token_ttl must be between 1 second and 100 years, not {token_ttl!r}")
+        self.token_ttl_ms = int(token_ttl * 1000)
         if redis is not None:
-            self._join_nodes(redis, retention)
+            self._join_nodes(redis, retention, secret_file)
         else:
-            self._open_data(data, retention)
+            self._open_data(data, retention, secret_file)
         self.max_packet = max_packet
         self.limits = limits
         self.channel_push = channel_push
@@ -397,34 +436,42 @@ class App:
         finally:
             self.store.close()
 
-    def _open_data(self, data: str, retention: Retention) -> None:
-        """Check and open the data directory; a problem raises (the server must not start)."""
-        from zim import tokens
+    def _open_data(self, data: str, retention: Retention, secret_file: str | None = None) -> None:
+        """Check and open the data directory; a problem raises (the server must not start).
+        It is private (zim.datadir): 0700, the secret and the database 0600, ours."""
+        from zim import datadir, tokens
 
-        try:
-            os.makedirs(data, exist_ok=True)
-        except OSError as exc:
-            raise RuntimeError(f"cannot create the data directory {data}: {exc}") from exc
+        datadir.ensure_private_dir(data)
         self.data_dir = data
-        self.secret = tokens.load_or_create_secret(data)
+        if secret_file is not None:
+            datadir.check_file_directory(secret_file, "secret file")
+            self.secret = tokens.read_secret_file(secret_file, "secret file")
+        else:
+            self.secret = tokens.load_or_create_secret(data)
         if self.store is None:
-            from zim.storage.durable import DurableStore
+            from zim.storage.durable import DB_FILE, DurableStore, create_database_file
 
+            datadir.check_private_files_in(data, [DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"], "database")
+            create_database_file(data)
             self.store = DurableStore(data, retention)
+        since = getattr(self.store, "tokens_v2_since", None)
+        if since is not None and since():
+            self.tokens_v1_until = since() + self.token_ttl_ms
         ids = getattr(self, "ids", None)
         newest = getattr(self.store, "newest_id", None)
         if ids is not None and newest is not None:
             ids.advance_past(newest())      # ids keep growing even if the clock went back
 
-    def _join_nodes(self, url: str, retention: Retention) -> None:
+    def _join_nodes(self, url: str, retention: Retention, secret_file: str | None = None) -> None:
         """Be a node of the service sharing the Redis at ``url`` (blocks until
         Redis answers or RuntimeError)."""
         from zim.ids import Snowflake
         from zim.nodes.node import Node
 
-        self.node = Node(url, retention)
+        self.node = Node(url, retention, secret_file)
         self.store = self.node.store
         self.secret = self.node.secret
+        self.tokens_v1_until = self.node.tokens_v2_since + self.token_ttl_ms
         self.ids = Snowflake(self.node.worker_id)
 
     def start_push_merger(self, reactor: Reactor) -> None:
@@ -568,7 +615,7 @@ class App:
             try:
                 options.listen(reactor)
                 log.info("zim serving tcp=%s ws=%s", options.tcp, options.ws)
-                log_ceiling(1)
+                log_ceiling(1, options, self.auto_client_memory)
                 self.serve_metrics(reactor, reactor.counters_dict, lambda: (True, ""))
                 reactor.run()
             finally:
@@ -599,7 +646,11 @@ class ServeOptions:
 
     def __init__(self, tcp: str | None, ws: str | None, max_packet: int,
                  login_timeout: int, idle_timeout: int, max_outbuf: int = DEFAULT_MAX_OUTBUF,
-                 ws_deflate: bool = True) -> None:
+                 ws_deflate: bool = True, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 max_client_memory: int = 0, ws_origins: str | Iterable[str] = DEFAULT_WS_ORIGINS) -> None:
+        self.ws_origins = ws_origins        # --ws-origins: "*", or origins allowed (zim.origins)
+        self.max_inflight = max_inflight
+        self.max_client_memory = max_client_memory     # bytes per serving process; 0: no budget
         self.tcp = tcp
         self.ws = ws
         self.max_packet = max_packet
@@ -615,8 +666,19 @@ class ServeOptions:
             if not 0 <= value <= 86400:
                 raise ValueError(f"{name} must be between 0 and 86400 seconds")
         check_outbuf(self.max_outbuf, self.max_packet)
+        if isinstance(self.max_inflight, bool) or not isinstance(self.max_inflight, int) \
+                or not 1 <= self.max_inflight <= 65535:
+            raise ValueError(f"max_inflight must be between 1 and 65535, not {self.max_inflight!r}")
+        if isinstance(self.max_client_memory, bool) or not isinstance(self.max_client_memory, int) \
+                or not (self.max_client_memory == 0 or self.max_client_memory >= self.max_outbuf):
+            raise ValueError(f"max_client_memory must be 0 (off) or at least max_outbuf ({self.max_outbuf}), "
+                             f"not {self.max_client_memory!r}")
         if not isinstance(self.ws_deflate, bool):
             raise ValueError(f"ws_deflate must be True or False, not {self.ws_deflate!r}")
+        try:
+            self.ws_origins = str(parse_origins(self.ws_origins))  # canonical: as_args passes it on
+        except ValueError as exc:
+            raise ValueError(f"ws_origins: {exc}") from None
         for address in (self.tcp, self.ws):
             if address:
                 parse_address(address, 1)
@@ -624,7 +686,8 @@ class ServeOptions:
     def reactor(self, on_packet) -> Reactor:
         return Reactor(self.max_packet, on_packet, outbuf_limit=self.max_outbuf,
                        login_timeout=self.login_timeout, idle_timeout=self.idle_timeout,
-                       ws_deflate=self.ws_deflate)
+                       ws_deflate=self.ws_deflate, max_inflight=self.max_inflight,
+                       memory_budget=self.max_client_memory, ws_origins=origin_check(self.ws_origins))
 
     def listen(self, reactor: Reactor) -> None:
         if self.tcp:
@@ -639,15 +702,28 @@ class ServeOptions:
                 "--login-timeout", str(self.login_timeout),
                 "--idle-timeout", str(self.idle_timeout),
                 "--max-outbuf", str(self.max_outbuf),
-                "--ws-deflate", "on" if self.ws_deflate else "off"]
+                "--max-inflight", str(self.max_inflight),
+                "--max-client-memory", str(self.max_client_memory),
+                "--ws-deflate", "on" if self.ws_deflate else "off",
+                "--ws-origins", str(parse_origins(self.ws_origins))]
 
 
-def log_ceiling(serving_processes: int) -> None:
-    """Say at start how many connections the open-files limit lets the server hold."""
+def default_client_memory(serving_processes: int) -> int:
+    """--max-client-memory's default: a quarter of the machine's memory over the serving processes."""
+    return psutil.virtual_memory().total // CLIENT_MEMORY_SHARE // max(1, serving_processes)
+
+
+def log_ceiling(serving_processes: int, options: "ServeOptions", auto_memory: bool) -> None:
+    """Say at start how many connections the open-files limit lets the server hold, and
+    the memory limits in force."""
     limit, ceiling = connection_ceiling(serving_processes)
     log.info("open files: %d per process; %d serving process%s: at most about %d connections "
              "(docs/deploy.md: raise LimitNOFILE or add workers for more)", limit, serving_processes,
              "" if serving_processes == 1 else "es", ceiling)
+    log.info("limits: --max-outbuf %d bytes per connection, --max-client-memory %s per serving process%s, "
+             "--max-inflight %d requests per connection", options.max_outbuf,
+             f"{options.max_client_memory} bytes" if options.max_client_memory else "off",
+             " (auto)" if auto_memory else "", options.max_inflight)
 
 
 class stop_on_signals:

@@ -8,13 +8,14 @@ import re
 import sys
 
 from zim.app import (
-    DEFAULT_CHANNEL_RATE, DEFAULT_MAX_OUTBUF, DEFAULT_MAX_PACKET, DEFAULT_USER_RATE, MAX_OUTBUF, MAX_WORKERS,
-    MIN_OUTBUF, App, check_outbuf, parse_address,
+    DEFAULT_CHANNEL_RATE, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_OUTBUF, DEFAULT_MAX_PACKET, DEFAULT_TOKEN_TTL,
+    DEFAULT_USER_RATE, MAX_OUTBUF, MAX_WORKERS, MIN_OUTBUF, App, check_outbuf, parse_address,
 )
 from zim.config import ConfigError, load_config
 from zim.limits import check_rate
+from zim.origins import DEFAULT as DEFAULT_WS_ORIGINS, parse_origins
 from zim.pushmerge import DEFAULT_PUSH_MAX, MAX_PUSH_MAX, MAX_PUSH_WINDOW_MS
-from zim.storage.retention import Retention, Tier, parse_tier
+from zim.storage.retention import Retention, Tier, format_duration, parse_duration, parse_tier
 from zim.storage.store import MemoryStore
 
 
@@ -60,6 +61,23 @@ def _size(low: int, high: int):
     return parse
 
 
+def _client_memory(text: str) -> int | str:
+    """``auto``, ``0`` (off), or a size (at least 2 MiB; checked against --max-outbuf later)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip() == "0":
+        return 0
+    return _size(MIN_OUTBUF, 1 << 50)(text)
+
+
+def _origins(text: str) -> str:
+    """--ws-origins: '*', or a comma-separated list of origins (zim.origins); canonical form."""
+    try:
+        return str(parse_origins(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _rate(text: str) -> float:
     """Messages per second, >= 0 (0: off)."""
     try:
@@ -70,6 +88,18 @@ def _rate(text: str) -> float:
         return check_rate("the rate", value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _token_ttl(text: str) -> float:
+    """A token lifetime (30d, 12h, 90s ...) in seconds: 1 s to 100 years."""
+    try:
+        ms = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if ms < 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is shorter than a second (tokens must expire, "
+                                         "but not before a client can use them)")
+    return ms / 1000
 
 
 def _tier(text: str) -> Tier:
@@ -117,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bytes queued for one connection before the server cuts it (a client that "
                              f"stopped reading); 2MiB..1GiB, at least twice --max-packet "
                              f"(default {DEFAULT_MAX_OUTBUF >> 20}MiB)")
+    parser.add_argument("--max-inflight", type=_bounded_int(1, 65535), default=DEFAULT_MAX_INFLIGHT,
+                        metavar="N",
+                        help="requests of one connection waiting for their answers before the server "
+                             "stops reading it; its next requests wait in the kernel (default "
+                             f"{DEFAULT_MAX_INFLIGHT})")
+    parser.add_argument("--max-client-memory", type=_client_memory, default="auto", metavar="BYTES",
+                        help="output queued for all the clients of one worker (or of the single "
+                             "process); past it the largest queues are cut first, as Redis's "
+                             "maxmemory-clients. 'auto' (default): a quarter of the machine's memory "
+                             "shared between the workers; 0: no budget; else at least --max-outbuf")
     parser.add_argument("--channel-push", choices=["on", "off"], default="on",
                         help="on (default): a subscribe without a \"push\" field gets pushes; off: "
                              "members read by history unless they subscribe with \"push\": true")
@@ -131,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on (default): compress WebSocket messages with clients that offer "
                              "permessage-deflate (no context takeover: no per-connection zlib state); "
                              "off: never negotiate it")
+    parser.add_argument("--ws-origins", type=_origins, default=DEFAULT_WS_ORIGINS, metavar="ORIGINS",
+                        help="web pages that may open a WebSocket, by their Origin: a comma-separated "
+                             "list like https://chat.example.com,http://localhost:3000 (scheme, host, "
+                             "port; default ports and case do not matter), plus 'null' (file:// pages) "
+                             "or 'require-origin' (refuse upgrades without an Origin header, which "
+                             "non-browser clients otherwise may leave out); another Origin gets HTTP "
+                             "403. Default '*': any origin")
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite",
                         help="sqlite (default): everything in DIR/zim.db, kept across restarts; "
                              "memory: nothing kept (for tests and comparisons)")
@@ -146,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                 f"(default {defaults.large_members})")
     parser.add_argument("--prune-every", type=_bounded_int(1, 86400), default=defaults.prune_every_s,
                         metavar="S", help=f"start a pruning pass every S seconds (default {defaults.prune_every_s})")
+    parser.add_argument("--token-ttl", type=_token_ttl, default=DEFAULT_TOKEN_TTL, metavar="TTL",
+                        help="how long a login token is valid (30d, 12h, 90s ...; at least 1s); every "
+                             "login answers a new one and action 10 renews it (default "
+                             f"{format_duration(DEFAULT_TOKEN_TTL * 1000)})")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="read the token-signing secret (32 bytes; ours, mode 0600, not a symlink) "
+                             "from PATH instead of DIR/secret or, with --redis, the Redis key "
+                             "zim:secret; every node of a service needs the same file. Make one with: "
+                             "head -c 32 /dev/urandom > PATH && chmod 600 PATH")
     parser.add_argument("--redis", metavar="URL",
                         help="redis://HOST:PORT/DB: be one node of a zim service sharing this Redis (or "
                              "Redis Cluster) for users, messages, mailboxes, presence and pushes; --data "
@@ -176,6 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv, namespace=argparse.Namespace(**from_file))
     try:
         check_outbuf(args.max_outbuf, args.max_packet)
+        if args.max_client_memory not in ("auto", 0) and args.max_client_memory < args.max_outbuf:
+            raise ValueError(f"--max-client-memory ({args.max_client_memory}) must be at least "
+                             f"--max-outbuf ({args.max_outbuf})")
     except ValueError as exc:
         parser.error(str(exc))          # exit status 2, like every other bad flag
     return args
@@ -196,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             user_rate=args.user_rate, channel_rate=args.channel_rate, max_outbuf=args.max_outbuf,
             channel_push=args.channel_push == "on", push_window_ms=args.push_window_ms,
             push_max=args.push_max, ws_deflate=args.ws_deflate == "on", redis=args.redis,
-            metrics=None if args.metrics == "off" else args.metrics)
+            metrics=None if args.metrics == "off" else args.metrics, max_inflight=args.max_inflight,
+            max_client_memory=None if args.max_client_memory == "auto" else args.max_client_memory,
+            ws_origins=args.ws_origins, token_ttl=args.token_ttl, secret_file=args.secret_file)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"zim-server: {exc}", file=sys.stderr)
         return 1

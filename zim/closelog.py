@@ -22,6 +22,8 @@ WHY = {
     "too_large": "sent a packet over --max-packet",
     "protocol_error": "broke the framing or the WebSocket protocol",
     "output_cap": "stopped reading: output queue over --max-outbuf",
+    "memory_budget": "the largest output queues while the worker's passed --max-client-memory",
+    "origin": "a WebSocket Origin not in --ws-origins",
     "fd_limit": "refused at the open-file limit",
     "shutdown": "the server is stopping",
     "server": "closed by the server (an application's close, a worker link)",

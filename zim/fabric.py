@@ -60,6 +60,10 @@ class Fabric(Protocol):
     def close(self, conn: int) -> None:
         """Close a connection after what is queued for it."""
 
+    def close_user(self, user_id: int, exclude_conn: int) -> None:
+        """Close every connection of the user here but ``exclude_conn`` (log out
+        everywhere), each after what is queued for it."""
+
 
 class LocalFabric:
     """The single-process fabric: every connection is on this reactor."""
@@ -101,6 +105,9 @@ class LocalFabric:
     def close(self, conn: int) -> None:
         self.reactor.close(conn)
 
+    def close_user(self, user_id: int, exclude_conn: int) -> None:
+        close_user_here(self.reactor, user_id, exclude_conn)
+
 
 def bind_here(reactor: Reactor, conn: int, user_id: int, groups: Iterable[int]) -> bool:
     """Log a connection of this reactor in and add it to its groups; False if it is gone."""
@@ -132,6 +139,13 @@ def broadcast_except_here(reactor: Reactor, group: int, action: int, payload: by
         if body is not None:
             count += reactor.reply(conn, action, 0, body)
     return count
+
+
+def close_user_here(reactor: Reactor, user_id: int, exclude_conn: int) -> None:
+    """Close the user's connections on this reactor but ``exclude_conn``."""
+    for conn in reactor.user_conns(user_id):
+        if conn != exclude_conn:
+            reactor.close(conn)
 
 
 def follow_here(reactor: Reactor, user_id: int, group: int) -> None:

@@ -1,4 +1,4 @@
-"""The IM actions 1..9 of PROTOCOL.md, as zim.App handlers.
+"""The IM actions 1..11 of PROTOCOL.md, as zim.App handlers.
 
 Every handler checks the body's shape first (``bad_request``), then the action's
 own rules (``not_found``, ``forbidden`` ...), then, for sends, the rate limits
@@ -14,23 +14,25 @@ import orjson
 
 from zim.app import Error
 from zim.ids import Snowflake, timestamp_ms, wall_clock_ms
+from zim.names import check_channel_name, display_name
 from zim.storage.store import CHANNEL, USER
-from zim.tokens import make_token, parse_user_id, verify_token
+from zim.tokens import Claims, make_token, parse_user_id, verify_token
 
 if TYPE_CHECKING:
     from zim.app import App, Ctx, Handler
 
 LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
+REFRESH_TOKEN, LOG_OUT_EVERYWHERE = 10, 11
 PUSH_USER_MESSAGE = 101
 PUSH_CHANNEL_MESSAGE = 102
 
-MAX_NAME_CHARS = 64
 MAX_CHANNEL_CHARS = 256    # an addition to PROTOCOL.md: names are held per member
 HISTORY_DEFAULT_LIMIT = 20
 PAGE_MAX = 100              # history and mailbox pages, and mailbox pushes at login
 MAILBOX_DEFAULT_LIMIT = 100
 MAX_SEQ = (1 << 63) - 1
 # Server packets stay under 1 MiB (PROTOCOL.md); this leaves room for framing.
+# The SQLite store bounds its pages by the same figure (zim.storage.sqlite.PAGE_BYTES).
 RESPONSE_BUDGET = 1_000_000
 # Upper bound of a message's encoded size apart from its strings (content, sender
 # name, channel: <= 6 bytes per char, for \u00XX escapes): ids and numbers (<= 20
@@ -249,51 +251,102 @@ def _new_message(ctx: "Ctx", sender_id: int, content: str) -> dict:
 
 
 def login(ctx: "Ctx", body: dict) -> dict:
-    """1: log in as a new user, or resume one with its token."""
-    name = required_str(body, "name", MAX_NAME_CHARS)
+    """1: log in as a new user, or resume one with its token (genuine, not
+    expired, of the user's current epoch: else ``unauthorized``)."""
+    try:
+        name = display_name(body.get("name"))   # NFC, stripped, bounded, nothing invisible (zim.names)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
     token = optional_str(body, "token")
     if ctx.user_id is not None:
         raise bad_request("this connection is logged in already")
     app = ctx.app
     store = app.store
-    created = token is None
-    if created:
+    if token is None:
         user_id = app.ids.next()
         store.create_user(user_id, name)
-    else:
-        user_id = verify_token(app.secret, token)
-        if user_id is not None and not store.user_exists(user_id):
-            ask_store(ctx, "confirm_user", user_id)
-        if user_id is None or not store.user_exists(user_id):
-            raise Error("unauthorized", "invalid token")
-        if store.user_name(user_id) != name:
-            store.set_user_name(user_id, name)
-    # answered in order: the mailbox comes once the user (or its new name) is stored
-    return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, created))
+        # answered in order: the mailbox comes once the user is stored
+        return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, True, 0))
+    claims = verify_token(app.secret, token)
+    user_id = claims.user_id if claims is not None else None
+    if user_id is not None and not store.user_exists(user_id):
+        ask_store(ctx, "confirm_user", user_id)
+    if user_id is None or not store.user_exists(user_id):
+        raise Error("unauthorized", "invalid token")
+    if not token_in_time(app, claims):
+        raise Error("unauthorized", "token expired: log in with a newer one, or as a new user")
+    return ctx.later(current_epoch(store, user_id), _Resume(ctx, claims, name))
+
+
+def token_in_time(app: "App", claims: Claims) -> bool:
+    """Not expired: a version 2 token before its ``expires``; a version 1 token
+    (which has none) until ``app.tokens_v1_until`` (zim.tokens)."""
+    now = wall_clock_ms()
+    if claims.version == 1:
+        return now < app.tokens_v1_until
+    return claims.valid_at(now)
+
+
+def current_epoch(store: object, user_id: int) -> object:
+    """The user's token epoch: from the shared store when the store has only a
+    cache (a revocation on another node counts at once), a Pending then."""
+    confirm = getattr(store, "confirm_token_epoch", None)
+    return confirm(user_id) if confirm is not None else store.token_epoch(user_id)
+
+
+def issue_token(app: "App", user_id: int, epoch: int) -> dict:
+    """A new token for the user, of ``epoch``, valid for ``app.token_ttl_ms``."""
+    expires = wall_clock_ms() + app.token_ttl_ms
+    return {"token": make_token(app.secret, user_id, epoch, expires), "expiresAt": expires}
+
+
+class _Resume:
+    """A token login, once the user's current epoch is known: a token of an
+    older epoch was revoked (log out everywhere)."""
+
+    __slots__ = ("ctx", "claims", "name")
+
+    def __init__(self, ctx: "Ctx", claims: Claims, name: str) -> None:
+        self.ctx = ctx
+        self.claims = claims
+        self.name = name
+
+    def __call__(self, epoch: int) -> dict:
+        ctx, user_id = self.ctx, self.claims.user_id
+        if self.claims.epoch != epoch:
+            raise Error("unauthorized", "token revoked (the user logged out everywhere)")
+        store = ctx.app.store
+        if store.user_name(user_id) != self.name:
+            store.set_user_name(user_id, self.name)
+        # answered in order: the mailbox comes once the new name is stored
+        return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, False, epoch))
 
 
 class _LoggedIn:
     """The end of a login, once stored: bind the connection, push the mailbox, answer.
     (A small object rather than a closure: a login storm keeps thousands waiting.)"""
 
-    __slots__ = ("ctx", "user_id", "created")
+    __slots__ = ("ctx", "user_id", "created", "epoch")
 
-    def __init__(self, ctx: "Ctx", user_id: int, created: bool) -> None:
+    def __init__(self, ctx: "Ctx", user_id: int, created: bool, epoch: int) -> None:
         self.ctx = ctx
         self.user_id = user_id
         self.created = created      # a new user: counted once it is stored
+        self.epoch = epoch          # the token's: revoked meanwhile, the login fails
 
     def __call__(self, mailbox: list[dict]) -> dict:
         ctx, user_id = self.ctx, self.user_id
         app = ctx.app
+        if app.store.token_epoch(user_id) != self.epoch:
+            raise Error("unauthorized", "token revoked (the user logged out everywhere)")
         channels = [channel for channel, push in app.store.user_channels(user_id) if push]
         ctx.login(str(user_id), channels=channels)
-        for msg in mailbox:
+        for msg in oldest_that_fit(mailbox):       # about 1 MB in all: pull for the rest
             ctx.send(PUSH_USER_MESSAGE, msg)
         app.logins += 1
         if self.created:
             app.users_created += 1
-        return {"id": str(user_id), "token": make_token(app.secret, user_id)}
+        return {"id": str(user_id), **issue_token(app, user_id, self.epoch)}
 
 
 def send_user_message(ctx: "Ctx", body: dict) -> dict:
@@ -323,6 +376,10 @@ def subscribe(ctx: "Ctx", body: dict) -> dict:
     """3: join a channel (creating it), or update the push flag of a membership.
     Without a ``push`` field the server's policy decides (``App.run(channel_push=...)``)."""
     channel = channel_name(body, "name")
+    try:
+        check_channel_name(channel)     # no controls, bidi or invisible names (zim.names); not normalised
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
     push = optional_bool(body, "push", ctx.app.channel_push)
 
     def stored(_: object) -> dict:
@@ -397,10 +454,18 @@ def unsubscribe(ctx: "Ctx", body: dict) -> dict:
 
 
 def pull_mailbox(ctx: "Ctx", body: dict) -> dict:
-    """7: the oldest unacknowledged direct messages."""
+    """7: the oldest unacknowledged direct messages; ``hasMore`` when others wait
+    behind them (the page was full, or cut short to stay under 1 MiB)."""
     limit = limit_param(body, MAILBOX_DEFAULT_LIMIT)
-    return ctx.later(ctx.app.store.mailbox_pull(int(ctx.user_id), limit),
-                     lambda messages: {"messages": oldest_that_fit(messages)})
+
+    def fit(messages: list[dict]) -> dict:
+        # one more than asked for says whether more wait; a store bounded by bytes
+        # (zim.storage.sqlite.PAGE_BYTES) gives a page that passes the budget when it
+        # stopped short, so what is trimmed here says it too
+        page = oldest_that_fit(messages[:limit])
+        return {"messages": page, "hasMore": len(page) < len(messages)}
+
+    return ctx.later(ctx.app.store.mailbox_pull(int(ctx.user_id), limit + 1), fit)
 
 
 def ack_mailbox(ctx: "Ctx", body: dict) -> dict:
@@ -414,8 +479,30 @@ def heartbeat(ctx: "Ctx", body: dict) -> dict:
     return {"time": wall_clock_ms()}
 
 
+def refresh_token(ctx: "Ctx", body: dict) -> dict:
+    """10: a new token for the logged-in user (current epoch, a full lifetime)."""
+    user_id = int(ctx.user_id)
+    app = ctx.app
+    return ctx.later(current_epoch(app.store, user_id), lambda epoch: issue_token(app, user_id, epoch))
+
+
+def log_out_everywhere(ctx: "Ctx", body: dict) -> dict:
+    """11: revoke every token of the caller (bump its epoch) and close its other
+    connections, on every worker and node; answers a new token for this one."""
+    user_id = int(ctx.user_id)
+    app = ctx.app
+
+    def revoked(epoch: int) -> dict:
+        close_user = getattr(app.fabric, "close_user", None)
+        if close_user is not None:
+            close_user(user_id, ctx.conn)
+        return issue_token(app, user_id, epoch)
+
+    return ctx.later(app.store.revoke_tokens(user_id), revoked)
+
+
 def register(app: "App") -> None:
-    """Register actions 1..9 on ``app`` (and give it an id generator, ``app.ids``)."""
+    """Register actions 1..11 on ``app`` (and give it an id generator, ``app.ids``)."""
     _ensure_ids(app)
     app.route(LOGIN, login=False)(rechecking(login))
     app.route(SEND_USER)(rechecking(send_user_message))
@@ -426,6 +513,8 @@ def register(app: "App") -> None:
     app.route(PULL)(pull_mailbox)
     app.route(ACK)(ack_mailbox)
     app.route(HEARTBEAT, login=False)(heartbeat)
+    app.route(REFRESH_TOKEN)(refresh_token)
+    app.route(LOG_OUT_EVERYWHERE)(log_out_everywhere)
 
 
 def _ensure_ids(app: "App") -> Snowflake:

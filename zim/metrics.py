@@ -68,7 +68,7 @@ CORE_TABLE: tuple[FamilySpec, ...] = (
 
 # zim._core.CLOSE_REASON_NAMES, in the order they are exposed
 CLOSE_REASONS = ("login_timeout", "idle_timeout", "too_large", "protocol_error", "output_cap",
-                 "fd_limit", "shutdown", "server", "no_memory", "peer")
+                 "memory_budget", "origin", "fd_limit", "shutdown", "server", "no_memory", "peer")
 REQUEST_ACTIONS = 16        # zim._core.REQUEST_ACTIONS: actions counted one by one, the rest as "other"
 
 # C counter name -> (family, label value or None), or None: not exposed on its own

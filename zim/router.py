@@ -25,11 +25,12 @@ from typing import Iterable
 
 from zim._core import COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES
 from zim._idmap import IdMap
-from zim.app import App, ServeOptions, log_ceiling, stop_on_signals
+from zim.app import App, ServeOptions, error_body, log_ceiling, stop_on_signals
 from zim.metrics import APP_FAMILIES, combine_core_values, families_from_counts
 from zim.process import Backoff, exit_reason, helper_command
 from zim.worker import (
-    BIND_HEAD, CLOSE_BODY, CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_FOLLOW, CMD_UNFOLLOW, EVENT,
+    BIND_HEAD, CLOSE_BODY, CLOSE_USER_BODY, CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER,
+    CMD_FOLLOW, CMD_UNFOLLOW, EVENT,
     EVENT_LISTENING, EVENT_USER_GONE, FOLLOW_BODY, format_routes, pack_broadcast_except,
 )
 
@@ -99,7 +100,7 @@ class Router:
                     self._spawn(slot)
                 log.info("zim supervising %d workers, tcp=%s ws=%s",
                          len(self.slots), self.options.tcp, self.options.ws)
-                log_ceiling(len(self.slots))
+                log_ceiling(len(self.slots), self.options, self.app.auto_client_memory)
                 self.app.serve_metrics(self.reactor, self.core_counters, self.listening)
                 self.app.metrics.add_source(lambda: families_from_counts(
                     APP_FAMILIES, {"zim_worker_restarts_total": self.worker_restarts}))
@@ -288,8 +289,13 @@ class RouterFabric:
 
     def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
         link = self.slots[conn >> HANDLE_BITS].link
-        if link:
-            self.reactor.command_reply(link, conn & HANDLE_MASK, action, seq, response, payload)
+        if link and not self.reactor.command_reply(link, conn & HANDLE_MASK, action, seq, response, payload) \
+                and response and len(payload) > self.reactor.link_max_packet - 64:
+            # an answer no link carries (a handler's of some 64 MiB: never one of zim.im,
+            # whose pages stay under 1 MiB) is not sent (logged); the client, whose
+            # worker holds the request until it is answered, gets internal instead
+            self.reactor.command_reply(link, conn & HANDLE_MASK, action, seq, response,
+                                       error_body("internal", "the answer is too large"))
 
     def hold(self, conn: int) -> None:
         pass    # the worker holds every forwarded request until its response
@@ -366,3 +372,9 @@ class RouterFabric:
 
     def close(self, conn: int) -> None:
         self.router.send(conn >> HANDLE_BITS, CMD_CLOSE, CLOSE_BODY.pack(conn & HANDLE_MASK))
+
+    def close_user(self, user_id: int, exclude_conn: int) -> None:
+        router = self.router
+        for index in router.workers_in(router.presence.get(user_id)):
+            keep = exclude_conn & HANDLE_MASK if exclude_conn and exclude_conn >> HANDLE_BITS == index else 0
+            router.send(index, CMD_CLOSE_USER, CLOSE_USER_BODY.pack(user_id, keep))

@@ -17,7 +17,7 @@ import sys
 from zim.app import ServeOptions, stop_on_signals
 from zim.closelog import CloseLog
 from zim._core import COUNTER_BYTES
-from zim.fabric import bind_here, broadcast_except_here, follow_here, unfollow_here
+from zim.fabric import bind_here, broadcast_except_here, close_user_here, follow_here, unfollow_here
 from zim.process import die_with_parent
 
 log = logging.getLogger("zim.worker")
@@ -27,6 +27,7 @@ log = logging.getLogger("zim.worker")
 # the rest are packed below and carried out here.
 CMD_REPLY, CMD_PUSH_USER, CMD_BROADCAST, CMD_BIND, CMD_FOLLOW, CMD_UNFOLLOW, CMD_CLOSE = range(1, 8)
 CMD_BROADCAST_EXCEPT = 8    # a merged push (103) with several senders on this worker
+CMD_CLOSE_USER = 9          # close a user's connections here but one (log out everywhere)
 # Worker -> router events: action 0, the kind in the seq field. Every other
 # action on the link is a client request: body = conn(8) user(8) client body
 # (packed and unpacked in C: Reactor._forward and Reactor._route_request).
@@ -37,9 +38,10 @@ EVENT_LISTENING = 2         # the worker's listeners are open (the router's read
 BIND_HEAD = struct.Struct(">QQ")            # conn, user (then groups, 4 bytes each)
 FOLLOW_BODY = struct.Struct(">QI")          # user, group
 CLOSE_BODY = struct.Struct(">Q")
+CLOSE_USER_BODY = struct.Struct(">QQ")      # user, the connection to keep (0: none)
 EXCEPT_HEAD = struct.Struct(">IHI")         # group, action, n; then n entries, then the payload
 EXCEPT_ENTRY = struct.Struct(">QI")         # conn, length of its own payload (0: none), payload
-LINK_COMMAND_BUDGET = 2 << 20   # bytes: under the links' packet limit (4 MiB), a 103 is < 1 MiB
+LINK_COMMAND_BUDGET = 2 << 20   # bytes: far under the links' packet limit (64 MiB at least), a 103 is < 1 MiB
 
 class Worker:
     """One reactor serving clients, linked to the router."""
@@ -62,7 +64,8 @@ class Worker:
         self.close_log = CloseLog(f"worker {index}")
         reactor.on_tick = self._tick
         self.commands = {CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
-                         CMD_CLOSE: self._close, CMD_BROADCAST_EXCEPT: self._broadcast_except}
+                         CMD_CLOSE: self._close, CMD_BROADCAST_EXCEPT: self._broadcast_except,
+                         CMD_CLOSE_USER: self._close_user}
 
     def run(self) -> None:
         reactor = self.reactor
@@ -111,6 +114,9 @@ class Worker:
 
     def _close(self, body: bytes) -> None:
         self.reactor.close(CLOSE_BODY.unpack(body)[0])
+
+    def _close_user(self, body: bytes) -> None:
+        close_user_here(self.reactor, *CLOSE_USER_BODY.unpack(body))
 
     def _broadcast_except(self, body: bytes) -> None:
         group, action, payload, own = unpack_broadcast_except(body)
@@ -196,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--login-timeout", type=int, required=True)
     parser.add_argument("--idle-timeout", type=int, required=True)
     parser.add_argument("--max-outbuf", type=int, required=True)
+    parser.add_argument("--max-inflight", type=int, required=True)
+    parser.add_argument("--max-client-memory", type=int, required=True)
     parser.add_argument("--ws-deflate", choices=["on", "off"], default="on")
+    parser.add_argument("--ws-origins", default="*")
     parser.add_argument("--counters-fd", type=int, default=-1,
                         help="shared memory for the reactor's counters (Reactor.share_counters)")
     parser.add_argument("--log-level", default="INFO")
@@ -206,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(name)s[{args.index}] %(levelname)s %(message)s")
     options = ServeOptions(None if args.tcp == "off" else args.tcp, None if args.ws == "off" else args.ws,
                            args.max_packet, args.login_timeout, args.idle_timeout,
-                           max_outbuf=args.max_outbuf, ws_deflate=args.ws_deflate == "on")
+                           max_outbuf=args.max_outbuf, ws_deflate=args.ws_deflate == "on",
+                           max_inflight=args.max_inflight, max_client_memory=args.max_client_memory,
+                           ws_origins=args.ws_origins)
     try:
         Worker(options, args.link_fd, parse_routes(args.routes), args.index, args.counters_fd).run()
     except OSError as exc:

@@ -92,6 +92,11 @@ class NodeFabric:
     def close(self, conn: int) -> None:
         self.inner.close(conn)
 
+    def close_user(self, user_id: int, exclude_conn: int) -> None:
+        """This node's connections of the user only: the other nodes close theirs
+        when the revocation reaches them over the feed (``Node._on_change``)."""
+        self.inner.close_user(user_id, exclude_conn)
+
     def has_user(self, user_id: int) -> bool:
         return self.inner.has_user(user_id)
 

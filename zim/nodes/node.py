@@ -4,8 +4,10 @@
 handlers (the single process, or the router of ``--workers N``) a node:
 
 - at start (before the loop runs, so waiting is allowed): Redis found once
-  (``zim.nodes.client.discover``: cluster or not, the scripts loaded), the shared token
-  secret (``SET NX``, then ``GET``: every node signs with the same one) and a
+  (``zim.nodes.client.discover``: cluster or not, the scripts loaded), the token
+  secret (from ``--secret-file``; without one, the fallback: a Redis key, ``SET
+  NX`` then ``GET``), checked against the fingerprint the other nodes recorded
+  (every node signs with the same one), and a
   Snowflake worker id of its own (``SET zim:worker:<n> <node> NX PX``, renewed
   by every beat), so message and user ids stay unique across nodes;
 - then, on the loop: a ``RedisClient`` (``zim.nodes.client``), the
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from zim.datadir import check_file_directory
 from zim.ids import MAX_WORKER
 from zim.nodes import schema
 from zim.nodes.client import ClusterRedis, SingleRedis, discover
@@ -34,6 +37,7 @@ from zim.nodes.fabric import NodeFabric, channel_of_push, inbox_channel
 from zim.nodes.link import parse_redis_url
 from zim.nodes.store import RedisStore, now_ms
 from zim.storage.retention import Retention
+from zim.tokens import read_secret_file, secret_id
 
 if TYPE_CHECKING:
     from zim._core import Reactor
@@ -68,8 +72,12 @@ class Node:
     """One node: see the module docstring. ``Node(url)`` does the start's
     blocking part; ``attach(app, reactor)`` the rest, once the reactor exists."""
 
-    def __init__(self, url: str, retention: Retention = Retention()) -> None:
+    def __init__(self, url: str, retention: Retention = Retention(), secret_file: str | None = None) -> None:
         self.address = parse_redis_url(url)     # ValueError for what the links could not use
+        file_secret = None
+        if secret_file is not None:             # read first: a bad file stops the node before Redis
+            check_file_directory(secret_file, "secret file")
+            file_secret = read_secret_file(secret_file, "secret file")
         self.url = url
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{now_ms()}"
         # cluster or not, the slot map, the scripts on every master (RuntimeError
@@ -77,7 +85,15 @@ class Node:
         self.slot_ranges = discover(self.address)
         client = start_client(self.address, self.slot_ranges)
         try:
-            self.secret = self._shared_secret(client)
+            if file_secret is not None:
+                self.secret = file_secret
+            else:
+                log.warning("the token secret is the Redis key %s: whoever can read this Redis (or its "
+                            "backups) can log in as every user. Give every node the same private file "
+                            "instead: --secret-file PATH (docs/redis.md)", schema.SECRET_KEY)
+                self.secret = self._shared_secret(client)
+            self._check_secret_id(client)
+            self.tokens_v2_since = self._tokens_v2_since(client)
             self.worker_id = self._claim_worker_id(client)
         finally:
             client.close()
@@ -97,6 +113,29 @@ class Node:
         if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
             raise RuntimeError(f"{schema.SECRET_KEY} in redis is not a {SECRET_BYTES}-byte secret")
         return secret
+
+    def _check_secret_id(self, client: Any) -> None:
+        """Every node must sign with the same secret: the first one records its
+        fingerprint, the others compare (a node with another --secret-file would
+        issue tokens the rest refuse, and refuse theirs)."""
+        mine = secret_id(self.secret)
+        for command in schema.secret_id_steps(mine):
+            recorded = client.execute_command(*command)
+        if isinstance(recorded, bytes):
+            recorded = recorded.decode("ascii", "replace")
+        if recorded != mine:
+            raise RuntimeError(
+                f"this node's token secret differs from the one the other nodes of this Redis sign with "
+                f"({schema.SECRET_ID_KEY}): give every node the same --secret-file (or none). To change "
+                f"the secret on purpose, which logs every user out, stop every node and delete "
+                f"{schema.SECRET_ID_KEY}")
+
+    @staticmethod
+    def _tokens_v2_since(client: Any) -> int:
+        """When the service first ran with version 2 tokens (Unix ms)."""
+        for command in schema.tokens_v2_steps(now_ms()):
+            since = client.execute_command(*command)
+        return int(since)
 
     def _claim_worker_id(self, client: Any) -> int:
         """A Snowflake worker id no live node holds (1..1023; 0 is a lone server's)."""
@@ -193,6 +232,10 @@ class Node:
         if change.get("n") == self.node_id:
             return
         self.store.apply_change(change)
+        if change.get("k") == "epoch":
+            # the user logged out everywhere on another node: its connections here go too
+            self.fabric.close_user(change["u"], 0)
+            return
         if change.get("k") != "member":
             return
         user_id, channel, push = change["u"], change["c"], change["p"]

@@ -34,7 +34,9 @@ from zim.storage.store import Message, pair_key
 
 Command = tuple
 PREFIX = "zim"
-SECRET_KEY = f"{PREFIX}:secret"        # the token-signing secret, one for all nodes
+SECRET_KEY = f"{PREFIX}:secret"        # the token-signing secret, one for all nodes (without --secret-file)
+SECRET_ID_KEY = f"{PREFIX}:secret-id"  # a fingerprint of the secret the nodes sign with (zim.tokens.secret_id)
+TOKENS_V2_KEY = f"{PREFIX}:tokens-v2-since"    # Unix ms: version 1 tokens count for one lifetime from then
 NODES_KEY = f"{PREFIX}:nodes"          # sorted set: node id -> heartbeat deadline (ms)
 ACK_CHUNK = 1000                       # ids per ZREM/HDEL inside the ack script (Lua's unpack limit)
 
@@ -53,7 +55,7 @@ class ConversationKeys(NamedTuple):
 class UserKeys(NamedTuple):
     """The keys of one user, all in the user's hash slot."""
 
-    user: str         # hash: "name"
+    user: str         # hash: "name", and "epoch" (token generation; absent: 0) once bumped
     channels: str     # hash: channel -> "1"/"0" (push); an index of the channels' members hashes
     box: str          # sorted set: message id, scored by arrival (the mailbox's order)
     mail: str         # hash: message id -> the message as JSON (a copy, with seq)
@@ -295,6 +297,17 @@ def user_record_command(user_id: int, name: str) -> Command:
     return ("HSET", user_keys(user_id).user, "name", name)
 
 
+def token_epoch_command(user_id: int) -> Command:
+    """The user's token generation (nil: 0)."""
+    return ("HGET", user_keys(user_id).user, "epoch")
+
+
+def revoke_tokens_command(user_id: int) -> Command:
+    """Bump the user's token generation (log out everywhere); the reply is the new one.
+    Only for a user that exists (a logged-in one): HINCRBY would create the hash."""
+    return ("HINCRBY", user_keys(user_id).user, "epoch", 1)
+
+
 def subscribe_steps(channel: str, user_id: int, push: bool) -> list[Command]:
     """Join (or change the push flag): the channel's side, then the user's index,
     so the index never names a channel the user is not a member of. ``seq`` is
@@ -316,6 +329,17 @@ def secret_steps(candidate: bytes) -> list[Command]:
     """The shared token secret: every node offers a fresh one with SET NX and
     reads back the winner, so all nodes sign with the same secret."""
     return [("SET", SECRET_KEY, candidate, "NX"), ("GET", SECRET_KEY)]
+
+
+def secret_id_steps(fingerprint: str) -> list[Command]:
+    """The fingerprint of the secret the nodes sign with: the first node sets it,
+    every node reads it back and refuses to start if its own differs."""
+    return [("SET", SECRET_ID_KEY, fingerprint, "NX"), ("GET", SECRET_ID_KEY)]
+
+
+def tokens_v2_steps(now_ms: int) -> list[Command]:
+    """When the service first ran with version 2 tokens (set once, read back)."""
+    return [("SET", TOKENS_V2_KEY, now_ms, "NX"), ("GET", TOKENS_V2_KEY)]
 
 
 def heartbeat_command(node: str, now_ms: int, lifetime_ms: int) -> Command:

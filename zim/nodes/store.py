@@ -11,11 +11,13 @@ Users, channels and memberships live in Redis too, and each node keeps a
 
 - what this node wrote is in its cache at once (and undone if Redis refused);
 - what other nodes change reaches it over the change feed (``apply_change``,
-  a pub/sub channel every node subscribes to);
+  a pub/sub channel every node subscribes to), token revocations included;
 - a "no" from the cache may still be stale (the change was made a moment ago
   on another node), so the handlers ask ``confirm_user`` / ``confirm_member``
   before answering ``not_found``, ``forbidden`` or ``unauthorized``
-  (``zim.im.rechecking``); those read Redis and update the cache.
+  (``zim.im.rechecking``); those read Redis and update the cache. A user's
+  token epoch is read from Redis at every token login and refresh
+  (``confirm_token_epoch``): a stale cached epoch would be a stale "yes".
 
 Users are never deleted, so a cached user never becomes wrong; a cached
 membership can be stale only for the moment a feed message takes.
@@ -157,6 +159,35 @@ class RedisStore:
         return after(self.redis.pipeline([("HGET", keys.user, "name"), ("HGETALL", keys.channels)]),
                      lambda replies: self._learn_user(user_id, *replies))
 
+    # -- token generations ----------------------------------------------------
+    def token_epoch(self, user_id: int) -> int:
+        """The cached epoch: current but for the moment a feed message takes."""
+        return self.cache.token_epoch(user_id)
+
+    def confirm_token_epoch(self, user_id: int) -> Pending:
+        """The user's epoch as Redis holds it (a revocation on another node counts
+        at once), into the cache too."""
+        return after(self.redis.call(*schema.token_epoch_command(user_id)),
+                     lambda reply: self._learn_epoch(user_id, int(reply or 0), exact=True))
+
+    def _learn_epoch(self, user_id: int, epoch: int, exact: bool = False) -> int:
+        """Into the cache: Redis's value as read (``exact``), or a newer one heard of."""
+        cache = self.cache
+        if exact or epoch > cache.token_epoch(user_id):
+            cache.set_token_epoch(user_id, epoch)
+        return epoch
+
+    def revoke_tokens(self, user_id: int) -> Pending:
+        """Bump the epoch in Redis (HINCRBY); once Redis has it, the cache takes it
+        and the feed tells the other nodes (which close the user's connections)."""
+        return after(self.redis.call(*schema.revoke_tokens_command(user_id)),
+                     lambda reply: self._revoked(user_id, int(reply)))
+
+    def _revoked(self, user_id: int, epoch: int) -> int:
+        self._learn_epoch(user_id, epoch)
+        self._publish({"k": "epoch", "u": user_id, "e": epoch})
+        return epoch
+
     def _learn_user(self, user_id: int, name: bytes | None, channels: Any) -> bool:
         if name is None:
             return False
@@ -240,6 +271,8 @@ class RedisStore:
             user_id = change["u"]
             if cache.user_exists(user_id):
                 cache.set_user_name(user_id, change["name"])
+        elif kind == "epoch":
+            self._learn_epoch(change["u"], change["e"])
         elif kind == "member":
             channel, user_id, push = change["c"], change["u"], change["p"]
             if push is None:

@@ -34,12 +34,27 @@ from zim.storage.sqlite import SQLiteStore
 from zim.storage.store import ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending
 from zim.storage.writer import (
     FAILED, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME, OP_RESYNC,
-    OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_USER_MESSAGE,
+    OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE, OP_USER_MESSAGE, REFUSED,
 )
 
 log = logging.getLogger("zim.storage")
 
 DB_FILE = "zim.db"
+
+
+def create_database_file(data_dir: str) -> None:
+    """Make an empty ``zim.db`` (mode 0600, never through a symlink) if there is
+    none, so that SQLite, which would create it 0644 less the umask, opens a
+    private file; its ``-wal`` and ``-shm`` take the database's mode."""
+    from zim.datadir import create_private_file
+
+    path = os.path.join(data_dir, DB_FILE)
+    try:
+        os.close(create_private_file(path))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise RuntimeError(f"cannot create the zim database {path}: {exc}") from exc
 
 
 # How to undo a call's in-memory change: a function and its arguments (a tuple
@@ -91,6 +106,7 @@ class DurableStore:
         self.batch_stats, self._stats_fd = BatchStats.create()     # the writers' figures, kept across restarts
         self.closed = False
         self.stopping = False                   # the server is stopping: a writer that ends stays down
+        self._tokens_v2_since = 0
         self._newest_id = self._load()
 
     def _load(self) -> int:
@@ -103,6 +119,9 @@ class DurableStore:
                 meta.add_channel(channel)
             for channel, user_id, push in db.all_members():
                 meta.subscribe(channel, user_id, push)
+            for user_id, epoch in db.all_token_epochs():
+                meta.set_token_epoch(user_id, epoch)
+            self._tokens_v2_since = db.tokens_v2_since()
             return db.newest_id()
         finally:
             db.close()
@@ -110,6 +129,10 @@ class DurableStore:
     def newest_id(self) -> int:
         """The greatest id stored when the database was opened."""
         return self._newest_id
+
+    def tokens_v2_since(self) -> int:
+        """When the database was upgraded to token version 2 (Unix ms; 0: made with it)."""
+        return self._tokens_v2_since
 
     # -- the writer process ----------------------------------------------------
     def attach(self, reactor: Reactor, on_link: Callable[[int], None]) -> None:
@@ -125,6 +148,7 @@ class DurableStore:
         command = helper_command(
             "zim.storage.writer", "--db", self.path, "--link-fd", str(theirs.fileno()),
             "--parent", str(os.getpid()), "--stats-fd", str(self._stats_fd),
+            "--link-max-packet", str(self.reactor.link_max_packet),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             *self.retention.as_args())
         self.started = time.monotonic()
@@ -199,7 +223,11 @@ class DurableStore:
             return
         call = self.calls.popleft()
         value = orjson.loads(payload) if payload else None
-        if status == FAILED:
+        if status == REFUSED:
+            # this call alone was not done: the writer goes on with the others
+            self._undo([call])
+            call.settle(False, value)
+        elif status == FAILED:
             if call.number > self.undone_upto:
                 # this and every later call fail: undo them newest first, then let
                 # the writer accept writes again
@@ -259,6 +287,18 @@ class DurableStore:
         meta.set_user_name(user_id, name)
         return self._call(OP_RENAME, [user_id, name], (meta.set_user_name, user_id, old))
 
+    def token_epoch(self, user_id: int) -> int:
+        return self.meta.token_epoch(user_id)
+
+    def revoke_tokens(self, user_id: int) -> Pending:
+        """The new epoch counts at once (in memory: the next token login is refused
+        even before the commit), and is undone if the write fails."""
+        meta = self.meta
+        old = meta.token_epoch(user_id)
+        epoch = meta.revoke_tokens(user_id)
+        call = self._call(OP_TOKEN_EPOCH, [user_id, epoch], (meta.set_token_epoch, user_id, old))
+        return _with_value(call, epoch)
+
     # -- channels ----------------------------------------------------------
     def channel_exists(self, channel: str) -> bool:
         return self.meta.channel_exists(channel)
@@ -313,3 +353,14 @@ class DurableStore:
 
     def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> Pending:
         return self._call(OP_ACK, [user_id, [i for i in ids if isinstance(i, str)]])
+
+
+def _with_value(pending: Pending, value: Any) -> Pending:
+    """A Pending that settles as ``pending`` does, but with ``value`` on success."""
+    result = Pending()
+    pending.wait(_settle_with, result, value)
+    return result
+
+
+def _settle_with(result: Pending, value: Any, ok: bool, reason: Any) -> None:
+    result.settle(ok, value if ok else reason)

@@ -24,6 +24,7 @@ Schema (version 1):
 - ``users(id, name)``: ids are unsigned 64-bit; SQLite integers are signed, so an
   id >= 2**63 is stored as ``id - 2**64`` (two's complement), here and in
   ``members`` and ``mailbox``.
+  Version 3 adds ``token_epoch`` (the user's token generation, zim.tokens).
 - ``channels(name)``: a channel exists once anyone subscribed (it outlives its members).
 - ``members(channel, user_id, push)``: a rowid table so ``user_channels`` lists a
   user's channels in the order joined (as MemoryStore), via the index on user_id.
@@ -45,12 +46,14 @@ transaction; ``_transaction`` runs one of them in its own BEGIN IMMEDIATE ... CO
 
 Like MemoryStore, one instance is meant to be used by one thread at a time.
 Differences from MemoryStore: messages come back as new dicts equal to the stored
-ones (not the same objects, so mutating one changes nothing stored), and a message
-must be JSON-encodable by orjson (str keys, ints within 64 bits).
+ones (not the same objects, so mutating one changes nothing stored), a message
+must be JSON-encodable by orjson (str keys, ints within 64 bits), and history and
+mailbox pages are bounded by bytes as well as by count (``PAGE_BYTES``).
 """
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import orjson
@@ -59,7 +62,15 @@ from zim.storage.retention import Retention
 from zim.storage.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message,
                        PairKey, _encode_name, pair_key)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# History and mailbox pages are bounded by bytes here, at the source, so that no
+# answer of the writer is a monster (70 DMs of 64 KB made a 4.5 MB one). A page
+# stops once its messages have passed PAGE_BYTES and it holds two of them: at most
+# PAGE_BYTES and two messages. zim.im trims it to its budget (the same figure,
+# measured the same way) and whatever it trims tells it there is more (hasMore),
+# even when the first message alone is over the budget.
+PAGE_BYTES = 1_000_000              # = zim.im.RESPONSE_BUDGET
+PAGE_OVERHEAD = 64                  # = zim.im._PAGE_OVERHEAD: {"messages":[...],"hasMore":false}
 BUSY_TIMEOUT_MS = 5000
 _SIGNED_LIMIT = 1 << 63
 _SQL_INT_MAX = (1 << 63) - 1
@@ -110,6 +121,31 @@ CREATE TABLE meta (
 ) WITHOUT ROWID;
 """
 
+# version 3 adds users.token_epoch: the user's token generation ("log out
+# everywhere" bumps it; zim.tokens), and, in a database that had users before,
+# meta.tokens_v2_since: when it was upgraded, so that tokens of version 1 (which
+# never expired) are accepted for one token lifetime from then on, not forever
+_SCHEMA_V3 = """
+ALTER TABLE users ADD COLUMN token_epoch INTEGER NOT NULL DEFAULT 0;
+"""
+
+
+def _bounded_page(cursor: sqlite3.Cursor) -> tuple[list[Message], bool]:
+    """The messages of a query of bodies, in its order, until they have passed
+    PAGE_BYTES with two of them at least; True if rows were left (the rest of
+    the query is not read)."""
+    messages: list[Message] = []
+    total = PAGE_OVERHEAD
+    try:
+        for (body,) in cursor:
+            if total > PAGE_BYTES and len(messages) >= 2:
+                return messages, True
+            messages.append(orjson.loads(body))
+            total += len(body) + 1
+        return messages, False
+    finally:
+        cursor.close()
+
 
 def _sql_id(user_id: int) -> int | None:
     """An unsigned 64-bit user id as the signed integer SQLite stores; None (which
@@ -151,6 +187,13 @@ def _write_create_user(cur: sqlite3.Cursor, user_id: int, name: str) -> None:
 
 def _write_set_user_name(cur: sqlite3.Cursor, user_id: int, name: str) -> None:
     cur.execute("UPDATE users SET name = ? WHERE id = ?", (name, _sql_id(user_id)))
+    if cur.rowcount != 1:
+        raise KeyError(f"no user {user_id}")
+
+
+def _write_token_epoch(cur: sqlite3.Cursor, user_id: int, epoch: int) -> None:
+    # never back: a revocation stays revoked whatever order writes come in
+    cur.execute("UPDATE users SET token_epoch = max(token_epoch, ?) WHERE id = ?", (epoch, _sql_id(user_id)))
     if cur.rowcount != 1:
         raise KeyError(f"no user {user_id}")
 
@@ -307,6 +350,11 @@ class SQLiteStore:
                 _run_script(cur, _SCHEMA)
             if version < 2:
                 _run_script(cur, _SCHEMA_V2)
+            if version < 3:
+                _run_script(cur, _SCHEMA_V3)
+                if version > 0:     # users may hold version 1 tokens: they get one token lifetime
+                    cur.execute("INSERT INTO meta(key, value) VALUES ('tokens_v2_since', ?) "
+                                "ON CONFLICT(key) DO NOTHING", (time.time_ns() // 1_000_000,))
             # always write: proves the file is writable now, not at the first send
             cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             cur.execute("SELECT count(*) FROM conversations").fetchone()
@@ -478,6 +526,29 @@ class SQLiteStore:
         _encode_name(name)
         self._transaction(_write_set_user_name, user_id, name)
 
+    def token_epoch(self, user_id: int) -> int:
+        """The user's token generation (0 for an unknown user)."""
+        if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+            return 0
+        row = self._one("SELECT token_epoch FROM users WHERE id = ?", (_sql_id(user_id),))
+        return 0 if row is None else row[0]
+
+    def set_token_epoch(self, user_id: int, epoch: int) -> None:
+        """Raise the user's token generation to ``epoch`` (never lowers it);
+        KeyError for an unknown user."""
+        if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+            raise KeyError(f"no user {user_id}")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= _SQL_INT_MAX:
+            raise ValueError(f"bad token epoch {epoch!r}")
+        self._transaction(_write_token_epoch, user_id, epoch)
+
+    def revoke_tokens(self, user_id: int) -> int:
+        """Bump the user's token generation; the new one. (The server's store bumps
+        it in memory and writes it with ``set_token_epoch``.)"""
+        epoch = self.token_epoch(user_id) + 1
+        self.set_token_epoch(user_id, epoch)
+        return epoch
+
     # -- channels ----------------------------------------------------------
     def channel_exists(self, channel: str) -> bool:
         return self._one("SELECT 1 FROM channels WHERE name = ?", (channel,)) is not None
@@ -530,21 +601,23 @@ class SQLiteStore:
         start = max(0, end - max(limit, 0))
         if end <= start:
             return [], start > 0
-        rows = self._connection().execute(
-            "SELECT body FROM messages WHERE conv = ? AND seq > ? AND seq <= ? ORDER BY seq",
-            (conv, start, end)).fetchall()
-        return [orjson.loads(body) for (body,) in rows], start > 0
+        # the newest first, as far as PAGE_BYTES goes; then oldest first
+        messages, cut = _bounded_page(self._connection().execute(
+            "SELECT body FROM messages WHERE conv = ? AND seq > ? AND seq <= ? ORDER BY seq DESC",
+            (conv, start, end)))
+        messages.reverse()
+        return messages, start > 0 or cut
 
     # -- mailboxes ---------------------------------------------------------
     def mailbox_pull(self, user_id: int, limit: int) -> list[Message]:
+        """The oldest ``limit`` messages, as far as PAGE_BYTES goes (see there)."""
         if limit < 1:
             return []
-        rows = self._connection().execute(
+        return _bounded_page(self._connection().execute(
             "SELECT m.body FROM mailbox AS b INDEXED BY mailbox_by_user "
             "JOIN messages AS m ON m.conv = b.conv AND m.seq = b.seq "
             "WHERE b.user_id = ? ORDER BY b.rowid LIMIT ?",
-            (_sql_id(user_id), min(limit, _SQL_INT_MAX))).fetchall()
-        return [orjson.loads(body) for (body,) in rows]
+            (_sql_id(user_id), min(limit, _SQL_INT_MAX))))[0]
 
     def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> None:
         # only strings can be mailbox keys (MemoryStore: dict keys are the str ids)
@@ -557,6 +630,18 @@ class SQLiteStore:
         """Every (user id, name), by id."""
         for user_id, name in self._connection().execute("SELECT id, name FROM users ORDER BY id"):
             yield (user_id + (1 << 64) if user_id < 0 else user_id), name
+
+    def all_token_epochs(self) -> Iterator[tuple[int, int]]:
+        """Every (user id, token epoch) whose epoch is not 0 (few: users who logged out everywhere)."""
+        for user_id, epoch in self._connection().execute(
+                "SELECT id, token_epoch FROM users WHERE token_epoch != 0"):
+            yield (user_id + (1 << 64) if user_id < 0 else user_id), epoch
+
+    def tokens_v2_since(self) -> int:
+        """When this database was upgraded to token version 2 (Unix ms), or 0 if it
+        was made with version 2 (no version 1 token can name its users)."""
+        row = self._one("SELECT value FROM meta WHERE key = 'tokens_v2_since'", ())
+        return 0 if row is None else row[0]
 
     def all_channels(self) -> Iterator[str]:
         for (name,) in self._connection().execute("SELECT name FROM channels"):

@@ -13,7 +13,10 @@ A store whose reads of users and memberships come from a cache that may lag
 ``confirm_user(user_id)`` and ``confirm_member(channel, user_id)``: each
 returns a ``Pending`` that settles once the cache holds the shared store's
 answer (or None when the cached answer is certain). zim.im asks before it
-answers a "no" (``zim.im.rechecking``).
+answers a "no" (``zim.im.rechecking``). It also has
+``confirm_token_epoch(user_id)``, a ``Pending`` of the user's token epoch as
+the shared store holds it (a revocation on another node must count at once):
+zim.im asks it at every token login and refresh.
 
 Messages are plain dicts shaped as on the wire (PROTOCOL.md "Message"). A store
 keeps the dict it is given (setting its ``"seq"``) and hands the same dicts back:
@@ -55,6 +58,15 @@ class Store(Protocol):
 
     def set_user_name(self, user_id: int, name: str) -> None:
         """Change an existing user's display name."""
+
+    def token_epoch(self, user_id: int) -> int:
+        """The user's token generation (0 until the first revocation): only tokens
+        of this epoch are valid (zim.tokens). A store with a cache answers from it;
+        ``confirm_token_epoch`` (below) reads the shared store."""
+
+    def revoke_tokens(self, user_id: int) -> int:
+        """Bump the user's token generation (log out everywhere): every token issued
+        before is invalid from now on. Returns the new epoch."""
 
     # -- channels ----------------------------------------------------------
     def channel_exists(self, channel: str) -> bool:
@@ -250,6 +262,7 @@ class MemoryStore:
         self._channel_log: dict[str, list[Message]] = {}       # channel -> messages, seq i at [i-1]
         self._pair_log: dict[PairKey, list[Message]] = {}      # user pair -> messages
         self._mailboxes: dict[int, dict[str, Message]] = {}    # user id -> {message id: msg}, oldest first
+        self._epochs: dict[int, int] = {}                      # user id -> token epoch, when not 0 (rare)
 
     # -- users -------------------------------------------------------------
     def create_user(self, user_id: int, name: str) -> None:
@@ -268,6 +281,24 @@ class MemoryStore:
     def remove_user(self, user_id: int) -> None:
         """Forget a user that has no memberships (undo of ``create_user``)."""
         self._names.remove(user_id)
+        self._epochs.pop(user_id, None)
+
+    def token_epoch(self, user_id: int) -> int:
+        return self._epochs.get(user_id, 0)
+
+    def set_token_epoch(self, user_id: int, epoch: int) -> None:
+        """Set the user's token epoch (loading a stored one, an undo, or news from another node)."""
+        if epoch:
+            self._epochs[user_id] = epoch
+        else:
+            self._epochs.pop(user_id, None)
+
+    def revoke_tokens(self, user_id: int) -> int:
+        if user_id not in self._names:
+            raise KeyError(f"no user {user_id}")
+        epoch = self._epochs.get(user_id, 0) + 1
+        self._epochs[user_id] = epoch
+        return epoch
 
     # -- channels ----------------------------------------------------------
     def channel_exists(self, channel: str) -> bool:

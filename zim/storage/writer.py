@@ -3,7 +3,10 @@
 The server (``zim.storage.durable.DurableStore``) sends it store operations over a Unix
 socketpair, in zim's TCP framing: action = operation, body = orjson list of its
 arguments. It answers every operation, in order, with one packet: same action,
-seq = OK or FAILED, body = orjson of the result.
+seq = OK, FAILED or REFUSED, body = orjson of the result. Packets either way stay
+under the link's limit (``--link-max-packet``, far above any of them: reads are
+bounded by bytes, ``zim.storage.sqlite.PAGE_BYTES``); a frame over it, or a
+broken one, ends the link without an answer.
 
 Group commit: it reads whatever has arrived (everything queued while the last
 commit ran), applies it all in one transaction, commits, and only then sends the
@@ -11,7 +14,9 @@ answers, in one write. So an answer means "committed": the server sends a client
 its response only after that. A failed batch (I/O error, full disk) is rolled
 back and every operation in it answered FAILED; so is every later one until the
 server, having undone its own view of the failed ones, sends RESYNC. Hence an
-answer OK also means every earlier operation was stored.
+answer OK also means every earlier operation was stored, except those answered
+REFUSED: an operation the store refuses (the server checks first: a bug if
+seen), or an answer too big to send, fails alone and nothing of it is stored.
 
 Reads (history, mailbox) go through here too, in the same order as the writes:
 a read sees every write sent before it.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import select
 import signal
 import socket
@@ -46,8 +52,14 @@ log = logging.getLogger("zim.storage.writer")
 
 (OP_CREATE_USER, OP_RENAME, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_CHANNEL_MESSAGE, OP_USER_MESSAGE,
  OP_HISTORY, OP_MAILBOX, OP_ACK, OP_RESYNC) = range(1, 11)
-OK, FAILED = 0, 1
-LINK_MAX_PACKET = 4 * 1024 * 1024     # the reactor's limit for links
+OP_TOKEN_EPOCH = 11                   # a user's token generation raised (log out everywhere)
+# Answer statuses (the seq field). FAILED: the batch was rolled back, and every
+# later operation fails too until RESYNC. REFUSED: this operation alone was not
+# done (a request the store refuses, an answer too big for the link); the rest go on.
+OK, FAILED, REFUSED = 0, 1, 2
+# The links' packet limit when none is given: zim._core.link_packet_limit of the
+# largest --max-packet (the server passes its own, --link-max-packet)
+LINK_MAX_PACKET = 65 * 1024 * 1024
 READ_CHUNK = 1 << 20
 PRUNE_ROWS = 2000                     # rows deleted per prune step
 
@@ -67,15 +79,17 @@ OPERATIONS: dict[int, Callable[..., Any]] = {
     OP_HISTORY: _history,
     OP_MAILBOX: SQLiteStore.mailbox_pull,
     OP_ACK: SQLiteStore.mailbox_ack,
+    OP_TOKEN_EPOCH: SQLiteStore.set_token_epoch,
 }
 
 
 class Writer:
     """Applies batches of operations to one SQLiteStore; see the module docstring."""
 
-    def __init__(self, store: SQLiteStore, retention: Retention) -> None:
+    def __init__(self, store: SQLiteStore, retention: Retention, link_max_packet: int = LINK_MAX_PACKET) -> None:
         self.store = store
         self.retention = retention
+        self.link_max_packet = link_max_packet     # no answer goes over it (REFUSED instead)
         self.failed = False             # answering FAILED until RESYNC
         self.prune_at = time.monotonic() + retention.prune_every_s
         self.prune_from: str | None = None    # None: no pass under way
@@ -105,9 +119,16 @@ class Writer:
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 # a request the store refuses (the server checks first: a bug if seen)
                 log.error("operation %d refused: %r", op, exc)
-                answers.append(encode_tcp(op, FAILED, orjson.dumps(f"refused: {exc!r}")))
+                answers.append(encode_tcp(op, REFUSED, orjson.dumps(f"refused: {exc!r}")))
                 continue
-            answers.append(encode_tcp(op, OK, orjson.dumps(value)))
+            payload = orjson.dumps(value)
+            if len(payload) + 8 > self.link_max_packet:
+                # reads are bounded by bytes (PAGE_BYTES), so this is a bug if seen;
+                # the server closes a link that brings it more than it carries
+                log.error("operation %d: an answer of %d bytes is over the link's limit", op, len(payload))
+                answers.append(encode_tcp(op, REFUSED, b'"answer too large"'))
+                continue
+            answers.append(encode_tcp(op, OK, payload))
         if first >= 0:
             try:
                 store.commit_batch()
@@ -208,7 +229,7 @@ class Checkpointer(threading.Thread):
 def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None = None,
           stats: BatchStats | None = None) -> None:
     """Read operations, apply them in batches, answer; until the server goes away."""
-    decoder = TcpDecoder(LINK_MAX_PACKET)
+    decoder = TcpDecoder(writer.link_max_packet)
     fd = sock.fileno()
     buffer = bytearray(READ_CHUNK)      # reused: a fresh 1 MiB bytes per read costs an mmap
     view = memoryview(buffer)
@@ -223,7 +244,8 @@ def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None
         packets = []
         for event in decoder.feed(bytes(view[:size])):
             if event[0] != "packet":
-                log.error("broken link framing: %r", event[0])
+                # nothing is written back: the server sees the link close
+                log.error("broken link framing: %r; closing the link", event[0])
                 return
             packets.append((event[1], event[3]))
         if packets:
@@ -242,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zim.storage.writer", description="zim's database writer (started by zim-server)")
     parser.add_argument("--db", required=True)
     parser.add_argument("--link-fd", type=int, required=True)
+    parser.add_argument("--link-max-packet", type=int, default=LINK_MAX_PACKET,
+                        help="the largest packet on the link, either way (the server's Reactor.link_max_packet)")
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--retain-private", type=parse_tier, default=Retention.private)
     parser.add_argument("--retain-channel", type=parse_tier, default=Retention.channel)
@@ -253,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
+    os.umask(0o077)     # whatever SQLite creates next to the database is private (zim.datadir)
     # SIGINT (Ctrl-C reaches the whole process group) is the server's to act on
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (the server stopping, or dying) ends it at once: an open batch is
@@ -273,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpointer = Checkpointer(args.db)
     checkpointer.start()
     try:
-        serve(sock, Writer(store, retention), checkpointer,
+        serve(sock, Writer(store, retention, args.link_max_packet), checkpointer,
               BatchStats.attach(args.stats_fd) if args.stats_fd >= 0 else None)
     except (BrokenPipeError, ConnectionResetError):
         pass
