@@ -382,6 +382,7 @@ cdef class Reactor:
     cdef int epfd
     cdef int reserve_fd
     cdef int max_fds
+    cdef int high_fd                # the highest descriptor claimed so far: table scans stop there
     cdef conn_t* conns
     cdef size_t max_packet
     cdef readonly size_t link_max_packet    # link_packet_limit(max_packet): links' packets, either way
@@ -538,6 +539,8 @@ cdef class Reactor:
         (events carry the handle); -1 (slot left free) if epoll refuses it."""
         cdef conn_t* c = &self.conns[fd]
         cdef epoll_event ev
+        if fd > self.high_fd:
+            self.high_fd = fd
         c.gen = next_gen(c.gen)
         c.state = state
         c.flags = flags
@@ -1899,7 +1902,7 @@ cdef class Reactor:
         cdef uint64_t total = 0, largest = 0, links = 0
         cdef int fd
         cdef conn_t* c
-        for fd in range(self.max_fds):
+        for fd in range(self.high_fd + 1):
             c = &self.conns[fd]
             if c.state < S_TCP or c.outlen == 0:
                 continue
