@@ -19,6 +19,8 @@ import psutil
 import pytest
 from node_fixtures import Backend, backend_fixture
 from redis_fixtures import requires_redis_server
+from conftest import free_port
+from test_metrics import Scraper
 from test_storage_durable import Sender, all_history, drain_mailbox, kill_everything
 from zimclient import unique
 
@@ -270,7 +272,8 @@ def test_the_users_of_a_dead_worker_leave_the_nodes_presence(backend, start_serv
 def test_redis_restarted_under_load_loses_nothing_acknowledged(backend, start_server):
     # no cap: every acknowledged message must be found in history afterwards
     flags = [*NODE_FLAGS, "--retain-channel", "0:0", "--retain-private", "0:0", "--redis", backend.url]
-    a, b = (start_server(flags) for _ in range(2))
+    metrics = [free_port(), free_port()]        # /readyz: every Redis link of the node is up
+    a, b = (start_server([*flags, "--metrics", f"127.0.0.1:{port}"]) for port in metrics)
     channel = unique("restart")
     receivers = []
     for i in range(4):
@@ -309,7 +312,14 @@ def test_redis_restarted_under_load_loses_nothing_acknowledged(backend, start_se
         assert set(sender.acked_dms) <= mailbox
         pair = {m["id"]: m["seq"] for m in all_history(receiver, userId=sender.client.user_id)}
         assert all(pair.get(k) == v for k, v in sender.acked_dms.items())
-    # pushes cross nodes again after the restart (the nodes subscribed again)
+    # pushes cross nodes again once the nodes say they are ready: their subscriber links
+    # reconnect on their own back-off, after the command links a send needs
+    for port in metrics:
+        scraper = Scraper(port)
+        deadline = time.monotonic() + 15
+        while scraper.get("/readyz")[0] != 200:
+            assert time.monotonic() < deadline, f"a node never got ready again: {scraper.get('/readyz')}"
+            time.sleep(0.1)
     listener, talker = logged_in(a), logged_in(b)
     room = unique("room")
     listener.ok(3, {"name": room})
