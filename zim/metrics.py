@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from zim._core import Reactor
+from zim._core import CLOSE_REASON_NAMES, COUNTER_NAMES, Reactor
 from zim.httpserve import HttpServer, split_host_port
 
 log = logging.getLogger("zim.metrics")
@@ -66,17 +66,14 @@ CORE_TABLE: tuple[FamilySpec, ...] = (
     ("zim_link_queue_bytes", GAUGE, "Bytes queued on the links between zim's processes.", None),
 )
 
-# zim._core.CLOSE_REASON_NAMES, in the order they are exposed
-CLOSE_REASONS = ("login_timeout", "idle_timeout", "too_large", "protocol_error", "output_cap",
-                 "memory_budget", "origin", "fd_limit", "shutdown", "server", "no_memory", "peer")
-REQUEST_ACTIONS = 16        # zim._core.REQUEST_ACTIONS: actions counted one by one, the rest as "other"
-
-# C counter name -> (family, label value or None), or None: not exposed on its own
+# C counter name -> (family, label value or None), or None: not exposed on its own.
+# Close reasons and request actions come from the core's own lists, so a reason or an
+# action counted there is exposed here without a second list to keep equal.
 CORE_COUNTERS: dict[str, Union[tuple[str, Union[str, None]], None]] = {
     "accepted": ("zim_connections_accepted_total", None),
-    **{f"closed_{reason}": ("zim_connections_closed_total", reason) for reason in CLOSE_REASONS},
-    **{f"requests_action_{action}": ("zim_requests_total", str(action)) for action in range(REQUEST_ACTIONS)},
-    "requests_action_other": ("zim_requests_total", "other"),
+    **{f"closed_{reason}": ("zim_connections_closed_total", reason) for reason in CLOSE_REASON_NAMES},
+    **{name: ("zim_requests_total", name[len("requests_action_"):])
+       for name in COUNTER_NAMES if name.startswith("requests_action_")},
     "deliveries_user": ("zim_deliveries_total", "user"),
     "deliveries_channel": ("zim_deliveries_total", "channel"),
     "bytes_in": ("zim_bytes_received_total", None),
