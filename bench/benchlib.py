@@ -182,6 +182,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Benches measure throughput, not the limits (bench/abuse.py measures those), and
+# their clients mostly come from 127.0.0.1: the rate and count limits are off.
+BENCH_LIMITS = ("--channel-rate", "0", "--user-rate", "0", "--max-conns-per-address", "0",
+                "--address-login-rate", "0", "--address-new-user-rate", "0", "--address-auth-failure-rate", "0",
+                "--channel-create-rate", "0", "--ack-rate", "0", "--max-mailbox", "0", "--max-mailbox-bytes", "0")
+
+
 @dataclass
 class Server:
     """A ``python -m zim --workers N`` process on loopback ports, with its data in a
@@ -190,6 +197,7 @@ class Server:
     extra_args: list[str] = field(default_factory=list)
     workers: int = 1
     redis: str | None = None     # redis://HOST:PORT/DB: one node of a multi-node service (--redis)
+    default_limits: bool = False    # keep zim's default abuse limits (bench/abuse.py); else BENCH_LIMITS
     tcp_port: int = 0
     ws_port: int = 0
     process: subprocess.Popen | None = None
@@ -202,7 +210,7 @@ class Server:
         return [sys.executable, "-m", "zim",
                 "--tcp", f"{LOOPBACK}:{self.tcp_port}", "--ws", f"{LOOPBACK}:{self.ws_port}",
                 "--data", self.data_dir, "--workers", str(self.workers),
-                "--channel-rate", "0",      # benches measure throughput, not the rate limit
+                *(() if self.default_limits else BENCH_LIMITS),
                 *(["--redis", self.redis] if self.redis else []), *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> psutil.Process:

@@ -181,16 +181,25 @@ def _logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("zim-logs")
 
 
+# Every test client comes from 127.0.0.1 and most tests make users and send as fast
+# as they can: the per-address and per-user rate limits are off for the servers
+# they start, unless a test asks for the defaults (``default_limits=True``; the
+# limits' own tests: test_abuse_limits.py, test_conn_limits.py). A flag a test
+# gives comes later on the command line, so it wins.
+TEST_LIMITS = ("--user-rate", "0", "--max-conns-per-address", "0", "--address-login-rate", "0",
+               "--address-new-user-rate", "0", "--address-auth-failure-rate", "0", "--channel-create-rate", "0")
+
+
 def _launch(tmp_path_factory, log_dir: Path, flags: Sequence[str] = (), app_script: str | None = None,
             data_dir: Path | None = None, allowed_tracebacks: Sequence[str] = (),
-            wait: bool = True) -> ServerProcess:
+            wait: bool = True, default_limits: bool = False) -> ServerProcess:
     tcp_port, ws_port = free_port(), free_port()
     while ws_port == tcp_port:
         ws_port = free_port()
     data_dir = data_dir or tmp_path_factory.mktemp("zim-data")
     if app_script is None:
         args = [sys.executable, "-m", "zim", "--tcp", f"{HOST}:{tcp_port}", "--ws", f"{HOST}:{ws_port}",
-                "--data", str(data_dir), *flags]
+                "--data", str(data_dir), *(() if default_limits else TEST_LIMITS), *flags]
     else:
         script = log_dir / f"app_{uuid.uuid4().hex[:8]}.py"
         script.write_text(textwrap.dedent(app_script))
@@ -218,7 +227,8 @@ StartServer = Callable[..., ServerProcess]
 
 
 class ServerFactory:
-    """``factory(flags=(...), app_script=None, data_dir=None, allowed_tracebacks=())``.
+    """``factory(flags=(...), app_script=None, data_dir=None, allowed_tracebacks=(),
+    default_limits=False)`` (``TEST_LIMITS``: rate limits off unless ``default_limits``).
 
     ``app_script`` is Python source run as ``python script.py TCP WS DATA``; it
     reads its addresses from ``sys.argv[1:4]``. ``finish()`` stops and checks
@@ -232,9 +242,9 @@ class ServerFactory:
 
     def __call__(self, flags: Sequence[str] = (), app_script: str | None = None,
                  data_dir: Path | None = None, allowed_tracebacks: Sequence[str] = (),
-                 wait: bool = True) -> ServerProcess:
+                 wait: bool = True, default_limits: bool = False) -> ServerProcess:
         srv = _launch(self.tmp_path_factory, self.log_dir, flags, app_script, data_dir,
-                      allowed_tracebacks, wait)
+                      allowed_tracebacks, wait, default_limits)
         self.started.append(srv)
         return srv
 

@@ -253,7 +253,8 @@ def test_core_families_name_every_c_counter_of_the_core():
         ("zim_connections_accepted_total", ()): n["accepted"],
         **{("zim_connections_closed_total", (("reason", r),)): n[f"closed_{r}"]
            for r in ["peer", "login_timeout", "idle_timeout", "too_large", "protocol_error", "output_cap",
-                     "fd_limit", "shutdown", "server", "no_memory", "memory_budget", "origin"]},
+                     "fd_limit", "shutdown", "server", "no_memory", "memory_budget", "origin",
+                     "address_limit"]},
         **{("zim_requests_total", (("action", str(a)),)): n[f"requests_action_{a}"] for a in range(16)},
         ("zim_requests_total", (("action", "other"),)): n["requests_action_other"],
         ("zim_deliveries_total", (("kind", "user"),)): n["deliveries_user"],

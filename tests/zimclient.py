@@ -232,9 +232,12 @@ class TcpClient(ZimClient):
 
     kind = "tcp"
 
-    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, source: str | None = None) -> None:
+        """``source``: the local address to connect from (a loopback address: the
+        server's per-address limits see one client per address)."""
         super().__init__(timeout)
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray()
 

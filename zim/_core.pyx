@@ -59,6 +59,8 @@ cdef extern from "sys/socket.h" nogil:
     ctypedef unsigned int socklen_t
     struct sockaddr:
         pass
+    struct sockaddr_storage:
+        unsigned short ss_family
     int accept4(int fd, sockaddr* addr, socklen_t* addrlen, int flags)
     int shutdown(int fd, int how)
     int setsockopt(int fd, int level, int optname, const void* optval, socklen_t optlen)
@@ -67,7 +69,23 @@ cdef extern from "sys/socket.h" nogil:
 
 cdef extern from "netinet/in.h" nogil:
     enum:
-        IPPROTO_TCP
+        IPPROTO_TCP, AF_INET, AF_INET6
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        in6_addr sin6_addr
+    uint32_t ntohl(uint32_t value)
+
+cdef extern from "sys/mman.h" nogil:
+    int madvise(void* addr, size_t length, int advice)
+    enum:
+        MADV_REMOVE
 
 cdef extern from "netinet/tcp.h" nogil:
     enum:
@@ -110,6 +128,7 @@ cdef enum:
     F_SHARED = 512      # outbuf points at a pass_out_t: outcap is the start, outlen the length
     F_SHARED_DEFLATE = 1024     # ... and the slice is in its compressed framing (FRAMING_DEFLATE)
     F_LOGGING_IN = 2048 # a login (action 1) of a connection not logged in waits for its answer
+    F_COUNTED = 4096    # counted in the address table (--max-conns-per-address) under its peer key
 
 cdef enum:
     MAX_EVENTS = 1024
@@ -119,6 +138,7 @@ cdef enum:
     ACTION_LOGIN = 1            # the protocol's login: the one request the login timeout waits for
     NO_CONN = -1
     WHEEL_SLOTS = 1024          # timing wheel: one slot per second, lazily re-armed
+    CLOSED_USERS_PART = 1 << 20     # user ids per on_users_closed call (8 MiB, under a link's limit)
 
 DEF_OUTBUF_LIMIT = 8 * 1024 * 1024
 DEF_MAX_INFLIGHT = 128
@@ -138,11 +158,12 @@ cdef enum:
     R_NO_MEMORY = 9
     R_MEMORY_BUDGET = 10    # the worker's output queues passed --max-client-memory: largest cut first
     R_ORIGIN = 11           # a WebSocket handshake from an Origin not in --ws-origins
-    CLOSE_REASONS = 12
+    R_ADDRESS_LIMIT = 12    # refused at accept: its address has --max-conns-per-address already
+    CLOSE_REASONS = 13
 
 CLOSE_REASON_NAMES = ("peer", "login_timeout", "idle_timeout", "too_large", "protocol_error",
                       "output_cap", "fd_limit", "shutdown", "server", "no_memory", "memory_budget",
-                      "origin")
+                      "origin", "address_limit")
 
 # The reactor's metric counters: one flat uint64 array (Reactor.share_counters can move it
 # into memory another process reads), so counting costs one add and no Python object.
@@ -222,6 +243,7 @@ cdef struct conn_t:
     uint16_t final_action   # too_large answer to send last (F_FINAL_TOO_LARGE)
     uint16_t final_seq
     uint8_t close_reason    # R_*: why the server decided to close it (R_PEER: it did not)
+    uint32_t peer           # the client's address key (peer_key; 0: none), in what was padding
 
 
 # A growable list of connection handles; entries may go stale (checked on use).
@@ -288,6 +310,7 @@ cdef enum:
     CMD_BROADCAST = 3
 
 cdef uint64_t HANDLE_MASK = (<uint64_t>1 << 56) - 1
+cdef uint64_t PEER_MARK_C = (<uint64_t>1) << 63
 
 cdef enum:
     GEN_MASK = 0xFFFFFF     # handles fit in 56 bits, leaving 8 for a worker index
@@ -373,6 +396,241 @@ cdef inline uint32_t now_seconds() noexcept nogil:
     return <uint32_t>ts.tv_sec
 
 
+# ------------------------------------------------------------ addresses --
+# A client's address key (conn_t.peer), set at accept from the address accept4 gives:
+# - IPv4: the address itself, as a host-order int (127.0.0.5 is 0x7F000005);
+# - an IPv4-mapped IPv6 address (a dual-stack listener): that IPv4 address, the same key;
+# - any other IPv6 address: its /64 prefix (what one subscriber or host is given) through
+#   SipHash-2-4 under a secret key into 32 bits, never 0: one client holding a whole /64
+#   is one address. The key is random per server start and the same in every worker (the
+#   router writes it into the address table's header), so an address has one key
+#   everywhere in a server. A hashed key may equal an IPv4 key or another prefix's
+#   (a chance of 2**-32 a pair): the two then count together, which can only overcount;
+# - anything else: 0, not counted.
+# Worker mode forwards a request of a connection not logged in with PEER_MARK | peer in
+# its user field, so the router (App.serve) tells a user id (< 2**63) from an address.
+PEER_MARK = 1 << 63
+
+# The address table (--max-conns-per-address): connections per address over the whole
+# server. A 4 KiB header (address_header_t: the keys) and one region per serving process
+# (a worker, or the single process) of ADDRESS_SLOTS uint32 counters. A connection counts
+# in slot SipHash(key, peer) mod ADDRESS_SLOTS of its own process's region: each process
+# writes only its own region (one writer: no atomics); at accept it adds the slot up over
+# every region (<= 64 reads) against the limit. The slot is keyed, so nobody can aim at
+# another address's slot; addresses that share a slot count together (a collision only
+# overcounts: a client may be refused a little early, never let past). Workers accepting
+# the same address in the same instant may each see the count under the limit, so it can
+# pass the limit by workers - 1 at most (each admits one at a time). With workers the router makes the table in
+# shared memory (a memfd) and passes it on; a restarted worker clears its region (its
+# connections are gone), as the router does when a worker dies. In one process it is one
+# region of local memory. Memory: 256 KiB of address space a region, touched only where used.
+cdef enum:
+    ADDRESS_SLOTS = 65536
+    ADDRESS_HEADER_BYTES = 4096
+
+cdef uint64_t ADDRESS_MAGIC = 0x5a494d4144445231ULL     # "ZIMADDR1"
+ADDRESS_REGION_BYTES = ADDRESS_SLOTS * 4
+
+cdef struct address_header_t:
+    uint64_t magic
+    uint32_t slots
+    uint32_t regions
+    uint64_t key[4]         # [0], [1]: IPv6 /64 -> peer key; [2], [3]: peer key -> slot
+
+cdef struct address_table_t:
+    uint32_t* counts        # regions x ADDRESS_SLOTS; NULL: not counting
+    uint32_t* own           # this process's region
+    uint32_t regions
+    uint64_t key[4]
+
+
+cdef inline uint64_t rotl64(uint64_t x, int bits) noexcept nogil:
+    return (x << bits) | (x >> (64 - bits))
+
+
+cdef inline void sip_round(uint64_t* v) noexcept nogil:
+    v[0] += v[1]; v[1] = rotl64(v[1], 13); v[1] ^= v[0]; v[0] = rotl64(v[0], 32)
+    v[2] += v[3]; v[3] = rotl64(v[3], 16); v[3] ^= v[2]
+    v[0] += v[3]; v[3] = rotl64(v[3], 21); v[3] ^= v[0]
+    v[2] += v[1]; v[1] = rotl64(v[1], 17); v[1] ^= v[2]; v[2] = rotl64(v[2], 32)
+
+
+cdef uint64_t siphash_u64(uint64_t k0, uint64_t k1, uint64_t m) noexcept nogil:
+    """SipHash-2-4 of one 8-byte message (``m``'s bytes, little-endian)."""
+    cdef uint64_t v[4]
+    cdef uint64_t b = (<uint64_t>8) << 56
+    v[0] = k0 ^ 0x736f6d6570736575ULL
+    v[1] = k1 ^ 0x646f72616e646f6dULL
+    v[2] = k0 ^ 0x6c7967656e657261ULL
+    v[3] = k1 ^ 0x7465646279746573ULL
+    v[3] ^= m
+    sip_round(v)
+    sip_round(v)
+    v[0] ^= m
+    v[3] ^= b
+    sip_round(v)
+    sip_round(v)
+    v[0] ^= b
+    v[2] ^= 0xff
+    sip_round(v)
+    sip_round(v)
+    sip_round(v)
+    sip_round(v)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+cdef uint32_t ipv6_key(const unsigned char* a, const uint64_t* key) noexcept nogil:
+    """The peer key of a 16-byte IPv6 address (see PEER_MARK above)."""
+    cdef int i
+    cdef uint32_t hashed
+    for i in range(10):
+        if a[i]:
+            break
+    else:
+        if a[10] == 0xff and a[11] == 0xff:        # ::ffff:a.b.c.d
+            return get32(<const char*>a + 12)
+    hashed = <uint32_t>siphash_u64(key[0], key[1], get64(<const char*>a))
+    return hashed if hashed else 1
+
+
+cdef uint32_t peer_key(const sockaddr_storage* addr, socklen_t length, const uint64_t* key) noexcept nogil:
+    """The address key of what accept4 gave (see PEER_MARK above); 0: none."""
+    if addr.ss_family == AF_INET and length >= sizeof(sockaddr_in):
+        return ntohl((<const sockaddr_in*>addr).sin_addr.s_addr)
+    if addr.ss_family == AF_INET6 and length >= sizeof(sockaddr_in6):
+        return ipv6_key((<const sockaddr_in6*>addr).sin6_addr.s6_addr, key)
+    return 0
+
+
+cdef inline size_t address_slot(const address_table_t* t, uint32_t peer) noexcept nogil:
+    return <size_t>(siphash_u64(t.key[2], t.key[3], peer) & (ADDRESS_SLOTS - 1))
+
+
+cdef uint64_t address_count(const address_table_t* t, uint32_t peer) noexcept nogil:
+    """Connections counted in peer's slot over every region (every worker)."""
+    cdef size_t slot = address_slot(t, peer)
+    cdef uint64_t total = 0
+    cdef uint32_t region
+    for region in range(t.regions):
+        total += t.counts[<size_t>region * ADDRESS_SLOTS + slot]
+    return total
+
+
+cdef bint address_admit(address_table_t* t, uint32_t peer, uint64_t limit) noexcept nogil:
+    """Count one more connection of peer in this process's region, unless its slot
+    holds ``limit`` already (then False: refuse it)."""
+    cdef size_t slot = address_slot(t, peer)
+    cdef uint64_t total = 0
+    cdef uint32_t region
+    for region in range(t.regions):
+        total += t.counts[<size_t>region * ADDRESS_SLOTS + slot]
+    if total >= limit:
+        return False
+    t.own[slot] += 1
+    return True
+
+
+cdef void address_release(address_table_t* t, uint32_t peer) noexcept nogil:
+    cdef size_t slot = address_slot(t, peer)
+    if t.own[slot]:
+        t.own[slot] -= 1
+
+
+def address_table_bytes(uint32_t regions):
+    """The size of an address table of ``regions`` regions (one per worker)."""
+    return ADDRESS_HEADER_BYTES + <size_t>regions * ADDRESS_REGION_BYTES
+
+
+def init_address_table(buffer, uint32_t regions):
+    """Write the header of a new address table (zeroed memory of address_table_bytes
+    (regions)): new random keys, for every process of one server start."""
+    cdef unsigned char[::1] view = memoryview(buffer).cast("B")
+    cdef address_header_t* header
+    cdef bytes key = os.urandom(32)
+    cdef int i
+    if regions < 1 or <size_t>view.shape[0] < address_table_bytes(regions):
+        raise ValueError("address table too small")
+    header = <address_header_t*>&view[0]
+    header.slots = ADDRESS_SLOTS
+    header.regions = regions
+    for i in range(4):
+        header.key[i] = get64(PyBytes_AS_STRING(key) + 8 * i)
+    header.magic = ADDRESS_MAGIC
+
+
+cdef void clear_region(uint32_t* region) noexcept nogil:
+    """Zero one region, giving its pages back when it is shared memory."""
+    if madvise(<void*>region, ADDRESS_SLOTS * sizeof(uint32_t), MADV_REMOVE) < 0:
+        memset(region, 0, ADDRESS_SLOTS * sizeof(uint32_t))
+
+
+cdef int open_address_table(object buffer, uint32_t index, address_table_t* t) except -1:
+    """Point ``t`` at a shared table's counters (index: this process's region)."""
+    cdef unsigned char[::1] view = memoryview(buffer).cast("B")
+    cdef address_header_t* header
+    if <size_t>view.shape[0] < ADDRESS_HEADER_BYTES:
+        raise ValueError("not an address table")
+    header = <address_header_t*>&view[0]
+    if header.magic != ADDRESS_MAGIC or header.slots != ADDRESS_SLOTS:
+        raise ValueError("not an address table")
+    if index >= header.regions or <size_t>view.shape[0] < address_table_bytes(header.regions):
+        raise ValueError(f"no region {index} in this address table")
+    t.counts = <uint32_t*>(&view[0] + ADDRESS_HEADER_BYTES)
+    t.own = t.counts + <size_t>index * ADDRESS_SLOTS
+    t.regions = header.regions
+    memcpy(t.key, header.key, sizeof(t.key))
+    return 0
+
+
+def clear_address_region(buffer, uint32_t index):
+    """Zero region ``index`` of a shared address table (its worker died: the
+    connections it counted are gone)."""
+    cdef address_table_t t
+    open_address_table(buffer, index, &t)
+    clear_region(t.own)
+
+
+def _debug_siphash(uint64_t k0, uint64_t k1, uint64_t m):
+    """Tests: the SipHash-2-4 the address keys and slots use."""
+    return siphash_u64(k0, k1, m)
+
+
+def _debug_ipv6_key(bytes address, uint64_t k0, uint64_t k1):
+    """Tests: the peer key of a packed 16-byte IPv6 address under key (k0, k1)."""
+    cdef uint64_t key[2]
+    if len(address) != 16:
+        raise ValueError("an IPv6 address is 16 bytes")
+    key[0] = k0
+    key[1] = k1
+    return ipv6_key(<const unsigned char*>PyBytes_AS_STRING(address), key)
+
+
+cdef class _DebugAddressTable:
+    """Tests: one process's view of a shared address table (the functions accept and
+    close use), to check the accounting without sockets."""
+    cdef address_table_t t
+    cdef object view
+
+    def __init__(self, buffer, uint32_t index):
+        open_address_table(buffer, index, &self.t)
+        self.view = memoryview(buffer)
+
+    def admit(self, uint32_t peer, uint64_t limit):
+        return address_admit(&self.t, peer, limit)
+
+    def release(self, uint32_t peer):
+        address_release(&self.t, peer)
+
+    def count(self, uint32_t peer):
+        return address_count(&self.t, peer)
+
+    def slot(self, uint32_t peer):
+        return address_slot(&self.t, peer)
+
+    def clear(self):
+        clear_region(self.t.own)
+
+
 cdef class Reactor:
     """An edge-triggered epoll loop serving TCP and WebSocket connections.
 
@@ -396,6 +654,14 @@ cdef class Reactor:
     cdef public object on_request      # router mode: callable(conn, user, action, seq, body)
     cdef uint8_t* route_table
     cdef handle_list_t gone_users      # reported after the pass, never from inside a C loop
+    cdef public object on_users_closed  # callable(bytes): 8-byte user ids, one per logged-in close
+    cdef handle_list_t closed_users    # ... gathered over the pass (see _report_closed_users)
+    # connections per address (--max-conns-per-address): see "The address table" above
+    cdef uint32_t max_conns_per_address     # 0: no limit
+    cdef address_table_t addresses
+    cdef bint addresses_local               # addresses.counts is ours (calloc), not shared
+    cdef object shared_addresses            # keeps a shared table's buffer exported
+    cdef bytes refuse_tcp, refuse_ws        # the refusal over the limit, one write each
     cdef bint running
     cdef uint32_t now
     cdef size_t outbuf_limit
@@ -426,9 +692,32 @@ cdef class Reactor:
 
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
                   uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True,
-                  uint32_t max_inflight=DEF_MAX_INFLIGHT, size_t memory_budget=0, object ws_origins=None):
+                  uint32_t max_inflight=DEF_MAX_INFLIGHT, size_t memory_budget=0, object ws_origins=None,
+                  uint32_t max_conns_per_address=0):
         cdef rlimit lim
         cdef int i
+        cdef bytes key = os.urandom(32)     # a server of workers shares one: share_address_table
+        cdef bytes body
+        for i in range(4):
+            self.addresses.key[i] = get64(PyBytes_AS_STRING(key) + 8 * i)
+        self.max_conns_per_address = max_conns_per_address
+        if max_conns_per_address:
+            # one region of local memory (calloc: pages never used cost nothing)
+            self.addresses.counts = <uint32_t*>calloc(ADDRESS_SLOTS, sizeof(uint32_t))
+            if self.addresses.counts == NULL:
+                raise MemoryError("reactor setup failed")
+            self.addresses.own = self.addresses.counts
+            self.addresses.regions = 1
+            self.addresses_local = True
+        body = (b'{"error":{"code":"too_many_connections","message":"at most %d connections per address"}}'
+                % max_conns_per_address)
+        self.refuse_tcp = PyBytes_FromStringAndSize(NULL, TCP_HEADER + len(body))
+        tcp_header(PyBytes_AS_STRING(self.refuse_tcp), len(body), 0, 0)
+        memcpy(PyBytes_AS_STRING(self.refuse_tcp) + TCP_HEADER, PyBytes_AS_STRING(body), len(body))
+        body = b"at most %d connections per address\n" % max_conns_per_address
+        self.refuse_ws = (b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\n"
+                          b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body))
         for i in range(WHEEL_SLOTS):
             self.wheel[i] = NO_CONN
         memset(self.own_counters, 0, sizeof(self.own_counters))
@@ -484,7 +773,10 @@ cdef class Reactor:
         free(self.draining.items)
         free(self.backlog.items)
         free(self.gone_users.items)
+        free(self.closed_users.items)
         free(self.pass_outs.items)
+        if self.addresses_local:
+            free(self.addresses.counts)
         free(self.route_table)
         zcodec_free(&self.z)
         idmap_free(&self.presence)
@@ -545,6 +837,7 @@ cdef class Reactor:
         c.state = state
         c.flags = flags
         c.user = 0
+        c.peer = 0
         c.next_dev = NO_CONN
         c.wheel_prev = c.wheel_next = NO_CONN - 1     # not in the timing wheel
         ev.events = events
@@ -616,6 +909,8 @@ cdef class Reactor:
             if self.now != last_sweep:
                 last_sweep = self.now
                 self._every_second()
+            if self.closed_users.length:
+                self._report_closed_users()     # before the gone users: a count drops, then goes
             if self.gone_users.length:
                 self._report_gone_users()
 
@@ -638,6 +933,24 @@ cdef class Reactor:
                     self.on_user_gone(batch.items[i])
         except BaseException:
             log.exception("user-gone handler failed")
+        free(batch.items)
+
+    cdef void _report_closed_users(self) noexcept:
+        """Hand ``on_users_closed`` the user ids of the logged-in connections closed (or
+        bound to another user) this pass, 8 bytes big-endian each, one per connection
+        (a user closing three here is there three times); a long list in parts."""
+        cdef handle_list_t batch = handles_take(&self.closed_users)
+        cdef size_t i, start, n
+        cdef bytes part
+        try:
+            for start in range(0, batch.length, CLOSED_USERS_PART):
+                n = min(batch.length - start, <size_t>CLOSED_USERS_PART)
+                part = PyBytes_FromStringAndSize(NULL, n * 8)
+                for i in range(n):
+                    put64(PyBytes_AS_STRING(part) + 8 * i, batch.items[start + i])
+                self.on_users_closed(part)
+        except BaseException:
+            log.exception("users-closed handler failed")
         free(batch.items)
 
     def stop(self):
@@ -664,8 +977,14 @@ cdef class Reactor:
         cdef int fd, one = 1
         cdef uint8_t kind = S_WS_HANDSHAKE if self.conns[lfd].state == S_LISTEN_WS else S_TCP
         cdef conn_t* c
+        cdef sockaddr_storage addr
+        cdef socklen_t addr_len
+        cdef uint32_t peer
+        cdef bint counted
         while True:
-            fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            addr_len = sizeof(addr)
+            addr.ss_family = 0
+            fd = accept4(lfd, <sockaddr*>&addr, &addr_len, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
                 if errno == EINTR:
                     continue
@@ -689,16 +1008,35 @@ cdef class Reactor:
                 close(fd)
                 self.counters[C_CLOSED + R_FD_LIMIT] += 1
                 continue
+            peer = peer_key(&addr, addr_len, self.addresses.key)
+            counted = self.max_conns_per_address and peer and self.addresses.counts != NULL
+            if counted and not address_admit(&self.addresses, peer, self.max_conns_per_address):
+                self._refuse(fd, kind)
+                continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
-            if self._claim(fd, kind, 0, EPOLLIN | EPOLLRDHUP | EPOLLET) < 0:
+            if self._claim(fd, kind, F_COUNTED if counted else 0, EPOLLIN | EPOLLRDHUP | EPOLLET) < 0:
+                if counted:
+                    address_release(&self.addresses, peer)
                 close(fd)
                 continue
             c = &self.conns[fd]
+            c.peer = peer
             c.last_active = self.now
             c.born = self.now
             self._wheel_insert(fd)
             self.counters[C_ACCEPTED] += 1
             self.counters[C_CONNECTIONS_TCP if kind == S_TCP else C_CONNECTIONS_WS] += 1
+
+    cdef void _refuse(self, int fd, uint8_t kind) noexcept:
+        """Over --max-conns-per-address: say so, best effort, and close, without taking a
+        slot. What the client sent already is read first, so the close is a FIN after
+        the answer rather than a reset that could overtake it."""
+        cdef bytes answer = self.refuse_ws if kind == S_WS_HANDSHAKE else self.refuse_tcp
+        cdef ssize_t n
+        n = read(fd, self.scratch, min(self.scratch_cap, <size_t>MAX_HANDSHAKE))
+        n = write(fd, PyBytes_AS_STRING(answer), PyBytes_GET_SIZE(answer))
+        close(fd)
+        self.counters[C_CLOSED + R_ADDRESS_LIMIT] += 1
 
     # ------------------------------------------------------------- read --
     cdef void _on_readable(self, int fd) noexcept:
@@ -1232,6 +1570,8 @@ cdef class Reactor:
         if c.user and not (c.flags & F_LINK):
             self._presence_unlink(c.user, fd)
             self.counters[C_LOGGED_IN] -= 1
+        if c.flags & F_COUNTED:
+            address_release(&self.addresses, c.peer)
         free(c.inbuf)
         if c.flags & F_SHARED:
             self._unref(<pass_out_t*>c.outbuf)
@@ -1262,6 +1602,8 @@ cdef class Reactor:
             self.counters[C_CLOSED + self.conns[fd].close_reason] += 1
             self.counters[C_CONNECTIONS_TCP if self.conns[fd].state == S_TCP else C_CONNECTIONS_WS] -= 1
         self._release(fd)
+        if user and not link and self.on_users_closed is not None:
+            handles_push(&self.closed_users, user)
         if user and not link and self.on_user_gone is not None and not self._has_user(user):
             handles_push(&self.gone_users, user)
         if link and self.on_link_closed is not None:
@@ -1315,6 +1657,8 @@ cdef class Reactor:
             return False
         if self.conns[fd].user:
             self._presence_unlink(self.conns[fd].user, fd)
+            if self.on_users_closed is not None:
+                handles_push(&self.closed_users, self.conns[fd].user)   # its count moves
             self.conns[fd].user = 0
             self.counters[C_LOGGED_IN] -= 1
         head = idmap_insert(&self.presence, user_id, <uint64_t><uint32_t>NO_CONN)
@@ -1330,6 +1674,46 @@ cdef class Reactor:
         """The user id bound to a connection (0: none, or the connection is gone)."""
         cdef int fd = self._conn_fd(conn)
         return self.conns[fd].user if fd >= 0 else 0
+
+    def conn_peer(self, uint64_t conn):
+        """The connection's address key (see PEER_MARK: an IPv4 client's is its address
+        as an int); 0: none, or the connection is gone."""
+        cdef int fd = self._conn_fd(conn)
+        return self.conns[fd].peer if fd >= 0 else 0
+
+    def user_conn_count(self, uint64_t user_id):
+        """How many connections the user has on this reactor (a walk of its list)."""
+        cdef int32_t cur = self._first_conn(user_id)
+        cdef size_t count = 0
+        while cur != NO_CONN:
+            count += 1
+            cur = self.conns[cur].next_dev
+        return count
+
+    def address_count(self, uint32_t peer):
+        """Connections counted under an address key, over every region of the address
+        table (every worker; an overcount when keys share a slot); 0 when not counting."""
+        if self.addresses.counts == NULL:
+            return 0
+        return address_count(&self.addresses, peer)
+
+    def share_address_table(self, buffer, uint32_t index):
+        """Worker mode: count connections per address in region ``index`` of a table
+        the router made (shared memory, ``init_address_table``), and take its keys, so
+        every worker gives an address the same key. Before any client connection;
+        the region is cleared first (a restarted worker's predecessor's are gone)."""
+        cdef address_table_t table
+        cdef int fd
+        for fd in range(self.high_fd + 1):
+            if self.conns[fd].state >= S_TCP and not (self.conns[fd].flags & F_LINK):
+                raise ValueError("share the address table before accepting clients")
+        open_address_table(buffer, index, &table)
+        clear_region(table.own)
+        if self.addresses_local:
+            free(self.addresses.counts)
+            self.addresses_local = False
+        self.addresses = table
+        self.shared_addresses = memoryview(buffer)
 
     def user_conns(self, uint64_t user_id):
         """Handles of the user's connections on this worker."""
@@ -1749,7 +2133,8 @@ cdef class Reactor:
             return
         tcp_header(out, 16 + pkt.body_len, pkt.action, pkt.seq)
         put64(out + TCP_HEADER, make_handle(c.gen, fd))
-        put64(out + TCP_HEADER + 8, c.user)
+        # not logged in: the address key instead, marked (App.serve tells them apart)
+        put64(out + TCP_HEADER + 8, c.user if c.user else PEER_MARK_C | c.peer)
         memcpy(out + TCP_HEADER + 16, pkt.body, pkt.body_len)
         self.conns[link_fd].outlen += <uint32_t>(TCP_HEADER + 16 + pkt.body_len)
         if c.inflight < 0xFFFF:

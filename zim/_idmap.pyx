@@ -104,7 +104,8 @@ cdef class IdMap:
     """id (int > 0) -> int value, in C: about 23 bytes per entry.
 
     Used for presence bitmasks in the router: ``set_bits``/``clear_bits`` on one
-    id, ``clear_bits_everywhere`` when a worker dies.
+    id, ``clear_bits_everywhere`` when a worker dies; and for counts (each user's
+    connections on a worker): ``add_one``, ``release``.
     """
     cdef idmap_t m
 
@@ -163,3 +164,29 @@ cdef class IdMap:
                     continue        # a shifted entry may now sit at i
             i += 1
         return emptied
+
+    def add_one(self, uint64_t key):
+        """value += 1 (the entry is created at 0 if absent)."""
+        cdef uint64_t* v = idmap_insert(&self.m, key, 0)
+        if v == NULL:
+            raise MemoryError() if key else ValueError("id 0 is not allowed")
+        v[0] += 1
+
+    def release(self, bytes keys):
+        """value -= 1 for each 8-byte big-endian id in ``keys`` (a worker's list of
+        closed connections' users); an entry at 0 goes; never below 0."""
+        cdef const unsigned char* p = keys
+        cdef size_t i, j, n = len(keys) // 8
+        cdef uint64_t key
+        cdef uint64_t* v
+        for i in range(n):
+            key = 0
+            for j in range(8):
+                key = (key << 8) | p[8 * i + j]
+            v = idmap_find(&self.m, key)
+            if v == NULL:
+                continue
+            if v[0] <= 1:
+                idmap_delete(&self.m, key)
+            else:
+                v[0] -= 1

@@ -12,22 +12,22 @@ from typing import Any, Callable, Iterable
 import orjson
 import psutil
 
-from zim._core import Reactor
+from zim._core import PEER_MARK, Reactor
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, LocalFabric
-from zim.limits import SendLimits
+from zim.limits import ClientBuckets, ClientLimits, PacedLine, SendLimits, check_count
 from zim.origins import DEFAULT as DEFAULT_WS_ORIGINS, origin_check, parse_origins
 from zim.process import connection_ceiling
 from zim.pushmerge import DEFAULT_PUSH_MAX, PUSH_CHANNEL_MESSAGE, PushMerger, check_push_settings
 from zim.storage.retention import Retention
-from zim.storage.store import Pending
+from zim.storage.store import Pending, Quotas, StoreRefusal
 
 log = logging.getLogger("zim")
 
 Handler = Callable[["Ctx", dict], dict]
 
 DEFAULT_MAX_PACKET = 65536
-DEFAULT_USER_RATE = 0           # off: a user's send reaches one user; channels are what fan out
+DEFAULT_USER_RATE = 20          # messages a second per user, DMs and channel messages together
 DEFAULT_CHANNEL_RATE = 40       # messages per second per channel, the article's figure
 DEFAULT_MAX_OUTBUF = 8 * 1024 * 1024    # bytes queued for one connection before it is cut (Redis's
                                         # pub/sub soft limit); --max-client-memory bounds them all
@@ -86,15 +86,19 @@ class Ctx:
     """What a handler sees of the connection it serves.
 
     ``ctx.user_id`` is the logged-in user's id (a decimal string) or None.
+    ``ctx.peer``: for a connection not logged in, its source address as a key
+    (an IPv4 address as an int; an IPv6 client's /64, hashed), else None.
     ``ctx.app`` is the App (``ctx.app.store`` the store).
     """
 
-    __slots__ = ("app", "conn", "user_id", "action", "seq", "rechecked", "_after")
+    __slots__ = ("app", "conn", "user_id", "peer", "action", "seq", "rechecked", "_after")
 
-    def __init__(self, app: "App", conn: int, user_id: str | None, action: int, seq: int) -> None:
+    def __init__(self, app: "App", conn: int, user_id: str | None, action: int, seq: int,
+                 peer: int | None = None) -> None:
         self.app = app
         self.conn = conn
         self.user_id = user_id
+        self.peer = peer
         self.action = action
         self.seq = seq
         self.rechecked = False      # the store was asked to confirm a "no" (zim.im.rechecking)
@@ -123,6 +127,8 @@ class Ctx:
         if result.outcome is not None:
             ok, value = result.outcome
             if not ok:
+                if isinstance(value, StoreRefusal):     # a store limit: nothing was stored
+                    raise Error(value.code, value.message)
                 log.error("action %d: %s", self.action, value)
                 raise Error("internal", STORE_FAILED)
             return then(value)
@@ -199,6 +205,9 @@ class App:
         self.error_counts: dict[str, int] = {}          # code -> errors answered (App.error)
         self.pushes = {"user": 0, "channel": 0}         # messages pushed (one per message)
         self.logins = 0                 # successful logins (zim.im)
+        self.client_limits = ClientLimits()         # run() sets the configured ones
+        self.client_buckets = ClientBuckets(self.client_limits)
+        self.store_line = PacedLine()   # one user's reads and acks reach the store one at a time (zim.im)
         self.users_created = 0          # ... of them by new users
         if im:
             from zim import im as im_module
@@ -249,12 +258,17 @@ class App:
         return None
 
     def serve(self, conn: int, user: int, action: int, seq: int, payload: bytes) -> None:
-        """Answer one request from ``conn`` (logged in as ``user``, 0: not)."""
+        """Answer one request from ``conn``, logged in as ``user``; not logged in:
+        0, or ``PEER_MARK | address key`` (zim._core: the reactor's forwarded field)."""
+        peer = None
+        if user & PEER_MARK:
+            peer = (user & ~PEER_MARK) or None
+            user = 0
         body = self.precheck(action, user)
         if body is not None:
             self.fabric.reply(conn, action, seq, body, True)
             return
-        ctx = Ctx(self, conn, str(user) if user else None, action, seq)
+        ctx = Ctx(self, conn, str(user) if user else None, action, seq, peer)
         try:
             request = orjson.loads(payload) if payload else {}
         except orjson.JSONDecodeError:
@@ -277,6 +291,9 @@ class App:
             body = self._answer(ctx, then, value)
             if body is DEFERRED:
                 return              # ``then`` waits on another result
+        elif isinstance(value, StoreRefusal):      # a store limit (mailbox_full ...): nothing stored
+            ctx._after = None
+            body = self.error(value.code, value.message)
         else:
             log.error("action %d: %s", ctx.action, value)
             ctx._after = None
@@ -298,7 +315,9 @@ class App:
         if conn == self.store_link:
             self.store.on_link_packet(action, seq, payload)
             return
-        self.serve(conn, self.reactor.conn_user(conn), action, seq, payload)
+        reactor = self.reactor
+        user = reactor.conn_user(conn)
+        self.serve(conn, user or PEER_MARK | reactor.conn_peer(conn), action, seq, payload)
 
     def error(self, code: str, message: str) -> bytes:
         """The encoded error answer, counted by code (``zim_errors_total``)."""
@@ -315,7 +334,7 @@ class App:
         """``step(*args)``, a handler or a ``later`` continuation: its encoded answer, or DEFERRED."""
         try:
             result = step(*args)
-        except Error as exc:
+        except (Error, StoreRefusal) as exc:
             return self.error(exc.code, exc.message)
         except Exception:
             log.exception("handler for action %d failed", ctx.action)
@@ -349,6 +368,8 @@ class App:
         ws_origins: str | Iterable[str] = DEFAULT_WS_ORIGINS,
         token_ttl: float = DEFAULT_TOKEN_TTL,
         secret_file: str | None = None,
+        client_limits: ClientLimits = ClientLimits(),
+        quotas: Quotas = Quotas(),
     ) -> None:
         """Serve until SIGTERM or SIGINT. ``tcp``/``ws`` are ``"HOST:PORT"`` (None: off).
 
@@ -360,7 +381,7 @@ class App:
         ``login_timeout``: seconds a connection may stay without logging in;
         ``idle_timeout``: seconds without a byte received (0 turns either off).
         ``user_rate``: messages a second one user may send (actions 2 and 4
-        together); ``channel_rate``: messages a second per channel (action 4);
+        together, default 20); ``channel_rate``: messages a second per channel (action 4);
         a token bucket each, burst one second's worth; excess is answered
         ``rate_limited`` and not stored; 0 turns a limit off.
         ``max_outbuf``: bytes queued for one connection (a client that stopped
@@ -394,6 +415,10 @@ class App:
         ``secret_file``: read the token secret from this file (32 bytes, ours,
         mode 0600) instead of ``DATA/secret`` or, for a node, the Redis key
         ``zim:secret``; every node of a service needs the same one.
+        ``client_limits``: connections per address and per user, login, new-user
+        and failed-token rates per address, channel creation rate, ack length
+        (``zim.limits.ClientLimits``); ``quotas``: mailbox size per user and
+        channels a user may create, kept by the store (``zim.storage.store.Quotas``).
         Bad values raise ValueError before anything starts; a data directory,
         secret or database that others may write, or that is not ours, raises
         RuntimeError (zim.datadir).
@@ -403,7 +428,8 @@ class App:
             max_client_memory = max(max_outbuf, default_client_memory(workers))
         options = ServeOptions(tcp, ws, max_packet, login_timeout, idle_timeout, max_outbuf=max_outbuf,
                                ws_deflate=ws_deflate, max_inflight=max_inflight,
-                               max_client_memory=max_client_memory, ws_origins=ws_origins)
+                               max_client_memory=max_client_memory, ws_origins=ws_origins,
+                               max_conns_per_address=client_limits.max_conns_per_address)
         options.check()
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}")
@@ -422,8 +448,14 @@ class App:
             self._join_nodes(redis, retention, secret_file)
         else:
             self._open_data(data, retention, secret_file)
+        set_quotas = getattr(self.store, "set_quotas", None)
+        if set_quotas is not None:
+            set_quotas(quotas)          # before attach: the writer process takes them at its start
         self.max_packet = max_packet
         self.limits = limits
+        self.client_limits = client_limits
+        self.client_buckets = ClientBuckets(client_limits)
+        self.store_line = PacedLine(ack=client_limits.ack_rate, read=client_limits.read_rate)
         self.channel_push = channel_push
         self.push_merger = PushMerger(self, push_window_ms, push_max) if push_window_ms else None
         try:
@@ -509,6 +541,8 @@ class App:
     def every_second(self) -> None:
         """The handlers' once-a-second chores, called by the reactor that runs them."""
         self.limits.purge()
+        self.client_buckets.purge()
+        self.store_line.release()
         if self.node is not None:
             self.node.beat()
         tick = getattr(self.store, "tick", None)
@@ -564,8 +598,9 @@ class App:
         values["zim_users_created_total"] = self.users_created
         for kind, count in self.pushes.items():
             values[("zim_pushes_total", kind)] = count
-        for scope, count in self.limits.refused.items():
-            values[("zim_rate_limited_total", scope)] = count
+        for refused in (self.limits.refused, self.client_buckets.refused):
+            for scope, count in refused.items():
+                values[("zim_rate_limited_total", scope)] = count
         families = core_families(core)
         batch_stats = getattr(self.store, "batch_stats", None)
         if batch_stats is not None:
@@ -575,6 +610,17 @@ class App:
             for master, up in self.node.redis.masters_up().items():
                 values[("zim_redis_link_up", master)] = int(up)
         return families + families_from_counts(APP_FAMILIES, values)
+
+    def log_limits(self) -> None:
+        """Say at start which per-client limits are in force (0: off)."""
+        limits, quotas = self.client_limits, getattr(self.store, "quotas", None)
+        log.info("client limits: %d connections per address, %d per user; per address a second: %g logins, "
+                 "%g new users, %g failed token checks; per user: %g messages, %g new channels a second, "
+                 "%d ids per ack, %g acked ids and %d bytes read a second%s", limits.max_conns_per_address, limits.max_conns_per_user,
+                 limits.address_login_rate, limits.address_new_user_rate, limits.address_auth_failure_rate,
+                 self.limits.user_rate, limits.channel_create_rate, limits.max_ack_ids, limits.ack_rate, limits.read_rate,
+                 "" if quotas is None else f"; mailbox {quotas.max_mailbox} messages / "
+                 f"{quotas.max_mailbox_bytes} bytes, {quotas.max_channels_per_user} channels created")
 
     def begin_stop(self) -> None:
         """The server begins to stop (SIGTERM): helpers that end now are not restarted."""
@@ -616,6 +662,7 @@ class App:
                 options.listen(reactor)
                 log.info("zim serving tcp=%s ws=%s", options.tcp, options.ws)
                 log_ceiling(1, options, self.auto_client_memory)
+                self.log_limits()
                 self.serve_metrics(reactor, reactor.counters_dict, lambda: (True, ""))
                 reactor.run()
             finally:
@@ -647,8 +694,10 @@ class ServeOptions:
     def __init__(self, tcp: str | None, ws: str | None, max_packet: int,
                  login_timeout: int, idle_timeout: int, max_outbuf: int = DEFAULT_MAX_OUTBUF,
                  ws_deflate: bool = True, max_inflight: int = DEFAULT_MAX_INFLIGHT,
-                 max_client_memory: int = 0, ws_origins: str | Iterable[str] = DEFAULT_WS_ORIGINS) -> None:
+                 max_client_memory: int = 0, ws_origins: str | Iterable[str] = DEFAULT_WS_ORIGINS,
+                 max_conns_per_address: int = 0) -> None:
         self.ws_origins = ws_origins        # --ws-origins: "*", or origins allowed (zim.origins)
+        self.max_conns_per_address = max_conns_per_address     # over every worker; 0: no limit
         self.max_inflight = max_inflight
         self.max_client_memory = max_client_memory     # bytes per serving process; 0: no budget
         self.tcp = tcp
@@ -673,6 +722,7 @@ class ServeOptions:
                 or not (self.max_client_memory == 0 or self.max_client_memory >= self.max_outbuf):
             raise ValueError(f"max_client_memory must be 0 (off) or at least max_outbuf ({self.max_outbuf}), "
                              f"not {self.max_client_memory!r}")
+        check_count("max_conns_per_address", self.max_conns_per_address)
         if not isinstance(self.ws_deflate, bool):
             raise ValueError(f"ws_deflate must be True or False, not {self.ws_deflate!r}")
         try:
@@ -687,7 +737,8 @@ class ServeOptions:
         return Reactor(self.max_packet, on_packet, outbuf_limit=self.max_outbuf,
                        login_timeout=self.login_timeout, idle_timeout=self.idle_timeout,
                        ws_deflate=self.ws_deflate, max_inflight=self.max_inflight,
-                       memory_budget=self.max_client_memory, ws_origins=origin_check(self.ws_origins))
+                       memory_budget=self.max_client_memory, ws_origins=origin_check(self.ws_origins),
+                       max_conns_per_address=self.max_conns_per_address)
 
     def listen(self, reactor: Reactor) -> None:
         if self.tcp:
@@ -705,7 +756,8 @@ class ServeOptions:
                 "--max-inflight", str(self.max_inflight),
                 "--max-client-memory", str(self.max_client_memory),
                 "--ws-deflate", "on" if self.ws_deflate else "off",
-                "--ws-origins", str(parse_origins(self.ws_origins))]
+                "--ws-origins", str(parse_origins(self.ws_origins)),
+                "--max-conns-per-address", str(self.max_conns_per_address)]
 
 
 def default_client_memory(serving_processes: int) -> int:

@@ -12,11 +12,14 @@ from zim.app import (
     DEFAULT_USER_RATE, MAX_OUTBUF, MAX_WORKERS, MIN_OUTBUF, App, check_outbuf, parse_address,
 )
 from zim.config import ConfigError, load_config
-from zim.limits import check_rate
+from zim import limits as L
+from zim.limits import ClientLimits, check_rate
 from zim.origins import DEFAULT as DEFAULT_WS_ORIGINS, parse_origins
 from zim.pushmerge import DEFAULT_PUSH_MAX, MAX_PUSH_MAX, MAX_PUSH_WINDOW_MS
 from zim.storage.retention import Retention, Tier, format_duration, parse_duration, parse_tier
-from zim.storage.store import MemoryStore
+from zim.storage.store import (
+    DEFAULT_MAX_CHANNELS_PER_USER, DEFAULT_MAX_MAILBOX, DEFAULT_MAX_MAILBOX_BYTES, MemoryStore, Quotas,
+)
 
 
 def _address(text: str) -> str:
@@ -142,6 +145,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channel-rate", type=_rate, default=DEFAULT_CHANNEL_RATE, metavar="N",
                         help="messages per second per channel (action 4); bursts of one second's worth; "
                              f"excess answered rate_limited (default {DEFAULT_CHANNEL_RATE:g}; 0: off)")
+    count = _bounded_int(0, L.MAX_COUNT_LIMIT)
+    parser.add_argument("--max-conns-per-address", type=count, default=L.DEFAULT_MAX_CONNS_PER_ADDRESS,
+                        metavar="N",
+                        help="connections from one source address (IPv6: one /64), over every worker; the "
+                             "next is refused (TCP: a too_many_connections packet, WebSocket: HTTP 429) and "
+                             f"closed (default {L.DEFAULT_MAX_CONNS_PER_ADDRESS}; 0: off; behind a proxy on "
+                             "this host every client has its address: see docs/deploy.md)")
+    parser.add_argument("--max-conns-per-user", type=count, default=L.DEFAULT_MAX_CONNS_PER_USER, metavar="N",
+                        help="logged-in connections of one user on this server; the next login is answered "
+                             f"too_many_connections (default {L.DEFAULT_MAX_CONNS_PER_USER}; 0: off)")
+    parser.add_argument("--address-login-rate", type=_rate, default=L.DEFAULT_ADDRESS_LOGIN_RATE, metavar="N",
+                        help="login attempts (action 1) a second from one address, bursts of ten seconds' "
+                             f"worth; excess answered rate_limited (default {L.DEFAULT_ADDRESS_LOGIN_RATE:g}; "
+                             "0: off)")
+    parser.add_argument("--address-new-user-rate", type=_rate, default=L.DEFAULT_ADDRESS_NEW_USER_RATE,
+                        metavar="N",
+                        help="new users (logins without a token) a second from one address, bursts of ten "
+                             f"seconds' worth (default {L.DEFAULT_ADDRESS_NEW_USER_RATE:g}; 0: off)")
+    parser.add_argument("--address-auth-failure-rate", type=_rate, default=L.DEFAULT_ADDRESS_AUTH_FAILURE_RATE,
+                        metavar="N",
+                        help="failed token checks a second from one address, bursts of ten seconds' worth; "
+                             "an address out of them may not try a token until its bucket refills (default "
+                             f"{L.DEFAULT_ADDRESS_AUTH_FAILURE_RATE:g}; 0: off)")
+    parser.add_argument("--channel-create-rate", type=_rate, default=L.DEFAULT_CHANNEL_CREATE_RATE, metavar="N",
+                        help="channels one user creates a second, bursts of ten seconds' worth (default "
+                             f"{L.DEFAULT_CHANNEL_CREATE_RATE:g}; 0: off)")
+    parser.add_argument("--max-channels-per-user", type=count, default=DEFAULT_MAX_CHANNELS_PER_USER,
+                        metavar="N",
+                        help="channels one user may have created (too_many_channels past it; default "
+                             f"{DEFAULT_MAX_CHANNELS_PER_USER}; 0: off)")
+    parser.add_argument("--max-mailbox", type=count, default=DEFAULT_MAX_MAILBOX, metavar="N",
+                        help="direct messages waiting in one user's mailbox (unacknowledged); a DM past it "
+                             f"is refused mailbox_full and not stored (default {DEFAULT_MAX_MAILBOX}; 0: off)")
+    parser.add_argument("--max-mailbox-bytes", type=_size(0, 1 << 50), default=DEFAULT_MAX_MAILBOX_BYTES,
+                        metavar="BYTES",
+                        help="bytes of the direct messages waiting in one user's mailbox (default "
+                             f"{DEFAULT_MAX_MAILBOX_BYTES >> 20}MiB; 0: off)")
+    parser.add_argument("--max-ack-ids", type=count, default=L.DEFAULT_MAX_ACK_IDS, metavar="N",
+                        help=f"ids in one ack (action 8); more is bad_request (default {L.DEFAULT_MAX_ACK_IDS}; "
+                             "0: off)")
+    parser.add_argument("--ack-rate", type=_rate, default=L.DEFAULT_ACK_RATE, metavar="N",
+                        help="ids a second one user's acks (action 8) may free, bursts of one second's worth; "
+                             "acks past it wait, not refused; one user's acks reach the store one at a time "
+                             f"(default {L.DEFAULT_ACK_RATE:g}; 0: no rate)")
+    parser.add_argument("--read-rate", type=_size(0, 1 << 40), default=L.DEFAULT_READ_RATE, metavar="BYTES",
+                        help="bytes of history and mailbox pages (actions 5 and 7) one user may read a second, "
+                             "bursts of one second's worth; reads past it wait, not refused (default "
+                             f"{L.DEFAULT_READ_RATE >> 20}MiB; 0: no rate)")
     parser.add_argument("--max-outbuf", type=_size(MIN_OUTBUF, MAX_OUTBUF), default=DEFAULT_MAX_OUTBUF,
                         metavar="BYTES",
                         help="bytes queued for one connection before the server cuts it (a client that "
@@ -257,7 +308,15 @@ def main(argv: list[str] | None = None) -> int:
             push_max=args.push_max, ws_deflate=args.ws_deflate == "on", redis=args.redis,
             metrics=None if args.metrics == "off" else args.metrics, max_inflight=args.max_inflight,
             max_client_memory=None if args.max_client_memory == "auto" else args.max_client_memory,
-            ws_origins=args.ws_origins, token_ttl=args.token_ttl, secret_file=args.secret_file)
+            ws_origins=args.ws_origins, token_ttl=args.token_ttl, secret_file=args.secret_file,
+            client_limits=ClientLimits(
+                max_conns_per_address=args.max_conns_per_address, max_conns_per_user=args.max_conns_per_user,
+                address_login_rate=args.address_login_rate, address_new_user_rate=args.address_new_user_rate,
+                address_auth_failure_rate=args.address_auth_failure_rate,
+                channel_create_rate=args.channel_create_rate, max_ack_ids=args.max_ack_ids,
+                ack_rate=args.ack_rate, read_rate=args.read_rate),
+            quotas=Quotas(max_mailbox=args.max_mailbox, max_mailbox_bytes=args.max_mailbox_bytes,
+                          max_channels_per_user=args.max_channels_per_user))
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"zim-server: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ WHY = {
     "output_cap": "stopped reading: output queue over --max-outbuf",
     "memory_budget": "the largest output queues while the worker's passed --max-client-memory",
     "origin": "a WebSocket Origin not in --ws-origins",
+    "address_limit": "refused: its address had --max-conns-per-address connections",
     "fd_limit": "refused at the open-file limit",
     "shutdown": "the server is stopping",
     "server": "closed by the server (an application's close, a worker link)",

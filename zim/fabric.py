@@ -38,6 +38,11 @@ class Fabric(Protocol):
     def has_user(self, user_id: int) -> bool:
         """Whether the user has connections here (on this server)."""
 
+    def user_connections(self, user_id: int) -> int:
+        """How many logged-in connections the user has here (on this server, every
+        worker), for ``--max-conns-per-user``. With workers a close counts once its
+        worker has reported it (a loop pass later); a login counts at once."""
+
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
         """Push to every connection of a user; returns how many deliveries (or
         worker messages) were queued."""
@@ -85,6 +90,9 @@ class LocalFabric:
 
     def has_user(self, user_id: int) -> bool:
         return bool(self.reactor.user_conns(user_id))
+
+    def user_connections(self, user_id: int) -> int:
+        return self.reactor.user_conn_count(user_id)
 
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
         return self.reactor.push_user(user_id, action, payload, exclude_conn)

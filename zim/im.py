@@ -8,7 +8,7 @@ that are not JSON objects.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import orjson
 
@@ -182,6 +182,21 @@ def check_member(ctx: "Ctx", channel: str, user_id: int) -> None:
         raise Error("forbidden", f"not a member of {channel}")
 
 
+def in_line(ctx: "Ctx", start: Callable[[], object]) -> object:
+    """A page read (up to 1 MB) behind the caller's earlier reads and acks: one
+    user's reach the store one at a time, at most ``--read-rate`` bytes a second
+    (zim.limits.PacedLine), so a client pipelining them delays others by one page
+    at most and costs the server little."""
+    return ctx.app.store_line.call(int(ctx.user_id), start, "read", cost=page_bytes)
+
+
+def page_bytes(found: object) -> int:
+    """About the bytes of a page the store read (a history page is (messages,
+    has_more), a mailbox page a list): its contents plus a fixed part each."""
+    messages = found[0] if isinstance(found, tuple) else found
+    return sum(len(msg["content"]) + _MESSAGE_FIXED_BOUND for msg in messages)
+
+
 def check_rate_limits(ctx: "Ctx", channel: str | None = None) -> None:
     """``rate_limited`` if the sender (or the channel) has no token left; the last
     check before a send is stored, so a refused send is neither stored nor counted."""
@@ -252,7 +267,9 @@ def _new_message(ctx: "Ctx", sender_id: int, content: str) -> dict:
 
 def login(ctx: "Ctx", body: dict) -> dict:
     """1: log in as a new user, or resume one with its token (genuine, not
-    expired, of the user's current epoch: else ``unauthorized``)."""
+    expired, of the user's current epoch: else ``unauthorized``). Attempts, new
+    users and failed token checks are rate-limited per source address
+    (``rate_limited``), connections per user (``too_many_connections``)."""
     try:
         name = display_name(body.get("name"))   # NFC, stripped, bounded, nothing invisible (zim.names)
     except ValueError as exc:
@@ -262,6 +279,10 @@ def login(ctx: "Ctx", body: dict) -> dict:
         raise bad_request("this connection is logged in already")
     app = ctx.app
     store = app.store
+    if not ctx.rechecked:       # a login run again after the store confirmed a user took its tokens
+        refusal = app.client_buckets.login_refusal(ctx.peer, new_user=token is None)
+        if refusal is not None:
+            raise Error("rate_limited", refusal)
     if token is None:
         user_id = app.ids.next()
         store.create_user(user_id, name)
@@ -272,6 +293,7 @@ def login(ctx: "Ctx", body: dict) -> dict:
     if user_id is not None and not store.user_exists(user_id):
         ask_store(ctx, "confirm_user", user_id)
     if user_id is None or not store.user_exists(user_id):
+        app.client_buckets.auth_failed(ctx.peer)
         raise Error("unauthorized", "invalid token")
     if not token_in_time(app, claims):
         raise Error("unauthorized", "token expired: log in with a newer one, or as a new user")
@@ -339,6 +361,9 @@ class _LoggedIn:
         app = ctx.app
         if app.store.token_epoch(user_id) != self.epoch:
             raise Error("unauthorized", "token revoked (the user logged out everywhere)")
+        most = app.client_limits.max_conns_per_user
+        if most and app.fabric.user_connections(user_id) >= most:
+            raise Error("too_many_connections", f"at most {most} connections per user: close one first")
         channels = [channel for channel, push in app.store.user_channels(user_id) if push]
         ctx.login(str(user_id), channels=channels)
         for msg in oldest_that_fit(mailbox):       # about 1 MB in all: pull for the rest
@@ -373,7 +398,8 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
 
 
 def subscribe(ctx: "Ctx", body: dict) -> dict:
-    """3: join a channel (creating it), or update the push flag of a membership.
+    """3: join a channel (creating it: rate-limited per user, and the store may
+    refuse ``too_many_channels``), or update the push flag of a membership.
     Without a ``push`` field the server's policy decides (``App.run(channel_push=...)``)."""
     channel = channel_name(body, "name")
     try:
@@ -381,6 +407,13 @@ def subscribe(ctx: "Ctx", body: dict) -> dict:
     except ValueError as exc:
         raise bad_request(str(exc)) from None
     push = optional_bool(body, "push", ctx.app.channel_push)
+    app = ctx.app
+    me = int(ctx.user_id)
+    if app.store.membership(channel, me) is None and not app.store.channel_exists(channel):
+        ask_store(ctx, "confirm_member", channel, me)      # a node's cache may not know it yet
+        refusal = app.client_buckets.create_refusal(me)
+        if refusal is not None:
+            raise Error("rate_limited", refusal)
 
     def stored(_: object) -> dict:
         if push:
@@ -426,10 +459,10 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
     me = int(ctx.user_id)
     if channel is not None:
         check_member(ctx, channel, me)
-        page = store.history(CHANNEL, channel, before_seq, limit)
+        page = in_line(ctx, lambda: store.history(CHANNEL, channel, before_seq, limit))
     else:
         other = known_user(ctx, other_text)
-        page = store.history(USER, (me, other), before_seq, limit)
+        page = in_line(ctx, lambda: store.history(USER, (me, other), before_seq, limit))
 
     def fit(found: tuple[list[dict], bool]) -> dict:
         messages, cut = newest_that_fit(found[0])
@@ -465,13 +498,22 @@ def pull_mailbox(ctx: "Ctx", body: dict) -> dict:
         page = oldest_that_fit(messages[:limit])
         return {"messages": page, "hasMore": len(page) < len(messages)}
 
-    return ctx.later(ctx.app.store.mailbox_pull(int(ctx.user_id), limit + 1), fit)
+    user_id, store = int(ctx.user_id), ctx.app.store
+    return ctx.later(in_line(ctx, lambda: store.mailbox_pull(user_id, limit + 1)), fit)
 
 
 def ack_mailbox(ctx: "Ctx", body: dict) -> dict:
-    """8: drop messages from the caller's mailbox; unknown or foreign ids are ignored."""
+    """8: drop messages from the caller's mailbox; unknown or foreign ids are ignored.
+    At most ``--max-ack-ids`` ids, freeing at most ``--ack-rate`` ids a second;
+    one user's acks and reads reach the store one at a time (``in_line``)."""
     ids = str_list(body, "ids")
-    return ctx.later(ctx.app.store.mailbox_ack(int(ctx.user_id), ids), lambda _: {})
+    app = ctx.app
+    most = app.client_limits.max_ack_ids
+    if most and len(ids) > most:
+        raise bad_request(f"ids must hold at most {most} ids (ack in several requests)")
+    user_id, store = int(ctx.user_id), app.store
+    return ctx.later(app.store_line.call(user_id, lambda: store.mailbox_ack(user_id, ids), "ack", len(ids)),
+                     lambda _: {})
 
 
 def heartbeat(ctx: "Ctx", body: dict) -> dict:
@@ -506,7 +548,7 @@ def register(app: "App") -> None:
     _ensure_ids(app)
     app.route(LOGIN, login=False)(rechecking(login))
     app.route(SEND_USER)(rechecking(send_user_message))
-    app.route(SUBSCRIBE)(subscribe)
+    app.route(SUBSCRIBE)(rechecking(subscribe))
     app.route(SEND_CHANNEL)(rechecking(send_channel_message))
     app.route(HISTORY)(rechecking(query_history))
     app.route(UNSUBSCRIBE)(rechecking(unsubscribe))

@@ -102,7 +102,8 @@ APP_FAMILIES: tuple[FamilySpec, ...] = (
     ("zim_users_created_total", COUNTER, "Users created by a login without a token.", None),
     ("zim_pushes_total", COUNTER, "Pushes made: one per push to a user's connections (a DM makes two: "
      "the receiver's, the sender's other devices) or to a channel's members.", "kind"),
-    ("zim_rate_limited_total", COUNTER, "Sends refused rate_limited, by the bucket that refused them.", "scope"),
+    ("zim_rate_limited_total", COUNTER, "Requests refused rate_limited, by the limit that refused them "
+     "(user, channel, address_login, address_new_user, address_auth_failure, channel_create).", "scope"),
     ("zim_store_writer_restarts_total", COUNTER, "Store writer processes restarted.", None),
     ("zim_worker_restarts_total", COUNTER, "Worker processes restarted.", None),
     ("zim_redis_link_up", GAUGE, "1 while both links to this Redis master are up, else 0.", "master"),

@@ -23,7 +23,10 @@ import subprocess
 import time
 from typing import Iterable
 
-from zim._core import COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES
+from zim._core import (
+    COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES, address_table_bytes, clear_address_region,
+    init_address_table,
+)
 from zim._idmap import IdMap
 from zim.app import App, ServeOptions, error_body, log_ceiling, stop_on_signals
 from zim.metrics import APP_FAMILIES, combine_core_values, families_from_counts
@@ -31,7 +34,7 @@ from zim.process import Backoff, exit_reason, helper_command
 from zim.worker import (
     BIND_HEAD, CLOSE_BODY, CLOSE_USER_BODY, CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER,
     CMD_FOLLOW, CMD_UNFOLLOW, EVENT,
-    EVENT_LISTENING, EVENT_USER_GONE, FOLLOW_BODY, format_routes, pack_broadcast_except,
+    EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, FOLLOW_BODY, format_routes, pack_broadcast_except,
 )
 
 log = logging.getLogger("zim.router")
@@ -64,6 +67,9 @@ class WorkerSlot:
         self.backoff = Backoff()
         self.restart_at = 0.0       # a failed start waits for this time (monotonic) before the next
         self.listening = False      # its listeners are open (EVENT_LISTENING)
+        # user id -> logged-in connections on this worker (RouterFabric.user_connections):
+        # one up per BIND sent, one down per close it reports (EVENT_USERS_CLOSED)
+        self.user_conns = IdMap()
 
 
 class Router:
@@ -73,6 +79,12 @@ class Router:
         self.app = app
         self.options = options
         self.slots = [WorkerSlot(i) for i in range(workers)]
+        # connections per address over every worker (--max-conns-per-address), one region
+        # each, and the secret key of IPv6 addresses, shared by all: zim._core's address table
+        self.address_table_fd = os.memfd_create("zim-address-table", os.MFD_CLOEXEC)
+        os.ftruncate(self.address_table_fd, address_table_bytes(workers))
+        self.address_table = mmap.mmap(self.address_table_fd, 0)
+        init_address_table(self.address_table, workers)
         self.by_link: dict[int, WorkerSlot] = {}
         self.presence = IdMap()
         self.interest: dict[int, int] = {}
@@ -101,6 +113,7 @@ class Router:
                 log.info("zim supervising %d workers, tcp=%s ws=%s",
                          len(self.slots), self.options.tcp, self.options.ws)
                 log_ceiling(len(self.slots), self.options, self.app.auto_client_memory)
+                self.app.log_limits()
                 self.app.serve_metrics(self.reactor, self.core_counters, self.listening)
                 self.app.metrics.add_source(lambda: families_from_counts(
                     APP_FAMILIES, {"zim_worker_restarts_total": self.worker_restarts}))
@@ -135,9 +148,10 @@ class Router:
         command = helper_command(
             "zim.worker", "--link-fd", str(theirs.fileno()), "--index", str(slot.index),
             "--parent", str(os.getpid()), "--routes", format_routes(self.app.routes),
-            "--counters-fd", str(slot.counters_fd),
+            "--counters-fd", str(slot.counters_fd), "--address-table-fd", str(self.address_table_fd),
             "--log-level", logging.getLevelName(logging.getLogger().level), *self.options.as_args())
-        slot.process = subprocess.Popen(command, pass_fds=(theirs.fileno(), slot.counters_fd))
+        slot.process = subprocess.Popen(command, pass_fds=(theirs.fileno(), slot.counters_fd,
+                                                           self.address_table_fd))
         theirs.close()
         slot.link = self.reactor.adopt_link(ours.detach())
         self.reactor.set_link_index(slot.link, slot.index)
@@ -182,6 +196,8 @@ class Router:
         slot.listening = False
         for index in GAUGE_INDEXES:         # its connections are gone; the next worker sets them again
             slot.counter_values[index] = 0
+        clear_address_region(self.address_table, slot.index)    # ... and no longer count per address
+        slot.user_conns = IdMap()
         bit = worker_bit(slot.index)
         for user_id in self.presence.clear_bits_everywhere(bit):
             self.app.user_gone(user_id)     # held by no other worker: gone from this server
@@ -256,6 +272,8 @@ class Router:
             self.presence.clear_bits(user_id, worker_bit(slot.index))
             if not self.presence.get(user_id):
                 self.app.user_gone(user_id)
+        elif seq == EVENT_USERS_CLOSED:
+            slot.user_conns.release(payload)
         elif seq == EVENT_LISTENING:
             slot.listening = True
 
@@ -306,6 +324,12 @@ class RouterFabric:
     def has_user(self, user_id: int) -> bool:
         return bool(self.router.presence.get(user_id))
 
+    def user_connections(self, user_id: int) -> int:
+        """The user's logged-in connections over every worker: logins sent to a worker
+        count at once, closes once the worker has reported them (so a close is seen a
+        loop pass late, never a login). Every worker is asked: 64 C lookups at most."""
+        return sum(slot.user_conns.get(user_id) for slot in self.slots)
+
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         router = self.router
         index = conn >> HANDLE_BITS
@@ -315,7 +339,9 @@ class RouterFabric:
         for group in groups:
             router.interest[group] = router.interest.get(group, 0) | bit
         body = BIND_HEAD.pack(conn & HANDLE_MASK, user_id) + b"".join(g.to_bytes(4, "big") for g in groups)
-        router.send(index, CMD_BIND, body)
+        if router.send(index, CMD_BIND, body):
+            # the worker reports this connection's close, or that it was gone already
+            self.slots[index].user_conns.add_one(user_id)
 
     def push_user(self, user_id: int, action: int, payload: bytes, exclude_conn: int) -> int:
         return self._to_workers(self.router.presence.get(user_id), self.reactor.command_push_user,

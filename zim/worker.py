@@ -34,6 +34,8 @@ CMD_CLOSE_USER = 9          # close a user's connections here but one (log out e
 EVENT = 0
 EVENT_USER_GONE = 1
 EVENT_LISTENING = 2         # the worker's listeners are open (the router's readiness)
+EVENT_USERS_CLOSED = 3      # logged-in connections closed here: 8-byte user ids, one per connection
+                            # (also a login whose connection had closed before its BIND came)
 
 BIND_HEAD = struct.Struct(">QQ")            # conn, user (then groups, 4 bytes each)
 FOLLOW_BODY = struct.Struct(">QI")          # user, group
@@ -47,7 +49,7 @@ class Worker:
     """One reactor serving clients, linked to the router."""
 
     def __init__(self, options: ServeOptions, link_fd: int, routes: dict[int, bool], index: int,
-                 counters_fd: int = -1) -> None:
+                 counters_fd: int = -1, address_table_fd: int = -1) -> None:
         self.index = index
         self.reactor = reactor = options.reactor(self._on_packet)
         if counters_fd >= 0:
@@ -55,11 +57,17 @@ class Worker:
             self.counters = mmap.mmap(counters_fd, COUNTER_BYTES)
             os.close(counters_fd)
             reactor.share_counters(self.counters)
+        if address_table_fd >= 0:
+            # connections per address over every worker, and the address keys' secret
+            self.addresses = mmap.mmap(address_table_fd, 0)
+            os.close(address_table_fd)
+            reactor.share_address_table(self.addresses, index)
         self.options = options
         self.link = reactor.adopt_link(link_fd)
         # requests up and the hot commands down are handled in C from here on
         reactor.forward_to(self.link, route_table(routes))
         reactor.on_user_gone = self._user_gone
+        reactor.on_users_closed = self._users_closed    # the router's connection counts per user
         reactor.on_link_closed = self._link_closed
         self.close_log = CloseLog(f"worker {index}")
         reactor.on_tick = self._tick
@@ -93,6 +101,9 @@ class Worker:
     def _user_gone(self, user_id: int) -> None:
         self.reactor.reply(self.link, EVENT, EVENT_USER_GONE, user_id.to_bytes(8, "big"))
 
+    def _users_closed(self, users: bytes) -> None:
+        self.reactor.reply(self.link, EVENT, EVENT_USERS_CLOSED, users)
+
     def _link_closed(self, conn: int) -> None:
         log.warning("worker %d: router link closed; stopping", self.index)
         self.reactor.stop()
@@ -101,10 +112,12 @@ class Worker:
     def _bind(self, body: bytes) -> None:
         conn, user = BIND_HEAD.unpack_from(body)
         groups = (group for (group,) in struct.iter_unpack(">I", body[BIND_HEAD.size:]))
-        if not bind_here(self.reactor, conn, user, groups) and not self.reactor.user_conns(user):
-            # the connection closed while its login was decided: the router
-            # counted it as present, so tell it the user is not here after all
-            self._user_gone(user)
+        if not bind_here(self.reactor, conn, user, groups):
+            # the connection closed while its login was decided: the router counted
+            # it, so tell it that connection is gone, and the user if it was the last
+            self._users_closed(user.to_bytes(8, "big"))
+            if not self.reactor.user_conns(user):
+                self._user_gone(user)
 
     def _follow(self, body: bytes) -> None:
         follow_here(self.reactor, *FOLLOW_BODY.unpack(body))
@@ -208,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ws-origins", default="*")
     parser.add_argument("--counters-fd", type=int, default=-1,
                         help="shared memory for the reactor's counters (Reactor.share_counters)")
+    parser.add_argument("--max-conns-per-address", type=int, default=0)
+    parser.add_argument("--address-table-fd", type=int, default=-1,
+                        help="shared memory counting connections per address (Reactor.share_address_table)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
@@ -217,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                            args.max_packet, args.login_timeout, args.idle_timeout,
                            max_outbuf=args.max_outbuf, ws_deflate=args.ws_deflate == "on",
                            max_inflight=args.max_inflight, max_client_memory=args.max_client_memory,
-                           ws_origins=args.ws_origins)
+                           ws_origins=args.ws_origins, max_conns_per_address=args.max_conns_per_address)
     try:
-        Worker(options, args.link_fd, parse_routes(args.routes), args.index, args.counters_fd).run()
+        Worker(options, args.link_fd, parse_routes(args.routes), args.index, args.counters_fd,
+               args.address_table_fd).run()
     except OSError as exc:
         log.error("worker %d: %s", args.index, exc)
         return 1

@@ -100,6 +100,10 @@ class NodeFabric:
     def has_user(self, user_id: int) -> bool:
         return self.inner.has_user(user_id)
 
+    def user_connections(self, user_id: int) -> int:
+        """This node's logged-in connections of the user (--max-conns-per-user is per node)."""
+        return self.inner.user_connections(user_id)
+
     # -- presence ------------------------------------------------------------------
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         groups = list(groups)

@@ -11,7 +11,8 @@ script touching them runs on one Redis Cluster node:
 - a channel: ``{c:<name>}``: ``zim:{c:<name>}:seq``, ``:log``, ``:members``;
 - a user pair: ``{u:<low id>:<high id>}``: ``:seq``, ``:log``;
 - a user: ``{m:<id>}``: ``:user`` (name), ``:channels``, ``:box`` and ``:mail``
-  (the mailbox), ``:presence``.
+  (the mailbox), ``:held`` and ``:bytes`` (the mailbox's quota), ``:created``
+  (the channels the user created, for its quota), ``:presence``.
 
 A conversation's history is a Redis Stream whose entry ids are
 ``<seq>-<createdAt ms>``: ids grow with seq, so ``XREVRANGE log <seq> -`` pages
@@ -21,6 +22,14 @@ Operations that touch two hash tags (a direct message: the pair's history, then
 the receiver's mailbox; subscribe; presence) are returned as
 ``steps``: commands to send one after the other, each once the one before it
 succeeded, and to acknowledge to the client only after the last.
+
+Quotas (zim.storage.store.Quotas). A direct message first *holds* room in the
+receiver's mailbox (``MAILBOX_HOLD``, in the receiver's slot: atomic with every
+other send to that mailbox), then is appended to the pair's history (which
+takes its seq), then its copy takes the held room (``MAILBOX_ADD``); a full
+mailbox refuses the hold, so nothing is stored and no seq is taken. A subscribe
+to a channel that does not exist first claims one of the user's channel
+creations (``CHANNEL_CLAIM``, the user's ``created`` set), then creates it.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import orjson
 
 from zim.storage.retention import Retention, Tier
-from zim.storage.store import Message, pair_key
+from zim.storage.store import Message, Quotas, StoreRefusal, pair_key
 
 Command = tuple
 PREFIX = "zim"
@@ -38,6 +47,12 @@ SECRET_KEY = f"{PREFIX}:secret"        # the token-signing secret, one for all n
 SECRET_ID_KEY = f"{PREFIX}:secret-id"  # a fingerprint of the secret the nodes sign with (zim.tokens.secret_id)
 TOKENS_V2_KEY = f"{PREFIX}:tokens-v2-since"    # Unix ms: version 1 tokens count for one lifetime from then
 NODES_KEY = f"{PREFIX}:nodes"          # sorted set: node id -> heartbeat deadline (ms)
+HOLD_MS = 60_000                       # a hold of mailbox room lasts this long if its send never ends
+MAX_SEQ = (1 << 63) - 1                # (the most digits a seq can add to a mailbox copy)
+# MAILBOX_HOLD's answers
+HELD, FULL_BY_COUNT, FULL_BY_BYTES = 0, 1, 2
+# CHANNEL_CLAIM's answers
+CLAIM_REFUSED, CLAIMED, CLAIMED_BEFORE = 0, 1, 2
 ACK_CHUNK = 1000                       # ids per ZREM/HDEL inside the ack script (Lua's unpack limit)
 
 
@@ -60,6 +75,9 @@ class UserKeys(NamedTuple):
     box: str          # sorted set: message id, scored by arrival (the mailbox's order)
     mail: str         # hash: message id -> the message as JSON (a copy, with seq)
     presence: str     # hash: node id -> 1, for each node holding connections of the user
+    held: str         # sorted set: "<bytes>:<message id>" -> deadline ms: room held by sends under way
+    bytes: str        # string: bytes of the copies in ``mail`` plus the room held
+    created: str      # set: the channels the user created (its channel quota)
 
 
 def channel_keys(channel: str) -> ConversationKeys:
@@ -80,7 +98,7 @@ def user_keys(user_id: int) -> UserKeys:
     """The keys of one user (hash tag ``{m:<id>}``)."""
     base = f"{PREFIX}:{{m:{user_id}}}"
     return UserKeys(f"{base}:user", f"{base}:channels", f"{base}:box", f"{base}:mail",
-                    f"{base}:presence")
+                    f"{base}:presence", f"{base}:held", f"{base}:bytes", f"{base}:created")
 
 
 def node_users_key(node: str) -> str:
@@ -167,9 +185,64 @@ end
 return seq
 """)
 
-# KEYS: box, mail. ARGV: message id, message JSON. A retry of the same id keeps
-# its place and replaces the copy (as MemoryStore and SQLiteStore do).
-MAILBOX_ADD = Script("mailbox_add", """
+# The mailbox's bytes (``bytes``): a counter kept by MAILBOX_HOLD, MAILBOX_ADD,
+# MAILBOX_RELEASE and MAILBOX_ACK; a mailbox made before it existed gets it
+# counted once (one HSTRLEN per copy) by the first of them to run.
+_BOX_BYTES = """
+local function box_bytes(mail, counter)
+  local value = redis.call('GET', counter)
+  if value then return tonumber(value) end
+  local total = 0
+  for _, id in ipairs(redis.call('HKEYS', mail)) do total = total + redis.call('HSTRLEN', mail, id) end
+  redis.call('SET', counter, total)
+  return total
+end
+"""
+
+# KEYS: box, mail, held, bytes. ARGV: hold ("<bytes>:<id>"), bytes, now ms,
+# deadline ms, max messages (0: none), max bytes (0: none). Holds room for one
+# message in the mailbox, atomically with every other send to it: HELD, or
+# FULL_BY_COUNT / FULL_BY_BYTES (nothing changed). Holds whose deadline passed
+# (a node died between the steps of a send) are dropped first.
+MAILBOX_HOLD = Script("mailbox_hold", _BOX_BYTES + """
+local used = box_bytes(KEYS[2], KEYS[4])
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[3])
+if #stale > 0 then
+  for _, hold in ipairs(stale) do used = used - tonumber(string.match(hold, '^(%d+):')) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[3])
+  redis.call('SET', KEYS[4], used)
+end
+local size, max_count, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if max_count > 0 and redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= max_count then
+  return 1
+end
+if max_bytes > 0 and used + size > max_bytes then return 2 end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+redis.call('INCRBY', KEYS[4], size)
+return 0
+""")
+
+# KEYS: held, bytes. ARGV: hold. A send that held room failed before its copy
+# was added: the room goes back (a hold already dropped changes nothing).
+MAILBOX_RELEASE = Script("mailbox_release", """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[2], tonumber(string.match(ARGV[1], '^(%d+):')))
+end
+return 0
+""")
+
+# KEYS: box, mail, held, bytes. ARGV: message id, message JSON, hold ("": none).
+# A retry of the same id keeps its place and replaces the copy (as MemoryStore
+# and SQLiteStore do). The copy takes its hold's room: ``bytes`` then counts its
+# exact length (a hold is an upper bound: the seq was not known yet).
+MAILBOX_ADD = Script("mailbox_add", _BOX_BYTES + """
+local used = box_bytes(KEYS[2], KEYS[4])
+local held = 0
+if ARGV[3] ~= '' and redis.call('ZREM', KEYS[3], ARGV[3]) == 1 then
+  held = tonumber(string.match(ARGV[3], '^(%d+):'))
+end
+local change = string.len(ARGV[2]) - held - redis.call('HSTRLEN', KEYS[2], ARGV[1])
+if change ~= 0 then redis.call('SET', KEYS[4], used + change) end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
@@ -186,19 +259,61 @@ if #ids == 0 then return {} end
 return redis.call('HMGET', KEYS[2], unpack(ids))
 """)
 
-# KEYS: box, mail. ARGV: message ids (unknown ones are ignored). Atomic, so an
-# entry never loses its copy or the other way round.
-MAILBOX_ACK = Script("mailbox_ack", f"""
+# KEYS: box, mail, held, bytes. ARGV: message ids (unknown ones are ignored).
+# Atomic, so an entry never loses its copy or the other way round; the bytes
+# counter loses their copies' lengths, and goes once nothing is left.
+MAILBOX_ACK = Script("mailbox_ack", _BOX_BYTES + f"""
+local used = box_bytes(KEYS[2], KEYS[4])
 local removed = 0
 for first = 1, #ARGV, {ACK_CHUNK} do
   local chunk = {{unpack(ARGV, first, math.min(first + {ACK_CHUNK} - 1, #ARGV))}}
+  for _, id in ipairs(chunk) do
+    local size = redis.call('HSTRLEN', KEYS[2], id)
+    if size > 0 then
+      redis.call('HDEL', KEYS[2], id)
+      used = used - size
+    end
+  end
   removed = removed + redis.call('ZREM', KEYS[1], unpack(chunk))
-  redis.call('HDEL', KEYS[2], unpack(chunk))
+end
+if redis.call('ZCARD', KEYS[1]) == 0 and redis.call('ZCARD', KEYS[3]) == 0 then
+  redis.call('DEL', KEYS[4])
+else
+  redis.call('SET', KEYS[4], math.max(used, 0))
 end
 return removed
 """)
 
-SCRIPTS = (APPEND, MAILBOX_ADD, MAILBOX_PULL, MAILBOX_ACK)
+# KEYS: seq, members. ARGV: user id, push flag. Join a channel that exists: 1;
+# 0 if it does not (nothing changed: creating it is CHANNEL_CLAIM's, then CHANNEL_CREATE's).
+CHANNEL_JOIN = Script("channel_join", """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+""")
+
+# KEYS: created (the user's). ARGV: channel, max channels (0: none). One of the
+# user's channel creations: CLAIMED, CLAIMED_BEFORE (this channel was claimed
+# already: a retry), or CLAIM_REFUSED (the user created the maximum).
+CHANNEL_CLAIM = Script("channel_claim", """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 2 end
+local max = tonumber(ARGV[2])
+if max > 0 and redis.call('SCARD', KEYS[1]) >= max then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+""")
+
+# KEYS: seq, members. ARGV: user id, push flag. Create the channel (seq at 0)
+# and join it: 1; 0 if someone created it meanwhile (joined all the same).
+CHANNEL_CREATE = Script("channel_create", """
+local made = redis.call('SET', KEYS[1], 0, 'NX')
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if made then return 1 end
+return 0
+""")
+
+SCRIPTS = (APPEND, MAILBOX_HOLD, MAILBOX_RELEASE, MAILBOX_ADD, MAILBOX_PULL, MAILBOX_ACK,
+           CHANNEL_JOIN, CHANNEL_CLAIM, CHANNEL_CREATE)
 
 
 # ---------------------------------------------------------------- messages
@@ -261,11 +376,53 @@ def _field(fields: Any, name: bytes) -> bytes:
 # ---------------------------------------------------------------- mailboxes
 
 
-def mailbox_add_command(receiver_id: int, msg: Message) -> Command:
-    """Put a copy of a direct message (seq set) into the receiver's mailbox. The
-    second step of a send, after ``append_pair_command``; idempotent by id."""
+def hold_size(msg: Message) -> int:
+    """The room a direct message's copy will take, before its seq is known: its
+    JSON with the longest seq there is (an upper bound; MAILBOX_ADD counts the
+    exact length)."""
+    return len(orjson.dumps({**msg, "seq": MAX_SEQ}))
+
+
+def hold_of(msg: Message, size: int) -> str:
+    """The held room's name: its bytes and the message's id."""
+    return f"{size}:{msg['id']}"
+
+
+def mailbox_hold_command(receiver_id: int, hold: str, size: int, now_ms: int,
+                         max_mailbox: int, max_mailbox_bytes: int) -> Command:
+    """Hold room for one message in the receiver's mailbox: the first step of a
+    direct message when a mailbox quota is on. The reply: HELD, else FULL_BY_COUNT
+    or FULL_BY_BYTES and nothing changed (see ``mailbox_refusal``)."""
     keys = user_keys(receiver_id)
-    return MAILBOX_ADD.command((keys.box, keys.mail), [msg["id"], orjson.dumps(msg)])
+    return MAILBOX_HOLD.command((keys.box, keys.mail, keys.held, keys.bytes),
+                                [hold, size, now_ms, now_ms + HOLD_MS, max_mailbox, max_mailbox_bytes])
+
+
+def mailbox_release_command(receiver_id: int, hold: str) -> Command:
+    """Give back the room a send held (its history append failed)."""
+    keys = user_keys(receiver_id)
+    return MAILBOX_RELEASE.command((keys.held, keys.bytes), [hold])
+
+
+def mailbox_refusal(reply: Any, quotas: Quotas) -> StoreRefusal | None:
+    """The StoreRefusal of a ``mailbox_hold_command`` reply (None: held)."""
+    reply = int(reply)
+    if reply == HELD:
+        return None
+    if reply == FULL_BY_COUNT:
+        return quotas.full_by_count()
+    if reply == FULL_BY_BYTES:
+        return quotas.full_by_bytes()
+    raise ValueError(f"unexpected mailbox_hold reply {reply!r}")
+
+
+def mailbox_add_command(receiver_id: int, msg: Message, hold: str = "") -> Command:
+    """Put a copy of a direct message (seq set) into the receiver's mailbox, in
+    the room ``hold`` held for it (none: counted all the same). The last step
+    of a send, after ``append_pair_command``; idempotent by id."""
+    keys = user_keys(receiver_id)
+    return MAILBOX_ADD.command((keys.box, keys.mail, keys.held, keys.bytes),
+                               [msg["id"], orjson.dumps(msg), hold])
 
 
 def mailbox_pull_command(user_id: int, limit: int) -> Command:
@@ -286,7 +443,7 @@ def mailbox_ack_command(user_id: int, ids: Iterable[str]) -> Command | None:
     if not wanted:
         return None
     keys = user_keys(user_id)
-    return MAILBOX_ACK.command((keys.box, keys.mail), wanted)
+    return MAILBOX_ACK.command((keys.box, keys.mail, keys.held, keys.bytes), wanted)
 
 
 # ---------------------------------------------------------------- users, channels, presence
@@ -311,11 +468,43 @@ def revoke_tokens_command(user_id: int) -> Command:
 def subscribe_steps(channel: str, user_id: int, push: bool) -> list[Command]:
     """Join (or change the push flag): the channel's side, then the user's index,
     so the index never names a channel the user is not a member of. ``seq`` is
-    created at 0 on the first join: the channel exists from then on, members or not."""
+    created at 0 on the first join: the channel exists from then on, members or not.
+    Without the channel quota (tests and tools); a node subscribes with
+    ``channel_join_command`` and the commands after it (RedisStore.subscribe)."""
     keys = channel_keys(channel)
     flag = "1" if push else "0"
     return [("SET", keys.seq, 0, "NX"), ("HSET", keys.members, user_id, flag),
             ("HSET", user_keys(user_id).channels, channel, flag)]
+
+
+def channel_join_command(channel: str, user_id: int, push: bool) -> Command:
+    """Join a channel if it exists (reply 1), else nothing (0): the first step
+    of a subscribe; then ``channel_index_command``, or, for a new channel,
+    ``channel_claim_command`` and ``channel_create_command`` before it."""
+    keys = channel_keys(channel)
+    return CHANNEL_JOIN.command((keys.seq, keys.members), [user_id, "1" if push else "0"])
+
+
+def channel_claim_command(user_id: int, channel: str, max_channels: int) -> Command:
+    """Count a channel the user is about to create (CLAIMED, CLAIMED_BEFORE), or
+    CLAIM_REFUSED when it has created ``max_channels`` (0: no limit)."""
+    return CHANNEL_CLAIM.command((user_keys(user_id).created,), [channel, max_channels])
+
+
+def channel_create_command(channel: str, user_id: int, push: bool) -> Command:
+    """Create the channel and join it; reply 0 if it existed meanwhile."""
+    keys = channel_keys(channel)
+    return CHANNEL_CREATE.command((keys.seq, keys.members), [user_id, "1" if push else "0"])
+
+
+def channel_index_commands(channel: str, user_id: int, push: bool, unclaim: bool = False) -> list[Command]:
+    """The last step of a subscribe, in the user's slot: the user's index, and
+    (``unclaim``) the creation it claimed given back, as someone else created the channel."""
+    keys = user_keys(user_id)
+    commands = [("HSET", keys.channels, channel, "1" if push else "0")]
+    if unclaim:
+        commands.append(("SREM", keys.created, channel))
+    return commands
 
 
 def unsubscribe_steps(channel: str, user_id: int) -> list[Command]:

@@ -21,6 +21,13 @@ Users, channels and memberships live in Redis too, and each node keeps a
 
 Users are never deleted, so a cached user never becomes wrong; a cached
 membership can be stale only for the moment a feed message takes.
+
+Quotas (``set_quotas``) are enforced in Redis, atomically, never by the cache
+(which is a MemoryStore without quotas): a direct message first holds room in
+the receiver's mailbox (refused: ``mailbox_full``, and nothing is stored), a
+subscribe that creates a channel first claims one of the user's channel
+creations (refused: ``too_many_channels``); see zim.nodes.schema and
+docs/redis.md. A refusal settles the call with ``StoreRefusal``.
 """
 from __future__ import annotations
 
@@ -30,7 +37,10 @@ from typing import Any, Callable, Iterable, Union
 
 from zim.nodes import schema
 from zim.storage.retention import Retention
-from zim.storage.store import CHANNEL, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending
+from zim.storage.store import (
+    CHANNEL, NO_QUOTAS, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending, Quotas,
+    StoreRefusal,
+)
 
 log = logging.getLogger("zim.nodes")
 
@@ -44,7 +54,7 @@ def now_ms() -> int:
 def after(pending: Pending, step: Callable[[Any], Any]) -> Pending:
     """A Pending for ``step(value)`` once ``pending`` succeeds: ``step`` returns the
     value, or another Pending to wait on. A failure (or an exception in ``step``)
-    settles it with ok=False."""
+    settles it with ok=False; a StoreRefusal that ``step`` raises is the value then."""
     result = Pending()
     pending.wait(_run_step, result, step)
     return result
@@ -56,6 +66,9 @@ def _run_step(result: Pending, step: Callable[[Any], Any], ok: bool, value: Any)
         return
     try:
         value = step(value)
+    except StoreRefusal as refusal:     # a quota: nothing was stored, the client is told why
+        result.settle(False, refusal)
+        return
     except Exception as exc:  # noqa: BLE001 -- a bad reply must fail the call, not the loop
         log.exception("a Redis reply could not be used")
         result.settle(False, f"bad reply from redis: {exc}")
@@ -122,7 +135,13 @@ class RedisStore:
         self.redis = redis
         self.on_change = on_change
         self.cache = MemoryStore()
+        self.cache.set_quotas(NO_QUOTAS)             # the quotas are Redis's to enforce
+        self.quotas = Quotas()
         self._user_writes: dict[int, Pending] = {}   # a user's record write not yet answered
+
+    def set_quotas(self, quotas: Quotas) -> None:
+        """The limits every node of a service should share (zim.storage.store.Quotas)."""
+        self.quotas = quotas
 
     # -- users ---------------------------------------------------------------
     def create_user(self, user_id: int, name: str) -> Pending:
@@ -225,14 +244,36 @@ class RedisStore:
         return push is not None
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> Pending:
+        """Join the channel if it exists; else claim one of the user's channel
+        creations (refused: StoreRefusal ``too_many_channels``, nothing stored),
+        create it and join. Then the user's index."""
         cache = self.cache
         existed, old = cache.channel_exists(channel), cache.membership(channel, user_id)
         cache.subscribe(channel, user_id, push)
-        steps = schema.subscribe_steps(channel, user_id, push)
-        done = shared(after(self.redis.pipeline(steps[:2]), lambda _: self.redis.call(*steps[2])))
+        joined = self.redis.call(*schema.channel_join_command(channel, user_id, push))
+        done = shared(after(joined, lambda reply: self._joined(channel, user_id, push, reply)))
         done.wait(self._member_written, (channel, user_id, existed, old), {"k": "member", "c": channel,
                                                                           "u": user_id, "p": int(push)})
         return after(done, lambda _: None)
+
+    def _joined(self, channel: str, user_id: int, push: bool, reply: Any) -> Pending:
+        if int(reply):
+            return self._index(channel, user_id, push)
+        # no such channel: this subscribe creates it
+        claim = schema.channel_claim_command(user_id, channel, self.quotas.max_channels_per_user)
+        return after(self.redis.call(*claim), lambda reply: self._claimed(channel, user_id, push, int(reply)))
+
+    def _claimed(self, channel: str, user_id: int, push: bool, claim: int) -> Pending:
+        if claim == schema.CLAIM_REFUSED:
+            raise self.quotas.too_many_channels()
+        created = self.redis.call(*schema.channel_create_command(channel, user_id, push))
+        # created meanwhile by someone else: a creation claimed just now goes back
+        return after(created, lambda made: self._index(channel, user_id, push,
+                                                       unclaim=claim == schema.CLAIMED and not int(made)))
+
+    def _index(self, channel: str, user_id: int, push: bool, unclaim: bool = False) -> Pending:
+        commands = schema.channel_index_commands(channel, user_id, push, unclaim)
+        return self.redis.pipeline(commands) if len(commands) > 1 else self.redis.call(*commands[0])
 
     def unsubscribe(self, channel: str, user_id: int) -> Pending:
         cache = self.cache
@@ -287,14 +328,42 @@ class RedisStore:
         return after(self.redis.call(*command), lambda seq: _set_seq(msg, seq))
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> Pending:
-        """The pair's history first (which gives the seq), then the receiver's
-        mailbox copy (with it); settled after both (docs/redis.md)."""
-        command = schema.append_pair_command(sender_id, receiver_id, msg, now_ms(), self.retention)
-        return after(self.redis.call(*command), lambda seq: self._to_mailbox(receiver_id, msg, seq))
+        """Room held in the receiver's mailbox first (a full one refuses: StoreRefusal
+        ``mailbox_full``, nothing stored, no seq taken), then the pair's history
+        (which gives the seq), then the receiver's mailbox copy (with it), in the
+        held room; settled after all (docs/redis.md)."""
+        quotas = self.quotas
+        if not (quotas.max_mailbox or quotas.max_mailbox_bytes):
+            return self._append_direct(sender_id, receiver_id, msg, "")
+        size = schema.hold_size(msg)
+        hold = schema.hold_of(msg, size)
+        held = self.redis.call(*schema.mailbox_hold_command(
+            receiver_id, hold, size, now_ms(), quotas.max_mailbox, quotas.max_mailbox_bytes))
+        return after(held, lambda reply: self._held(sender_id, receiver_id, msg, hold, reply))
 
-    def _to_mailbox(self, receiver_id: int, msg: Message, seq: int) -> Pending:
+    def _held(self, sender_id: int, receiver_id: int, msg: Message, hold: str, reply: Any) -> Pending:
+        refusal = schema.mailbox_refusal(reply, self.quotas)
+        if refusal is not None:
+            raise refusal
+        return self._append_direct(sender_id, receiver_id, msg, hold)
+
+    def _append_direct(self, sender_id: int, receiver_id: int, msg: Message, hold: str) -> Pending:
+        command = schema.append_pair_command(sender_id, receiver_id, msg, now_ms(), self.retention)
+        appended = self.redis.call(*command)
+        if hold:
+            relayed = Pending()
+            appended.wait(self._release_if_failed, relayed, (receiver_id, hold))
+            appended = relayed
+        return after(appended, lambda seq: self._to_mailbox(receiver_id, msg, seq, hold))
+
+    def _release_if_failed(self, result: Pending, held: tuple[int, str], ok: bool, value: Any) -> None:
+        if not ok:      # the room goes back now (else when the hold's deadline passes)
+            self.redis.call(*schema.mailbox_release_command(*held))
+        result.settle(ok, value)
+
+    def _to_mailbox(self, receiver_id: int, msg: Message, seq: int, hold: str = "") -> Pending:
         _set_seq(msg, seq)
-        return after(self.redis.call(*schema.mailbox_add_command(receiver_id, msg)), lambda _: seq)
+        return after(self.redis.call(*schema.mailbox_add_command(receiver_id, msg, hold)), lambda _: seq)
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> Pending:

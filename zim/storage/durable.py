@@ -12,6 +12,14 @@ writer has committed the batch holding it (group commit); the framework sends
 the client's response then, so a response means "stored". Answers come in the
 order of the calls. A change to the in-memory tables is made at once (later
 requests see it) and undone if the writer reports that its batch failed.
+
+Quotas (``set_quotas``, before ``attach``): the channels a user may create are
+counted here, in memory (every channel and its creator are loaded at start), so
+a subscribe past the limit settles at once with ``StoreRefusal``
+(``too_many_channels``) and nothing goes to the writer; the creator is stored by
+the writer with the channel. The mailbox quota is the writer's (it is atomic
+with the batch): it gets the limits as arguments, and a refused direct message
+is answered LIMIT, which settles its call with ``StoreRefusal`` (``mailbox_full``).
 """
 from __future__ import annotations
 
@@ -31,10 +39,12 @@ from zim.process import Backoff, exit_reason, helper_command
 from zim.storage.batchstats import BatchStats
 from zim.storage.retention import Retention
 from zim.storage.sqlite import SQLiteStore
-from zim.storage.store import ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending
+from zim.storage.store import (
+    ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending, Quotas, StoreRefusal,
+)
 from zim.storage.writer import (
-    FAILED, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME, OP_RESYNC,
-    OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE, OP_USER_MESSAGE, REFUSED,
+    FAILED, LIMIT, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME,
+    OP_RESYNC, OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE, OP_USER_MESSAGE, REFUSED,
 )
 
 log = logging.getLogger("zim.storage")
@@ -91,7 +101,9 @@ class DurableStore:
     def __init__(self, data_dir: str, retention: Retention = Retention()) -> None:
         self.path = os.path.join(data_dir, DB_FILE)
         self.retention = retention
-        self.meta = MemoryStore()               # users, channels, memberships
+        self.meta = MemoryStore()               # users, channels (and creators), memberships
+        self.quotas = Quotas()
+        self.meta.set_quotas(_channel_quota(self.quotas))
         self.calls: deque[StoreCall] = deque()  # sent, not answered yet (oldest first)
         self.issued = 0                         # calls sent so far
         self.undone_upto = 0                    # calls up to this number were undone already
@@ -115,8 +127,8 @@ class DurableStore:
             meta = self.meta
             for user_id, name in db.all_users():
                 meta.create_user(user_id, name)
-            for channel in db.all_channels():
-                meta.add_channel(channel)
+            for channel, creator in db.all_channels_with_creators():
+                meta.add_channel(channel, creator)
             for channel, user_id, push in db.all_members():
                 meta.subscribe(channel, user_id, push)
             for user_id, epoch in db.all_token_epochs():
@@ -134,6 +146,13 @@ class DurableStore:
         """When the database was upgraded to token version 2 (Unix ms; 0: made with it)."""
         return self._tokens_v2_since
 
+    def set_quotas(self, quotas: Quotas) -> None:
+        """The limits (zim.storage.store.Quotas): the channel quota is checked
+        here, the mailbox's by the writer, which gets them at every start. Call
+        before ``attach``; a writer already running keeps the ones it started with."""
+        self.quotas = quotas
+        self.meta.set_quotas(_channel_quota(quotas))
+
     # -- the writer process ----------------------------------------------------
     def attach(self, reactor: Reactor, on_link: Callable[[int], None]) -> None:
         """Start the writer; ``on_link(link)`` learns each new link (packets on it
@@ -149,6 +168,8 @@ class DurableStore:
             "zim.storage.writer", "--db", self.path, "--link-fd", str(theirs.fileno()),
             "--parent", str(os.getpid()), "--stats-fd", str(self._stats_fd),
             "--link-max-packet", str(self.reactor.link_max_packet),
+            "--max-mailbox", str(self.quotas.max_mailbox),
+            "--max-mailbox-bytes", str(self.quotas.max_mailbox_bytes),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             *self.retention.as_args())
         self.started = time.monotonic()
@@ -227,6 +248,10 @@ class DurableStore:
             # this call alone was not done: the writer goes on with the others
             self._undo([call])
             call.settle(False, value)
+        elif status == LIMIT:
+            # refused by a quota (a full mailbox), nothing of it stored; the others go on
+            self._undo([call])
+            call.settle(False, _refusal(value))
         elif status == FAILED:
             if call.number > self.undone_upto:
                 # this and every later call fail: undo them newest first, then let
@@ -304,10 +329,17 @@ class DurableStore:
         return self.meta.channel_exists(channel)
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> Pending:
+        """A subscribe that would create a channel past the user's quota settles
+        at once with StoreRefusal (``too_many_channels``): nothing is stored."""
         meta = self.meta
         existed = meta.channel_exists(channel)
         old = meta.membership(channel, user_id)
-        meta.subscribe(channel, user_id, push)
+        try:
+            meta.subscribe(channel, user_id, push)    # a new channel counts for its creator
+        except StoreRefusal as refusal:
+            refused = Pending()
+            refused.settle(False, refusal)
+            return refused
 
         def undo() -> None:
             if old is not None:
@@ -353,6 +385,18 @@ class DurableStore:
 
     def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> Pending:
         return self._call(OP_ACK, [user_id, [i for i in ids if isinstance(i, str)]])
+
+
+def _channel_quota(quotas: Quotas) -> Quotas:
+    """What the in-memory tables enforce: the channel quota (they hold no mailbox)."""
+    return Quotas(0, 0, quotas.max_channels_per_user)
+
+
+def _refusal(value: Any) -> StoreRefusal:
+    """The StoreRefusal of a LIMIT answer's body ({"code", "message"})."""
+    if isinstance(value, dict):
+        return StoreRefusal(str(value.get("code")), str(value.get("message")))
+    return StoreRefusal("internal", str(value))
 
 
 def _with_value(pending: Pending, value: Any) -> Pending:

@@ -19,13 +19,18 @@ database written by a newer zim (a higher version) is refused with a
 RuntimeError; so is a file that is not a database, is corrupt, or cannot be
 opened for writing.
 
-Schema (version 1):
+Schema (version 4; the versions' changes are applied in ``_open``):
 
 - ``users(id, name)``: ids are unsigned 64-bit; SQLite integers are signed, so an
   id >= 2**63 is stored as ``id - 2**64`` (two's complement), here and in
-  ``members`` and ``mailbox``.
+  ``members``, ``mailbox`` and ``channels.creator``.
   Version 3 adds ``token_epoch`` (the user's token generation, zim.tokens).
+  Version 4 adds ``mailbox_count`` and ``mailbox_bytes``: what waits in the
+  user's mailbox, for its quota (zim.storage.store.Quotas), kept by appends and
+  acks (computed once when an older database is upgraded).
 - ``channels(name)``: a channel exists once anyone subscribed (it outlives its members).
+  Version 4 adds ``creator``: the user whose subscribe created it (NULL for
+  channels created before).
 - ``members(channel, user_id, push)``: a rowid table so ``user_channels`` lists a
   user's channels in the order joined (as MemoryStore), via the index on user_id.
 - ``conversations(conv, last_seq)``: one row per conversation, ``"c:<name>"`` for a
@@ -38,11 +43,18 @@ Schema (version 1):
   (user_id, msg_id) for acks. It is a rowid table (not WITHOUT ROWID) because
   MemoryStore pulls a mailbox in insertion order, whatever the ids look like: a new
   row's rowid is greater than every present one, so the index on user_id (which
-  ends with the rowid) yields the oldest first.
+  ends with the rowid) yields the oldest first. Version 4 adds ``size``: the
+  length of the message's JSON as stored (what the quota counts), so an ack
+  knows what it frees.
 
 Writes are split into ``_write_<what>(cursor, ...)`` functions that take a cursor
 and do not commit, so a later writer thread can run many of them in one
 transaction; ``_transaction`` runs one of them in its own BEGIN IMMEDIATE ... COMMIT.
+Message appends are buffered (``begin_batch``): outside a batch, each runs in a
+batch of its own.
+
+Quotas (``set_quotas``): a direct message to a mailbox that is full raises
+``StoreRefusal`` before anything is queued or any seq taken; the batch goes on.
 
 Like MemoryStore, one instance is meant to be used by one thread at a time.
 Differences from MemoryStore: messages come back as new dicts equal to the stored
@@ -60,9 +72,9 @@ import orjson
 
 from zim.storage.retention import Retention
 from zim.storage.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message,
-                       PairKey, _encode_name, pair_key)
+                       PairKey, Quotas, _encode_name, pair_key)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # History and mailbox pages are bounded by bytes here, at the source, so that no
 # answer of the writer is a monster (70 DMs of 64 KB made a 4.5 MB one). A page
 # stops once its messages have passed PAGE_BYTES and it holds two of them: at most
@@ -127,6 +139,25 @@ CREATE TABLE meta (
 # never expired) are accepted for one token lifetime from then on, not forever
 _SCHEMA_V3 = """
 ALTER TABLE users ADD COLUMN token_epoch INTEGER NOT NULL DEFAULT 0;
+"""
+
+# version 4 adds the quotas' bookkeeping (zim.storage.store.Quotas): each mailbox
+# row's size (its message's JSON as stored), each user's mailbox count and bytes
+# (kept by appends and acks, so a DM's check reads one row, no COUNT(*)), and
+# each channel's creator (NULL: created before version 4, counts for nobody)
+_SCHEMA_V4 = """
+ALTER TABLE users ADD COLUMN mailbox_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN mailbox_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE mailbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN creator INTEGER;
+"""
+# ... and, in a database that had mailboxes before, computes them once
+_MIGRATE_V4 = """
+UPDATE mailbox SET size = coalesce((SELECT length(m.body) FROM messages AS m
+                                    WHERE m.conv = mailbox.conv AND m.seq = mailbox.seq), 0);
+UPDATE users SET mailbox_count = box.n, mailbox_bytes = box.bytes
+    FROM (SELECT user_id, count(*) AS n, sum(size) AS bytes FROM mailbox GROUP BY user_id) AS box
+    WHERE users.id = box.user_id;
 """
 
 
@@ -199,7 +230,9 @@ def _write_token_epoch(cur: sqlite3.Cursor, user_id: int, epoch: int) -> None:
 
 
 def _write_subscribe(cur: sqlite3.Cursor, channel: str, user_id: int, push: bool) -> None:
-    cur.execute("INSERT INTO channels(name) VALUES (?) ON CONFLICT(name) DO NOTHING", (channel,))
+    # the first subscriber creates the channel: its creator (zim.storage.store.Quotas)
+    cur.execute("INSERT INTO channels(name, creator) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
+                (channel, _sql_id(user_id)))
     cur.execute("INSERT INTO members(channel, user_id, push) VALUES (?, ?, ?) "
                 "ON CONFLICT(channel, user_id) DO UPDATE SET push = excluded.push",
                 (channel, _sql_id(user_id), int(bool(push))))
@@ -210,51 +243,25 @@ def _write_unsubscribe(cur: sqlite3.Cursor, channel: str, user_id: int) -> bool:
     return cur.rowcount == 1
 
 
-def _write_next_seq(cur: sqlite3.Cursor, conv: str) -> int:
-    cur.execute("INSERT INTO conversations(conv, last_seq) VALUES (?, 1) "
-                "ON CONFLICT(conv) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
-                (conv,))
-    seq = cur.fetchone()[0]
-    cur.fetchall()   # finish the statement
-    return seq
+_MAILBOX_INSERT = ("INSERT INTO mailbox(user_id, msg_id, conv, seq, size) VALUES (?, ?, ?, ?, ?) "
+                   "ON CONFLICT(user_id, msg_id) DO UPDATE SET conv = excluded.conv, seq = excluded.seq, "
+                   "size = excluded.size")
+ACK_CHUNK = 500               # ids per DELETE of an ack (SQLite's bound parameters: 999 in old builds)
 
 
-def _write_message(cur: sqlite3.Cursor, conv: str, msg: Message) -> int:
-    seq = _write_next_seq(cur, conv)
-    msg["seq"] = seq
-    created_at = msg.get("createdAt")
-    if not isinstance(created_at, int) or isinstance(created_at, bool) \
-            or not -_SQL_INT_MAX <= created_at <= _SQL_INT_MAX:
-        created_at = None
-    cur.execute("INSERT INTO messages(conv, seq, id, body, created_at) VALUES (?, ?, ?, ?, ?)",
-                (conv, seq, str(msg.get("id")), orjson.dumps(msg), created_at))
-    return seq
-
-
-def _write_channel_message(cur: sqlite3.Cursor, channel: str, msg: Message) -> int:
-    cur.execute("SELECT 1 FROM channels WHERE name = ?", (channel,))
-    if cur.fetchone() is None:
-        raise KeyError(f"no channel {channel!r}")
-    return _write_message(cur, _channel_conv(channel), msg)
-
-
-def _write_user_message(cur: sqlite3.Cursor, sender_id: int, receiver_id: int, msg: Message) -> int:
-    message_id = msg["id"]
-    conv = _pair_conv((sender_id, receiver_id))
-    seq = _write_message(cur, conv, msg)
-    # a message id already in the mailbox keeps its place and points at the new message
-    cur.execute(_MAILBOX_INSERT, (_sql_id(receiver_id), message_id, conv, seq))
-    return seq
-
-
-_MAILBOX_INSERT = ("INSERT INTO mailbox(user_id, msg_id, conv, seq) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT(user_id, msg_id) DO UPDATE SET conv = excluded.conv, seq = excluded.seq")
-
-
-def _write_mailbox_ack(cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> None:
+def _write_mailbox_ack(cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> tuple[int, int]:
+    """Delete these ids from the mailbox; the (rows, bytes) that went."""
     uid = _sql_id(user_id)
-    cur.executemany("DELETE FROM mailbox WHERE user_id = ? AND msg_id = ?",
-                    [(uid, message_id) for message_id in ids])
+    ids = list(dict.fromkeys(ids))
+    rows = size = 0
+    for first in range(0, len(ids), ACK_CHUNK):
+        chunk = ids[first:first + ACK_CHUNK]
+        cur.execute(f"DELETE FROM mailbox WHERE user_id = ? AND msg_id IN ({','.join('?' * len(chunk))}) "
+                    "RETURNING size", (uid, *chunk))
+        for (freed,) in cur.fetchall():
+            rows += 1
+            size += freed
+    return rows, size
 
 
 SEQ_CACHE_MAX = 100_000       # conversations whose last seq the writer remembers between batches
@@ -312,8 +319,11 @@ class SQLiteStore:
         self._batch: sqlite3.Cursor | None = None
         self._message_rows: list[tuple] = []
         self._mailbox_rows: list[tuple] = []
-        self._last_seq: dict[str, int] = {}     # conv -> last seq (see _next_seq)
+        self._last_seq: dict[str, int] = {}     # conv -> last seq (see _peek_seq)
         self._dirty: dict[str, int] = {}        # conv -> last seq not written yet
+        self._boxes: dict[int | None, list[int] | None] = {}  # user (SQL id) -> [mailbox count, bytes]
+        self._boxes_dirty: set[int | None] = set()      # ... not written yet
+        self.quotas = Quotas()
         self._newest_id = 0             # the greatest id seen (stored, or being stored)
         self._stored_newest_id = 0      # meta.newest_id as committed
         try:
@@ -355,6 +365,10 @@ class SQLiteStore:
                 if version > 0:     # users may hold version 1 tokens: they get one token lifetime
                     cur.execute("INSERT INTO meta(key, value) VALUES ('tokens_v2_since', ?) "
                                 "ON CONFLICT(key) DO NOTHING", (time.time_ns() // 1_000_000,))
+            if version < 4:
+                _run_script(cur, _SCHEMA_V4)
+                if version > 0:
+                    _run_script(cur, _MIGRATE_V4)
             # always write: proves the file is writable now, not at the first send
             cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             cur.execute("SELECT count(*) FROM conversations").fetchone()
@@ -366,6 +380,13 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
             raise
         cur.execute("COMMIT")
+
+    def set_quotas(self, quotas: Quotas) -> None:
+        """The limits to enforce from now on. This store enforces the mailbox's
+        (``append_user_message`` raises StoreRefusal); it records each channel's
+        creator, but the count of channels a user created is checked by the
+        server's store, which has every channel in memory (zim.storage.durable)."""
+        self.quotas = quotas
 
     def _transaction(self, write: Callable[..., Any], *args: Any) -> Any:
         """Run one ``_write_*`` function in its own transaction, committed on
@@ -413,13 +434,18 @@ class SQLiteStore:
         self._batch = None
         if len(self._last_seq) > SEQ_CACHE_MAX:
             self._last_seq.clear()
+        if len(self._boxes) > SEQ_CACHE_MAX:
+            self._boxes.clear()
 
     # Inside a batch, messages are not inserted one statement at a time: their
     # rows wait in lists and go in with one executemany each (and the
     # conversations' last_seq with one more) when the batch commits or before
     # anything else reads or writes. seq comes from ``_last_seq``, a cache of
     # conversations.last_seq that is exact because this connection is the only writer.
-    def _next_seq(self, conv: str, channel: str | None) -> int:
+    # A mailbox's count and bytes come the same way from ``_boxes``, a cache of
+    # users.mailbox_count and mailbox_bytes (written at the same points as seq).
+    def _peek_seq(self, conv: str, channel: str | None) -> int:
+        """The seq the conversation's next message gets (taken by ``_buffer_message``)."""
         seq = self._last_seq.get(conv)
         if seq is None:
             cur = self._batch
@@ -427,20 +453,79 @@ class SQLiteStore:
                                                    (channel,)).fetchone() is None:
                 raise KeyError(f"no channel {channel!r}")
             row = cur.execute("SELECT last_seq FROM conversations WHERE conv = ?", (conv,)).fetchone()
-            seq = row[0] if row else 0
-        seq += 1
-        self._last_seq[conv] = seq
-        self._dirty[conv] = seq
-        return seq
+            seq = self._last_seq[conv] = row[0] if row else 0
+        return seq + 1
 
-    def _buffer_message(self, conv: str, msg: Message, channel: str | None) -> int:
-        seq = self._next_seq(conv, channel)
-        msg["seq"] = seq
+    def _buffer_message(self, conv: str, msg: Message, seq: int, body: bytes | None = None) -> None:
+        """Queue the message's row under ``seq`` (from ``_peek_seq``); ``body``:
+        the message's JSON with that seq, if made already."""
+        if body is None:
+            msg["seq"] = seq
+            body = orjson.dumps(msg)
         created_at = msg.get("createdAt")
         if type(created_at) is not int or not -_SQL_INT_MAX <= created_at <= _SQL_INT_MAX:
             created_at = None
-        self._message_rows.append((conv, seq, str(msg.get("id")), orjson.dumps(msg), created_at))
+        self._message_rows.append((conv, seq, str(msg.get("id")), body, created_at))
+        self._last_seq[conv] = seq
+        self._dirty[conv] = seq
+
+    def _box_usage(self, uid: int | None) -> list[int] | None:
+        """[messages, bytes] in the mailbox of the user with this SQL id (cached);
+        None for a user not in ``users`` (the server never sends to one), whose
+        mailbox is not counted."""
+        try:
+            return self._boxes[uid]
+        except KeyError:
+            row = self._batch.execute("SELECT mailbox_count, mailbox_bytes FROM users WHERE id = ?",
+                                      (uid,)).fetchone()
+            usage = self._boxes[uid] = [row[0], row[1]] if row else None
+            return usage
+
+    def _append_channel(self, channel: str, msg: Message) -> int:
+        conv = _channel_conv(channel)
+        seq = self._peek_seq(conv, channel)
+        self._buffer_message(conv, msg, seq)
         return seq
+
+    def _append_user(self, sender_id: int, receiver_id: int, msg: Message) -> int:
+        conv = _pair_conv((sender_id, receiver_id))
+        uid = _sql_id(receiver_id)
+        message_id = msg["id"]
+        seq = self._peek_seq(conv, None)
+        old_seq = msg.get("seq")
+        msg["seq"] = seq
+        body = orjson.dumps(msg)
+        size = len(body)                # as stored, seq included (Quotas)
+        usage = self._boxes.get(uid, False)
+        if usage is False:
+            usage = self._box_usage(uid)
+        if usage is not None:
+            quotas = self.quotas
+            if (quotas.max_mailbox and usage[0] >= quotas.max_mailbox) or \
+                    (quotas.max_mailbox_bytes and usage[1] + size > quotas.max_mailbox_bytes):
+                msg["seq"] = old_seq
+                raise quotas.mailbox_refusal(usage[0], usage[1], size)   # nothing queued, no seq taken
+            # an id already in the mailbox keeps its place and points at the new
+            # message (the server never sends one twice: ids are unique); it is counted again
+            usage[0] += 1
+            usage[1] += size
+            self._boxes_dirty.add(uid)
+        self._buffer_message(conv, msg, seq, body)
+        self._mailbox_rows.append((uid, message_id, conv, seq, size))
+        return seq
+
+    def _in_batch(self, append: Callable[..., Any], *args: Any) -> Any:
+        """``append(*args)`` in the open batch, or in one of its own."""
+        if self._batch is not None:
+            return append(*args)
+        self.begin_batch()
+        try:
+            result = append(*args)
+        except BaseException:
+            self.rollback_batch()
+            raise
+        self.commit_batch()
+        return result
 
     def _flush(self) -> None:
         cur = self._batch
@@ -456,6 +541,11 @@ class SQLiteStore:
                             "ON CONFLICT(conv) DO UPDATE SET last_seq = excluded.last_seq",
                             self._dirty.items())
             self._dirty.clear()
+        if self._boxes_dirty:
+            boxes = self._boxes
+            cur.executemany("UPDATE users SET mailbox_count = ?, mailbox_bytes = ? WHERE id = ?",
+                            [(*boxes[uid], uid) for uid in self._boxes_dirty])
+            self._boxes_dirty.clear()
 
     def rollback_batch(self) -> None:
         """Undo everything since ``begin_batch``."""
@@ -464,6 +554,8 @@ class SQLiteStore:
         self._mailbox_rows.clear()
         self._last_seq.clear()
         self._dirty.clear()
+        self._boxes.clear()
+        self._boxes_dirty.clear()
         conn = self._connection()
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -574,17 +666,16 @@ class SQLiteStore:
     def append_channel_message(self, channel: str, msg: Message) -> int:
         self._note_id(msg)     # before: the batch's commit records it
         if self._batch is not None:
-            return self._buffer_message(_channel_conv(channel), msg, channel)
-        return self._transaction(_write_channel_message, channel, msg)
+            return self._append_channel(channel, msg)
+        return self._in_batch(self._append_channel, channel, msg)
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
+        """Refused (StoreRefusal ``mailbox_full``: nothing stored, no seq taken)
+        when the receiver's mailbox is full (``Quotas``)."""
         self._note_id(msg)
-        if self._batch is not None:
-            conv = _pair_conv((sender_id, receiver_id))
-            seq = self._buffer_message(conv, msg, None)
-            self._mailbox_rows.append((_sql_id(receiver_id), msg["id"], conv, seq))
-            return seq
-        return self._transaction(_write_user_message, sender_id, receiver_id, msg)
+        if self._batch is not None:     # (the writer's case: no detour)
+            return self._append_user(sender_id, receiver_id, msg)
+        return self._in_batch(self._append_user, sender_id, receiver_id, msg)
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
@@ -623,7 +714,26 @@ class SQLiteStore:
         # only strings can be mailbox keys (MemoryStore: dict keys are the str ids)
         wanted = [message_id for message_id in ids if isinstance(message_id, str)]
         if wanted:
-            self._transaction(_write_mailbox_ack, user_id, wanted)
+            self._transaction(self._write_ack, user_id, wanted)
+
+    def _write_ack(self, cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> None:
+        rows, size = _write_mailbox_ack(cur, user_id, ids)
+        if rows:
+            uid = _sql_id(user_id)
+            usage = self._box_usage(uid)
+            if usage is not None:
+                usage[0] = max(0, usage[0] - rows)
+                usage[1] = max(0, usage[1] - size)
+                self._boxes_dirty.add(uid)
+
+    def mailbox_usage(self, user_id: int) -> tuple[int, int]:
+        """(messages, bytes) waiting in the user's mailbox, as counted for the quota."""
+        uid = _sql_id(user_id)
+        usage = self._boxes.get(uid)
+        if usage is None:           # (not cached, or not a user: 0)
+            row = self._one("SELECT mailbox_count, mailbox_bytes FROM users WHERE id = ?", (uid,))
+            return (row[0], row[1]) if row else (0, 0)
+        return usage[0], usage[1]
 
     # -- loading (a server keeps users and memberships in memory) ------------
     def all_users(self) -> Iterator[tuple[int, str]]:
@@ -646,6 +756,12 @@ class SQLiteStore:
     def all_channels(self) -> Iterator[str]:
         for (name,) in self._connection().execute("SELECT name FROM channels"):
             yield name
+
+    def all_channels_with_creators(self) -> Iterator[tuple[str, int | None]]:
+        """Every (channel, the user who created it); None for a channel created
+        before creators were recorded (schema version 4)."""
+        for name, creator in self._connection().execute("SELECT name, creator FROM channels"):
+            yield name, (creator + (1 << 64) if creator is not None and creator < 0 else creator)
 
     def all_members(self) -> Iterator[tuple[str, int, bool]]:
         """Every (channel, user id, push), in the order joined."""

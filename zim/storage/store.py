@@ -18,6 +18,15 @@ answers a "no" (``zim.im.rechecking``). It also has
 the shared store holds it (a revocation on another node must count at once):
 zim.im asks it at every token login and refresh.
 
+Quotas (``Quotas``, given with ``set_quotas(quotas)`` before the first call;
+until then the defaults apply): a store refuses a direct message to a full
+mailbox (``mailbox_full``) and a subscribe that would create a channel for a
+user who has created ``max_channels_per_user`` already (``too_many_channels``).
+A refused call stores nothing: a synchronous store (``MemoryStore``) raises
+``StoreRefusal(code, message)``; one that answers with a ``Pending`` settles it
+with ``settle(False, StoreRefusal(...))``. The framework answers the client
+that error (zim.app).
+
 Messages are plain dicts shaped as on the wire (PROTOCOL.md "Message"). A store
 keeps the dict it is given (setting its ``"seq"``) and hands the same dicts back:
 callers must not mutate what they get.
@@ -30,8 +39,11 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Literal, Protocol, Union, runtime_checkable
+
+import orjson
 
 Message = dict
 ChannelKey = str
@@ -40,6 +52,86 @@ HistoryKind = Literal["channel", "user"]
 
 CHANNEL: HistoryKind = "channel"
 USER: HistoryKind = "user"
+
+# The store's quotas (``Quotas``): what one user may hold, so that nothing one
+# user does (or has done to it) hurts another. 0 turns one off.
+DEFAULT_MAX_MAILBOX = 10_000            # direct messages waiting in one user's mailbox
+DEFAULT_MAX_MAILBOX_BYTES = 64 << 20    # bytes of them (each: its JSON as stored, seq included)
+DEFAULT_MAX_CHANNELS_PER_USER = 1_000   # channels one user has created (that still exist)
+
+MAILBOX_FULL = "mailbox_full"
+TOO_MANY_CHANNELS = "too_many_channels"
+
+
+class StoreRefusal(Exception):
+    """A call refused by a store limit: nothing was stored; the client gets ``code``.
+
+    A synchronous store (``MemoryStore``) raises it; a store answering with a
+    ``Pending`` settles it with ``settle(False, StoreRefusal(code, message))``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What a store lets one user hold; 0 turns a quota off. A store takes them
+    with ``set_quotas`` (before its first call); until then these defaults apply.
+
+    - ``max_mailbox``: direct messages waiting (unacknowledged) in one user's
+      mailbox; a DM to a full mailbox is refused ``mailbox_full``, nothing of it
+      stored (no seq consumed). Acks free room; nothing accepted is dropped.
+    - ``max_mailbox_bytes``: the same for their size, each message counted as
+      the length of its JSON as stored (the copy a pull returns, seq included).
+    - ``max_channels_per_user``: channels one user has created (a subscribe to a
+      channel that did not exist); the next creation is refused
+      ``too_many_channels``. Joining an existing channel is never refused.
+    """
+
+    max_mailbox: int = DEFAULT_MAX_MAILBOX
+    max_mailbox_bytes: int = DEFAULT_MAX_MAILBOX_BYTES
+    max_channels_per_user: int = DEFAULT_MAX_CHANNELS_PER_USER
+
+    def __post_init__(self) -> None:
+        for field in ("max_mailbox", "max_mailbox_bytes", "max_channels_per_user"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field} must be an integer >= 0 (0: no limit), not {value!r}")
+
+    def mailbox_refusal(self, count: int, size: int, adding: int) -> StoreRefusal | None:
+        """The refusal for one more message of ``adding`` bytes to a mailbox holding
+        ``count`` messages of ``size`` bytes in all, or None if it fits."""
+        if self.max_mailbox and count >= self.max_mailbox:
+            return self.full_by_count()
+        if self.max_mailbox_bytes and size + adding > self.max_mailbox_bytes:
+            return self.full_by_bytes()
+        return None
+
+    def full_by_count(self) -> StoreRefusal:
+        return StoreRefusal(MAILBOX_FULL, f"the receiver's mailbox holds {self.max_mailbox} "
+                                          "unacknowledged messages, its limit")
+
+    def full_by_bytes(self) -> StoreRefusal:
+        return StoreRefusal(MAILBOX_FULL, f"the message would take the receiver's mailbox past its "
+                                          f"limit of {self.max_mailbox_bytes} bytes")
+
+    def channels_refusal(self, created: int) -> StoreRefusal | None:
+        """The refusal for a user who has created ``created`` channels creating one more."""
+        if self.max_channels_per_user and created >= self.max_channels_per_user:
+            return self.too_many_channels()
+        return None
+
+    def too_many_channels(self) -> StoreRefusal:
+        return StoreRefusal(TOO_MANY_CHANNELS, f"a user may create at most "
+                                               f"{self.max_channels_per_user} channels")
+
+
+NO_QUOTAS = Quotas(0, 0, 0)
 
 
 @runtime_checkable
@@ -73,7 +165,9 @@ class Store(Protocol):
         """Whether anyone ever subscribed to the channel (it stays when members leave)."""
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> None:
-        """Make the user a member (creating the channel), or update its push flag."""
+        """Make the user a member (creating the channel), or update its push flag.
+        Creating a channel may be refused by a quota (``StoreRefusal``
+        ``too_many_channels``; see the module docstring)."""
 
     def unsubscribe(self, channel: str, user_id: int) -> bool:
         """Remove a member; False if the user was not one."""
@@ -90,7 +184,8 @@ class Store(Protocol):
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
         """Store a direct message in the pair's history and the receiver's mailbox;
-        sets and returns its seq."""
+        sets and returns its seq. Refused by a quota when the receiver's mailbox
+        is full (``StoreRefusal`` ``mailbox_full``: nothing stored, no seq taken)."""
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
@@ -262,7 +357,15 @@ class MemoryStore:
         self._channel_log: dict[str, list[Message]] = {}       # channel -> messages, seq i at [i-1]
         self._pair_log: dict[PairKey, list[Message]] = {}      # user pair -> messages
         self._mailboxes: dict[int, dict[str, Message]] = {}    # user id -> {message id: msg}, oldest first
+        self._mailbox_bytes: dict[int, int] = {}               # user id -> bytes of its mailbox (not empty)
         self._epochs: dict[int, int] = {}                      # user id -> token epoch, when not 0 (rare)
+        self._creators: dict[str, int] = {}                    # channel -> the user who created it (if known)
+        self._created: dict[int, int] = {}                     # user id -> channels it created (not 0)
+        self.quotas = Quotas()
+
+    def set_quotas(self, quotas: Quotas) -> None:
+        """The limits to enforce from now on (``Quotas``; NO_QUOTAS: none)."""
+        self.quotas = quotas
 
     # -- users -------------------------------------------------------------
     def create_user(self, user_id: int, name: str) -> None:
@@ -304,19 +407,50 @@ class MemoryStore:
     def channel_exists(self, channel: str) -> bool:
         return channel in self._members
 
-    def add_channel(self, channel: str) -> None:
-        """Make a channel exist without members (loading a stored one)."""
-        self._members.setdefault(channel, {})
+    def add_channel(self, channel: str, creator: int | None = None) -> None:
+        """Make a channel exist without members (loading a stored one), created by
+        ``creator`` (None: not known, as for a channel made before creators were
+        recorded; it then counts for nobody)."""
+        if channel in self._members:
+            return
+        self._members[channel] = {}
+        if creator is not None:
+            self._add_creator(channel, creator)
 
     def drop_channel(self, channel: str) -> None:
-        """Forget a channel that has no members (undo of its creation)."""
+        """Forget a channel that has no members (undo of its creation); it no
+        longer counts for its creator."""
         if not self._members.get(channel, True):
             del self._members[channel]
+            creator = self._creators.pop(channel, None)
+            if creator is not None:
+                left = self._created[creator] - 1
+                if left:
+                    self._created[creator] = left
+                else:
+                    del self._created[creator]
+
+    def _add_creator(self, channel: str, creator: int) -> None:
+        self._creators[channel] = creator
+        self._created[creator] = self._created.get(creator, 0) + 1
+
+    def channels_created(self, user_id: int) -> int:
+        """How many of the existing channels the user created."""
+        return self._created.get(user_id, 0)
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> None:
+        """Join, or change the push flag. Joining a channel that does not exist
+        creates it, the user its creator: refused (``StoreRefusal``
+        ``too_many_channels``, nothing changed) past ``max_channels_per_user``.
+        With that quota off, creators are not counted."""
         push = bool(push)
         members = self._members.get(channel)
         if members is None:
+            if self.quotas.max_channels_per_user:   # (off: creators are not kept, nothing to count)
+                refusal = self.quotas.channels_refusal(self._created.get(user_id, 0))
+                if refusal is not None:
+                    raise refusal
+                self._add_creator(channel, user_id)
             members = self._members[channel] = {}
         members[user_id] = push
         joined = self._user_channels.get(user_id)
@@ -352,16 +486,44 @@ class MemoryStore:
         return _append(log, msg)
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> int:
+        """Refused (``StoreRefusal`` ``mailbox_full``, nothing stored, no seq
+        taken) when the receiver's mailbox is full (``Quotas``)."""
         key = pair_key(sender_id, receiver_id)
         log = self._pair_log.get(key)
+        box = self._mailboxes.get(receiver_id)
+        message_id = msg["id"]
+        # the size as stored: the JSON with the seq it is about to get
+        seq = len(log) + 1 if log is not None else 1
+        had_seq, old_seq = "seq" in msg, msg.get("seq")
+        msg["seq"] = seq
+        size = _size(msg)
+        used = self._mailbox_bytes.get(receiver_id, 0)
+        if box is None:
+            refusal = self.quotas.mailbox_refusal(0, 0, size)
+        elif message_id in box:     # a retry of the same id takes its place: no new message
+            used -= _size(box[message_id])
+            refusal = self.quotas.mailbox_refusal(0, used, size)
+        else:
+            refusal = self.quotas.mailbox_refusal(len(box), used, size)
+        if refusal is not None:
+            if had_seq:
+                msg["seq"] = old_seq
+            else:
+                del msg["seq"]
+            raise refusal
         if log is None:
             log = self._pair_log[key] = []
         seq = _append(log, msg)
-        box = self._mailboxes.get(receiver_id)
         if box is None:
             box = self._mailboxes[receiver_id] = {}
-        box[msg["id"]] = msg
+        box[message_id] = msg
+        self._mailbox_bytes[receiver_id] = used + size
         return seq
+
+    def mailbox_usage(self, user_id: int) -> tuple[int, int]:
+        """(messages, bytes) waiting in the user's mailbox (see ``Quotas``)."""
+        box = self._mailboxes.get(user_id)
+        return (len(box), self._mailbox_bytes.get(user_id, 0)) if box else (0, 0)
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
@@ -384,13 +546,24 @@ class MemoryStore:
         box = self._mailboxes.get(user_id)
         if not box:
             return
+        freed = 0
         for message_id in ids:
-            box.pop(message_id, None)
+            msg = box.pop(message_id, None) if isinstance(message_id, str) else None
+            if msg is not None:
+                freed += _size(msg)
         if not box:
             del self._mailboxes[user_id]
+            self._mailbox_bytes.pop(user_id, None)
+        elif freed:
+            self._mailbox_bytes[user_id] = max(0, self._mailbox_bytes.get(user_id, 0) - freed)
 
     def close(self) -> None:
         pass
+
+
+def _size(msg: Message) -> int:
+    """A message's size for the mailbox quota: its JSON as stored (``Quotas``)."""
+    return len(orjson.dumps(msg))
 
 
 def _append(log: list[Message], msg: Message) -> int:

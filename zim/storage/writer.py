@@ -3,7 +3,7 @@
 The server (``zim.storage.durable.DurableStore``) sends it store operations over a Unix
 socketpair, in zim's TCP framing: action = operation, body = orjson list of its
 arguments. It answers every operation, in order, with one packet: same action,
-seq = OK, FAILED or REFUSED, body = orjson of the result. Packets either way stay
+seq = OK, FAILED, REFUSED or LIMIT, body = orjson of the result. Packets either way stay
 under the link's limit (``--link-max-packet``, far above any of them: reads are
 bounded by bytes, ``zim.storage.sqlite.PAGE_BYTES``); a frame over it, or a
 broken one, ends the link without an answer.
@@ -17,6 +17,10 @@ server, having undone its own view of the failed ones, sends RESYNC. Hence an
 answer OK also means every earlier operation was stored, except those answered
 REFUSED: an operation the store refuses (the server checks first: a bug if
 seen), or an answer too big to send, fails alone and nothing of it is stored.
+LIMIT: an operation a quota refuses (a direct message to a full mailbox:
+zim.storage.store.Quotas, given as ``--max-mailbox`` and ``--max-mailbox-bytes``)
+fails alone too, nothing of it stored, with body ``{"code", "message"}`` for
+the client; the batch and every other operation go on.
 
 Reads (history, mailbox) go through here too, in the same order as the writes:
 a read sees every write sent before it.
@@ -46,7 +50,7 @@ from zim.process import die_with_parent
 from zim.storage.batchstats import BatchStats
 from zim.storage.retention import Retention, parse_tier
 from zim.storage.sqlite import SQLiteStore
-from zim.storage.store import CHANNEL
+from zim.storage.store import CHANNEL, DEFAULT_MAX_MAILBOX, DEFAULT_MAX_MAILBOX_BYTES, Quotas, StoreRefusal
 
 log = logging.getLogger("zim.storage.writer")
 
@@ -56,7 +60,9 @@ OP_TOKEN_EPOCH = 11                   # a user's token generation raised (log ou
 # Answer statuses (the seq field). FAILED: the batch was rolled back, and every
 # later operation fails too until RESYNC. REFUSED: this operation alone was not
 # done (a request the store refuses, an answer too big for the link); the rest go on.
-OK, FAILED, REFUSED = 0, 1, 2
+# LIMIT: this operation alone was refused by a quota (body: {"code", "message"},
+# the error the client gets); nothing of it is stored, the rest go on.
+OK, FAILED, REFUSED, LIMIT = 0, 1, 2, 3
 # The links' packet limit when none is given: zim._core.link_packet_limit of the
 # largest --max-packet (the server passes its own, --link-max-packet)
 LINK_MAX_PACKET = 65 * 1024 * 1024
@@ -112,6 +118,10 @@ class Writer:
                 first = len(answers)
             try:
                 value = OPERATIONS[op](store, *orjson.loads(body))
+            except StoreRefusal as refusal:
+                # a quota (a full mailbox): nothing of it was stored; the batch goes on
+                answers.append(encode_tcp(op, LIMIT, orjson.dumps(refusal.as_dict())))
+                continue
             except sqlite3.Error as exc:
                 self._fail(answers, first, op, exc)
                 first = -1
@@ -272,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retain-large", type=parse_tier, default=Retention.large)
     parser.add_argument("--large-channel", type=int, default=Retention.large_members)
     parser.add_argument("--prune-every", type=int, default=Retention.prune_every_s)
+    parser.add_argument("--max-mailbox", type=int, default=DEFAULT_MAX_MAILBOX,
+                        help="direct messages waiting in one mailbox (0: no limit)")
+    parser.add_argument("--max-mailbox-bytes", type=int, default=DEFAULT_MAX_MAILBOX_BYTES,
+                        help="bytes of them (0: no limit)")
     parser.add_argument("--stats-fd", type=int, default=-1,
                         help="shared memory for the batch figures (zim.storage.batchstats)")
     parser.add_argument("--log-level", default="INFO")
@@ -295,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     store.checkpoint_automatically(False)
+    # the channel quota is the server's to check (it has every channel in memory)
+    store.set_quotas(Quotas(args.max_mailbox, args.max_mailbox_bytes, 0))
     checkpointer = Checkpointer(args.db)
     checkpointer.start()
     try:
