@@ -184,29 +184,42 @@ def ack_flood(port: int, until: float) -> dict:
 
 
 def history_hoard(port: int, until: float, channel: str) -> dict:
-    conns = []
+    """Four users pipeline history pages of ~800 KB and never read; a connection the
+    server cuts (--max-outbuf) comes back at once, logged in with its token."""
+    tokens = []
     for _ in range(4):
-        conn, _ = _logged_in(port, "127.0.9.7", "hoarder")
+        conn = Conn(port, "127.0.9.7")
+        answer = conn.call(LOGIN, {"name": "hoarder"})
         conn.call(SUBSCRIBE, {"name": channel})
-        conns.append(conn)
-    sent = 0
+        tokens.append(answer["token"])
+        conn.close()
     request = tcp_packet(HISTORY, 1, orjson.dumps({"channel": channel, "limit": 100}))
-    for conn in conns:
-        conn.sock.setblocking(False)
+    conns: list[Conn | None] = [None] * 4
+    sent = reconnects = 0
     while time.monotonic() < until:
         progressed = False
-        for conn in conns:
+        for i, conn in enumerate(conns):
             try:
+                if conn is None:
+                    conn = conns[i] = Conn(port, "127.0.9.7")
+                    conn.call(LOGIN, {"name": "hoarder", "token": tokens[i]})
+                    conn.sock.setblocking(False)
+                    reconnects += 1
                 conn.sock.send(request * 16)
                 sent += 16
                 progressed = True
             except (BlockingIOError, InterruptedError):
                 pass
+            except (OSError, KeyError):     # cut by the server (or refused): come back
+                if conn is not None:
+                    conn.close()
+                conns[i] = None
         if not progressed:
             time.sleep(0.01)        # the server stopped reading us: that is the limit working
     for conn in conns:
-        conn.close()
-    return {"requests_sent": sent}
+        if conn is not None:
+            conn.close()
+    return {"requests_sent": sent, "connections": reconnects}
 
 
 ATTACKS = {

@@ -181,13 +181,14 @@ def _logs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("zim-logs")
 
 
-# Every test client comes from 127.0.0.1 and most tests make users and send as fast
-# as they can: the per-address and per-user rate limits are off for the servers
+# Every test client comes from 127.0.0.1 and most tests make users, send and read as
+# fast as they can: the per-address and per-user rate limits are off for the servers
 # they start, unless a test asks for the defaults (``default_limits=True``; the
 # limits' own tests: test_abuse_limits.py, test_conn_limits.py). A flag a test
 # gives comes later on the command line, so it wins.
 TEST_LIMITS = ("--user-rate", "0", "--max-conns-per-address", "0", "--address-login-rate", "0",
-               "--address-new-user-rate", "0", "--address-auth-failure-rate", "0", "--channel-create-rate", "0")
+               "--address-new-user-rate", "0", "--address-auth-failure-rate", "0", "--channel-create-rate", "0",
+               "--ack-rate", "0", "--read-rate", "0")
 
 
 def _launch(tmp_path_factory, log_dir: Path, flags: Sequence[str] = (), app_script: str | None = None,

@@ -306,3 +306,49 @@ def test_paced_line_with_a_synchronous_store_and_no_rate():
     results = [line.call("k", lambda n=n: n * 2, "ack", 10**6) for n in range(3)]
     assert [result.outcome for result in results] == [(True, 0), (True, 2), (True, 4)]
     assert line.waiting == {}
+
+
+def test_paced_line_does_not_make_a_call_nobody_wants_any_more():
+    from zim.limits import NotWanted, PacedLine
+    from zim.storage.store import Pending
+
+    line = PacedLine()
+    first = Pending()
+    here = [True]
+    made = []
+    line.call("u", lambda: first)
+    later = line.call("u", lambda: made.append(1), wanted=lambda: here[0])
+    here[0] = False             # the client left while the first call ran
+    first.settle(True, None)
+    assert made == [] and later.outcome[0] is False and isinstance(later.outcome[1], NotWanted)
+    assert line.waiting == {}
+
+
+def test_pipelined_history_reads_are_paced_by_read_rate(start_server, workers):
+    """A user pipelining history pages of ~90 KB gets them at about --read-rate
+    (100 KiB a second here, bursts of four seconds' worth), another user's at once."""
+    srv = start_server(flags=("--workers", workers, "--read-rate", "100KiB"), default_limits=True)
+    owner = _client(srv, "127.0.5.1")
+    owner.login("owner")
+    channel = unique("pages")
+    owner.call(SUBSCRIBE, {"name": channel})
+    for i in range(50):
+        assert error_code(owner.call(4, {"channel": channel, "content": "x" * 1600})) is None
+        time.sleep(0.05)                            # under the default --user-rate
+    reader = _client(srv, "127.0.5.2")
+    reader.login("reader")
+    reader.call(SUBSCRIBE, {"name": channel})
+    started = time.monotonic()
+    seqs = [reader.send(5, {"channel": channel, "limit": 50}) for _ in range(8)]    # 8 x ~100 KB
+    pages = [reader.wait_response(seq, timeout=30.0)[2] for seq in seqs]
+    elapsed = time.monotonic() - started
+    assert all(len(page["messages"]) == 50 for page in pages), pages[0]
+    # 8 pages of ~90 KB (50 x (1600 + 200) bytes counted: 0.88 s of budget each) at 100 KiB/s,
+    # 4 s of burst: the last may start once 7 x 0.88 - 4 = 2.15 s have passed (unpaced: 0.1 s)
+    assert elapsed >= 2.0, elapsed
+    other = _client(srv, "127.0.5.3")
+    other.login("other")
+    other.call(SUBSCRIBE, {"name": channel})
+    quick = time.monotonic()
+    assert len(other.call(5, {"channel": channel, "limit": 50})["messages"]) == 50
+    assert time.monotonic() - quick < 1.5

@@ -15,7 +15,7 @@ import psutil
 from zim._core import PEER_MARK, Reactor
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, LocalFabric
-from zim.limits import ClientBuckets, ClientLimits, PacedLine, SendLimits, check_count
+from zim.limits import READ_BURST_SECONDS, ClientBuckets, ClientLimits, PacedLine, SendLimits, check_count
 from zim.origins import DEFAULT as DEFAULT_WS_ORIGINS, origin_check, parse_origins
 from zim.process import connection_ceiling
 from zim.pushmerge import DEFAULT_PUSH_MAX, PUSH_CHANNEL_MESSAGE, PushMerger, check_push_settings
@@ -455,7 +455,7 @@ class App:
         self.limits = limits
         self.client_limits = client_limits
         self.client_buckets = ClientBuckets(client_limits)
-        self.store_line = PacedLine(ack=client_limits.ack_rate, read=client_limits.read_rate)
+        self.store_line = PacedLine(ack=client_limits.ack_rate, read=(client_limits.read_rate, READ_BURST_SECONDS))
         self.channel_push = channel_push
         self.push_merger = PushMerger(self, push_window_ms, push_max) if push_window_ms else None
         try:

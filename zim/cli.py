@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {L.DEFAULT_ACK_RATE:g}; 0: no rate)")
     parser.add_argument("--read-rate", type=_size(0, 1 << 40), default=L.DEFAULT_READ_RATE, metavar="BYTES",
                         help="bytes of history and mailbox pages (actions 5 and 7) one user may read a second, "
-                             "bursts of one second's worth; reads past it wait, not refused (default "
-                             f"{L.DEFAULT_READ_RATE >> 20}MiB; 0: no rate)")
+                             f"bursts of {L.READ_BURST_SECONDS} seconds' worth; reads past it wait, not refused "
+                             f"(default {L.DEFAULT_READ_RATE >> 10}KiB; 0: no rate)")
     parser.add_argument("--max-outbuf", type=_size(MIN_OUTBUF, MAX_OUTBUF), default=DEFAULT_MAX_OUTBUF,
                         metavar="BYTES",
                         help="bytes queued for one connection before the server cuts it (a client that "

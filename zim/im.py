@@ -39,6 +39,7 @@ RESPONSE_BUDGET = 1_000_000
 # digits each), keys and punctuation.
 _MESSAGE_FIXED_BOUND = 400
 _PAGE_OVERHEAD = 64          # {"messages":[...],"hasMore":false}
+_MESSAGE_OVERHEAD = 200      # about what a message's JSON adds to its content (ids, names, keys)
 
 
 # ------------------------------------------------------------ validation
@@ -186,15 +187,19 @@ def in_line(ctx: "Ctx", start: Callable[[], object]) -> object:
     """A page read (up to 1 MB) behind the caller's earlier reads and acks: one
     user's reach the store one at a time, at most ``--read-rate`` bytes a second
     (zim.limits.PacedLine), so a client pipelining them delays others by one page
-    at most and costs the server little."""
-    return ctx.app.store_line.call(int(ctx.user_id), start, "read", cost=page_bytes)
+    at most and costs the server little. A read whose user has no connection left
+    by its turn is not made."""
+    user_id, fabric = int(ctx.user_id), ctx.app.fabric
+    return ctx.app.store_line.call(user_id, start, "read", cost=page_bytes,
+                                   wanted=lambda: fabric.user_connections(user_id) > 0)
 
 
 def page_bytes(found: object) -> int:
     """About the bytes of a page the store read (a history page is (messages,
     has_more), a mailbox page a list): its contents plus a fixed part each."""
-    messages = found[0] if isinstance(found, tuple) else found
-    return sum(len(msg["content"]) + _MESSAGE_FIXED_BOUND for msg in messages)
+    is_history = isinstance(found, (tuple, list)) and len(found) == 2 and isinstance(found[1], bool)
+    messages = found[0] if is_history else found    # (a writer's answer is a list, not a tuple)
+    return sum(len(msg["content"]) + _MESSAGE_OVERHEAD for msg in messages)
 
 
 def check_rate_limits(ctx: "Ctx", channel: str | None = None) -> None:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Hashable
 
-from zim.storage.store import Pending
+from zim.storage.store import Pending, StoreRefusal
 
 MAX_RATE = 1_000_000.0      # messages per second: above this a limit means nothing
 # Float sums of intervals (40 x 0.025 ...) land a hair above their exact value;
@@ -133,7 +133,8 @@ DEFAULT_ADDRESS_AUTH_FAILURE_RATE = 1.0     # failed token checks a second per a
 DEFAULT_CHANNEL_CREATE_RATE = 1.0       # channels one user creates a second
 DEFAULT_MAX_ACK_IDS = 1000              # ids in one ack (action 8)
 DEFAULT_ACK_RATE = 2_000.0              # ids one user acks a second, bursts of one second's worth
-DEFAULT_READ_RATE = 1024 * 1024         # bytes of history and mailbox pages one user reads a second
+DEFAULT_READ_RATE = 256 * 1024          # bytes of history and mailbox pages one user reads a second, ...
+READ_BURST_SECONDS = 4                  # ... in bursts of four seconds' worth (an app's start: 1 MiB)
 MAX_COUNT_LIMIT = 1 << 30
 
 
@@ -169,7 +170,8 @@ class ClientLimits:
     ``channel_create_rate``: channels one user creates a second (bursts of ten
     seconds' worth). ``max_ack_ids``: ids in one ack (action 8), longer lists are
     ``bad_request``. ``ack_rate``: ids a second one user's acks may free;
-    ``read_rate``: bytes of history and mailbox pages a second one user may read.
+    ``read_rate``: bytes of history and mailbox pages a second one user may read
+    (bursts of ``READ_BURST_SECONDS``' worth).
     Requests past them wait (they are not refused), and one user's acks and reads
     reach the store one at a time (``PacedLine``), so a pipeline of them costs the
     server almost nothing.
@@ -266,20 +268,22 @@ class ClientBuckets:
 
 
 class Budgets:
-    """Per key, work at ``rate`` units a second with bursts of one second's worth,
-    charged before (known costs) or after (costs known from the result): a key may
-    start while it is less than a second in debt (the generic cell rate algorithm)."""
+    """Per key, work at ``rate`` units a second with bursts of ``burst_seconds``'
+    worth, charged before (known costs) or after (costs known from the result): a
+    key may start while it is less than a burst in debt (the generic cell rate
+    algorithm)."""
 
-    __slots__ = ("rate", "clock", "_free_at")
+    __slots__ = ("rate", "burst_seconds", "clock", "_free_at")
 
-    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+    def __init__(self, rate: float, clock: Callable[[], float], burst_seconds: float = 1.0) -> None:
         self.rate = rate
+        self.burst_seconds = burst_seconds
         self.clock = clock
         self._free_at: dict[Any, float] = {}    # key -> when its budget is whole again
 
     def ready(self, key: Any) -> bool:
         now = self.clock()
-        return self._free_at.get(key, now) - now <= 1.0
+        return self._free_at.get(key, now) - now <= self.burst_seconds
 
     def charge(self, key: Any, units: float) -> None:
         if units > 0:
@@ -294,15 +298,24 @@ class Budgets:
 class Call:
     """A store call waiting in a ``PacedLine``."""
 
-    __slots__ = ("start", "budgets", "units", "cost", "result")
+    __slots__ = ("start", "budgets", "units", "cost", "wanted", "result")
 
     def __init__(self, start: Callable[[], Any], budgets: Budgets | None, units: int,
-                 cost: Callable[[Any], float] | None) -> None:
+                 cost: Callable[[Any], float] | None, wanted: Callable[[], bool] | None) -> None:
         self.start = start
         self.budgets = budgets
         self.units = units          # charged as it starts
         self.cost = cost            # cost(value): charged once it succeeded
+        self.wanted = wanted        # wanted(): False when its turn comes, it is not made
         self.result = Pending()
+
+
+class NotWanted(StoreRefusal):
+    """A call in a ``PacedLine`` nobody waits for any more (its client left): not
+    made, and answered as a refusal (to no one), not logged as a store failure."""
+
+    def __init__(self) -> None:
+        super().__init__("gone", "the client left before its turn")
 
 
 class PacedLine:
@@ -319,19 +332,25 @@ class PacedLine:
 
     __slots__ = ("waiting", "parked", "clock", "budgets")
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, **rates: float) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, **rates: float | tuple[float, float]) -> None:
         self.waiting: dict[Any, deque] = {}    # key -> calls not started yet (present: one is running)
         self.parked: dict[Any, Call] = {}       # key -> its next call, waiting for its budget
         self.clock = clock
-        # rates checked by their owner (ClientLimits): ids or bytes a second
-        self.budgets = {kind: Budgets(float(rate), clock) for kind, rate in rates.items() if rate}
+        # rates checked by their owner (ClientLimits): units a second, or (units a second, burst seconds)
+        self.budgets = {}
+        for kind, rate in rates.items():
+            rate, burst = rate if isinstance(rate, tuple) else (rate, 1.0)
+            if rate:
+                self.budgets[kind] = Budgets(float(rate), clock, burst)
 
     def call(self, key: Any, start: Callable[[], Any], kind: str = "", units: int = 0,
-             cost: Callable[[Any], float] | None = None) -> Pending:
+             cost: Callable[[Any], float] | None = None, wanted: Callable[[], bool] | None = None) -> Pending:
         """``start()`` (a store call) once the key's earlier calls have settled and
         its ``kind`` budget allows (``units`` charged then, ``cost(value)`` after);
-        its result, as a Pending. A kind without a rate is not paced."""
-        call = Call(start, self.budgets.get(kind), units, cost)
+        its result, as a Pending. A kind without a rate is not paced. If
+        ``wanted()`` is false when its turn comes, the call is not made (it fails
+        with ``NotWanted``): a read for a client that has left."""
+        call = Call(start, self.budgets.get(kind), units, cost, wanted)
         line = self.waiting.get(key)
         if line is not None:
             line.append(call)
@@ -350,6 +369,9 @@ class PacedLine:
 
     def _run(self, key: Any, call: Call | None) -> None:
         while call is not None:
+            if call.wanted is not None and not call.wanted():
+                call = self._finish(key, call, False, NotWanted())
+                continue
             budgets = call.budgets
             if budgets is not None:
                 if not budgets.ready(key):
