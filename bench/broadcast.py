@@ -20,7 +20,7 @@ system-wide).
 
 The publisher and the receivers share the machine's cores with the server, so
 wall-clock rates depend on the client too; deliveries per server-CPU-second is
-the figure to compare with ../shared/MEASURED.md.
+the figure to compare across runs and with peers (bench/peers.py).
 
 Example: ``python bench/broadcast.py --members 1000 --json``
 """

@@ -1,4 +1,4 @@
-"""PROTOCOL.md, action by action, over both transports (the ``transport`` fixture).
+"""docs/protocol.md, action by action, over both transports (the ``transport`` fixture).
 
 All tests share one server process; every test uses fresh users and channel
 names, so they do not see each other's data.
@@ -16,7 +16,7 @@ from zimclient import ZimClient, error_code, unique
 
 def check_message(msg: dict, *, content: str | None = None, sender: ZimClient | None = None,
                   channel: str | None = None, receiver_id: str | None = None) -> None:
-    """A Message as PROTOCOL.md defines it."""
+    """A Message as docs/protocol.md defines it."""
     assert isinstance(msg.get("id"), str) and msg["id"].isdigit(), msg
     assert 0 < int(msg["id"]) < 1 << 64, msg
     assert type(msg.get("seq")) is int and msg["seq"] >= 1, msg

@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 DEFAULT_TIMEOUT = 5.0
-SERVER_PACKET_LIMIT = 1 << 20   # PROTOCOL.md: server packets stay under 1 MiB
+SERVER_PACKET_LIMIT = 1 << 20   # docs/protocol.md: server packets stay under 1 MiB
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 Body = dict | bytes | None
@@ -298,7 +298,7 @@ class WsClient(ZimClient):
 
         options: dict[str, Any] = dict(
             compression=compression,
-            max_size=None,          # the size limit is checked here, against PROTOCOL.md
+            max_size=None,          # the size limit is checked here, against docs/protocol.md
             ping_interval=None,     # no pings unless a test sends them
             open_timeout=timeout,
             close_timeout=2,

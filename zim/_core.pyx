@@ -6,7 +6,7 @@ Python object). Input is read into one per-worker scratch buffer and parsed in
 place; only a trailing partial packet is kept, in a malloc'd buffer freed as
 soon as it is consumed. Output is appended to a per-connection buffer and
 flushed once per loop iteration with a single write carrying everything
-queued (the kernel charges per call, not per byte: ../shared/MEASURED.md).
+queued (the kernel charges per call, not per byte: docs/architecture.md).
 A channel broadcast is framed once into the group's pass buffer; members with
 nothing else queued are written straight from it (see pass_out_t).
 Python is called once per complete request packet.
@@ -850,7 +850,6 @@ cdef class Reactor:
     cdef int _claim_or_raise(self, int fd, uint8_t state, uint16_t flags, uint32_t events) except -1:
         if self._claim(fd, state, flags, events) < 0:
             raise OSError(errno, "epoll_ctl ADD failed")
-        return 0
         return 0
 
     cdef void _epoll_mod(self, int fd, uint32_t events) noexcept:
@@ -1803,10 +1802,6 @@ cdef class Reactor:
         """Whether a connection is in a group (a scan of the group)."""
         cdef group_t* g = self._group(group, False)
         return g != NULL and member_index(g, conn) >= 0
-
-    def group_size(self, size_t group):
-        cdef group_t* g = self._group(group, False)
-        return g.length if g != NULL else 0
 
     def broadcast(self, size_t group, int action, bytes payload, uint64_t exclude_conn=0):
         """Queue one push to every live member of a group in one C loop; returns how many."""

@@ -1,4 +1,4 @@
-"""The IM actions 1..11 of PROTOCOL.md, as zim.App handlers.
+"""The IM actions 1..11 of docs/protocol.md, as zim.App handlers.
 
 Every handler checks the body's shape first (``bad_request``), then the action's
 own rules (``not_found``, ``forbidden`` ...), then, for sends, the rate limits
@@ -15,6 +15,7 @@ import orjson
 from zim.app import Error
 from zim.ids import Snowflake, timestamp_ms, wall_clock_ms
 from zim.names import check_channel_name, display_name
+from zim.pushmerge import PUSH_CHANNEL_MESSAGE      # one definition: the push merged pushes merge
 from zim.storage.store import CHANNEL, USER
 from zim.tokens import Claims, make_token, parse_user_id, verify_token
 
@@ -24,14 +25,13 @@ if TYPE_CHECKING:
 LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
 REFRESH_TOKEN, LOG_OUT_EVERYWHERE = 10, 11
 PUSH_USER_MESSAGE = 101
-PUSH_CHANNEL_MESSAGE = 102
 
-MAX_CHANNEL_CHARS = 256    # an addition to PROTOCOL.md: names are held per member
+MAX_CHANNEL_CHARS = 256    # an addition to docs/protocol.md: names are held per member
 HISTORY_DEFAULT_LIMIT = 20
 PAGE_MAX = 100              # history and mailbox pages, and mailbox pushes at login
 MAILBOX_DEFAULT_LIMIT = 100
 MAX_SEQ = (1 << 63) - 1
-# Server packets stay under 1 MiB (PROTOCOL.md); this leaves room for framing.
+# Server packets stay under 1 MiB (docs/protocol.md); this leaves room for framing.
 # The SQLite store bounds its pages by the same figure (zim.storage.sqlite.PAGE_BYTES).
 RESPONSE_BUDGET = 1_000_000
 # Upper bound of a message's encoded size apart from its strings (content, sender

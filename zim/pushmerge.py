@@ -42,7 +42,7 @@ PUSH_CHANNEL_BATCH = 103        # what it is merged into
 DEFAULT_PUSH_MAX = 20
 MAX_PUSH_WINDOW_MS = 60_000
 MAX_PUSH_MAX = 1000
-# Server packets stay under 1 MiB (PROTOCOL.md): older messages beyond this go to
+# Server packets stay under 1 MiB (docs/protocol.md): older messages beyond this go to
 # ``skipped`` even below push-max (a slice always keeps its newest message).
 BATCH_BUDGET = 1_000_000
 _BATCH_OVERHEAD = 64            # keys, brackets and the skipped count around the messages

@@ -22,7 +22,7 @@ wraps it and adds the other nodes.
 
 Pub/sub is at most once: a push lost while Redis is unreachable is not resent.
 Every message is stored before it is pushed, and clients fill gaps from history
-by seq (PROTOCOL.md).
+by seq (docs/protocol.md).
 """
 from __future__ import annotations
 

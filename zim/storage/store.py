@@ -27,7 +27,7 @@ A refused call stores nothing: a synchronous store (``MemoryStore``) raises
 with ``settle(False, StoreRefusal(...))``. The framework answers the client
 that error (zim.app).
 
-Messages are plain dicts shaped as on the wire (PROTOCOL.md "Message"). A store
+Messages are plain dicts shaped as on the wire (docs/protocol.md "Message"). A store
 keeps the dict it is given (setting its ``"seq"``) and hands the same dicts back:
 callers must not mutate what they get.
 
