@@ -506,9 +506,8 @@ cdef inline size_t address_slot(const address_table_t* t, uint32_t peer) noexcep
     return <size_t>(siphash_u64(t.key[2], t.key[3], peer) & (ADDRESS_SLOTS - 1))
 
 
-cdef uint64_t address_count(const address_table_t* t, uint32_t peer) noexcept nogil:
-    """Connections counted in peer's slot over every region (every worker)."""
-    cdef size_t slot = address_slot(t, peer)
+cdef uint64_t slot_total(const address_table_t* t, size_t slot) noexcept nogil:
+    """Connections counted in a slot over every region (every worker)."""
     cdef uint64_t total = 0
     cdef uint32_t region
     for region in range(t.regions):
@@ -516,15 +515,16 @@ cdef uint64_t address_count(const address_table_t* t, uint32_t peer) noexcept no
     return total
 
 
+cdef uint64_t address_count(const address_table_t* t, uint32_t peer) noexcept nogil:
+    """Connections counted in peer's slot over every region (every worker)."""
+    return slot_total(t, address_slot(t, peer))
+
+
 cdef bint address_admit(address_table_t* t, uint32_t peer, uint64_t limit) noexcept nogil:
     """Count one more connection of peer in this process's region, unless its slot
     holds ``limit`` already (then False: refuse it)."""
     cdef size_t slot = address_slot(t, peer)
-    cdef uint64_t total = 0
-    cdef uint32_t region
-    for region in range(t.regions):
-        total += t.counts[<size_t>region * ADDRESS_SLOTS + slot]
-    if total >= limit:
+    if slot_total(t, slot) >= limit:
         return False
     t.own[slot] += 1
     return True
@@ -534,6 +534,14 @@ cdef void address_release(address_table_t* t, uint32_t peer) noexcept nogil:
     cdef size_t slot = address_slot(t, peer)
     if t.own[slot]:
         t.own[slot] -= 1
+
+
+cdef void random_keys(uint64_t* key) noexcept:
+    """Four new secret 64-bit keys (address_header_t.key, address_table_t.key)."""
+    cdef bytes raw = os.urandom(32)
+    cdef int i
+    for i in range(4):
+        key[i] = get64(PyBytes_AS_STRING(raw) + 8 * i)
 
 
 def address_table_bytes(uint32_t regions):
@@ -546,15 +554,12 @@ def init_address_table(buffer, uint32_t regions):
     (regions)): new random keys, for every process of one server start."""
     cdef unsigned char[::1] view = memoryview(buffer).cast("B")
     cdef address_header_t* header
-    cdef bytes key = os.urandom(32)
-    cdef int i
     if regions < 1 or <size_t>view.shape[0] < address_table_bytes(regions):
         raise ValueError("address table too small")
     header = <address_header_t*>&view[0]
     header.slots = ADDRESS_SLOTS
     header.regions = regions
-    for i in range(4):
-        header.key[i] = get64(PyBytes_AS_STRING(key) + 8 * i)
+    random_keys(header.key)
     header.magic = ADDRESS_MAGIC
 
 
@@ -696,10 +701,8 @@ cdef class Reactor:
                   uint32_t max_conns_per_address=0):
         cdef rlimit lim
         cdef int i
-        cdef bytes key = os.urandom(32)     # a server of workers shares one: share_address_table
         cdef bytes body
-        for i in range(4):
-            self.addresses.key[i] = get64(PyBytes_AS_STRING(key) + 8 * i)
+        random_keys(self.addresses.key)     # a server of workers shares one: share_address_table
         self.max_conns_per_address = max_conns_per_address
         if max_conns_per_address:
             # one region of local memory (calloc: pages never used cost nothing)

@@ -183,23 +183,25 @@ def check_member(ctx: "Ctx", channel: str, user_id: int) -> None:
         raise Error("forbidden", f"not a member of {channel}")
 
 
-def in_line(ctx: "Ctx", start: Callable[[], object]) -> object:
+def in_line(ctx: "Ctx", start: Callable[[], object], cost: Callable[[object], int]) -> object:
     """A page read (up to 1 MB) behind the caller's earlier reads and acks: one
     user's reach the store one at a time, at most ``--read-rate`` bytes a second
-    (zim.limits.PacedLine), so a client pipelining them delays others by one page
-    at most and costs the server little. A read whose user has no connection left
-    by its turn is not made."""
+    (``cost(page)``, zim.limits.PacedLine), so a client pipelining them delays
+    others by one page at most and costs the server little. A read whose user has
+    no connection left by its turn is not made."""
     user_id, fabric = int(ctx.user_id), ctx.app.fabric
-    return ctx.app.store_line.call(user_id, start, "read", cost=page_bytes,
+    return ctx.app.store_line.call(user_id, start, "read", cost=cost,
                                    wanted=lambda: fabric.user_connections(user_id) > 0)
 
 
-def page_bytes(found: object) -> int:
-    """About the bytes of a page the store read (a history page is (messages,
-    has_more), a mailbox page a list): its contents plus a fixed part each."""
-    is_history = isinstance(found, (tuple, list)) and len(found) == 2 and isinstance(found[1], bool)
-    messages = found[0] if is_history else found    # (a writer's answer is a list, not a tuple)
+def page_bytes(messages: list[dict]) -> int:
+    """About the bytes of a page of messages: their contents plus a fixed part each."""
     return sum(len(msg["content"]) + _MESSAGE_OVERHEAD for msg in messages)
+
+
+def history_page_bytes(found: tuple[list[dict], bool]) -> int:
+    """``page_bytes`` of a history page, (messages, has_more)."""
+    return page_bytes(found[0])
 
 
 def check_rate_limits(ctx: "Ctx", channel: str | None = None) -> None:
@@ -464,10 +466,10 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
     me = int(ctx.user_id)
     if channel is not None:
         check_member(ctx, channel, me)
-        page = in_line(ctx, lambda: store.history(CHANNEL, channel, before_seq, limit))
+        page = in_line(ctx, lambda: store.history(CHANNEL, channel, before_seq, limit), history_page_bytes)
     else:
         other = known_user(ctx, other_text)
-        page = in_line(ctx, lambda: store.history(USER, (me, other), before_seq, limit))
+        page = in_line(ctx, lambda: store.history(USER, (me, other), before_seq, limit), history_page_bytes)
 
     def fit(found: tuple[list[dict], bool]) -> dict:
         messages, cut = newest_that_fit(found[0])
@@ -504,7 +506,7 @@ def pull_mailbox(ctx: "Ctx", body: dict) -> dict:
         return {"messages": page, "hasMore": len(page) < len(messages)}
 
     user_id, store = int(ctx.user_id), ctx.app.store
-    return ctx.later(in_line(ctx, lambda: store.mailbox_pull(user_id, limit + 1)), fit)
+    return ctx.later(in_line(ctx, lambda: store.mailbox_pull(user_id, limit + 1), page_bytes), fit)
 
 
 def ack_mailbox(ctx: "Ctx", body: dict) -> dict:

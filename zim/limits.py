@@ -44,13 +44,14 @@ def check_rate(name: str, value: object) -> float:
 
 class TokenBuckets:
     """One token bucket per key, ``rate`` tokens a second, burst ``burst_seconds`` worth
-    (at least one token)."""
+    (at least one token). A key's state is its *debt*: how long until its bucket is
+    full again (the generic cell rate algorithm); ``take`` adds ``units / rate``."""
 
     __slots__ = ("rate", "burst", "interval", "_tolerance", "_full_at")
 
-    def __init__(self, rate: float, burst_seconds: float = 1.0) -> None:
-        if not 0 < rate <= MAX_RATE:
-            raise ValueError(f"rate must be in (0, {MAX_RATE:g}]")
+    def __init__(self, rate: float, burst_seconds: float = 1.0, max_rate: float = MAX_RATE) -> None:
+        if not 0 < rate <= max_rate:
+            raise ValueError(f"rate must be in (0, {max_rate:g}]")
         self.rate = rate
         self.burst = max(1.0, rate * burst_seconds)
         self.interval = 1.0 / rate          # seconds one token takes to come back
@@ -63,13 +64,25 @@ class TokenBuckets:
         """Buckets that are not full (the only ones stored)."""
         return len(self._full_at)
 
-    def has_token(self, key: Hashable, now: float) -> bool:
-        return self._full_at.get(key, now) - now <= self._tolerance
+    def debt(self, key: Hashable, now: float) -> float:
+        """Seconds until the key's bucket is full again (0 or less: full)."""
+        return self._full_at.get(key, now) - now
 
-    def take(self, key: Hashable, now: float) -> None:
-        """Take a token (after ``has_token`` said there is one)."""
+    def has_token(self, key: Hashable, now: float) -> bool:
+        return self.debt(key, now) <= self._tolerance
+
+    def take(self, key: Hashable, now: float, units: float = 1.0) -> None:
+        """Take ``units`` tokens (after ``has_token`` said there is one, or after the
+        fact, for a cost known once the work is done)."""
         full_at = self._full_at.get(key, now)
-        self._full_at[key] = (full_at if full_at > now else now) + self.interval
+        self._full_at[key] = (full_at if full_at > now else now) + units / self.rate
+
+    def try_take(self, key: Hashable, now: float) -> bool:
+        """Take a token if there is one; whether there was."""
+        if not self.has_token(key, now):
+            return False
+        self.take(key, now)
+        return True
 
     def purge(self, now: float) -> None:
         """Forget the buckets that are full by ``now``; a new table, so its memory shrinks too."""
@@ -103,11 +116,9 @@ class SendLimits:
         if users is not None and not users.has_token(user, now):
             self.refused["user"] += 1
             return f"at most {self.user_rate:g} messages per second per user"
-        if channels is not None and channel is not None:
-            if not channels.has_token(channel, now):
-                self.refused["channel"] += 1
-                return f"at most {self.channel_rate:g} messages per second in channel {channel}"
-            channels.take(channel, now)
+        if channels is not None and channel is not None and not channels.try_take(channel, now):
+            self.refused["channel"] += 1
+            return f"at most {self.channel_rate:g} messages per second in channel {channel}"
         if users is not None:
             users.take(user, now)
         return None
@@ -223,14 +234,10 @@ class ClientBuckets:
                         "channel_create": 0}
 
     def _take(self, buckets: TokenBuckets | None, key: Hashable, scope: str) -> bool:
-        if buckets is None:
+        if buckets is None or buckets.try_take(key, self.clock()):
             return True
-        now = self.clock()
-        if not buckets.has_token(key, now):
-            self.refused[scope] += 1
-            return False
-        buckets.take(key, now)
-        return True
+        self.refused[scope] += 1
+        return False
 
     def login_refusal(self, address: int | None, new_user: bool) -> str | None:
         """Why a login attempt from ``address`` is refused (None: go on; it took its tokens).
@@ -267,43 +274,34 @@ class ClientBuckets:
                 buckets.purge(now)
 
 
-class Budgets:
-    """Per key, work at ``rate`` units a second with bursts of ``burst_seconds``'
-    worth, charged before (known costs) or after (costs known from the result): a
-    key may start while it is less than a burst in debt (the generic cell rate
-    algorithm)."""
+class Budget:
+    """One kind of work a ``PacedLine`` paces: ``TokenBuckets`` per key, charged
+    before (known costs) or after (costs known from the result); a key may start
+    while it is at most ``burst_seconds`` in debt."""
 
-    __slots__ = ("rate", "burst_seconds", "clock", "_free_at")
+    __slots__ = ("buckets", "burst_seconds")
 
-    def __init__(self, rate: float, clock: Callable[[], float], burst_seconds: float = 1.0) -> None:
-        self.rate = rate
+    def __init__(self, rate: float, burst_seconds: float) -> None:
+        self.buckets = TokenBuckets(rate, burst_seconds, max_rate=MAX_BYTE_RATE)    # ids or bytes a second
         self.burst_seconds = burst_seconds
-        self.clock = clock
-        self._free_at: dict[Any, float] = {}    # key -> when its budget is whole again
 
-    def ready(self, key: Any) -> bool:
-        now = self.clock()
-        return self._free_at.get(key, now) - now <= self.burst_seconds
+    def ready(self, key: Any, now: float) -> bool:
+        return self.buckets.debt(key, now) <= self.burst_seconds
 
-    def charge(self, key: Any, units: float) -> None:
+    def charge(self, key: Any, now: float, units: float) -> None:
         if units > 0:
-            now = self.clock()
-            self._free_at[key] = max(self._free_at.get(key, now), now) + units / self.rate
-
-    def purge(self) -> None:
-        now = self.clock()
-        self._free_at = {key: free_at for key, free_at in self._free_at.items() if free_at > now}
+            self.buckets.take(key, now, units)
 
 
 class Call:
     """A store call waiting in a ``PacedLine``."""
 
-    __slots__ = ("start", "budgets", "units", "cost", "wanted", "result")
+    __slots__ = ("start", "budget", "units", "cost", "wanted", "result")
 
-    def __init__(self, start: Callable[[], Any], budgets: Budgets | None, units: int,
+    def __init__(self, start: Callable[[], Any], budget: Budget | None, units: int,
                  cost: Callable[[Any], float] | None, wanted: Callable[[], bool] | None) -> None:
         self.start = start
-        self.budgets = budgets
+        self.budget = budget
         self.units = units          # charged as it starts
         self.cost = cost            # cost(value): charged once it succeeded
         self.wanted = wanted        # wanted(): False when its turn comes, it is not made
@@ -320,7 +318,7 @@ class NotWanted(StoreRefusal):
 
 class PacedLine:
     """Store calls of one key (a user) reach the store one at a time, in order, each
-    kind within its budget (``Budgets``): ack ids (``--ack-rate``) and bytes of
+    kind within its budget (``Budget``): ack ids (``--ack-rate``) and bytes of
     pages read (``--read-rate``).
 
     One user's pipelined acks and history reads wait here, in the process that
@@ -337,11 +335,11 @@ class PacedLine:
         self.parked: dict[Any, Call] = {}       # key -> its next call, waiting for its budget
         self.clock = clock
         # rates checked by their owner (ClientLimits): units a second, or (units a second, burst seconds)
-        self.budgets = {}
+        self.budgets: dict[str, Budget] = {}
         for kind, rate in rates.items():
             rate, burst = rate if isinstance(rate, tuple) else (rate, 1.0)
             if rate:
-                self.budgets[kind] = Budgets(float(rate), clock, burst)
+                self.budgets[kind] = Budget(float(rate), burst)
 
     def call(self, key: Any, start: Callable[[], Any], kind: str = "", units: int = 0,
              cost: Callable[[Any], float] | None = None, wanted: Callable[[], bool] | None = None) -> Pending:
@@ -364,20 +362,22 @@ class PacedLine:
         parked, self.parked = self.parked, {}
         for key, call in parked.items():
             self._run(key, call)
-        for budgets in self.budgets.values():
-            budgets.purge()
+        now = self.clock()
+        for budget in self.budgets.values():
+            budget.buckets.purge(now)
 
     def _run(self, key: Any, call: Call | None) -> None:
         while call is not None:
             if call.wanted is not None and not call.wanted():
                 call = self._finish(key, call, False, NotWanted())
                 continue
-            budgets = call.budgets
-            if budgets is not None:
-                if not budgets.ready(key):
+            budget = call.budget
+            if budget is not None:
+                now = self.clock()
+                if not budget.ready(key, now):
                     self.parked[key] = call
                     return
-                budgets.charge(key, call.units)
+                budget.charge(key, now, call.units)
             try:
                 value = call.start()
             except Exception as exc:       # noqa: BLE001 - the caller's handler answers it
@@ -397,9 +397,9 @@ class PacedLine:
 
     def _finish(self, key: Any, call: Call, ok: bool, value: Any) -> Call | None:
         """Settle ``call``; the key's next one (None: the key's line is empty)."""
-        if ok and call.cost is not None and call.budgets is not None:
+        if ok and call.cost is not None and call.budget is not None:
             try:
-                call.budgets.charge(key, call.cost(value))
+                call.budget.charge(key, self.clock(), call.cost(value))
             except Exception:          # noqa: BLE001 - a cost is an estimate; never fail the call
                 pass
         line = self.waiting[key]
