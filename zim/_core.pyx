@@ -303,13 +303,27 @@ cdef struct group_t:
     pass_out_t* pass_out    # this pass's broadcasts to the group, NULL when none
 
 
-# Router -> worker commands carried out in C (zim/worker.py packs the same layouts)
-cdef enum:
+# The router <-> worker link: router -> worker commands (the link packet's action field;
+# REPLY, PUSH_USER and BROADCAST are carried out in C), worker -> router events (action 0,
+# the kind in the seq field), and the handle bits.
+cpdef enum:
     CMD_REPLY = 1
     CMD_PUSH_USER = 2
     CMD_BROADCAST = 3
+    CMD_BIND = 4
+    CMD_FOLLOW = 5
+    CMD_UNFOLLOW = 6
+    CMD_CLOSE = 7
+    CMD_BROADCAST_EXCEPT = 8
+    CMD_CLOSE_USER = 9
+    EVENT = 0
+    EVENT_USER_GONE = 1
+    EVENT_LISTENING = 2
+    EVENT_USERS_CLOSED = 3
+    HANDLE_BITS = 56
 
-cdef uint64_t HANDLE_MASK = (<uint64_t>1 << 56) - 1
+cdef uint64_t HANDLE_MASK = (<uint64_t>1 << HANDLE_BITS) - 1
+LINK_HANDLE_MASK = HANDLE_MASK     # a handle's connection bits; the worker index sits above them
 cdef uint64_t PEER_MARK_C = (<uint64_t>1) << 63
 
 cdef enum:
@@ -2148,7 +2162,7 @@ cdef class Reactor:
         The link slot's ``user`` field holds the worker index + 1 (set_link_index),
         which goes into the top 8 bits of the connection id.
         """
-        cdef uint64_t conn = ((self.conns[fd].user - 1) << 56) | (get64(pkt.body) & HANDLE_MASK)
+        cdef uint64_t conn = ((self.conns[fd].user - 1) << HANDLE_BITS) | (get64(pkt.body) & HANDLE_MASK)
         try:
             self.on_request(conn, get64(pkt.body + 8), pkt.action, pkt.seq,
                             PyBytes_FromStringAndSize(pkt.body + 16, pkt.body_len - 16))
