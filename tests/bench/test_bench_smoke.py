@@ -1,0 +1,36 @@
+"""The benchmarks run end to end at a small size (their figures are not checked here)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO_ROOT
+
+ROOT = REPO_ROOT
+
+
+@pytest.mark.parametrize("script, args", [
+    ("idle_memory.py", ["--connections", "300", "--settle", "1"]),
+    ("idle_memory.py", ["--connections", "300", "--settle", "1", "--ws"]),
+    ("broadcast.py", ["--members", "100", "--messages", "300", "--runs", "1"]),
+    ("workers.py", ["--members", "200", "--pairs", "20", "--runs", "1"]),
+    ("store.py", ["--messages", "400", "--senders-list", "1,4", "--runs", "1", "--rate", "500",
+                  "--rate-seconds", "0.5", "--engine-messages", "2000"]),
+    ("hugegroup.py", ["--members-list", "500", "--workers", "2", "--runs", "1", "--sources", "2"]),
+    ("wire_bytes.py", ["--messages", "50"]),
+    pytest.param("redis_link.py", ["--ops", "300", "--runs", "1", "--depths", "1,16"],
+                 marks=pytest.mark.skipif(shutil.which("redis-server") is None,
+                                          reason="redis-server is not installed (CI installs it)")),
+    ("million.py", ["--connections", "3000", "--workers", "2", "--processes", "2", "--hold", "3",
+                    "--probe-sample", "100"]),
+])
+def test_bench_runs(script: str, args: list[str]) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True, result
