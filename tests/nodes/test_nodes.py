@@ -263,7 +263,14 @@ def test_the_users_of_a_dead_worker_leave_the_nodes_presence(backend, start_serv
         while any(client.hkeys(presence) for presence in presences):
             assert time.monotonic() < deadline, "a dead worker's users stayed present"
             time.sleep(0.1)
-    back = logged_in(node, users[0].name, token=users[0].token)      # a restarted worker serves again
+    deadline = time.monotonic() + 15
+    while True:                             # a restarted worker serves again (once it listens)
+        try:
+            back = logged_in(node, users[0].name, token=users[0].token)
+            break
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline, "no worker listened again"
+            time.sleep(0.1)
     with redis_client(backend) as client:
         assert len(client.hkeys(presences[0])) == 1
     back.close()
