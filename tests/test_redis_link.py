@@ -12,7 +12,7 @@ import redis_fixtures
 from redis_fixtures import after, requires_redis_server, run_in_loop
 from zim._core import Reactor
 from zim.nodes.link import BACKOFF_JITTER, RedisLink, backoff_delay, jittered
-from zim.storage.store import Pending
+from zim.pending import Pending
 
 redis_server = redis_fixtures.redis_server
 

@@ -9,6 +9,7 @@
 - ``retention``: the retention tiers (TTL and cap per kind of conversation).
 """
 from zim.storage.retention import Retention, Tier
-from zim.storage.store import MemoryStore, Pending, Store
+from zim.pending import Pending
+from zim.storage.store import MemoryStore, Store
 
 __all__ = ["MemoryStore", "Pending", "Retention", "Store", "Tier"]
