@@ -24,7 +24,7 @@ import time
 from typing import Callable, Iterable
 
 from zim._core import (
-    COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES, address_table_bytes, clear_address_region,
+    COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES, Reactor, address_table_bytes, clear_address_region,
     init_address_table,
 )
 from zim._idmap import IdMap
@@ -77,7 +77,7 @@ class Router:
     a user has no connection left on any worker; ``on_give_up()``: workers keep
     failing at start, the server must stop (``exit_code`` is then 1)."""
 
-    def __init__(self, reactor, options: Options, routes: dict[int, bool],
+    def __init__(self, reactor: Reactor, options: Options, routes: dict[int, bool],
                  on_user_gone: Callable[[int], None], on_give_up: Callable[[], None]) -> None:
         self.reactor = reactor
         self.options = options

@@ -3,7 +3,9 @@
 The supervisor (``zim.router``) starts it as ``python -m zim.worker`` with one end
 of a Unix socketpair. Client requests go up that link to the router, which runs
 the handlers; the router's commands come back down it and are carried out here
-in C (replies, pushes, channel fan-out to this worker's members).
+in C (replies, pushes, channel fan-out to this worker's members), or below
+(``zim.workerlink`` packs them). Its server options come as the JSON the router
+made of its own (``--options``: ``zim.options.Options``), not as flags to parse again.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ user who has created ``max_channels_per_user`` already (``too_many_channels``).
 A refused call stores nothing: a synchronous store (``MemoryStore``) raises
 ``StoreRefusal(code, message)``; one that answers with a ``Pending`` settles it
 with ``settle(False, StoreRefusal(...))``. The framework answers the client
-that error (zim.app).
+that error (zim.server).
 
 Messages are plain dicts shaped as on the wire (docs/protocol.md "Message"). A store
 keeps the dict it is given (setting its ``"seq"``) and hands the same dicts back:
