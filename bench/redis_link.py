@@ -46,7 +46,7 @@ from zim._core import Reactor  # noqa: E402
 from zim.nodes.link import RedisLink  # noqa: E402
 from zim.nodes.local import LocalRedis  # noqa: E402
 from zim.pushmerge import Alarm  # noqa: E402
-from zim.storage.store import Pending  # noqa: E402
+from zim.pending import Pending  # noqa: E402
 
 MODES = ("thread", "socket")
 PAYLOAD = b"m" * 200

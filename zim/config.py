@@ -10,8 +10,8 @@ exactly as the flags are (``max-outbuf``, not ``max_outbuf``)::
     channel-push = false          # a boolean is on/off
 
 Nothing here knows a particular flag: the keys and their checks come from the
-parser's actions, so a flag added to ``zim.cli.build_parser`` can be set in the
-file too. A value is handed to the flag's own ``type=`` and ``choices`` as the
+parser's actions, so an option added to ``zim.options.OPTIONS`` (or a flag to
+``zim.cli.build_parser``) can be set in the file too. A value is handed to the flag's own ``type=`` and ``choices`` as the
 text it would have on the command line (strings as they are, integers and floats
 in decimal, ``true``/``false`` as ``on``/``off``), so a value is accepted in the
 file exactly when it is accepted as a flag.

@@ -11,7 +11,8 @@ Handlers never touch sockets. They call a ``Fabric``:
   wraps one of the above and reaches the other nodes over pub/sub.
 
 A connection is named by an int ``conn``: the reactor's handle (generation and
-fd, 56 bits), with the worker index in the top 8 bits when there are workers.
+fd, 56 bits), with the worker index in the top 8 bits when there are workers
+(``zim.workerlink``). A channel is named by a group id (``Groups``).
 """
 from __future__ import annotations
 
@@ -165,3 +166,29 @@ def follow_here(reactor: Reactor, user_id: int, group: int) -> None:
 def unfollow_here(reactor: Reactor, user_id: int, group: int) -> None:
     for conn in reactor.user_conns(user_id):
         reactor.group_remove(group, conn)
+
+
+class Groups:
+    """This process's channel groups: channel name <-> the group id its fabric knows
+    the channel's members by (1, 2, ...; made on first use, never reused)."""
+
+    __slots__ = ("ids", "names")
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.names: list[str] = []      # group id - 1 -> channel
+
+    def get(self, channel: str) -> int | None:
+        """The channel's group id, or None if no connection here ever followed it."""
+        return self.ids.get(channel)
+
+    def id_of(self, channel: str) -> int:
+        """The channel's group id, made if it has none yet."""
+        group = self.ids.get(channel)
+        if group is None:
+            group = self.ids[channel] = len(self.ids) + 1
+            self.names.append(channel)
+        return group
+
+    def name(self, group: int) -> str:
+        return self.names[group - 1]

@@ -1,5 +1,8 @@
 """The IM actions 1..11 of docs/protocol.md, as zim.App handlers.
 
+They reach the server that runs them (its store, ids, limits) through
+``ctx.server`` (``zim.handler.Runtime``), never by importing it.
+
 Every handler checks the body's shape first (``bad_request``), then the action's
 own rules (``not_found``, ``forbidden`` ...), then, for sends, the rate limits
 (``rate_limited``), then stores, then pushes. The
@@ -12,15 +15,15 @@ from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from zim.app import Error
-from zim.ids import Snowflake, timestamp_ms, wall_clock_ms
+from zim.handler import Error
+from zim.ids import timestamp_ms, wall_clock_ms
 from zim.names import check_channel_name, display_name
 from zim.pushmerge import PUSH_CHANNEL_MESSAGE      # one definition: the push merged pushes merge
 from zim.storage.store import CHANNEL, USER
 from zim.tokens import Claims, make_token, parse_user_id, verify_token
 
 if TYPE_CHECKING:
-    from zim.app import App, Ctx, Handler
+    from zim.handler import Ctx, Handler, RouteTable, Runtime
 
 LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
 REFRESH_TOKEN, LOG_OUT_EVERYWHERE = 10, 11
@@ -132,7 +135,7 @@ class Unsure(Exception):
 def ask_store(ctx: "Ctx", confirm_name: str, *args: object) -> None:
     """Raise ``Unsure`` if the store can confirm a "no" (it has the method
     ``confirm_name`` and answers a Pending) and this request has not asked yet."""
-    confirm = getattr(ctx.app.store, confirm_name, None)
+    confirm = getattr(ctx.server.store, confirm_name, None)
     if confirm is None or ctx.rechecked:
         return
     pending = confirm(*args)
@@ -156,7 +159,7 @@ def rechecking(handler: "Handler") -> "Handler":
 
 def known_user(ctx: "Ctx", text: str) -> int:
     """The id of an existing user named by a decimal string, else ``not_found``."""
-    store = ctx.app.store
+    store = ctx.server.store
     user_id = parse_user_id(text)
     if user_id is not None and not store.user_exists(user_id):
         ask_store(ctx, "confirm_user", user_id)
@@ -168,7 +171,7 @@ def known_user(ctx: "Ctx", text: str) -> int:
 def member_of(ctx: "Ctx", channel: str, user_id: int) -> bool | None:
     """The user's membership of an existing channel (None: not a member; see
     ``Store.membership``), else ``not_found``."""
-    store = ctx.app.store
+    store = ctx.server.store
     membership = store.membership(channel, user_id)
     if membership is None:      # a member implies the channel: only a "no" needs more
         ask_store(ctx, "confirm_member", channel, user_id)
@@ -189,8 +192,8 @@ def in_line(ctx: "Ctx", start: Callable[[], object], cost: Callable[[object], in
     (``cost(page)``, zim.limits.PacedLine), so a client pipelining them delays
     others by one page at most and costs the server little. A read whose user has
     no connection left by its turn is not made."""
-    user_id, fabric = int(ctx.user_id), ctx.app.fabric
-    return ctx.app.store_line.call(user_id, start, "read", cost=cost,
+    user_id, fabric = int(ctx.user_id), ctx.server.fabric
+    return ctx.server.store_line.call(user_id, start, "read", cost=cost,
                                    wanted=lambda: fabric.user_connections(user_id) > 0)
 
 
@@ -207,7 +210,7 @@ def history_page_bytes(found: tuple[list[dict], bool]) -> int:
 def check_rate_limits(ctx: "Ctx", channel: str | None = None) -> None:
     """``rate_limited`` if the sender (or the channel) has no token left; the last
     check before a send is stored, so a refused send is neither stored nor counted."""
-    reason = ctx.app.limits.refusal(ctx.user_id, channel)
+    reason = ctx.server.limits.refusal(ctx.user_id, channel)
     if reason is not None:
         raise Error("rate_limited", reason)
 
@@ -259,12 +262,12 @@ def oldest_that_fit(messages: list[dict]) -> list[dict]:
 
 
 def _new_message(ctx: "Ctx", sender_id: int, content: str) -> dict:
-    message_id = ctx.app.ids.next()
+    message_id = ctx.server.ids.next()
     return {
         "id": str(message_id),
         "seq": 0,                          # set by the store
         "content": content,
-        "sender": {"id": ctx.user_id, "name": ctx.app.store.user_name(sender_id)},
+        "sender": {"id": ctx.user_id, "name": ctx.server.store.user_name(sender_id)},
         "createdAt": timestamp_ms(message_id),   # the id's own time: ids and times sort alike
     }
 
@@ -284,35 +287,35 @@ def login(ctx: "Ctx", body: dict) -> dict:
     token = optional_str(body, "token")
     if ctx.user_id is not None:
         raise bad_request("this connection is logged in already")
-    app = ctx.app
-    store = app.store
+    server = ctx.server
+    store = server.store
     if not ctx.rechecked:       # a login run again after the store confirmed a user took its tokens
-        refusal = app.client_buckets.login_refusal(ctx.peer, new_user=token is None)
+        refusal = server.client_buckets.login_refusal(ctx.peer, new_user=token is None)
         if refusal is not None:
             raise Error("rate_limited", refusal)
     if token is None:
-        user_id = app.ids.next()
+        user_id = server.ids.next()
         store.create_user(user_id, name)
         # answered in order: the mailbox comes once the user is stored
         return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, True, 0))
-    claims = verify_token(app.secret, token)
+    claims = verify_token(server.secret, token)
     user_id = claims.user_id if claims is not None else None
     if user_id is not None and not store.user_exists(user_id):
         ask_store(ctx, "confirm_user", user_id)
     if user_id is None or not store.user_exists(user_id):
-        app.client_buckets.auth_failed(ctx.peer)
+        server.client_buckets.auth_failed(ctx.peer)
         raise Error("unauthorized", "invalid token")
-    if not token_in_time(app, claims):
+    if not token_in_time(server, claims):
         raise Error("unauthorized", "token expired: log in with a newer one, or as a new user")
     return ctx.later(current_epoch(store, user_id), _Resume(ctx, claims, name))
 
 
-def token_in_time(app: "App", claims: Claims) -> bool:
+def token_in_time(server: "Runtime", claims: Claims) -> bool:
     """Not expired: a version 2 token before its ``expires``; a version 1 token
-    (which has none) until ``app.tokens_v1_until`` (zim.tokens)."""
+    (which has none) until ``server.tokens_v1_until`` (zim.tokens)."""
     now = wall_clock_ms()
     if claims.version == 1:
-        return now < app.tokens_v1_until
+        return now < server.tokens_v1_until
     return claims.valid_at(now)
 
 
@@ -323,10 +326,10 @@ def current_epoch(store: object, user_id: int) -> object:
     return confirm(user_id) if confirm is not None else store.token_epoch(user_id)
 
 
-def issue_token(app: "App", user_id: int, epoch: int) -> dict:
-    """A new token for the user, of ``epoch``, valid for ``app.token_ttl_ms``."""
-    expires = wall_clock_ms() + app.token_ttl_ms
-    return {"token": make_token(app.secret, user_id, epoch, expires), "expiresAt": expires}
+def issue_token(server: "Runtime", user_id: int, epoch: int) -> dict:
+    """A new token for the user, of ``epoch``, valid for ``server.token_ttl_ms``."""
+    expires = wall_clock_ms() + server.token_ttl_ms
+    return {"token": make_token(server.secret, user_id, epoch, expires), "expiresAt": expires}
 
 
 class _Resume:
@@ -344,7 +347,7 @@ class _Resume:
         ctx, user_id = self.ctx, self.claims.user_id
         if self.claims.epoch != epoch:
             raise Error("unauthorized", "token revoked (the user logged out everywhere)")
-        store = ctx.app.store
+        store = ctx.server.store
         if store.user_name(user_id) != self.name:
             store.set_user_name(user_id, self.name)
         # answered in order: the mailbox comes once the new name is stored
@@ -365,27 +368,27 @@ class _LoggedIn:
 
     def __call__(self, mailbox: list[dict]) -> dict:
         ctx, user_id = self.ctx, self.user_id
-        app = ctx.app
-        if app.store.token_epoch(user_id) != self.epoch:
+        server = ctx.server
+        if server.store.token_epoch(user_id) != self.epoch:
             raise Error("unauthorized", "token revoked (the user logged out everywhere)")
-        most = app.client_limits.max_conns_per_user
-        if most and app.fabric.user_connections(user_id) >= most:
+        most = server.client_limits.max_conns_per_user
+        if most and server.fabric.user_connections(user_id) >= most:
             raise Error("too_many_connections", f"at most {most} connections per user: close one first")
-        channels = [channel for channel, push in app.store.user_channels(user_id) if push]
+        channels = [channel for channel, push in server.store.user_channels(user_id) if push]
         ctx.login(str(user_id), channels=channels)
         for msg in oldest_that_fit(mailbox):       # about 1 MB in all: pull for the rest
             ctx.send(PUSH_USER_MESSAGE, msg)
-        app.logins += 1
+        server.logins += 1
         if self.created:
-            app.users_created += 1
-        return {"id": str(user_id), **issue_token(app, user_id, self.epoch)}
+            server.users_created += 1
+        return {"id": str(user_id), **issue_token(server, user_id, self.epoch)}
 
 
 def send_user_message(ctx: "Ctx", body: dict) -> dict:
     """2: store in the pair's history and the receiver's mailbox, then push (101)."""
     receiver_text = required_str(body, "receiverId")
     content = required_str(body, "content")
-    store = ctx.app.store
+    store = ctx.server.store
     receiver_id = known_user(ctx, receiver_text)
     check_rate_limits(ctx)
     sender_id = int(ctx.user_id)
@@ -413,12 +416,12 @@ def subscribe(ctx: "Ctx", body: dict) -> dict:
         check_channel_name(channel)     # no controls, bidi or invisible names (zim.names); not normalised
     except ValueError as exc:
         raise bad_request(str(exc)) from None
-    push = optional_bool(body, "push", ctx.app.channel_push)
-    app = ctx.app
+    push = optional_bool(body, "push", ctx.server.channel_push)
+    server = ctx.server
     me = int(ctx.user_id)
-    if app.store.membership(channel, me) is None and not app.store.channel_exists(channel):
+    if server.store.membership(channel, me) is None and not server.store.channel_exists(channel):
         ask_store(ctx, "confirm_member", channel, me)      # a node's cache may not know it yet
-        refusal = app.client_buckets.create_refusal(me)
+        refusal = server.client_buckets.create_refusal(me)
         if refusal is not None:
             raise Error("rate_limited", refusal)
 
@@ -429,14 +432,14 @@ def subscribe(ctx: "Ctx", body: dict) -> dict:
             ctx.unfollow(channel)
         return {}
 
-    return ctx.later(ctx.app.store.subscribe(channel, int(ctx.user_id), push), stored)
+    return ctx.later(ctx.server.store.subscribe(channel, int(ctx.user_id), push), stored)
 
 
 def send_channel_message(ctx: "Ctx", body: dict) -> dict:
     """4: members only; pushed (102) to every member connection but the sending one."""
     channel = channel_name(body, "channel")
     content = required_str(body, "content")
-    store = ctx.app.store
+    store = ctx.server.store
     sender_id = int(ctx.user_id)
     check_member(ctx, channel, sender_id)
     check_rate_limits(ctx, channel)
@@ -462,7 +465,7 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
         # same meaning ("seq < beforeSeq"), and a range any store can bind
         before_seq = min(max(before_seq, 0), MAX_SEQ)
     limit = limit_param(body, HISTORY_DEFAULT_LIMIT)
-    store = ctx.app.store
+    store = ctx.server.store
     me = int(ctx.user_id)
     if channel is not None:
         check_member(ctx, channel, me)
@@ -481,7 +484,7 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
 def unsubscribe(ctx: "Ctx", body: dict) -> dict:
     """6: leave a channel; leaving one you are not in is fine, an unknown one is not_found."""
     channel = channel_name(body, "name")
-    store = ctx.app.store
+    store = ctx.server.store
     me = int(ctx.user_id)
     if member_of(ctx, channel, me) is None:
         return {}
@@ -505,7 +508,7 @@ def pull_mailbox(ctx: "Ctx", body: dict) -> dict:
         page = oldest_that_fit(messages[:limit])
         return {"messages": page, "hasMore": len(page) < len(messages)}
 
-    user_id, store = int(ctx.user_id), ctx.app.store
+    user_id, store = int(ctx.user_id), ctx.server.store
     return ctx.later(in_line(ctx, lambda: store.mailbox_pull(user_id, limit + 1), page_bytes), fit)
 
 
@@ -514,12 +517,12 @@ def ack_mailbox(ctx: "Ctx", body: dict) -> dict:
     At most ``--max-ack-ids`` ids, freeing at most ``--ack-rate`` ids a second;
     one user's acks and reads reach the store one at a time (``in_line``)."""
     ids = str_list(body, "ids")
-    app = ctx.app
-    most = app.client_limits.max_ack_ids
+    server = ctx.server
+    most = server.client_limits.max_ack_ids
     if most and len(ids) > most:
         raise bad_request(f"ids must hold at most {most} ids (ack in several requests)")
-    user_id, store = int(ctx.user_id), app.store
-    return ctx.later(app.store_line.call(user_id, lambda: store.mailbox_ack(user_id, ids), "ack", len(ids)),
+    user_id, store = int(ctx.user_id), server.store
+    return ctx.later(server.store_line.call(user_id, lambda: store.mailbox_ack(user_id, ids), "ack", len(ids)),
                      lambda _: {})
 
 
@@ -531,28 +534,27 @@ def heartbeat(ctx: "Ctx", body: dict) -> dict:
 def refresh_token(ctx: "Ctx", body: dict) -> dict:
     """10: a new token for the logged-in user (current epoch, a full lifetime)."""
     user_id = int(ctx.user_id)
-    app = ctx.app
-    return ctx.later(current_epoch(app.store, user_id), lambda epoch: issue_token(app, user_id, epoch))
+    server = ctx.server
+    return ctx.later(current_epoch(server.store, user_id), lambda epoch: issue_token(server, user_id, epoch))
 
 
 def log_out_everywhere(ctx: "Ctx", body: dict) -> dict:
     """11: revoke every token of the caller (bump its epoch) and close its other
     connections, on every worker and node; answers a new token for this one."""
     user_id = int(ctx.user_id)
-    app = ctx.app
+    server = ctx.server
 
     def revoked(epoch: int) -> dict:
-        close_user = getattr(app.fabric, "close_user", None)
+        close_user = getattr(server.fabric, "close_user", None)
         if close_user is not None:
             close_user(user_id, ctx.conn)
-        return issue_token(app, user_id, epoch)
+        return issue_token(server, user_id, epoch)
 
-    return ctx.later(app.store.revoke_tokens(user_id), revoked)
+    return ctx.later(server.store.revoke_tokens(user_id), revoked)
 
 
-def register(app: "App") -> None:
-    """Register actions 1..11 on ``app`` (and give it an id generator, ``app.ids``)."""
-    _ensure_ids(app)
+def register(app: "RouteTable") -> None:
+    """Register actions 1..11 on ``app`` (a ``zim.App``)."""
     app.route(LOGIN, login=False)(rechecking(login))
     app.route(SEND_USER)(rechecking(send_user_message))
     app.route(SUBSCRIBE)(rechecking(subscribe))
@@ -564,11 +566,3 @@ def register(app: "App") -> None:
     app.route(HEARTBEAT, login=False)(heartbeat)
     app.route(REFRESH_TOKEN)(refresh_token)
     app.route(LOG_OUT_EVERYWHERE)(log_out_everywhere)
-
-
-def _ensure_ids(app: "App") -> Snowflake:
-    """The app's Snowflake (one per worker process: worker id 0 in this version)."""
-    ids = getattr(app, "ids", None)
-    if ids is None:
-        ids = app.ids = Snowflake(0)
-    return ids

@@ -23,7 +23,8 @@ import time
 from collections import deque
 from typing import Any, Callable, Hashable
 
-from zim.storage.store import Pending, StoreRefusal
+from zim.pending import Pending
+from zim.storage.store import StoreRefusal
 
 MAX_RATE = 1_000_000.0      # messages per second: above this a limit means nothing
 # Float sums of intervals (40 x 0.025 ...) land a hair above their exact value;

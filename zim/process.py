@@ -1,4 +1,4 @@
-"""Helper processes: how zim starts them, ties them to their parent, and restarts them.
+"""zim's processes: how zim starts its helpers, ties them to their parent, restarts them, and stops.
 
 Every process zim starts (the workers, the store writer) must run the same ``zim``
 its parent imported. ``python -m zim.worker`` does not promise that: ``-m`` puts the
@@ -15,11 +15,11 @@ import os
 import resource
 import signal
 import sys
+from typing import Callable
 
-import zim
-
-# The directory holding the ``zim`` package this process runs.
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zim.__file__)))
+# The directory holding the ``zim`` package this process runs (this file is zim/process.py;
+# not ``import zim``, which would import the whole framework into a helper's start)
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Exit status of a helper that could not import its code (zim/_start_helper.py)
 EXIT_IMPORT_FAILED = 3
@@ -90,3 +90,22 @@ def connection_ceiling(serving_processes: int) -> tuple[int, int]:
     """(open-files limit of one process, connections the serving processes can hold)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft, serving_processes * max(0, soft - RESERVED_FDS)
+
+
+class stop_on_signals:
+    """``with stop_on_signals(callback):`` SIGTERM and SIGINT call ``callback()``."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.callback()
+
+    def __enter__(self) -> "stop_on_signals":
+        self.old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)

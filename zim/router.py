@@ -21,26 +21,25 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from zim._core import (
-    COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES, address_table_bytes, clear_address_region,
+    COUNTER_BYTES, COUNTER_NAMES, GAUGE_NAMES, Reactor, address_table_bytes, clear_address_region,
     init_address_table,
 )
 from zim._idmap import IdMap
-from zim.app import App, ServeOptions, error_body, log_ceiling, stop_on_signals
-from zim.metrics import APP_FAMILIES, combine_core_values, families_from_counts
+from zim.handler import error_body
+from zim.metrics import combine_core_values
+from zim.options import Options
 from zim.process import Backoff, exit_reason, helper_command
-from zim.worker import (
-    BIND_HEAD, CLOSE_BODY, CLOSE_USER_BODY, CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER,
-    CMD_FOLLOW, CMD_UNFOLLOW, EVENT,
-    EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, FOLLOW_BODY, format_routes, pack_broadcast_except,
+from zim.workerlink import (
+    CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER, CMD_FOLLOW, CMD_UNFOLLOW, EVENT, EVENT_LISTENING,
+    EVENT_USER_GONE, EVENT_USERS_CLOSED, pack_bind, pack_broadcast_except, pack_close, pack_close_user,
+    pack_follow, pack_routes, split_handle, unpack_user_id,
 )
 
 log = logging.getLogger("zim.router")
 
-HANDLE_BITS = 56
-HANDLE_MASK = (1 << HANDLE_BITS) - 1
 STOP_GRACE_SECONDS = 5
 GAUGE_INDEXES = [index for index, name in enumerate(COUNTER_NAMES) if name in GAUGE_NAMES]
 CRASH_LIMIT = 5     # failures at start in a row (Backoff: at once, then 0.5, 1, 2 s) stop the server
@@ -73,18 +72,25 @@ class WorkerSlot:
 
 
 class Router:
-    """Supervisor and fabric of a multi-worker server."""
+    """Supervisor and fabric of a multi-worker server, on the reactor it is given
+    (``zim.server.Server`` makes it and runs the loop). ``on_user_gone(user_id)``:
+    a user has no connection left on any worker; ``on_give_up()``: workers keep
+    failing at start, the server must stop (``exit_code`` is then 1)."""
 
-    def __init__(self, app: App, options: ServeOptions, workers: int) -> None:
-        self.app = app
+    def __init__(self, reactor: Reactor, options: Options, routes: dict[int, bool],
+                 on_user_gone: Callable[[int], None], on_give_up: Callable[[], None]) -> None:
+        self.reactor = reactor
         self.options = options
-        self.slots = [WorkerSlot(i) for i in range(workers)]
+        self.routes = pack_routes(routes)
+        self.on_user_gone = on_user_gone
+        self.on_give_up = on_give_up
+        self.slots = [WorkerSlot(i) for i in range(options.workers)]
         # connections per address over every worker (--max-conns-per-address), one region
         # each, and the secret key of IPv6 addresses, shared by all: zim._core's address table
         self.address_table_fd = os.memfd_create("zim-address-table", os.MFD_CLOEXEC)
-        os.ftruncate(self.address_table_fd, address_table_bytes(workers))
+        os.ftruncate(self.address_table_fd, address_table_bytes(options.workers))
         self.address_table = mmap.mmap(self.address_table_fd, 0)
-        init_address_table(self.address_table, workers)
+        init_address_table(self.address_table, options.workers)
         self.by_link: dict[int, WorkerSlot] = {}
         self.presence = IdMap()
         self.interest: dict[int, int] = {}
@@ -93,40 +99,12 @@ class Router:
         self.stop_deadline = 0.0
         self.exit_code = 0
         self.worker_restarts = 0
-        # the router's reactor serves only the worker links (no listeners)
-        self.reactor = reactor = options.reactor(self._on_link_packet)
-        reactor.on_link_closed = self._on_link_closed
-        reactor.on_tick = self._tick
-        reactor.on_request = app.serve      # forwarded requests, unpacked in C
-        app.reactor = reactor
-        app.fabric = RouterFabric(self)
-        app.attach_store(reactor)
-        app.start_push_merger(reactor)      # merged pushes are merged here; workers fan them out
 
     # -- processes -------------------------------------------------------------
-    def run(self) -> None:
+    def start_workers(self) -> None:
         signal.signal(signal.SIGCHLD, self._on_sigchld)
-        with stop_on_signals(self._begin_stop):
-            try:
-                for slot in self.slots:
-                    self._spawn(slot)
-                log.info("zim supervising %d workers, tcp=%s ws=%s",
-                         len(self.slots), self.options.tcp, self.options.ws)
-                log_ceiling(len(self.slots), self.options, self.app.auto_client_memory)
-                self.app.log_limits()
-                self.app.serve_metrics(self.reactor, self.core_counters, self.listening)
-                self.app.metrics.add_source(lambda: families_from_counts(
-                    APP_FAMILIES, {"zim_worker_restarts_total": self.worker_restarts}))
-                self.reactor.run()
-            finally:
-                self.app.metrics.close()
-                self.app.stop_push_merger()
-                self._kill_all()
-                self.app.store.close()
-                self.app.leave_nodes()
-                self.reactor.close_all()
-        if self.exit_code:
-            raise RuntimeError("workers kept failing at start; see the log above")
+        for slot in self.slots:
+            self._spawn(slot)
 
     def core_counters(self) -> dict[str, int]:
         """The C counters of this reactor and of every worker's (read from their shared memory)."""
@@ -147,9 +125,9 @@ class Router:
         ours.setblocking(False)
         command = helper_command(
             "zim.worker", "--link-fd", str(theirs.fileno()), "--index", str(slot.index),
-            "--parent", str(os.getpid()), "--routes", format_routes(self.app.routes),
+            "--parent", str(os.getpid()), "--routes", self.routes, "--options", self.options.worker_json(),
             "--counters-fd", str(slot.counters_fd), "--address-table-fd", str(self.address_table_fd),
-            "--log-level", logging.getLevelName(logging.getLogger().level), *self.options.as_args())
+            "--log-level", logging.getLevelName(logging.getLogger().level))
         slot.process = subprocess.Popen(command, pass_fds=(theirs.fileno(), slot.counters_fd,
                                                            self.address_table_fd))
         theirs.close()
@@ -173,13 +151,14 @@ class Router:
                 log.error("worker %d (pid %d) failed at start %d times in a row (%s); stopping",
                           slot.index, process.pid, slot.backoff.failures, exit_reason(process.returncode))
                 self.exit_code = 1
-                self._begin_stop()
+                self.on_give_up()
+                self.begin_stop()
                 self.reactor.stop()
                 return
             log.warning("worker %d (pid %d) ended (%s); restarting it%s", slot.index, process.pid,
                         exit_reason(process.returncode), f" in {delay:g} s" if delay else "")
             if delay:
-                slot.restart_at = time.monotonic() + delay      # _tick starts it
+                slot.restart_at = time.monotonic() + delay      # tick starts it
             else:
                 self._spawn(slot)
         if self.stopping and all(slot.process is None for slot in self.slots):
@@ -200,30 +179,24 @@ class Router:
         slot.user_conns = IdMap()
         bit = worker_bit(slot.index)
         for user_id in self.presence.clear_bits_everywhere(bit):
-            self.app.user_gone(user_id)     # held by no other worker: gone from this server
+            self.on_user_gone(user_id)      # held by no other worker: gone from this server
         for group in list(self.interest):
             self.interest[group] &= ~bit
         self.by_link.pop(slot.link, None)
         self.reactor.close(slot.link)
         slot.link = 0
 
-    def _on_link_closed(self, link: int) -> None:
-        if self.app.on_link_closed(link):
-            return
+    def on_link_closed(self, link: int) -> None:
         slot = self.by_link.get(link)
         if slot is not None and slot.process is not None and not self.stopping:
             log.warning("link to worker %d closed", slot.index)
 
-    def _begin_stop(self) -> None:
-        """SIGTERM: ask every worker to stop (they flush and exit), then leave."""
+    def begin_stop(self) -> None:
+        """SIGTERM: ask every worker to stop (they flush and exit) at the next tick, then leave."""
         if self.stopping:
             return
         self.stopping = True
-        self.app.begin_stop()
         self.stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
-        # Open merged-push slices go to the workers now; the workers are told to
-        # stop at the next tick, once this pass has written those commands out.
-        self.app.stop_push_merger()
         self.terminate_pending = True
         # the loop goes on until the workers are gone, so their last requests are answered
 
@@ -233,9 +206,8 @@ class Router:
             if slot.process is not None:
                 slot.process.terminate()
 
-    def _tick(self) -> None:
-        self.app.every_second()     # the handlers run here
-        self.app.metrics.tick()
+    def tick(self) -> None:
+        """Once a second, after the handlers' chores: restarts, and stopping."""
         if not self.stopping:
             self._restart_due()
         if self.terminate_pending:
@@ -244,7 +216,7 @@ class Router:
                               or all(slot.process is None for slot in self.slots)):
             self.reactor.stop()
 
-    def _kill_all(self) -> None:
+    def kill_all(self) -> None:
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for slot in self.slots:
             process = slot.process
@@ -259,19 +231,16 @@ class Router:
                 process.wait()
             slot.process = None
 
-    # -- events from workers (requests go from C to App.serve) ----------------
-    def _on_link_packet(self, link: int, action: int, seq: int, payload: bytes) -> None:
-        if link == self.app.store_link:
-            self.app.store.on_link_packet(action, seq, payload)
-            return
+    # -- events from workers (requests go from C to Server.serve) ----------------
+    def on_link_packet(self, link: int, action: int, seq: int, payload: bytes) -> None:
         slot = self.by_link.get(link)
         if slot is None or action != EVENT:
             return
         if seq == EVENT_USER_GONE:
-            user_id = int.from_bytes(payload[:8], "big")
+            user_id = unpack_user_id(payload)
             self.presence.clear_bits(user_id, worker_bit(slot.index))
             if not self.presence.get(user_id):
-                self.app.user_gone(user_id)
+                self.on_user_gone(user_id)
         elif seq == EVENT_USERS_CLOSED:
             slot.user_conns.release(payload)
         elif seq == EVENT_LISTENING:
@@ -306,13 +275,14 @@ class RouterFabric:
         self.slots = router.slots
 
     def reply(self, conn: int, action: int, seq: int, payload: bytes, response: bool) -> None:
-        link = self.slots[conn >> HANDLE_BITS].link
-        if link and not self.reactor.command_reply(link, conn & HANDLE_MASK, action, seq, response, payload) \
+        index, local = split_handle(conn)
+        link = self.slots[index].link
+        if link and not self.reactor.command_reply(link, local, action, seq, response, payload) \
                 and response and len(payload) > self.reactor.link_max_packet - 64:
             # an answer no link carries (a handler's of some 64 MiB: never one of zim.im,
             # whose pages stay under 1 MiB) is not sent (logged); the client, whose
             # worker holds the request until it is answered, gets internal instead
-            self.reactor.command_reply(link, conn & HANDLE_MASK, action, seq, response,
+            self.reactor.command_reply(link, local, action, seq, response,
                                        error_body("internal", "the answer is too large"))
 
     def hold(self, conn: int) -> None:
@@ -332,14 +302,13 @@ class RouterFabric:
 
     def bind_user(self, conn: int, user_id: int, groups: Iterable[int]) -> None:
         router = self.router
-        index = conn >> HANDLE_BITS
+        index, local = split_handle(conn)
         bit = worker_bit(index)
         router.presence.set_bits(user_id, bit)
         groups = list(groups)
         for group in groups:
             router.interest[group] = router.interest.get(group, 0) | bit
-        body = BIND_HEAD.pack(conn & HANDLE_MASK, user_id) + b"".join(g.to_bytes(4, "big") for g in groups)
-        if router.send(index, CMD_BIND, body):
+        if router.send(index, CMD_BIND, pack_bind(local, user_id, groups)):
             # the worker reports this connection's close, or that it was gone already
             self.slots[index].user_conns.add_one(user_id)
 
@@ -358,7 +327,8 @@ class RouterFabric:
         (which the worker carries out in Python, once per merged slice)."""
         by_worker: dict[int, dict[int, bytes | None]] = {}
         for conn, body in own.items():
-            by_worker.setdefault(conn >> HANDLE_BITS, {})[conn & HANDLE_MASK] = body
+            index, local = split_handle(conn)
+            by_worker.setdefault(index, {})[local] = body
         sent = 0
         for index in self.router.workers_in(self.router.interest.get(group, 0)):
             link = self.slots[index].link
@@ -377,10 +347,11 @@ class RouterFabric:
         """Send a push command to each worker in bits; the excluded connection
         matters only to its own worker."""
         sent = 0
+        exclude_index, exclude_local = split_handle(exclude_conn)
         for index in self.router.workers_in(bits):
             link = self.slots[index].link
             if link:
-                exclude = exclude_conn & HANDLE_MASK if exclude_conn >> HANDLE_BITS == index else 0
+                exclude = exclude_local if exclude_index == index else 0
                 sent += command(link, target, exclude, action, payload)
         return sent
 
@@ -389,18 +360,20 @@ class RouterFabric:
         bits = router.presence.get(user_id)
         router.interest[group] = router.interest.get(group, 0) | bits
         for index in router.workers_in(bits):
-            router.send(index, CMD_FOLLOW, FOLLOW_BODY.pack(user_id, group))
+            router.send(index, CMD_FOLLOW, pack_follow(user_id, group))
 
     def unfollow(self, user_id: int, group: int) -> None:
         router = self.router
         for index in router.workers_in(router.presence.get(user_id)):
-            router.send(index, CMD_UNFOLLOW, FOLLOW_BODY.pack(user_id, group))
+            router.send(index, CMD_UNFOLLOW, pack_follow(user_id, group))
 
     def close(self, conn: int) -> None:
-        self.router.send(conn >> HANDLE_BITS, CMD_CLOSE, CLOSE_BODY.pack(conn & HANDLE_MASK))
+        index, local = split_handle(conn)
+        self.router.send(index, CMD_CLOSE, pack_close(local))
 
     def close_user(self, user_id: int, exclude_conn: int) -> None:
         router = self.router
+        exclude_index, exclude_local = split_handle(exclude_conn)
         for index in router.workers_in(router.presence.get(user_id)):
-            keep = exclude_conn & HANDLE_MASK if exclude_conn and exclude_conn >> HANDLE_BITS == index else 0
-            router.send(index, CMD_CLOSE_USER, CLOSE_USER_BODY.pack(user_id, keep))
+            keep = exclude_local if exclude_conn and exclude_index == index else 0
+            router.send(index, CMD_CLOSE_USER, pack_close_user(user_id, keep))

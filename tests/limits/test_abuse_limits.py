@@ -237,7 +237,7 @@ def test_pipelined_huge_acks_do_not_stall_another_users_messages(start_server, w
 
 def test_paced_line_runs_one_call_per_key_at_a_time_in_order_and_at_its_rate():
     from zim.limits import PacedLine
-    from zim.storage.store import Pending
+    from zim.pending import Pending
 
     now = [100.0]
     line = PacedLine(clock=lambda: now[0], ack=1000, read=10_000)
@@ -310,7 +310,7 @@ def test_paced_line_with_a_synchronous_store_and_no_rate():
 
 def test_paced_line_does_not_make_a_call_nobody_wants_any_more():
     from zim.limits import NotWanted, PacedLine
-    from zim.storage.store import Pending
+    from zim.pending import Pending
 
     line = PacedLine()
     first = Pending()

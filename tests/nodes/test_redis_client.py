@@ -19,7 +19,7 @@ from zim.nodes.client import ClusterRedis, open_redis, parse_cluster_slots
 from zim.nodes.link import SubscriberLink, parse_redis_url
 from zim.nodes.local import LocalRedis, free_loopback_port
 from zim.storage.retention import Retention, Tier
-from zim.storage.store import Pending
+from zim.pending import Pending
 
 pytestmark = requires_redis_server
 

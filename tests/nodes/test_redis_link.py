@@ -12,7 +12,7 @@ from tests.support import redis_servers as redis_fixtures
 from tests.support.redis_servers import after, requires_redis_server, run_in_loop
 from zim._core import Reactor
 from zim.nodes.link import BACKOFF_JITTER, RedisLink, backoff_delay, jittered
-from zim.storage.store import Pending
+from zim.pending import Pending
 
 redis_server = redis_fixtures.redis_server
 

@@ -38,7 +38,7 @@ from zim._core import Reactor
 from zim.nodes import schema
 from zim.nodes.link import DOWN, UP, RedisLink, SubscriberLink, as_bytes, parse_redis_url
 from zim.pushmerge import Alarm
-from zim.storage.store import Pending
+from zim.pending import Pending
 
 log = logging.getLogger("zim.nodes")
 

@@ -28,14 +28,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
-from zim.fabric import Fabric
+from zim.fabric import Fabric, Groups
 from zim.nodes import schema
-
-if TYPE_CHECKING:
-    from zim.app import App
-    from zim.nodes.node import Node
 
 log = logging.getLogger("zim.nodes")
 
@@ -64,12 +60,20 @@ def channel_of_push(topic: bytes) -> str | None:
     return None
 
 
+class NodeView(Protocol):
+    """What a NodeFabric reads of its node (``zim.nodes.node.Node``, which makes it)."""
+
+    redis: Any                  # zim.nodes.client.RedisClient
+    node_id: str
+    dead_nodes: set[str]        # nodes whose beat ran out, not swept yet
+
+
 class NodeFabric:
     """A Fabric reaching the users of every node; see the module docstring."""
 
-    def __init__(self, inner: Fabric, app: "App", node: "Node") -> None:
+    def __init__(self, inner: Fabric, groups: Groups, node: NodeView) -> None:
         self.inner = inner
-        self.app = app
+        self.groups = groups            # this process's channel groups (the inner fabric's)
         self.node = node
         self.redis = node.redis
         self.me = node.node_id
@@ -110,9 +114,8 @@ class NodeFabric:
         self.inner.bind_user(conn, user_id, groups)
         for command in schema.presence_in_commands(user_id, self.me):
             self.redis.call(*command)
-        names = self.app.group_names
         for group in groups:
-            self._count_follow(user_id, names[group - 1])
+            self._count_follow(user_id, self.groups.name(group))
 
     def user_gone(self, user_id: int) -> None:
         """The user's last connection on this node closed."""
@@ -151,7 +154,7 @@ class NodeFabric:
 
     def _publish_channel(self, group: int, action: int, payload: bytes) -> None:
         me = self.me_bytes
-        self.redis.publish(push_channel(self.app.group_names[group - 1]),
+        self.redis.publish(push_channel(self.groups.name(group)),
                            CHANNEL_HEAD.pack(action, len(me)) + me + payload)
 
     def on_inbox(self, data: bytes) -> None:
@@ -165,7 +168,7 @@ class NodeFabric:
         start = CHANNEL_HEAD.size
         if data[start:start + length] == self.me_bytes:
             return
-        group = self.app.groups.get(channel)
+        group = self.groups.get(channel)
         if group is not None:
             self.inner.broadcast(group, action, data[start + length:], 0)
 
@@ -173,11 +176,11 @@ class NodeFabric:
     def follow(self, user_id: int, group: int) -> None:
         self.inner.follow(user_id, group)
         if self.inner.has_user(user_id):
-            self._count_follow(user_id, self.app.group_names[group - 1])
+            self._count_follow(user_id, self.groups.name(group))
 
     def unfollow(self, user_id: int, group: int) -> None:
         self.inner.unfollow(user_id, group)
-        channel = self.app.group_names[group - 1]
+        channel = self.groups.name(group)
         channels = self.follows.get(user_id)
         if channels is not None and channel in channels:
             channels.discard(channel)

@@ -48,7 +48,7 @@ from redis.crc import key_slot
 
 from zim._core import Reactor
 from zim.pushmerge import Alarm
-from zim.storage.store import Pending
+from zim.pending import Pending
 
 log = logging.getLogger("zim.nodes")
 

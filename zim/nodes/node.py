@@ -41,7 +41,8 @@ from zim.tokens import read_secret_file, secret_id
 
 if TYPE_CHECKING:
     from zim._core import Reactor
-    from zim.app import App
+    from zim.fabric import Fabric, Groups
+    from zim.metrics import Metrics
 
 log = logging.getLogger("zim.nodes")
 
@@ -70,7 +71,7 @@ def start_client(address: dict[str, Any], slot_ranges: list | None) -> Any:
 
 class Node:
     """One node: see the module docstring. ``Node(url)`` does the start's
-    blocking part; ``attach(app, reactor)`` the rest, once the reactor exists."""
+    blocking part; ``attach(reactor, ...)`` the rest, once the reactor exists."""
 
     def __init__(self, url: str, retention: Retention = Retention(), secret_file: str | None = None) -> None:
         self.address = parse_redis_url(url)     # ValueError for what the links could not use
@@ -100,7 +101,8 @@ class Node:
         self.store = RedisStore(retention, on_change=self.publish_change)
         self.redis: Any = None
         self.fabric: NodeFabric | None = None
-        self.app: "App | None" = None
+        self.groups: "Groups | None" = None
+        self.metrics: "Metrics | None" = None
         self.dead_nodes: set[str] = set()
         self.sweeping = False
         self.inbox = inbox_channel(self.node_id).encode()
@@ -147,21 +149,23 @@ class Node:
         raise RuntimeError(f"every Snowflake worker id (1..{MAX_WORKER}) is held by a live node")
 
     # -- on the loop -----------------------------------------------------------------
-    def attach(self, app: "App", reactor: "Reactor") -> None:
-        """Connect on ``reactor`` and take over ``app``'s store and fabric."""
-        self.app = app
+    def attach(self, reactor: "Reactor", fabric: "Fabric", groups: "Groups", metrics: "Metrics") -> NodeFabric:
+        """Connect on ``reactor``; the fabric reaching every node, around this
+        process's own ``fabric`` (whose channel groups are ``groups``), is returned."""
+        self.groups = groups
+        self.metrics = metrics
         if self.slot_ranges is None:
             self.redis = redis = SingleRedis(reactor, self.address)
         else:
             self.redis = redis = ClusterRedis(reactor, self.address, self.slot_ranges)
         redis.on_message = self._on_message
         self.store.redis = redis
-        self.fabric = NodeFabric(app.fabric, app, self)
-        app.fabric = self.fabric
+        self.fabric = NodeFabric(fabric, groups, self)
         redis.subscribe(FEED_CHANNEL)
         redis.subscribe(self.inbox.decode())
         self.beat()
         log.info("zim node %s (worker id %d) on %s", self.node_id, self.worker_id, self.url)
+        return self.fabric
 
     def beat(self) -> None:
         """Every second: say this node is alive, and learn which nodes are not."""
@@ -175,7 +179,7 @@ class Node:
         if not ok:
             return
         # the beat's round trip, once a second: the latency a node's calls see (metrics)
-        self.app.metrics.redis_latency.observe(time.monotonic() - sent)
+        self.metrics.redis_latency.observe(time.monotonic() - sent)
         self.dead_nodes = {node.decode() for node in nodes}
         if self.dead_nodes and not self.sweeping:
             self._sweep(min(self.dead_nodes))
@@ -243,9 +247,11 @@ class Node:
             return
         # a membership changed on another node: this node's connections of the user follow it
         if push:
-            self.app.follow(channel, str(user_id))
+            self.fabric.follow(user_id, self.groups.id_of(channel))
         else:
-            self.app.unfollow(channel, str(user_id))
+            group = self.groups.get(channel)
+            if group is not None:
+                self.fabric.unfollow(user_id, group)
 
 
 FEED_BYTES = FEED_CHANNEL.encode()

@@ -36,10 +36,10 @@ import time
 from typing import Any, Callable, Iterable, Union
 
 from zim.nodes import schema
+from zim.pending import Pending
 from zim.storage.retention import Retention
 from zim.storage.store import (
-    CHANNEL, NO_QUOTAS, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending, Quotas,
-    StoreRefusal,
+    CHANNEL, NO_QUOTAS, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Quotas, StoreRefusal,
 )
 
 log = logging.getLogger("zim.nodes")

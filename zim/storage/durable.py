@@ -35,12 +35,13 @@ from typing import Any, Callable, Iterable, Union
 import orjson
 
 from zim._core import Reactor
+from zim.pending import Pending
 from zim.process import Backoff, exit_reason, helper_command
 from zim.storage.batchstats import BatchStats
 from zim.storage.retention import Retention
 from zim.storage.sqlite import SQLiteStore
 from zim.storage.store import (
-    ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Pending, Quotas, StoreRefusal,
+    ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Quotas, StoreRefusal,
 )
 from zim.storage.writer import (
     FAILED, LIMIT, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME,

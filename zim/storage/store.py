@@ -3,7 +3,7 @@
 ``Store`` is the interface zim.im talks to: one call per fact. Reads of users,
 channels and memberships answer at once. Writes, message appends and the reads
 of messages (history, mailbox) answer either at once (``MemoryStore``) or with a
-``Pending`` that settles once the change is stored (``zim.storage.durable``);
+``Pending`` (``zim.pending``) that settles once the change is stored (``zim.storage.durable``);
 handlers wait on either with ``ctx.later``. Results settle in the order of the
 calls, and one settles successfully only if every earlier call was stored.
 ``MemoryStore`` keeps everything in this process's memory.
@@ -25,7 +25,7 @@ user who has created ``max_channels_per_user`` already (``too_many_channels``).
 A refused call stores nothing: a synchronous store (``MemoryStore``) raises
 ``StoreRefusal(code, message)``; one that answers with a ``Pending`` settles it
 with ``settle(False, StoreRefusal(...))``. The framework answers the client
-that error (zim.app).
+that error (zim.server).
 
 Messages are plain dicts shaped as on the wire (docs/protocol.md "Message"). A store
 keeps the dict it is given (setting its ``"seq"``) and hands the same dicts back:
@@ -41,7 +41,7 @@ from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Iterable, Literal, Protocol, Union, runtime_checkable
+from typing import Iterable, Literal, Protocol, Union, runtime_checkable
 
 import orjson
 
@@ -203,38 +203,6 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release resources (flush, close files)."""
-
-
-class Pending:
-    """A store result that comes later: a durable store answers once the batch
-    holding the call is committed. The store calls ``settle(True, value)`` or
-    ``settle(False, reason)`` exactly once; whoever waits registers with
-    ``wait(callback, first, second)`` and gets ``callback(first, second, ok, value)``
-    (a handler waits with ``ctx.later``). No closure per call: thousands may be
-    waiting at once during a login storm, and each costs memory until settled."""
-
-    __slots__ = ("_callback", "_first", "_second", "outcome")
-
-    def __init__(self) -> None:
-        self._callback: Callable[[Any, Any, bool, Any], None] | None = None
-        self._first: Any = None
-        self._second: Any = None
-        self.outcome: tuple[bool, Any] | None = None    # settled before anyone waited
-
-    def wait(self, callback: Callable[[Any, Any, bool, Any], None], first: Any, second: Any) -> None:
-        if self.outcome is not None:
-            callback(first, second, *self.outcome)
-            return
-        self._callback, self._first, self._second = callback, first, second
-
-    def settle(self, ok: bool, value: Any) -> None:
-        callback = self._callback
-        if callback is None:
-            self.outcome = (ok, value)
-            return
-        first, second = self._first, self._second
-        self._callback = self._first = self._second = None
-        callback(first, second, ok, value)
 
 
 def pair_key(user_a: int, user_b: int) -> PairKey:
