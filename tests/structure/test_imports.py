@@ -12,7 +12,9 @@ import ast
 import re
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / "zim"
+from tests.support import REPO_ROOT
+
+PACKAGE_DIR = REPO_ROOT / "zim"
 
 # The IM rules sit on the framework; the runtime (what assembles and runs a server) sits
 # above them. An arrow from the IM layer up into these would tie the rules to one runtime.

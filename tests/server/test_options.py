@@ -5,17 +5,17 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from pathlib import Path
 
 import pytest
 
+from tests.support import REPO_ROOT
 from zim import App, cli
 from zim.limits import ClientLimits
 from zim.options import BY_NAME, GROUPS, OPTIONS, Options
 from zim.storage.retention import Retention
 from zim.storage.store import Quotas
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO_ROOT / "README.md"
 COMMAND_LINE_ONLY = {"--config", "--log-level"}
 
 
