@@ -24,6 +24,7 @@ import psutil
 
 from zim.client import (TCP_HEADER_SIZE, new_ws_key, split_tcp, split_ws, tcp_packet, ws_packet,  # noqa: F401
                         ws_upgrade_accepted, ws_upgrade_request)
+from zim.testing.ports import free_loopback_port as free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
@@ -82,12 +83,6 @@ def release_files(log, tmp: tempfile.TemporaryDirectory | None) -> None:
         log.close()
     if tmp is not None:
         tmp.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 # Benches measure throughput, not the limits (bench/abuse.py measures those), and

@@ -2,7 +2,7 @@
 """Multi-node mode: cross-node private messages and channel fan-out, one node vs two.
 
 For each node count N of ``--setups`` (default ``1,2``) this starts a fresh Redis
-(``zim.nodes.local.LocalRedis``, a free loopback port, a temporary directory,
+(``zim.testing.redis.LocalRedis``, a free loopback port, a temporary directory,
 ``--appendonly yes --appendfsync always``: the setting docs/redis.md asks for
 when nothing acknowledged may be lost; ``--cluster``: a 3-master Redis
 Cluster formed with ``redis-cli --cluster create`` instead) and N zim servers
@@ -55,7 +55,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchlib  # noqa: E402
 import broadcast  # noqa: E402  (the fan-out members, publisher and one run)
 import workers  # noqa: E402  (the private-message clients, pairing and run summary)
-from zim.nodes.local import DURABLE_ARGS, LocalCluster, LocalRedis  # noqa: E402
+from zim.testing.redis import DURABLE_ARGS, LocalCluster, LocalRedis  # noqa: E402
 
 CLUSTER_MASTERS = 3
 MIN_CLIENT_PROCESSES = 2              # the same number of client processes whatever N is
