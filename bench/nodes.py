@@ -43,19 +43,16 @@ Example: ``python bench/nodes.py --json``; small: ``--pairs 20 --members 200 --r
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import benchlib  # noqa: E402
-import broadcast  # noqa: E402  (the fan-out members, publisher and one run)
-import workers  # noqa: E402  (the private-message clients, pairing and run summary)
-from zim.testing.redis import DURABLE_ARGS, LocalCluster, LocalRedis  # noqa: E402
+import benchlib
+import broadcast  # the fan-out members, publisher and one run
+import workers  # the private-message clients, pairing and run summary
+from zim.testing.redis import DURABLE_ARGS, LocalCluster, LocalRedis
 
 CLUSTER_MASTERS = 3
 MIN_CLIENT_PROCESSES = 2              # the same number of client processes whatever N is

@@ -39,14 +39,12 @@ from collections import deque
 import psutil
 import redis
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import benchlib  # noqa: E402
-from zim._core import Reactor  # noqa: E402
-from zim.nodes.link import RedisLink  # noqa: E402
-from zim.testing.redis import LocalRedis  # noqa: E402
-from zim.pushmerge import Alarm  # noqa: E402
-from zim.storage.store import Pending  # noqa: E402
+import benchlib
+from zim._core import Reactor
+from zim.nodes.link import RedisLink
+from zim.pushmerge import Alarm
+from zim.storage.store import Pending
+from zim.testing.redis import LocalRedis
 
 MODES = ("thread", "socket")
 PAYLOAD = b"m" * 200
