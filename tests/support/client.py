@@ -24,6 +24,7 @@ from zim.client import (DEFAULT_TIMEOUT, Body, Closed, apply_mask, close_payload
                         encode_body, new_ws_key, parse_http_head, tcp_packet, ws_accept, ws_frame, ws_message,
                         ws_upgrade_request)
 from zim.client import parse_frame as parse_server_frame  # noqa: F401
+from zim.client.blocking import receive
 
 SERVER_PACKET_LIMIT = 1 << 20   # docs/protocol.md: server packets stay under 1 MiB
 
@@ -225,19 +226,7 @@ class RawWs:
         return self.status, self.headers
 
     def _recv_some(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("nothing from the server in time")
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(1 << 18)
-        except socket.timeout:
-            raise TimeoutError("nothing from the server in time") from None
-        except ConnectionResetError:
-            raise Closed(None, "reset", reset=True) from None
-        if not chunk:
-            raise Closed(None, "EOF")
-        self.buf += chunk
+        self.buf += receive(self.sock, deadline)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -42,6 +42,24 @@ class ZimError(Exception):
         self.message = message
 
 
+def receive(sock: socket.socket, deadline: float) -> bytes:
+    """What the server sent next on ``sock`` (never empty), before ``deadline``
+    (``time.monotonic()``); TimeoutError after it, Closed at EOF or on a reset."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("nothing from the server in time")
+    sock.settimeout(remaining)
+    try:
+        chunk = sock.recv(READ_SIZE)
+    except socket.timeout:
+        raise TimeoutError("nothing from the server in time") from None
+    except ConnectionResetError:
+        raise Closed(None, "reset", reset=True) from None
+    if not chunk:
+        raise Closed(None, "EOF")
+    return chunk
+
+
 class Client:
     """Requests and pushes; ``TcpClient`` and ``WsClient`` move the packets."""
 
@@ -181,20 +199,7 @@ class _SocketClient(Client):
         self.sock.sendall(data)
 
     def _read(self, deadline: float) -> bytes:
-        """What the server sent next (not empty), before ``deadline``."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no complete packet from the server in time")
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(READ_SIZE)
-        except socket.timeout:
-            raise TimeoutError("no complete packet from the server in time") from None
-        except ConnectionResetError:
-            raise Closed(None, "reset", reset=True) from None
-        if not chunk:
-            raise Closed(None, "EOF")
-        return chunk
+        return receive(self.sock, deadline)
 
     def shutdown_write(self) -> None:
         """Half-close: the server reads EOF, answers still come."""
