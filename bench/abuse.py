@@ -30,8 +30,7 @@ import time
 
 import orjson
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import LOOPBACK, ProcessTree, Server, percentile, print_json, run_main, tcp_packet, tcp_split  # noqa: E402
+from benchlib import LOOPBACK, ProcessTree, Server, percentile, print_json, run_main, tcp_packet, tcp_split
 
 LOGIN, SEND_USER, SUBSCRIBE, HISTORY, ACK = 1, 2, 3, 5, 8
 HONEST_PAIRS = 5

@@ -1,12 +1,11 @@
-"""Shared pieces of the zim benchmarks: a real server process, the wire format, reporting.
+"""Shared pieces of the zim benchmarks: a real server process, the wire format
+(zim.client's codec), reporting.
 
-Only standard library, orjson and psutil. Every wait here is bounded in time.
+Only standard library, zim, orjson and psutil. Every wait here is bounded in time.
 """
 from __future__ import annotations
 
-import base64
 import errno
-import hashlib
 import json
 import math
 import os
@@ -15,7 +14,6 @@ import select
 import shlex
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,113 +22,24 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from zim.client import (TCP_HEADER_SIZE, new_ws_key, split_tcp, split_ws, tcp_packet, ws_packet,  # noqa: F401
+                        ws_upgrade_accepted, ws_upgrade_request)
+from zim.testing.ports import free_loopback_port as free_port
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
 
-_HEADER = struct.Struct(">IhH")  # length (whole packet), action, seq
-HEADER_SIZE = _HEADER.size       # 8
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# -- wire format: zim.client's codec, under the names the benches use ----------
+HEADER_SIZE = TCP_HEADER_SIZE   # 8
+tcp_split = split_tcp           # (action, seq, body) of every whole packet, removed from a bytearray
+ws_split = split_ws             # (opcode, action, seq, body) of every whole server frame
+ws_handshake_ok = ws_upgrade_accepted   # (response head, key) -> bool
 
 
-# -- wire format --------------------------------------------------------------
-def tcp_packet(action: int, seq: int, body: bytes) -> bytes:
-    """One TCP packet: the length counts the whole packet, header included."""
-    return _HEADER.pack(HEADER_SIZE + len(body), action, seq) + body
-
-
-def tcp_split(buffer: bytearray) -> list[tuple[int, int, bytes]]:
-    """Remove every complete packet from ``buffer``; returns (action, seq, body) each."""
-    packets = []
-    offset = 0
-    size = len(buffer)
-    while size - offset >= HEADER_SIZE:
-        length, action, seq = _HEADER.unpack_from(buffer, offset)
-        if length < HEADER_SIZE:
-            raise ValueError(f"server sent a packet length {length} < 8")
-        if size - offset < length:
-            break
-        packets.append((action, seq, bytes(buffer[offset + HEADER_SIZE:offset + length])))
-        offset += length
-    del buffer[:offset]
-    return packets
-
-
-def ws_handshake_request(port: int) -> tuple[bytes, bytes]:
-    """The client's upgrade request and the Sec-WebSocket-Accept value it expects."""
-    key = base64.b64encode(os.urandom(16))
-    request = (
-        b"GET /bench HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        % (port, key)
-    )
-    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-    return request, accept
-
-
-def ws_handshake_ok(response: bytes, accept: bytes) -> bool:
-    status, _, headers = response.partition(b"\r\n")
-    if b" 101 " not in status + b" ":
-        return False
-    for line in headers.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"sec-websocket-accept":
-            return value.strip() == accept
-    return False
-
-
-def ws_packet(action: int, seq: int, body: bytes) -> bytes:
-    """One masked binary WebSocket message carrying ``action seq body`` (no length field)."""
-    payload = struct.pack(">hH", action, seq) + body
-    mask = os.urandom(4)
-    size = len(payload)
-    if size < 126:
-        header = struct.pack(">BB", 0x82, 0x80 | size)
-    elif size < 65536:
-        header = struct.pack(">BBH", 0x82, 0x80 | 126, size)
-    else:
-        header = struct.pack(">BBQ", 0x82, 0x80 | 127, size)
-    # XOR with the repeated mask through one big integer: no per-byte Python loop.
-    repeated = (mask * (size // 4 + 1))[:size]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
-    return header + mask + masked
-
-
-def ws_split(buffer: bytearray) -> list[tuple[int, int, int, bytes]]:
-    """Remove every complete server frame from ``buffer``: (opcode, action, seq, body).
-
-    For non-binary frames action and seq are 0 and body is the raw payload.
-    """
-    frames = []
-    offset = 0
-    size = len(buffer)
-    while size - offset >= 2:
-        first, second = buffer[offset], buffer[offset + 1]
-        length = second & 0x7F
-        head = 2
-        if length == 126:
-            if size - offset < 4:
-                break
-            length = struct.unpack_from(">H", buffer, offset + 2)[0]
-            head = 4
-        elif length == 127:
-            if size - offset < 10:
-                break
-            length = struct.unpack_from(">Q", buffer, offset + 2)[0]
-            head = 10
-        if second & 0x80:
-            raise ValueError("server frames must not be masked")
-        if size - offset < head + length:
-            break
-        payload = bytes(buffer[offset + head:offset + head + length])
-        opcode = first & 0x0F
-        if opcode == 0x2 and length >= 4:
-            action, seq = struct.unpack_from(">hH", payload)
-            frames.append((opcode, action, seq, payload[4:]))
-        else:
-            frames.append((opcode, 0, 0, payload))
-        offset += head + length
-    del buffer[:offset]
-    return frames
+def ws_handshake_request(port: int) -> tuple[bytes, str]:
+    """The client's upgrade request and its key (for ``ws_handshake_ok``)."""
+    key = new_ws_key()
+    return ws_upgrade_request(key, f"{LOOPBACK}:{port}", "/bench"), key
 
 
 IP_BIND_ADDRESS_NO_PORT = 24    # linux/in.h: choose the source port at connect(), not bind()
@@ -174,12 +83,6 @@ def release_files(log, tmp: tempfile.TemporaryDirectory | None) -> None:
         log.close()
     if tmp is not None:
         tmp.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 # Benches measure throughput, not the limits (bench/abuse.py measures those), and

@@ -39,8 +39,7 @@ import time
 
 import orjson
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 LOGIN, SUBSCRIBE, SEND_CHANNEL = 1, 3, 4
 PUSH_CHANNEL = 102

@@ -122,8 +122,7 @@ from collections import Counter, deque
 import orjson
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
 PUSH_USER, PUSH_CHANNEL, PUSH_BATCH = 101, 102, 103

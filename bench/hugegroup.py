@@ -53,9 +53,8 @@ import time
 import orjson
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-import broadcast  # noqa: E402  (members' setup, the publisher, the channel, the stamp format)
+import benchlib
+import broadcast  # members' setup, the publisher, the channel, the stamp format
 
 PUSH_CHANNEL = broadcast.PUSH_CHANNEL
 STAMP_DIGITS = broadcast.STAMP_DIGITS

@@ -49,8 +49,7 @@ import urllib.request
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 SCRAPE_EVERY = 2.0      # seconds between /metrics scrapes during the hold

@@ -2,7 +2,7 @@
 """Multi-node mode: cross-node private messages and channel fan-out, one node vs two.
 
 For each node count N of ``--setups`` (default ``1,2``) this starts a fresh Redis
-(``zim.nodes.local.LocalRedis``, a free loopback port, a temporary directory,
+(``zim.testing.redis.LocalRedis``, a free loopback port, a temporary directory,
 ``--appendonly yes --appendfsync always``: the setting docs/redis.md asks for
 when nothing acknowledged may be lost; ``--cluster``: a 3-master Redis
 Cluster formed with ``redis-cli --cluster create`` instead) and N zim servers
@@ -43,19 +43,16 @@ Example: ``python bench/nodes.py --json``; small: ``--pairs 20 --members 200 --r
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import benchlib  # noqa: E402
-import broadcast  # noqa: E402  (the fan-out members, publisher and one run)
-import workers  # noqa: E402  (the private-message clients, pairing and run summary)
-from zim.nodes.local import DURABLE_ARGS, LocalCluster, LocalRedis  # noqa: E402
+import benchlib
+import broadcast  # the fan-out members, publisher and one run
+import workers  # the private-message clients, pairing and run summary
+from zim.testing.redis import DURABLE_ARGS, LocalCluster, LocalRedis
 
 CLUSTER_MASTERS = 3
 MIN_CLIENT_PROCESSES = 2              # the same number of client processes whatever N is

@@ -65,10 +65,9 @@ from typing import Callable
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-import broadcast  # noqa: E402  (zim's fan-out: members, publisher, one run)
-import idle_memory  # noqa: E402  (zim's idle clients: connect and log in)
+import benchlib
+import broadcast  # zim's fan-out: members, publisher, one run
+import idle_memory  # zim's idle clients: connect and log in
 
 PEERS = ("zim", "redis", "nats", "asyncio")
 CHANNEL = b"bench"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How a reactor should talk to Redis: a client thread, or a socket in the loop.
 
-Starts its own redis-server (``zim.nodes.local.LocalRedis``: a free loopback
+Starts its own redis-server (``zim.testing.redis.LocalRedis``: a free loopback
 port, ``--save "" --appendonly no``, a temporary directory; stopped at the end).
 One operation is what a channel send will cost a node: a pipeline of
 ``INCR seq`` and ``XADD`` of a 200-byte message (``MAXLEN ~ 1000``, so memory
@@ -39,14 +39,12 @@ from collections import deque
 import psutil
 import redis
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import benchlib  # noqa: E402
-from zim._core import Reactor  # noqa: E402
-from zim.nodes.link import RedisLink  # noqa: E402
-from zim.nodes.local import LocalRedis  # noqa: E402
-from zim.pushmerge import Alarm  # noqa: E402
-from zim.pending import Pending  # noqa: E402
+import benchlib
+from zim._core import Reactor
+from zim.nodes.link import RedisLink
+from zim.pushmerge import Alarm
+from zim.pending import Pending
+from zim.testing.redis import LocalRedis
 
 MODES = ("thread", "socket")
 PAYLOAD = b"m" * 200

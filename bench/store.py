@@ -44,8 +44,7 @@ import time
 
 import orjson
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 LOGIN, SEND_USER = 1, 2
 OP_USER_MESSAGE = 6          # zim.storage.writer's operation code

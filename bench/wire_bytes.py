@@ -22,7 +22,6 @@ Example: ``python bench/wire_bytes.py --sizes 100,1000 --messages 200 --json``
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import select
 import shlex
@@ -35,8 +34,7 @@ import zlib
 
 import orjson
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 LOGIN, SUBSCRIBE, SEND_CHANNEL = 1, 3, 4
 PUSH_CHANNEL = 102

@@ -39,7 +39,6 @@ Example: ``python bench/workers.py --json``; small: ``--members 200 --pairs 20 -
 from __future__ import annotations
 
 import argparse
-import os
 import select
 import shlex
 import socket
@@ -49,9 +48,8 @@ import time
 
 import orjson
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-import broadcast  # noqa: E402  (the fan-out members, publisher and one run)
+import benchlib
+import broadcast  # the fan-out members, publisher and one run
 
 LOGIN, SEND_USER = 1, 2
 PUSH_USER = 101

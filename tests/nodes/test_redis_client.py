@@ -17,7 +17,8 @@ from zim._core import Reactor
 from zim.nodes import schema
 from zim.nodes.client import ClusterRedis, open_redis, parse_cluster_slots
 from zim.nodes.link import SubscriberLink, parse_redis_url
-from zim.nodes.local import LocalRedis, free_loopback_port
+from zim.testing.ports import free_loopback_port
+from zim.testing.redis import LocalRedis
 from zim.storage.retention import Retention, Tier
 from zim.pending import Pending
 

@@ -279,7 +279,7 @@ def test_nodes_take_the_secret_from_a_file_and_refuse_another(redis_backend, sta
 
 @requires_redis_server
 def test_a_node_without_a_secret_file_says_why_it_should_have_one(start_server):
-    from zim.nodes.local import LocalRedis
+    from zim.testing.redis import LocalRedis
 
     service = LocalRedis().start()
     try:

@@ -1,74 +1,37 @@
-"""A small synchronous zim client for the tests: TCP and WebSocket, one interface.
+"""The tests' zim clients: TCP and WebSocket, one interface, on ``zim.client``.
 
-Every read has a deadline, so a misbehaving server fails a test instead of
-hanging it. Pushes (seq 0) that arrive while waiting for a response are kept
-in ``client.pushes`` in arrival order; ``client.received`` logs every packet.
+``TcpClient`` is zim.client's, with the checks of ``ZimClient``: every read has
+a deadline, so a misbehaving server fails a test instead of hanging it; pushes
+(seq 0) that arrive while waiting for a response are kept in
+``client.pushes`` in arrival order; ``client.received`` logs every packet;
+``ok``/``error`` assert what a request must get. ``WsClient`` talks through the
+third-party ``websockets`` library, so the server's WebSocket side is checked
+against an implementation that is not ours.
 
-Also here: byte-level helpers (``tcp_packet``, ``ws_frame``) and ``RawWs``, a
-hand-rolled WebSocket peer for the framing edge cases the library would refuse
-to produce.
+Also here: ``RawWs``, a hand-rolled WebSocket peer (zim.client's framing) for
+the edge cases the library would refuse to produce, and the byte-level helpers
+the tests use, from ``zim.client``.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import os
 import socket
-import struct
 import time
 import uuid
 from typing import Any
 
-DEFAULT_TIMEOUT = 5.0
+from zim import client
+from zim.client import (DEFAULT_TIMEOUT, Body, Closed, apply_mask, close_payload, decode_body,  # noqa: F401
+                        encode_body, new_ws_key, parse_http_head, tcp_packet, ws_accept, ws_frame, ws_message,
+                        ws_upgrade_request)
+from zim.client import parse_frame as parse_server_frame  # noqa: F401
+from zim.client.blocking import receive
+
 SERVER_PACKET_LIMIT = 1 << 20   # docs/protocol.md: server packets stay under 1 MiB
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-Body = dict | bytes | None
-
-
-class Closed(Exception):
-    """The server closed the connection. ``code`` is the WebSocket close code (None on TCP)."""
-
-    def __init__(self, code: int | None = None, reason: str = "", reset: bool = False) -> None:
-        super().__init__(f"connection closed (code={code}, reset={reset}) {reason}")
-        self.code = code
-        self.reason = reason
-        self.reset = reset
-
-
-def encode_body(body: Body) -> bytes:
-    """dict -> compact UTF-8 JSON; bytes pass through unchanged; None -> empty body."""
-    if body is None:
-        return b""
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def decode_body(raw: bytes) -> dict:
-    """A server body: UTF-8 JSON object (empty means {})."""
-    if not raw:
-        return {}
-    value = json.loads(raw.decode("utf-8"))
-    assert isinstance(value, dict), f"server body is not a JSON object: {raw[:200]!r}"
-    return value
 
 
 def unique(prefix: str = "x") -> str:
     """A name no other test uses (servers are shared between tests)."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def tcp_packet(action: int, seq: int, body: Body = None) -> bytes:
-    """One TCP packet: length(4, whole packet) action(2) seq(2) body."""
-    payload = encode_body(body)
-    return struct.pack(">IHH", len(payload) + 8, action & 0xFFFF, seq & 0xFFFF) + payload
-
-
-def ws_message(action: int, seq: int, body: Body = None) -> bytes:
-    """The payload of one binary WebSocket message: action(2) seq(2) body."""
-    return struct.pack(">HH", action & 0xFFFF, seq & 0xFFFF) + encode_body(body)
 
 
 def error_code(body: dict) -> str | None:
@@ -82,80 +45,23 @@ def error_code(body: dict) -> str | None:
     return error["code"]
 
 
-class ZimClient:
-    """Shared request/push logic; subclasses move packets over a transport."""
+class ZimClient(client.Client):
+    """zim.client's request and push logic with the tests' checks; subclasses move
+    packets over a transport."""
 
     kind = "?"
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.timeout = timeout
-        self.pushes: list[tuple[int, dict]] = []
+        super().__init__(timeout)
         self.received: list[tuple[int, int, dict]] = []
-        self._responses: dict[int, list[tuple[int, dict]]] = {}
-        self._seq = 0
-        self.user_id: str | None = None
-        self.token: str | None = None
-        self.name: str | None = None
-
-    # -- transport hooks --------------------------------------------------
-    def _send_packet(self, action: int, seq: int, payload: bytes) -> None:
-        raise NotImplementedError
-
-    def _recv_packet(self, deadline: float) -> tuple[int, int, bytes]:
-        """One server packet before deadline; raises Closed or TimeoutError."""
-        raise NotImplementedError
 
     def send_raw(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        raise NotImplementedError
-
-    # -- requests ---------------------------------------------------------
-    def next_seq(self) -> int:
-        self._seq = self._seq % 32767 + 1
-        return self._seq
-
-    def send(self, action: int, body: Body = None, seq: int | None = None) -> int:
-        """Send a request without waiting; returns its seq."""
-        if seq is None:
-            seq = self.next_seq()
-        self._send_packet(action, seq, encode_body(body))
-        return seq
-
     def _pump(self, deadline: float) -> tuple[int, int, dict]:
-        action, seq, raw = self._recv_packet(deadline)
-        body = decode_body(raw)
-        self.received.append((action, seq, body))
-        if seq == 0:
-            self.pushes.append((action, body))
-        else:
-            self._responses.setdefault(seq, []).append((action, body))
-        return action, seq, body
-
-    def wait_response(self, seq: int, timeout: float | None = None) -> tuple[int, int, dict]:
-        """The response with this seq; pushes read meanwhile go to ``pushes``."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            waiting = self._responses.get(seq)
-            if waiting:
-                action, body = waiting.pop(0)
-                if not waiting:
-                    del self._responses[seq]
-                return action, seq, body
-            self._pump(deadline)
-
-    def request(self, action: int, body: Body = None, seq: int | None = None,
-                timeout: float | None = None) -> tuple[int, int, dict]:
-        """Send a request and return (action, seq, body) of its response."""
-        seq = self.send(action, body, seq)
-        return self.wait_response(seq, timeout)
-
-    def call(self, action: int, body: Body = None, timeout: float | None = None) -> dict:
-        """Request and return the response body; checks the echoed action."""
-        got_action, _, result = self.request(action, body, timeout=timeout)
-        assert got_action == action & 0xFFFF, f"response action {got_action} != request action {action}"
-        return result
+        packet = super()._pump(deadline)
+        self.received.append(packet)
+        return packet
 
     def ok(self, action: int, body: Body = None, timeout: float | None = None) -> dict:
         """Request that must succeed; returns the result body."""
@@ -171,25 +77,6 @@ class ZimClient:
         assert code is not None, f"action {action} {body!r} succeeded unexpectedly: {result}"
         return code
 
-    # -- pushes -----------------------------------------------------------
-    def recv_push(self, timeout: float = 2.0) -> tuple[int, dict]:
-        """The next push (action, body), oldest first; TimeoutError if none comes."""
-        deadline = time.monotonic() + timeout
-        while not self.pushes:
-            self._pump(deadline)
-        return self.pushes.pop(0)
-
-    def recv_pushes(self, count: int, timeout: float = 5.0) -> list[tuple[int, dict]]:
-        deadline = time.monotonic() + timeout
-        result = []
-        for _ in range(count):
-            result.append(self.recv_push(max(0.0, deadline - time.monotonic())))
-        return result
-
-    def sync(self) -> None:
-        """A heartbeat round trip: everything the server queued before it has arrived."""
-        self.ok(9)
-
     def assert_no_push(self, wait: float = 0.2) -> None:
         """No push arrived, none arrives within ``wait``."""
         self.sync()
@@ -200,90 +87,25 @@ class ZimClient:
             return
         raise AssertionError(f"unexpected push: {push}")
 
-    def wait_closed(self, timeout: float = 5.0) -> Closed:
-        """Read (keeping packets) until the server closes; returns the Closed info."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self._pump(deadline)
-            except Closed as closed:
-                return closed
-
-    # -- IM helpers -------------------------------------------------------
     def login(self, name: str, token: str | None = None) -> dict:
-        body: dict[str, Any] = {"name": name}
-        if token is not None:
-            body["token"] = token
-        result = self.ok(1, body)
+        result = super().login(name, token)
         assert isinstance(result.get("id"), str) and result["id"], result
         assert isinstance(result.get("token"), str) and result["token"], result
-        self.user_id, self.token, self.name = result["id"], result["token"], name
         return result
 
     def __enter__(self) -> "ZimClient":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
-
-class TcpClient(ZimClient):
-    """zim over plain TCP (length-prefixed packets)."""
+class TcpClient(client.TcpClient, ZimClient):
+    """zim over plain TCP (length-prefixed packets): zim.client's TcpClient, checked."""
 
     kind = "tcp"
 
-    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, source: str | None = None) -> None:
-        """``source``: the local address to connect from (a loopback address: the
-        server's per-address limits see one client per address)."""
-        super().__init__(timeout)
-        self.sock = socket.create_connection((host, port), timeout=timeout,
-                                             source_address=(source, 0) if source else None)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buf = bytearray()
-
-    def _send_packet(self, action: int, seq: int, payload: bytes) -> None:
-        self.send_raw(struct.pack(">IHH", len(payload) + 8, action & 0xFFFF, seq & 0xFFFF) + payload)
-
-    def send_raw(self, data: bytes) -> None:
-        """Bytes straight onto the stream."""
-        self.sock.sendall(data)
-
-    def _fill(self, need: int, deadline: float) -> None:
-        while len(self._buf) < need:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no complete packet from the server in time")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(1 << 18)
-            except socket.timeout:
-                raise TimeoutError("no complete packet from the server in time") from None
-            except ConnectionResetError:
-                raise Closed(None, "reset", reset=True) from None
-            if not chunk:
-                if self._buf:
-                    raise AssertionError(f"EOF inside a packet: {bytes(self._buf[:40])!r}")
-                raise Closed(None, "EOF")
-            self._buf += chunk
-
-    def _recv_packet(self, deadline: float) -> tuple[int, int, bytes]:
-        self._fill(4, deadline)
-        (length,) = struct.unpack_from(">I", self._buf)
-        assert 8 <= length < SERVER_PACKET_LIMIT, f"bad server packet length {length}"
-        self._fill(length, deadline)
-        action, seq = struct.unpack_from(">HH", self._buf, 4)
-        body = bytes(self._buf[8:length])
-        del self._buf[:length]
-        return action, seq, body
-
-    def shutdown_write(self) -> None:
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+    @property
+    def max_packet(self) -> int:
+        """Read at each packet: a test may raise SERVER_PACKET_LIMIT (monkeypatch)."""
+        return SERVER_PACKET_LIMIT - 1
 
 
 class WsClient(ZimClient):
@@ -313,7 +135,7 @@ class WsClient(ZimClient):
         self.ws = connection.__enter__()
 
     def _send_packet(self, action: int, seq: int, payload: bytes) -> None:
-        self.send_raw(struct.pack(">HH", action & 0xFFFF, seq & 0xFFFF) + payload)
+        self.send_raw(ws_message(action, seq, payload))
 
     def send_raw(self, data: bytes) -> None:
         """One binary message with exactly these bytes (action, seq, body)."""
@@ -344,7 +166,7 @@ class WsClient(ZimClient):
         assert isinstance(message, bytes), f"server sent a text message: {message[:100]!r}"
         assert len(message) >= 4, f"server message shorter than 4 bytes: {message!r}"
         assert len(message) + 4 < SERVER_PACKET_LIMIT, f"server packet of {len(message) + 4} bytes"
-        action, seq = struct.unpack_from(">HH", message)
+        action, seq = client.PACKET_HEAD.unpack_from(message)
         return action, seq, message[4:]
 
     def close(self) -> None:
@@ -367,66 +189,6 @@ def login(client: ZimClient, name: str, token: str | None = None) -> dict:
 # Raw WebSocket, for frames the library would never send
 
 
-def ws_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool = True,
-             rsv: int = 0, key: bytes | None = None, length_bytes: int | None = None) -> bytes:
-    """One frame. ``rsv`` is the 3 RSV bits (0..7); ``length_bytes`` forces 0, 2 or 8
-    extended length bytes (a non-minimal encoding when too large)."""
-    head = bytearray([(0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)])
-    n = len(payload)
-    if length_bytes is None:
-        length_bytes = 0 if n < 126 else 2 if n < 65536 else 8
-    mask_bit = 0x80 if mask else 0
-    if length_bytes == 0:
-        head.append(mask_bit | n)
-    elif length_bytes == 2:
-        head.append(mask_bit | 126)
-        head += struct.pack(">H", n)
-    else:
-        head.append(mask_bit | 127)
-        head += struct.pack(">Q", n)
-    if not mask:
-        return bytes(head) + payload
-    key = key if key is not None else os.urandom(4)
-    return bytes(head) + key + apply_mask(payload, key)
-
-
-def apply_mask(payload: bytes, key: bytes) -> bytes:
-    if not payload:
-        return b""
-    repeated = (key * (len(payload) // 4 + 1))[: len(payload)]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(payload), "big")
-
-
-def parse_server_frame(buf: bytes | bytearray) -> tuple[int, bool, int, int, bytes] | None:
-    """(consumed, fin, rsv, opcode, payload) of the frame at buf[0], None if incomplete.
-    Asserts the server did not mask it."""
-    if len(buf) < 2:
-        return None
-    b0, b1 = buf[0], buf[1]
-    assert not b1 & 0x80, "server frame is masked"
-    n = b1 & 0x7F
-    pos = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n = struct.unpack_from(">H", buf, 2)[0]
-        assert n >= 126, "server used a non-minimal 16-bit length"
-        pos = 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n = struct.unpack_from(">Q", buf, 2)[0]
-        assert 65536 <= n < 1 << 63, f"server 64-bit length {n} is invalid"
-        pos = 10
-    if len(buf) < pos + n:
-        return None
-    return pos + n, bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0x0F, bytes(buf[pos:pos + n])
-
-
-def ws_accept(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
-
-
 class RawWs:
     """A WebSocket peer over a plain socket: hand-built frames, every server frame visible."""
 
@@ -441,13 +203,11 @@ class RawWs:
 
     @staticmethod
     def upgrade_request(key: str, path: str = "/", extra: str = "") -> bytes:
-        return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+        return ws_upgrade_request(key, "127.0.0.1", path, extra)
 
     def handshake(self, path: str = "/", extra: str = "", then: bytes = b"") -> "RawWs":
         """Upgrade; asserts 101 and a correct Sec-WebSocket-Accept. ``then`` rides in the same write."""
-        self.key = base64.b64encode(os.urandom(16)).decode()
+        self.key = new_ws_key()
         self.sock.sendall(self.upgrade_request(self.key, path, extra) + then)
         status, headers = self.read_http_head()
         assert status.startswith("HTTP/1.1 101"), f"handshake refused: {status!r}"
@@ -461,31 +221,12 @@ class RawWs:
         while b"\r\n\r\n" not in self.buf:
             self._recv_some(deadline)
         end = self.buf.index(b"\r\n\r\n") + 4
-        head = bytes(self.buf[:end]).decode("latin-1")
+        self.status, self.headers = parse_http_head(bytes(self.buf[:end]))
         del self.buf[:end]
-        lines = head.split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            if ":" in line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        self.status, self.headers = lines[0], headers
-        return lines[0], headers
+        return self.status, self.headers
 
     def _recv_some(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("nothing from the server in time")
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(1 << 18)
-        except socket.timeout:
-            raise TimeoutError("nothing from the server in time") from None
-        except ConnectionResetError:
-            raise Closed(None, "reset", reset=True) from None
-        if not chunk:
-            raise Closed(None, "EOF")
-        self.buf += chunk
+        self.buf += receive(self.sock, deadline)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -516,7 +257,7 @@ class RawWs:
         """The next binary message as (action, seq, body); other frames are an error."""
         fin, rsv, opcode, payload = self.read_frame(timeout)
         assert fin and opcode == 2 and rsv == 0, f"expected a binary message, got opcode {opcode} {payload[:60]!r}"
-        action, seq = struct.unpack_from(">HH", payload)
+        action, seq = client.PACKET_HEAD.unpack_from(payload)
         return action, seq, decode_body(payload[4:])
 
     def read_close(self, timeout: float | None = None) -> tuple[int | None, list[tuple[int, bytes]]]:
@@ -530,9 +271,7 @@ class RawWs:
                 raise TimeoutError(f"no close frame in time; frames meanwhile: {seen[:5]}")
             fin, rsv, opcode, payload = self.read_frame(remaining)
             if opcode == 8:
-                assert len(payload) != 1, "close frame with a 1-byte payload"
-                code = struct.unpack_from(">H", payload)[0] if payload else None
-                return code, seen
+                return close_payload(payload)[0], seen
             seen.append((opcode, payload))
 
     def expect_eof(self, timeout: float = 5.0) -> bytes:

@@ -1,5 +1,5 @@
 """Throwaway Redis servers for the Redis tests: one plain server, or a local
-3-master Redis Cluster (``zim.nodes.local``), on free loopback ports, keeping
+3-master Redis Cluster (``zim.testing.redis``), on free loopback ports, keeping
 nothing on disk that outlives the test (``--save "" --appendonly no``, a
 temporary directory).
 
@@ -17,7 +17,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from zim.nodes.local import LOOPBACK, LocalCluster, LocalRedis
+from zim.testing.redis import LOOPBACK, LocalCluster, LocalRedis
 
 
 def require(name: str) -> None:

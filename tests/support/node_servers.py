@@ -1,6 +1,6 @@
 """Redis backends for the multi-node tests: one redis-server, or a 3-master
 Redis Cluster, each keeping an append-only file fsynced before every reply
-(``zim.nodes.local.DURABLE_ARGS``), so a test can kill -9 and restart one and
+(``zim.testing.redis.DURABLE_ARGS``), so a test can kill -9 and restart one and
 expect every acknowledged write back.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Iterator
 
 from tests.support.clusters import require
 
-from zim.nodes.local import DURABLE_ARGS, LocalCluster, LocalRedis
+from zim.testing.redis import DURABLE_ARGS, LocalCluster, LocalRedis
 
 
 class Backend:

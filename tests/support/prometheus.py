@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import pytest
+
+from zim.testing.ports import free_loopback_port
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0
@@ -50,12 +51,6 @@ def require_prometheus() -> str:
             pytest.fail(f"{message}: under CI=true it must be installed")
         pytest.skip(message)
     return binary
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class Prometheus:
@@ -144,7 +139,7 @@ def start_prometheus(directory: Path, targets: Sequence[str], *, job: str = "zim
     config.write_text(_config(targets, job, scrape_interval, metrics_path))
     last_log = ""
     for _attempt in range(3):       # a free port may be taken before Prometheus binds it
-        port = _free_port()
+        port = free_loopback_port()
         data = directory / f"data-{port}"
         log_path = directory / f"prometheus-{port}.log"
         with open(log_path, "wb") as log_file:

@@ -13,7 +13,7 @@ from typing import Callable, Generator, Iterator
 import pytest
 
 from zim._core import Reactor
-from zim.nodes.local import LocalRedis, redis_server_binary
+from zim.testing.redis import LocalRedis, redis_server_binary
 from zim.pushmerge import Alarm
 
 requires_redis_server = pytest.mark.skipif(

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 
 from tests.support import REPO_ROOT
 from tests.support.client import RawWs, TcpClient, WsClient, ZimClient
+from zim.testing.ports import free_loopback_port as free_port  # noqa: F401  (the tests' name)
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
@@ -25,12 +26,6 @@ def server_env() -> dict[str, str]:
     server runs this tree even when zim is not installed."""
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", PYTHONPATH=python_path)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:

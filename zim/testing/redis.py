@@ -17,38 +17,18 @@ import subprocess
 import tempfile
 import time
 
-LOOPBACK = "127.0.0.1"
+from zim.testing.ports import LOOPBACK, free_loopback_port
+
 # What "nothing acknowledged is lost" needs of Redis when redis-server itself is
 # killed (docs/redis.md): every write in the AOF before its reply is sent. (The
 # last --appendonly given wins over LocalRedis's "no".)
 DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always")
-CLUSTER_BUS_OFFSET = 10_000     # a cluster node also listens on port + 10000 (the cluster bus)
 CLUSTER_TIMEOUT = 20.0
 
 
 def redis_server_binary() -> str | None:
     """The path of redis-server, or None when it is not installed."""
     return shutil.which("redis-server")
-
-
-def free_loopback_port(with_bus: bool = False) -> int:
-    """A free loopback port; ``with_bus``: port + 10000 is free too (cluster nodes)."""
-    for _ in range(1000):
-        with socket.socket() as probe:
-            probe.bind((LOOPBACK, 0))
-            port = probe.getsockname()[1]
-        if not with_bus or (port + CLUSTER_BUS_OFFSET <= 65535 and _port_is_free(port + CLUSTER_BUS_OFFSET)):
-            return port
-    raise RuntimeError("no free loopback port whose cluster bus port is free too")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
 
 
 class LocalRedis:
