@@ -204,6 +204,7 @@ cdef void zcodec_free(zcodec_t* z) noexcept nogil:
     z.deflated_cap = z.inflated_cap = 0
 
 
+# The negotiation (RFC 7692 section 7), run by ws_handshake (handshake.pxi) once per upgrade.
 _WINDOW_BITS = {str(bits): bits for bits in range(8, 16)}
 _DEFLATE_PARAMS = ("server_no_context_takeover", "client_no_context_takeover",
                    "server_max_window_bits", "client_max_window_bits")
