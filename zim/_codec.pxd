@@ -1,7 +1,10 @@
-# The wire codec, shared by the reactor (zim/_core.pyx) and the tests.
+# The wire codec, shared by the reactor (zim/_core.pyx) and the tests: the
+# declarations of zim/_codec.pyx and the files it includes (zim/codec/*.pxi).
 # Decoders work in place on a caller's buffer and never allocate, except to
 # reassemble a fragmented WebSocket message (ws_state_t.frag).
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from zim.includes.zlib cimport z_stream
 
 cdef enum:
     EV_NEED_MORE = 0    # no complete unit in the buffer yet
@@ -43,14 +46,6 @@ cdef struct ws_state_t:
     uint32_t frag_len
     uint8_t frag_active
     uint8_t frag_deflated   # the message in flight is compressed (RSV1 on its first frame)
-
-
-cdef extern from "zlib.h" nogil:
-    ctypedef struct z_stream:
-        const unsigned char* next_in
-        unsigned int avail_in
-        unsigned char* next_out
-        unsigned int avail_out
 
 
 # permessage-deflate (RFC 7692) with no context takeover either way: every

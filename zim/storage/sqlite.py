@@ -4,52 +4,17 @@
 semantics as ``MemoryStore``; every write method commits its own transaction
 before it returns, so a successful call is stored.
 
-Durability. The database runs in WAL mode with ``synchronous=NORMAL``: a commit
-appends its frames to the ``-wal`` file with a ``write()`` but does not fsync it
-(the WAL is fsynced at checkpoints). So a committed write survives the process
-being killed (``kill -9``, a crash): the frames are in the OS page cache and the
-next open replays them. A power loss or kernel crash may lose the last commits
-(never corrupt the database); ``PRAGMA synchronous=FULL`` (fsync on every commit)
-is the setting that survives that too, at the cost of one fsync per write.
+Where things are:
 
-Other settings: foreign keys off (the tables refer to each other only by
-convention), a ``busy_timeout`` so a second connection waits for a lock instead
-of failing at once, and the schema version in ``PRAGMA user_version``: a
-database written by a newer zim (a higher version) is refused with a
-RuntimeError; so is a file that is not a database, is corrupt, or cannot be
-opened for writing.
+- ``zim.storage.sqlite_schema``: the database file: durability, settings, the
+  schema and the upgrades from older versions (``open_database``);
+- ``zim.storage.sqlite_writes``: how ids and conversations are stored, and the
+  writes: ``write_<what>(cursor, ...)`` functions that do not commit, pruning
+  included;
+- here: the store itself: its batches (group commit), the caches that make a
+  batch's appends cheap, and the reads.
 
-Schema (version 4; the versions' changes are applied in ``_open``):
-
-- ``users(id, name)``: ids are unsigned 64-bit; SQLite integers are signed, so an
-  id >= 2**63 is stored as ``id - 2**64`` (two's complement), here and in
-  ``members``, ``mailbox`` and ``channels.creator``.
-  Version 3 adds ``token_epoch`` (the user's token generation, zim.tokens).
-  Version 4 adds ``mailbox_count`` and ``mailbox_bytes``: what waits in the
-  user's mailbox, for its quota (zim.storage.store.Quotas), kept by appends and
-  acks (computed once when an older database is upgraded).
-- ``channels(name)``: a channel exists once anyone subscribed (it outlives its members).
-  Version 4 adds ``creator``: the user whose subscribe created it (NULL for
-  channels created before).
-- ``members(channel, user_id, push)``: a rowid table so ``user_channels`` lists a
-  user's channels in the order joined (as MemoryStore), via the index on user_id.
-- ``conversations(conv, last_seq)``: one row per conversation, ``"c:<name>"`` for a
-  channel and ``"u:<min id>:<max id>"`` for a user pair; ``last_seq`` is
-  read-incremented in the transaction that inserts the message, so seq is 1, 2,
-  3 ... with no gaps.
-- ``messages(conv, seq, id, body, created_at)`` WITHOUT ROWID, keyed by (conv, seq):
-  ``body`` is the orjson-encoded message (seq included), decoded back to an equal dict.
-- ``mailbox(user_id, msg_id, conv, seq)``: unacknowledged direct messages, keyed by
-  (user_id, msg_id) for acks. It is a rowid table (not WITHOUT ROWID) because
-  MemoryStore pulls a mailbox in insertion order, whatever the ids look like: a new
-  row's rowid is greater than every present one, so the index on user_id (which
-  ends with the rowid) yields the oldest first. Version 4 adds ``size``: the
-  length of the message's JSON as stored (what the quota counts), so an ack
-  knows what it frees.
-
-Writes are split into ``_write_<what>(cursor, ...)`` functions that take a cursor
-and do not commit, so a later writer thread can run many of them in one
-transaction; ``_transaction`` runs one of them in its own BEGIN IMMEDIATE ... COMMIT.
+``_transaction`` runs one write in its own BEGIN IMMEDIATE ... COMMIT (or in the open batch).
 Message appends are buffered (``begin_batch``): outside a batch, each runs in a
 batch of its own.
 
@@ -65,16 +30,22 @@ mailbox pages are bounded by bytes as well as by count (``PAGE_BYTES``).
 from __future__ import annotations
 
 import sqlite3
-import time
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import orjson
 
 from zim.storage.retention import Retention
-from zim.storage.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message,
-                       PairKey, Quotas, _encode_name, pair_key)
+from zim.storage.sqlite_schema import SCHEMA_VERSION, open_database
+from zim.storage.sqlite_writes import (
+    MAILBOX_INSERT, SQL_INT_MAX, channel_conv, check_user_id, pair_conv, sql_id, write_create_user,
+    write_mailbox_ack, write_prune, write_set_user_name, write_subscribe, write_token_epoch,
+    write_unsubscribe,
+)
+from zim.storage.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message, PairKey,
+                               Quotas, _encode_name)
 
-SCHEMA_VERSION = 4
+__all__ = ["PAGE_BYTES", "PAGE_OVERHEAD", "SCHEMA_VERSION", "SQLiteStore"]
+
 # History and mailbox pages are bounded by bytes here, at the source, so that no
 # answer of the writer is a monster (70 DMs of 64 KB made a 4.5 MB one). A page
 # stops once its messages have passed PAGE_BYTES and it holds two of them: at most
@@ -83,82 +54,7 @@ SCHEMA_VERSION = 4
 # even when the first message alone is over the budget.
 PAGE_BYTES = 1_000_000              # = zim.im.RESPONSE_BUDGET
 PAGE_OVERHEAD = 64                  # = zim.im._PAGE_OVERHEAD: {"messages":[...],"hasMore":false}
-BUSY_TIMEOUT_MS = 5000
-_SIGNED_LIMIT = 1 << 63
-_SQL_INT_MAX = (1 << 63) - 1
-
-_SCHEMA = """
-CREATE TABLE users (
-    id   INTEGER PRIMARY KEY,
-    name TEXT NOT NULL
-);
-CREATE TABLE channels (
-    name TEXT PRIMARY KEY
-) WITHOUT ROWID;
-CREATE TABLE members (
-    channel TEXT NOT NULL,
-    user_id INTEGER NOT NULL,
-    push    INTEGER NOT NULL,
-    PRIMARY KEY (channel, user_id)
-);
-CREATE INDEX members_by_user ON members(user_id);
-CREATE TABLE conversations (
-    conv     TEXT PRIMARY KEY,
-    last_seq INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE messages (
-    conv       TEXT NOT NULL,
-    seq        INTEGER NOT NULL,
-    id         TEXT NOT NULL,
-    body       BLOB NOT NULL,
-    created_at INTEGER,
-    PRIMARY KEY (conv, seq)
-) WITHOUT ROWID;
-CREATE TABLE mailbox (
-    user_id INTEGER NOT NULL,
-    msg_id  TEXT NOT NULL,
-    conv    TEXT NOT NULL,
-    seq     INTEGER NOT NULL,
-    PRIMARY KEY (user_id, msg_id)
-);
-CREATE INDEX mailbox_by_user ON mailbox(user_id);
-"""
-
-# version 2 adds meta(key, value): "newest_id", the greatest message id stored, so
-# the id generator moves past it after a restart even if the clock went back
-_SCHEMA_V2 = """
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-) WITHOUT ROWID;
-"""
-
-# version 3 adds users.token_epoch: the user's token generation ("log out
-# everywhere" bumps it; zim.tokens), and, in a database that had users before,
-# meta.tokens_v2_since: when it was upgraded, so that tokens of version 1 (which
-# never expired) are accepted for one token lifetime from then on, not forever
-_SCHEMA_V3 = """
-ALTER TABLE users ADD COLUMN token_epoch INTEGER NOT NULL DEFAULT 0;
-"""
-
-# version 4 adds the quotas' bookkeeping (zim.storage.store.Quotas): each mailbox
-# row's size (its message's JSON as stored), each user's mailbox count and bytes
-# (kept by appends and acks, so a DM's check reads one row, no COUNT(*)), and
-# each channel's creator (NULL: created before version 4, counts for nobody)
-_SCHEMA_V4 = """
-ALTER TABLE users ADD COLUMN mailbox_count INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE users ADD COLUMN mailbox_bytes INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE mailbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE channels ADD COLUMN creator INTEGER;
-"""
-# ... and, in a database that had mailboxes before, computes them once
-_MIGRATE_V4 = """
-UPDATE mailbox SET size = coalesce((SELECT length(m.body) FROM messages AS m
-                                    WHERE m.conv = mailbox.conv AND m.seq = mailbox.seq), 0);
-UPDATE users SET mailbox_count = box.n, mailbox_bytes = box.bytes
-    FROM (SELECT user_id, count(*) AS n, sum(size) AS bytes FROM mailbox GROUP BY user_id) AS box
-    WHERE users.id = box.user_id;
-"""
+SEQ_CACHE_MAX = 100_000       # conversations whose last seq the writer remembers between batches
 
 
 def _bounded_page(cursor: sqlite3.Cursor) -> tuple[list[Message], bool]:
@@ -176,135 +72,6 @@ def _bounded_page(cursor: sqlite3.Cursor) -> tuple[list[Message], bool]:
         return messages, False
     finally:
         cursor.close()
-
-
-def _sql_id(user_id: int) -> int | None:
-    """An unsigned 64-bit user id as the signed integer SQLite stores; None (which
-    matches no row, and which a write refuses as NULL) for an id out of range."""
-    if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
-        return None
-    return user_id - (1 << 64) if user_id >= _SIGNED_LIMIT else user_id
-
-
-def _channel_conv(channel: str) -> str:
-    return "c:" + channel
-
-
-def _pair_conv(key: PairKey) -> str:
-    low, high = pair_key(*key)
-    return f"u:{low}:{high}"
-
-
-def _check_user_id(user_id: int) -> None:
-    if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
-        raise ValueError(f"user id {user_id!r} is not in 1..2**64-1")
-
-
-def _run_script(cur: sqlite3.Cursor, script: str) -> None:
-    for statement in script.split(";"):
-        if statement.strip():
-            cur.execute(statement)
-
-
-# ---------------------------------------------------------------- writes (no commit)
-
-
-def _write_create_user(cur: sqlite3.Cursor, user_id: int, name: str) -> None:
-    cur.execute("INSERT INTO users(id, name) VALUES (?, ?) ON CONFLICT(id) DO NOTHING",
-                (_sql_id(user_id), name))
-    if cur.rowcount != 1:
-        raise ValueError(f"user {user_id} exists already")
-
-
-def _write_set_user_name(cur: sqlite3.Cursor, user_id: int, name: str) -> None:
-    cur.execute("UPDATE users SET name = ? WHERE id = ?", (name, _sql_id(user_id)))
-    if cur.rowcount != 1:
-        raise KeyError(f"no user {user_id}")
-
-
-def _write_token_epoch(cur: sqlite3.Cursor, user_id: int, epoch: int) -> None:
-    # never back: a revocation stays revoked whatever order writes come in
-    cur.execute("UPDATE users SET token_epoch = max(token_epoch, ?) WHERE id = ?", (epoch, _sql_id(user_id)))
-    if cur.rowcount != 1:
-        raise KeyError(f"no user {user_id}")
-
-
-def _write_subscribe(cur: sqlite3.Cursor, channel: str, user_id: int, push: bool) -> None:
-    # the first subscriber creates the channel: its creator (zim.storage.store.Quotas)
-    cur.execute("INSERT INTO channels(name, creator) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
-                (channel, _sql_id(user_id)))
-    cur.execute("INSERT INTO members(channel, user_id, push) VALUES (?, ?, ?) "
-                "ON CONFLICT(channel, user_id) DO UPDATE SET push = excluded.push",
-                (channel, _sql_id(user_id), int(bool(push))))
-
-
-def _write_unsubscribe(cur: sqlite3.Cursor, channel: str, user_id: int) -> bool:
-    cur.execute("DELETE FROM members WHERE channel = ? AND user_id = ?", (channel, _sql_id(user_id)))
-    return cur.rowcount == 1
-
-
-_MAILBOX_INSERT = ("INSERT INTO mailbox(user_id, msg_id, conv, seq, size) VALUES (?, ?, ?, ?, ?) "
-                   "ON CONFLICT(user_id, msg_id) DO UPDATE SET conv = excluded.conv, seq = excluded.seq, "
-                   "size = excluded.size")
-ACK_CHUNK = 500               # ids per DELETE of an ack (SQLite's bound parameters: 999 in old builds)
-
-
-def _write_mailbox_ack(cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> tuple[int, int]:
-    """Delete these ids from the mailbox; the (rows, bytes) that went."""
-    uid = _sql_id(user_id)
-    ids = list(dict.fromkeys(ids))
-    rows = size = 0
-    for first in range(0, len(ids), ACK_CHUNK):
-        chunk = ids[first:first + ACK_CHUNK]
-        cur.execute(f"DELETE FROM mailbox WHERE user_id = ? AND msg_id IN ({','.join('?' * len(chunk))}) "
-                    "RETURNING size", (uid, *chunk))
-        for (freed,) in cur.fetchall():
-            rows += 1
-            size += freed
-    return rows, size
-
-
-SEQ_CACHE_MAX = 100_000       # conversations whose last seq the writer remembers between batches
-PRUNE_CONVERSATIONS = 256     # conversations looked at per prune call
-
-
-def _write_prune(cur: sqlite3.Cursor, retention: Retention, now_ms: int, after: str,
-                 row_budget: int) -> tuple[int, str | None]:
-    deleted = 0
-    done = after                  # the last conversation finished
-    rows = cur.execute("SELECT conv, last_seq FROM conversations WHERE conv > ? ORDER BY conv LIMIT ?",
-                       (after, PRUNE_CONVERSATIONS)).fetchall()
-    for conv, last_seq in rows:
-        is_channel = conv.startswith("c:")
-        members = cur.execute("SELECT count(*) FROM members WHERE channel = ?",
-                              (conv[2:],)).fetchone()[0] if is_channel else 0
-        tier = retention.tier(is_channel, members)
-        bound = last_seq - tier.cap if tier.cap else 0
-        if tier.ttl_ms:
-            row = cur.execute("SELECT seq FROM messages WHERE conv = ? AND (created_at IS NULL OR "
-                              "created_at >= ?) ORDER BY seq LIMIT 1",
-                              (conv, now_ms - tier.ttl_ms)).fetchone()
-            bound = max(bound, row[0] - 1 if row else last_seq)
-        first = cur.execute("SELECT min(seq) FROM messages WHERE conv = ?", (conv,)).fetchone()[0] \
-            if bound > 0 else None
-        if first is not None and first <= bound:
-            upto = min(bound, first + max(row_budget - deleted, 1) - 1)
-            if is_channel:
-                cur.execute("DELETE FROM messages WHERE conv = ? AND seq BETWEEN ? AND ?",
-                            (conv, first, upto))
-            else:
-                # a message still in a mailbox is kept until acked
-                low, high = (_sql_id(int(part)) for part in conv[2:].split(":"))
-                cur.execute("DELETE FROM messages WHERE conv = ? AND seq BETWEEN ? AND ? AND seq NOT IN "
-                            "(SELECT seq FROM mailbox WHERE user_id IN (?, ?) AND conv = ?)",
-                            (conv, first, upto, low, high, conv))
-            deleted += cur.rowcount
-            if upto < bound:
-                return deleted, done      # this conversation has more: start there next time
-        done = conv
-        if deleted >= row_budget:
-            return deleted, done
-    return deleted, (done if len(rows) == PRUNE_CONVERSATIONS else None)
 
 
 # ---------------------------------------------------------------- the store
@@ -331,7 +98,7 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise RuntimeError(f"cannot open the zim database {path!r}: {exc}") from exc
         try:
-            self._open(conn)
+            self._newest_id = self._stored_newest_id = open_database(conn, path)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise RuntimeError(f"cannot use the zim database {path!r} "
@@ -341,46 +108,6 @@ class SQLiteStore:
             raise
         self._conn = conn
 
-    def _open(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal" and self.path not in ("", ":memory:"):
-            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, not 'wal'")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = OFF")
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")   # takes the write lock: fails here if not writable
-        try:
-            version = cur.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the zim database {self.path!r} has schema version {version}, newer than "
-                    f"this zim's {SCHEMA_VERSION}: upgrade zim (or use another file)")
-            if version == 0:
-                _run_script(cur, _SCHEMA)
-            if version < 2:
-                _run_script(cur, _SCHEMA_V2)
-            if version < 3:
-                _run_script(cur, _SCHEMA_V3)
-                if version > 0:     # users may hold version 1 tokens: they get one token lifetime
-                    cur.execute("INSERT INTO meta(key, value) VALUES ('tokens_v2_since', ?) "
-                                "ON CONFLICT(key) DO NOTHING", (time.time_ns() // 1_000_000,))
-            if version < 4:
-                _run_script(cur, _SCHEMA_V4)
-                if version > 0:
-                    _run_script(cur, _MIGRATE_V4)
-            # always write: proves the file is writable now, not at the first send
-            cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            cur.execute("SELECT count(*) FROM conversations").fetchone()
-            row = cur.execute("SELECT max((SELECT max(id) FROM users), "
-                              "coalesce((SELECT value FROM meta WHERE key = 'newest_id'), 0))").fetchone()
-            self._newest_id = self._stored_newest_id = max(row[0] or 0, 0)
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
-
     def set_quotas(self, quotas: Quotas) -> None:
         """The limits to enforce from now on. This store enforces the mailbox's
         (``append_user_message`` raises StoreRefusal); it records each channel's
@@ -389,7 +116,7 @@ class SQLiteStore:
         self.quotas = quotas
 
     def _transaction(self, write: Callable[..., Any], *args: Any) -> Any:
-        """Run one ``_write_*`` function in its own transaction, committed on
+        """Run one ``write_*`` function in its own transaction, committed on
         return; inside a batch (``begin_batch``), in the batch's transaction."""
         if self._batch is not None:
             if self._message_rows:
@@ -463,7 +190,7 @@ class SQLiteStore:
             msg["seq"] = seq
             body = orjson.dumps(msg)
         created_at = msg.get("createdAt")
-        if type(created_at) is not int or not -_SQL_INT_MAX <= created_at <= _SQL_INT_MAX:
+        if type(created_at) is not int or not -SQL_INT_MAX <= created_at <= SQL_INT_MAX:
             created_at = None
         self._message_rows.append((conv, seq, str(msg.get("id")), body, created_at))
         self._last_seq[conv] = seq
@@ -482,14 +209,14 @@ class SQLiteStore:
             return usage
 
     def _append_channel(self, channel: str, msg: Message) -> int:
-        conv = _channel_conv(channel)
+        conv = channel_conv(channel)
         seq = self._peek_seq(conv, channel)
         self._buffer_message(conv, msg, seq)
         return seq
 
     def _append_user(self, sender_id: int, receiver_id: int, msg: Message) -> int:
-        conv = _pair_conv((sender_id, receiver_id))
-        uid = _sql_id(receiver_id)
+        conv = pair_conv((sender_id, receiver_id))
+        uid = sql_id(receiver_id)
         message_id = msg["id"]
         seq = self._peek_seq(conv, None)
         old_seq = msg.get("seq")
@@ -534,7 +261,7 @@ class SQLiteStore:
                             self._message_rows)
             self._message_rows.clear()
         if self._mailbox_rows:
-            cur.executemany(_MAILBOX_INSERT, self._mailbox_rows)
+            cur.executemany(MAILBOX_INSERT, self._mailbox_rows)
             self._mailbox_rows.clear()
         if self._dirty:
             cur.executemany("INSERT INTO conversations(conv, last_seq) VALUES (?, ?) "
@@ -582,7 +309,7 @@ class SQLiteStore:
         message_id = message.get("id")
         if isinstance(message_id, str) and message_id.isdigit() and len(message_id) < 20:
             value = int(message_id)
-            if self._newest_id < value <= _SQL_INT_MAX:
+            if self._newest_id < value <= SQL_INT_MAX:
                 self._newest_id = value
 
     def _connection(self) -> sqlite3.Connection:
@@ -597,32 +324,32 @@ class SQLiteStore:
 
     # -- users -------------------------------------------------------------
     def create_user(self, user_id: int, name: str) -> None:
-        _check_user_id(user_id)
+        check_user_id(user_id)
         _encode_name(name)
-        self._transaction(_write_create_user, user_id, name)
+        self._transaction(write_create_user, user_id, name)
 
     def user_exists(self, user_id: int) -> bool:
         if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
             return False
-        return self._one("SELECT 1 FROM users WHERE id = ?", (_sql_id(user_id),)) is not None
+        return self._one("SELECT 1 FROM users WHERE id = ?", (sql_id(user_id),)) is not None
 
     def user_name(self, user_id: int) -> str | None:
         if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
             return None
-        row = self._one("SELECT name FROM users WHERE id = ?", (_sql_id(user_id),))
+        row = self._one("SELECT name FROM users WHERE id = ?", (sql_id(user_id),))
         return None if row is None else row[0]
 
     def set_user_name(self, user_id: int, name: str) -> None:
         if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
             raise KeyError(f"no user {user_id}")
         _encode_name(name)
-        self._transaction(_write_set_user_name, user_id, name)
+        self._transaction(write_set_user_name, user_id, name)
 
     def token_epoch(self, user_id: int) -> int:
         """The user's token generation (0 for an unknown user)."""
         if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
             return 0
-        row = self._one("SELECT token_epoch FROM users WHERE id = ?", (_sql_id(user_id),))
+        row = self._one("SELECT token_epoch FROM users WHERE id = ?", (sql_id(user_id),))
         return 0 if row is None else row[0]
 
     def set_token_epoch(self, user_id: int, epoch: int) -> None:
@@ -630,9 +357,9 @@ class SQLiteStore:
         KeyError for an unknown user."""
         if not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
             raise KeyError(f"no user {user_id}")
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= _SQL_INT_MAX:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= SQL_INT_MAX:
             raise ValueError(f"bad token epoch {epoch!r}")
-        self._transaction(_write_token_epoch, user_id, epoch)
+        self._transaction(write_token_epoch, user_id, epoch)
 
     def revoke_tokens(self, user_id: int) -> int:
         """Bump the user's token generation; the new one. (The server's store bumps
@@ -646,20 +373,20 @@ class SQLiteStore:
         return self._one("SELECT 1 FROM channels WHERE name = ?", (channel,)) is not None
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> None:
-        self._transaction(_write_subscribe, channel, user_id, push)
+        self._transaction(write_subscribe, channel, user_id, push)
 
     def unsubscribe(self, channel: str, user_id: int) -> bool:
-        return self._transaction(_write_unsubscribe, channel, user_id)
+        return self._transaction(write_unsubscribe, channel, user_id)
 
     def membership(self, channel: str, user_id: int) -> bool | None:
         row = self._one("SELECT push FROM members WHERE channel = ? AND user_id = ?",
-                        (channel, _sql_id(user_id)))
+                        (channel, sql_id(user_id)))
         return None if row is None else bool(row[0])
 
     def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
         rows = self._connection().execute(
             "SELECT channel, push FROM members INDEXED BY members_by_user "
-            "WHERE user_id = ? ORDER BY rowid", (_sql_id(user_id),)).fetchall()
+            "WHERE user_id = ? ORDER BY rowid", (sql_id(user_id),)).fetchall()
         return [(channel, bool(push)) for channel, push in rows]
 
     # -- messages ----------------------------------------------------------
@@ -680,9 +407,9 @@ class SQLiteStore:
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
         if kind == CHANNEL:
-            conv = _channel_conv(key)  # type: ignore[arg-type]
+            conv = channel_conv(key)  # type: ignore[arg-type]
         elif kind == USER:
-            conv = _pair_conv(key)  # type: ignore[arg-type]
+            conv = pair_conv(key)  # type: ignore[arg-type]
         else:
             raise ValueError(f"unknown history kind {kind!r}")
         row = self._one("SELECT last_seq FROM conversations WHERE conv = ?", (conv,))
@@ -708,7 +435,7 @@ class SQLiteStore:
             "SELECT m.body FROM mailbox AS b INDEXED BY mailbox_by_user "
             "JOIN messages AS m ON m.conv = b.conv AND m.seq = b.seq "
             "WHERE b.user_id = ? ORDER BY b.rowid LIMIT ?",
-            (_sql_id(user_id), min(limit, _SQL_INT_MAX))))[0]
+            (sql_id(user_id), min(limit, SQL_INT_MAX))))[0]
 
     def mailbox_ack(self, user_id: int, ids: Iterable[str]) -> None:
         # only strings can be mailbox keys (MemoryStore: dict keys are the str ids)
@@ -717,9 +444,9 @@ class SQLiteStore:
             self._transaction(self._write_ack, user_id, wanted)
 
     def _write_ack(self, cur: sqlite3.Cursor, user_id: int, ids: list[str]) -> None:
-        rows, size = _write_mailbox_ack(cur, user_id, ids)
+        rows, size = write_mailbox_ack(cur, user_id, ids)
         if rows:
-            uid = _sql_id(user_id)
+            uid = sql_id(user_id)
             usage = self._box_usage(uid)
             if usage is not None:
                 usage[0] = max(0, usage[0] - rows)
@@ -728,7 +455,7 @@ class SQLiteStore:
 
     def mailbox_usage(self, user_id: int) -> tuple[int, int]:
         """(messages, bytes) waiting in the user's mailbox, as counted for the quota."""
-        uid = _sql_id(user_id)
+        uid = sql_id(user_id)
         usage = self._boxes.get(uid)
         if usage is None:           # (not cached, or not a user: 0)
             row = self._one("SELECT mailbox_count, mailbox_bytes FROM users WHERE id = ?", (uid,))
@@ -778,7 +505,7 @@ class SQLiteStore:
         rows deleted and where to go on (None: the pass is complete). A direct
         message still in its receiver's mailbox is kept. ``last_seq`` is never
         touched, so seq goes on from where it was even when everything was pruned."""
-        return self._transaction(_write_prune, retention, now_ms, after, row_budget)
+        return self._transaction(write_prune, retention, now_ms, after, row_budget)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
