@@ -45,7 +45,6 @@ import benchlib  # noqa: E402
 from zim._core import Reactor  # noqa: E402
 from zim.nodes.link import RedisLink  # noqa: E402
 from zim.nodes.local import LocalRedis  # noqa: E402
-from zim.pushmerge import Alarm  # noqa: E402
 from zim.storage.store import Pending  # noqa: E402
 
 MODES = ("thread", "socket")
@@ -138,7 +137,7 @@ class Driver:
         self.measured: dict = {}
         for _ in range(min(self.depth, self.count)):
             self._issue()
-        alarm = Alarm(self.reactor, self._give_up)
+        alarm = self.reactor.timer(self._give_up)
         alarm.set(time.monotonic_ns() + int(RUN_LIMIT_S * 1e9))
         self.reactor.run()
         alarm.close()

@@ -110,7 +110,6 @@ cdef class Connections:
         ev.data.u64 = make_handle(self.conns[fd].gen, fd)
         epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &ev)
 
-
     cdef int _conn_fd(self, uint64_t handle) noexcept:
         """The fd of a live connection handle, or -1 if it is stale."""
         cdef int fd = handle_fd(handle)
@@ -119,7 +118,6 @@ cdef class Connections:
         if self.conns[fd].gen != <uint32_t>(handle >> 32) or self.conns[fd].state < S_TCP:
             return -1
         return fd
-
 
     # ----------------------------------------------------------- accept --
     cdef void _accept(self, int lfd) noexcept:
@@ -386,7 +384,6 @@ cdef class Connections:
         c.state = S_WS
         return True
 
-
     # ------------------------------------------------------------ write --
     cdef char* _reserve(self, int fd, size_t extra) noexcept:
         """Room for extra more output bytes; NULL if the connection was dropped."""
@@ -615,7 +612,6 @@ cdef class Connections:
             self.draining.items[kept] = handle
             kept += 1
         self.draining.length = kept
-
 
     # ------------------------------------------------------------ close --
     cdef void _release(self, int fd) noexcept:

@@ -56,7 +56,6 @@ cdef class Link(Groups):
                 self.running = False
             log.exception("packet handler failed")
 
-
     def adopt_link(self, int fd):
         """Serve an already connected socket as a trusted link to another zim
         process (TCP framing, packets up to ``link_max_packet`` either way, no
@@ -117,7 +116,6 @@ cdef class Link(Groups):
             self.conns[fd].flags &= ~F_PAUSED
             self.conns[fd].flags |= F_READ_AGAIN
             handles_push(&self.again, make_handle(self.conns[fd].gen, fd))
-
 
     # ------------------------------------------------ worker fast path --
     def forward_to(self, uint64_t link, bytes routes):

@@ -97,7 +97,6 @@ cdef class Reactor(Link):
                 self.running = False
             log.exception("watch callback failed")
 
-
     # ------------------------------------------------------------- loop --
     def run(self):
         """Run until stop(). Signals interrupt epoll_wait and run Python handlers."""
@@ -169,7 +168,6 @@ cdef class Reactor(Link):
             except BaseException:
                 log.exception("tick handler failed")
 
-
     def stop(self):
         """Leave run() after the current iteration (safe from a signal handler,
         also before run() has started)."""
@@ -188,7 +186,6 @@ cdef class Reactor(Link):
         for fd in range(self.max_fds):
             if self.conns[fd].state >= S_TCP:
                 self._close_for(fd, R_SHUTDOWN)
-
 
     # ----------------------------------------------------------- figures --
     def stats(self):

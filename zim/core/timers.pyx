@@ -149,7 +149,6 @@ cdef class Timers(Connections):
                     self._wheel_insert(fd)
                 fd = nxt
 
-
     # ----------------------------------------------------- owner's timers --
     def timer(self, callback):
         """A new Timer that calls ``callback()`` from the loop once the deadline given
