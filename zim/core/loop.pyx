@@ -2,7 +2,7 @@
 #   Connections -> Timers -> Users -> Groups -> Link -> Reactor
 # (core/conns.pyx first). Here are its constructor (every keyword, given to its layer),
 # its loop (one edge-triggered epoll_wait a pass, then the pass's work in a fixed order:
-# events, due timers, one flush, the end of the pass's broadcasts, the memory budget,
+# due timers, events, one flush, the end of the pass's broadcasts, the memory budget,
 # the once-a-second sweep, the reports of users who left), the descriptors it serves
 # (listeners, watches) and its figures (the metric counters).
 
@@ -122,6 +122,8 @@ cdef class Reactor(Link):
             PyErr_CheckSignals()
             now_ns = monotonic_ns()
             self.now = <uint32_t>(now_ns // 1000000000)
+            if self.next_deadline <= now_ns:
+                self._run_timers(now_ns)        # set in an earlier pass; what they queue goes out below
             self._resume_reads()
             for i in range(n):
                 handle = events[i].data.u64
@@ -144,8 +146,6 @@ cdef class Reactor(Link):
                         continue
                 if ev & EPOLLOUT:
                     self._mark_pending(fd)
-            if self.next_deadline <= now_ns:
-                self._run_timers(now_ns)        # what they queue goes out with this pass's flush
             self._flush_all()
             self._end_pass()
             if self.backlog.length and self.memory_budget:

@@ -6,7 +6,9 @@
 # (Reactor.timer: merged pushes, Redis reconnects and reply deadlines) are few and
 # sub-second: a binary heap of Timer objects whose nearest deadline bounds the loop's
 # epoll_wait, so they cost no descriptor and no system call, and nothing per pass
-# while none is armed. A due timer runs from the loop, before the pass's flush.
+# while none is armed. Due timers run first in a pass, before its events, so one set
+# during a pass runs in a later one (a deadline already past: the next), and what a
+# callback queues goes out with that pass's flush.
 
 cdef uint32_t NO_DEADLINE = <uint32_t>-1
 cdef int64_t NO_TIMER = INT64_MAX
@@ -140,7 +142,7 @@ cdef class Timers(Connections):
                 c.wheel_prev = c.wheel_next = NO_CONN - 1
                 if self._deadline(fd) <= self.wheel_now:
                     set_reason(c, R_LOGIN_TIMEOUT if c.user == 0 and self.login_timeout and
-                                     c.born + self.login_timeout <= self.wheel_now else R_IDLE_TIMEOUT)
+                               c.born + self.login_timeout <= self.wheel_now else R_IDLE_TIMEOUT)
                     if c.state == S_WS:
                         self._ws_close(fd, 1001)
                     else:
