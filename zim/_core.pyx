@@ -10,6 +10,11 @@ queued (the kernel charges per call, not per byte: docs/architecture.md).
 A channel broadcast is framed once into the group's pass buffer; members with
 nothing else queued are written straight from it (see pass_out_t).
 Python is called once per complete request packet.
+
+The code is laid out one concept a file, as uvloop's is: this file includes
+zim/core/*.pyx below, zim/_core.pxd gathers their declarations (zim/core/*.pxd),
+and the C headers are declared in zim/includes/. The Reactor is a chain of cdef
+classes, one a file: Connections -> Timers -> Users -> Groups -> Link -> Reactor.
 """
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc

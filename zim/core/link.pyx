@@ -8,9 +8,10 @@
 # a connection with too many waiting is not read. Single-process mode does the same with
 # hold() and answer(). The wire format is core/wire.pxd.
 
-# core/wire.pxd's 64-bit values, for Python
-LINK_HANDLE_MASK = (<uint64_t>1 << HANDLE_BITS) - 1     # a handle's connection bits; the worker index sits above them
-PEER_MARK = <uint64_t>1 << PEER_BIT                     # a forwarded user field that is an address key, not a user
+# core/wire.pxd's 64-bit values, for Python: a handle's connection bits (the worker index
+# sits above them), and the mark of a forwarded user field that is an address key
+LINK_HANDLE_MASK = (<uint64_t>1 << HANDLE_BITS) - 1
+PEER_MARK = <uint64_t>1 << PEER_BIT
 
 # Canned refusals the worker sends from C
 _NOT_LOGGED_IN_BODY = b'{"error":{"code":"not_logged_in","message":"log in first (action 1)"}}'

@@ -138,9 +138,9 @@ cdef class Users(Timers):
         try:
             for start in range(0, batch.length, CLOSED_USERS_PART):
                 n = min(batch.length - start, <size_t>CLOSED_USERS_PART)
-                part = PyBytes_FromStringAndSize(NULL, n * 8)
+                part = PyBytes_FromStringAndSize(NULL, n * USERS_CLOSED_ENTRY)
                 for i in range(n):
-                    put64(PyBytes_AS_STRING(part) + 8 * i, batch.items[start + i])
+                    put64(PyBytes_AS_STRING(part) + USERS_CLOSED_ENTRY * i, batch.items[start + i])
                 self.on_users_closed(part)
         except BaseException:
             log.exception("users-closed handler failed")

@@ -35,6 +35,7 @@ cpdef enum:
     REPLY_HEAD = 13             # conn(8) action(2) seq(2) response(1)
     PUSH_USER_HEAD = 18         # user(8) exclude(8) action(2)
     BROADCAST_HEAD = 14         # group(4) exclude(8) action(2)
+    USERS_CLOSED_ENTRY = 8      # EVENT_USERS_CLOSED's body: user ids of 8 bytes, one per connection
 
 # Where each field of those heads starts (big-endian, as every field on the wire)
 cdef enum:
