@@ -42,7 +42,6 @@ import redis
 import benchlib
 from zim._core import Reactor
 from zim.nodes.link import RedisLink
-from zim.pushmerge import Alarm
 from zim.pending import Pending
 from zim.testing.redis import LocalRedis
 
@@ -136,7 +135,7 @@ class Driver:
         self.measured: dict = {}
         for _ in range(min(self.depth, self.count)):
             self._issue()
-        alarm = Alarm(self.reactor, self._give_up)
+        alarm = self.reactor.timer(self._give_up)
         alarm.set(time.monotonic_ns() + int(RUN_LIMIT_S * 1e9))
         self.reactor.run()
         alarm.close()

@@ -15,25 +15,20 @@ connection except the ones that sent in the slice; each of those gets its own
 body without its own messages (nothing if the slice held only its own), as a
 connection never gets its own messages pushed back (as with 102).
 
-Slices end on a kernel timer (a timerfd the reactor watches): no thread, and
-one timer per process, set to the oldest open slice's deadline. As every slice
-lasts the same W, deadlines come in the order slices open (a FIFO).
+Slices end on a reactor timer (``Reactor.timer``): no thread, and one timer per
+process, set to the oldest open slice's deadline. As every slice lasts the same
+W, deadlines come in the order slices open (a FIFO).
 """
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Mapping, Protocol
 
 import orjson
 
-from zim._core import Reactor
-
-if TYPE_CHECKING:
-    from zim.app import App
+from zim._core import Reactor, Timer
 
 log = logging.getLogger("zim.pushmerge")
 
@@ -57,67 +52,6 @@ def check_push_settings(push_window_ms: int, push_max: int) -> None:
         raise ValueError(f"push_window_ms must be between 0 (off) and {MAX_PUSH_WINDOW_MS}")
     if not 1 <= push_max <= MAX_PUSH_MAX:
         raise ValueError(f"push_max must be between 1 and {MAX_PUSH_MAX}")
-
-
-# ---------------------------------------------------------------- the timer
-
-_CLOCK_MONOTONIC = 1            # the clock of time.monotonic_ns() on Linux
-_TFD_TIMER_ABSTIME = 1
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-class Alarm:
-    """A one-shot timer on the reactor: ``callback()`` runs from the loop once the
-    deadline set with ``set`` has passed. A Linux timerfd the reactor watches (the
-    reactor's own tick is once a second; this is for sub-second deadlines)."""
-
-    def __init__(self, reactor: Reactor, callback: Callable[[], None]) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
-        libc.timerfd_settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p)
-        self._settime = libc.timerfd_settime
-        fd = libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"timerfd_create failed: {os.strerror(errno)}")
-        self.fd = fd
-        self.reactor = reactor
-        self.callback = callback
-        self._spec = _Itimerspec()
-        try:
-            reactor.watch(fd, self._fire)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def set(self, deadline_ns: int) -> None:
-        """Fire at ``deadline_ns`` (``time.monotonic_ns()`` clock; past: at once),
-        replacing the deadline set before."""
-        value = self._spec.it_value
-        value.tv_sec, value.tv_nsec = divmod(max(deadline_ns, 1), 1_000_000_000)
-        if self._settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) < 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"timerfd_settime failed: {os.strerror(errno)}")
-
-    def _fire(self) -> None:
-        try:
-            os.read(self.fd, 8)     # drain the expiry count (the watch is edge-triggered)
-        except BlockingIOError:
-            pass
-        self.callback()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.reactor.unwatch(self.fd)
-            os.close(self.fd)
-            self.fd = -1
 
 
 # ---------------------------------------------------------------- slices
@@ -163,22 +97,30 @@ def batch_body(head: bytes, messages: list[bytes], skipped: int) -> bytes:
     return b"".join((head, b",".join(messages), b'],"skipped":', str(skipped).encode(), b"}"))
 
 
+class Channels(Protocol):
+    """What the merger needs of the server (``zim.server.Server``): each channel's
+    group id, and the fabric that broadcasts to a group."""
+
+    groups: Mapping[str, int]
+    fabric: Any
+
+
 class PushMerger:
     """Holds channel message pushes in per-channel slices and sends each slice as
     one 103 when it ends (see the module docstring)."""
 
-    def __init__(self, app: "App", push_window_ms: int, push_max: int) -> None:
+    def __init__(self, app: Channels, push_window_ms: int, push_max: int) -> None:
         check_push_settings(push_window_ms, push_max)
         self.app = app
         self.window_ns = push_window_ms * 1_000_000
         self.push_max = push_max
         self.slices: dict[str, Slice] = {}      # channel -> its open slice
         self.by_deadline: deque[Slice] = deque()
-        self.alarm: Alarm | None = None
+        self.timer: Timer | None = None
 
     def start(self, reactor: Reactor) -> None:
         """Run the slices' timer on ``reactor`` (the process that runs the handlers)."""
-        self.alarm = Alarm(reactor, self._on_alarm)
+        self.timer = reactor.timer(self._on_timer)
 
     def add(self, channel: str, sender: int, message: bytes) -> None:
         """Add an encoded channel message to the channel's slice (opening one if
@@ -188,11 +130,11 @@ class PushMerger:
             open_slice = self.slices[channel] = Slice(channel, time.monotonic_ns() + self.window_ns)
             self.by_deadline.append(open_slice)
             if len(self.by_deadline) == 1:
-                self.alarm.set(open_slice.deadline)
+                self.timer.set(open_slice.deadline)
         budget = BATCH_BUDGET - _BATCH_OVERHEAD - 6 * len(channel)
         open_slice.add(sender, message, self.push_max, budget)
 
-    def _on_alarm(self) -> None:
+    def _on_timer(self) -> None:
         now = time.monotonic_ns()
         by_deadline = self.by_deadline
         try:
@@ -200,7 +142,7 @@ class PushMerger:
                 self._send(by_deadline.popleft())
         finally:
             if by_deadline:
-                self.alarm.set(by_deadline[0].deadline)
+                self.timer.set(by_deadline[0].deadline)
 
     def _send(self, ended: Slice) -> None:
         del self.slices[ended.channel]
@@ -217,6 +159,6 @@ class PushMerger:
         """Send the open slices now (the server is stopping) and drop the timer."""
         while self.by_deadline:
             self._send(self.by_deadline.popleft())
-        if self.alarm is not None:
-            self.alarm.close()
-            self.alarm = None
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None

@@ -1,6 +1,6 @@
 """The broadcast path, in process: a group's pushes are framed once per loop pass
 and members with nothing else queued are written straight from that shared
-buffer (``pass_out_t`` in zim/_core.pyx). Whatever mix of broadcasts,
+buffer (``pass_out_t`` in zim/core/groups.pxd). Whatever mix of broadcasts,
 exclusions, replies and user pushes one pass queues, every connection must
 receive exactly its packets, in order, on TCP and WebSocket alike; a member the
 kernel cannot take everything from keeps the rest; a member closed mid-pass gets

@@ -14,7 +14,6 @@ import pytest
 
 from zim._core import Reactor
 from zim.testing.redis import LocalRedis, redis_server_binary
-from zim.pushmerge import Alarm
 
 requires_redis_server = pytest.mark.skipif(
     redis_server_binary() is None,
@@ -69,7 +68,7 @@ def run_in_loop(reactor: Reactor, script: Script, timeout: float = 20.0) -> list
             return
         alarm.set(time.monotonic_ns() + int(BEAT_S * 1e9))
 
-    alarm = Alarm(reactor, beat)
+    alarm = reactor.timer(beat)
     alarm.set(time.monotonic_ns())
     try:
         reactor.run()

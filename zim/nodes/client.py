@@ -34,10 +34,9 @@ from typing import Any, Callable, Iterable, Sequence
 import hiredis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from zim._core import Reactor
+from zim._core import Reactor, Timer
 from zim.nodes import schema
 from zim.nodes.link import DOWN, UP, RedisLink, SubscriberLink, as_bytes, parse_redis_url
-from zim.pushmerge import Alarm
 from zim.pending import Pending
 
 log = logging.getLogger("zim.nodes")
@@ -547,10 +546,10 @@ class ClusterRedis(RedisClient):
         self._owner: list[_Master] = []
         self._serving: list[_Master] = []
         self._refreshing = False
-        self._refresh_alarm: Alarm | None = None
+        self._refresh_alarm: Timer | None = None
         self._refresh_armed = False
         try:
-            self._refresh_alarm = Alarm(reactor, self._refresh_while_down)
+            self._refresh_alarm = reactor.timer(self._refresh_while_down)
             self._apply_slot_ranges(slot_ranges)
         except BaseException:
             self.close()

@@ -22,7 +22,7 @@ thread: docs/architecture.md, "Redis: how a node talks to it".
 - The reactor watches one descriptor for the link: an epoll set of its own
   holding the socket (edge-triggered, in and out), so the link sees
   writability and connect completion without any change to the reactor.
-  Deadlines (reconnect, reply timeout) use a ``zim.pushmerge.Alarm``.
+  Deadlines (reconnect, reply timeout) use a reactor timer (``Reactor.timer``).
 - Commands queued while the link handles a wake-up (a result's callback that
   calls again) leave in one ``send`` at its end, as do those of a pipeline.
 
@@ -46,8 +46,7 @@ from typing import Any, Callable, Iterable, Sequence
 import hiredis
 from redis.crc import key_slot
 
-from zim._core import Reactor
-from zim.pushmerge import Alarm
+from zim._core import Reactor, Timer
 from zim.pending import Pending
 
 log = logging.getLogger("zim.nodes")
@@ -167,10 +166,10 @@ class RedisLink:
         self._replies_at_check = 0
         self._stalled_for = 0.0
         self._poller = select.epoll()
-        self._alarm: Alarm | None = None
+        self._alarm: Timer | None = None
         try:
             reactor.watch(self._poller.fileno(), self._on_ready)
-            self._alarm = Alarm(reactor, self._on_alarm)
+            self._alarm = reactor.timer(self._on_alarm)
         except BaseException:
             self.close()
             raise
@@ -478,10 +477,10 @@ class SubscriberLink(RedisLink):
         self._leaving: dict[bytes, int] = {}    # SUNSUBSCRIBEs sent and not confirmed yet
         self._changed: set[bytes] = set()       # touched since the last flush
         self._flush_armed = False
-        self._flush_alarm: Alarm | None = None
+        self._flush_alarm: Timer | None = None
         super().__init__(reactor, host, port, db, password, username, on_push=self._on_push, **options)
         try:
-            self._flush_alarm = Alarm(reactor, self._flush_subscriptions)
+            self._flush_alarm = reactor.timer(self._flush_subscriptions)
         except BaseException:
             self.close()
             raise
