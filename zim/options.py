@@ -548,14 +548,15 @@ class Options:
         return self._group("quotas")
 
     # -- the reactor -------------------------------------------------------------------------
-    def reactor(self, on_packet: Callable[[int, int, int, bytes], None]) -> Reactor:
-        """A reactor with these options, calling ``on_packet`` for each packet."""
+    def reactor(self, on_packet: Callable[[int, int, int, bytes], None], **callbacks: Callable) -> Reactor:
+        """A reactor with these options, calling ``on_packet`` for each packet and
+        the other ``callbacks`` (``on_tick=``, ``on_link_closed=`` ...: see Reactor)."""
         keywords = {}
         for option in OPTIONS:
             if option.reactor is not None:
                 value = getattr(self, option.name)
                 keywords[option.reactor] = option.to_reactor(value) if option.to_reactor is not None else value
-        return Reactor(on_packet=on_packet, **keywords)
+        return Reactor(on_packet=on_packet, **keywords, **callbacks)
 
     def listen(self, reactor: Reactor) -> None:
         """Open this server's listeners on ``reactor``."""

@@ -130,17 +130,17 @@ class Server:
         fabric: Fabric
         if options.workers == 1:
             self.router = None
-            self.reactor = reactor = options.reactor(self._on_packet)
-            reactor.on_user_gone = self.user_gone
+            self.reactor = reactor = options.reactor(
+                self._on_packet, on_user_gone=self.user_gone, on_tick=self._tick,
+                on_link_closed=self._on_link_closed)
             fabric = LocalFabric(reactor)
         else:
             # the router's reactor serves only the worker links (no listeners)
-            self.reactor = reactor = options.reactor(self._on_router_packet)
-            reactor.on_request = self.serve     # forwarded requests, unpacked in C
+            self.reactor = reactor = options.reactor(
+                self._on_router_packet, on_request=self.serve,    # forwarded requests, unpacked in C
+                on_tick=self._tick, on_link_closed=self._on_link_closed)
             self.router = Router(reactor, options, self.app.route_logins(), self.user_gone, self.begin_stop)
             fabric = RouterFabric(self.router)
-        reactor.on_tick = self._tick
-        reactor.on_link_closed = self._on_link_closed
         self.close_log = CloseLog("server")
         if self.node is not None:
             fabric = self.node.attach(reactor, fabric, self.groups, self.metrics)

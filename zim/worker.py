@@ -35,7 +35,11 @@ class Worker:
     def __init__(self, options: Options, link_fd: int, routes: dict[int, bool], index: int,
                  counters_fd: int = -1, address_table_fd: int = -1) -> None:
         self.index = index
-        self.reactor = reactor = options.reactor(self._on_packet)
+        self.stopping = False               # our own shutdown closes the link: not a loss
+        self.reactor = reactor = options.reactor(
+            self._on_packet, on_user_gone=self._user_gone, on_tick=self._tick,
+            on_users_closed=self._users_closed,     # the router's connection counts per user
+            on_link_closed=self._link_closed)
         if counters_fd >= 0:
             # the router reads this worker's counters from there (metrics), without asking
             self.counters = mmap.mmap(counters_fd, COUNTER_BYTES)
@@ -50,11 +54,7 @@ class Worker:
         self.link = reactor.adopt_link(link_fd)
         # requests up and the hot commands down are handled in C from here on
         reactor.forward_to(self.link, route_table(routes))
-        reactor.on_user_gone = self._user_gone
-        reactor.on_users_closed = self._users_closed    # the router's connection counts per user
-        reactor.on_link_closed = self._link_closed
         self.close_log = CloseLog(f"worker {index}")
-        reactor.on_tick = self._tick
         self.commands = {CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
                          CMD_CLOSE: self._close, CMD_BROADCAST_EXCEPT: self._broadcast_except,
                          CMD_CLOSE_USER: self._close_user}
@@ -67,7 +67,7 @@ class Worker:
                 reactor.reply(self.link, EVENT, EVENT_LISTENING, b"")
                 reactor.run()
             finally:
-                reactor.on_link_closed = None   # our own shutdown closes it
+                self.stopping = True
                 reactor.close_all()
                 self.close_log(reactor.counters_dict(), final=True)
 
@@ -89,6 +89,8 @@ class Worker:
         self.reactor.reply(self.link, EVENT, EVENT_USERS_CLOSED, users)
 
     def _link_closed(self, conn: int) -> None:
+        if self.stopping:
+            return
         log.warning("worker %d: router link closed; stopping", self.index)
         self.reactor.stop()
 

@@ -281,8 +281,7 @@ def test_a_link_carries_packets_far_over_the_old_4mib_cap():
         got.append((action, seq, body))
         done.release()
 
-    reactor = Reactor(65536, on_packet)
-    reactor.on_link_closed = closed.append
+    reactor = Reactor(65536, on_packet, on_link_closed=closed.append)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     link = reactor.adopt_link(ours.detach())
     body = os.urandom(6 * MiB)
@@ -333,13 +332,12 @@ def test_a_bad_frame_on_a_link_closes_it_without_writing_into_it(frame):
 
     got: list[tuple[int, int, bytes]] = []
     closed: list[int] = []
-    reactor = Reactor(65536, lambda conn, action, seq, body: got.append((action, seq, body)))
-
     def on_closed(handle: int) -> None:
         closed.append(handle)
         reactor.stop()
 
-    reactor.on_link_closed = on_closed
+    reactor = Reactor(65536, lambda conn, action, seq, body: got.append((action, seq, body)),
+                      on_link_closed=on_closed)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     link = reactor.adopt_link(ours.detach())
     good = struct.pack(">IHH", 8 + 5, 1, 1) + b"hello"

@@ -111,7 +111,7 @@ cdef class Connections:
     cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline
     cdef handle_list_t backlog      # client connections the kernel did not take all from (EPOLLOUT)
     cdef size_t memory_budget       # bytes of output the backlog may hold in all (0: no budget)
-    cdef public object on_link_closed   # callable(conn): a link to another process closed
+    cdef readonly object on_link_closed   # callable(conn): a link to another process closed
     # connections per address (--max-conns-per-address): see core/addresses.pyx
     cdef uint32_t max_conns_per_address     # 0: no limit
     cdef address_table_t addresses

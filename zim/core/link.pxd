@@ -9,7 +9,7 @@ cdef class Link(Groups):
     cdef uint32_t max_inflight          # requests of one connection in flight before it is not read
     cdef uint64_t link                  # worker mode: the router link (see forward_to)
     cdef uint8_t* route_table           # worker mode: per action, 0 unknown, 1 open, 2 login needed
-    cdef public object on_request       # router mode: callable(conn, user, action, seq, body)
+    cdef readonly object on_request       # router mode: callable(conn, user, action, seq, body)
 
     cdef void _dispatch(self, int fd, packet_t* pkt) noexcept
     cdef void _answered(self, int fd) noexcept

@@ -9,7 +9,7 @@ cdef enum:
 cdef class Reactor(Link):
     cdef list listeners
     cdef dict watches                   # fd -> callback, for S_WATCH slots
-    cdef public object on_tick          # callable(): once a second, from the loop
+    cdef readonly object on_tick          # callable(): once a second, from the loop
 
     cdef void _on_watch(self, int fd) noexcept
     cdef void _every_second(self) noexcept

@@ -14,13 +14,23 @@ cdef class Reactor(Link):
     """An edge-triggered epoll loop serving TCP and WebSocket connections.
 
     ``on_packet(conn, action, seq, body)`` is called once per complete request;
-    ``conn`` is an int handle, valid until the connection closes.
+    ``conn`` is an int handle, valid until the connection closes. The other
+    callbacks, given here or never (None: not told): ``on_tick()`` once a second,
+    ``on_link_closed(conn)``, ``on_user_gone(user_id)``, ``on_users_closed(ids)``
+    and, in router mode, ``on_request(conn, user, action, seq, body)``.
     """
 
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
                   uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True,
                   uint32_t max_inflight=DEF_MAX_INFLIGHT, size_t memory_budget=0, object ws_origins=None,
-                  uint32_t max_conns_per_address=0):
+                  uint32_t max_conns_per_address=0, *, object on_tick=None, object on_link_closed=None,
+                  object on_user_gone=None, object on_users_closed=None, object on_request=None):
+        # What the owner is told, given here once (see the attributes' declarations)
+        self.on_tick = on_tick
+        self.on_link_closed = on_link_closed
+        self.on_user_gone = on_user_gone
+        self.on_users_closed = on_users_closed
+        self.on_request = on_request
         # Connections
         self._limit_addresses(max_conns_per_address)
         self.max_packet = max_packet

@@ -9,8 +9,8 @@ cdef enum:
 
 cdef class Users(Timers):
     cdef idmap_t presence               # user id -> first connection fd (next: conn.next_dev)
-    cdef public object on_user_gone     # callable(user_id): its last connection here closed
-    cdef public object on_users_closed  # callable(bytes): 8-byte user ids, one per logged-in close
+    cdef readonly object on_user_gone     # callable(user_id): its last connection here closed
+    cdef readonly object on_users_closed  # callable(bytes): 8-byte user ids, one per logged-in close
     cdef handle_list_t gone_users       # reported after the pass, never from inside a C loop
     cdef handle_list_t closed_users     # ... gathered over the pass (see _report_closed_users)
 
