@@ -32,7 +32,7 @@ import orjson
 
 from benchlib import LOOPBACK, ProcessTree, Server, percentile, print_json, run_main, tcp_packet, tcp_split
 
-LOGIN, SEND_USER, SUBSCRIBE, HISTORY, ACK = 1, 2, 3, 5, 8
+from zim.protocol import ACK, HISTORY, LOGIN, SEND_USER, SUBSCRIBE
 HONEST_PAIRS = 5
 HONEST_RATE = 10.0              # DMs a second per honest sender
 

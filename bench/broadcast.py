@@ -41,8 +41,8 @@ import orjson
 
 import benchlib
 
-LOGIN, SUBSCRIBE, SEND_CHANNEL = 1, 3, 4
-PUSH_CHANNEL = 102
+from zim.protocol import LOGIN, SEND_CHANNEL, SUBSCRIBE
+from zim.protocol import PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL
 CHANNEL = "bench"
 STAMP_DIGITS = 20   # the content starts with the send time, zero-padded ns
 

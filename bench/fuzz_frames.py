@@ -14,8 +14,10 @@ import zlib
 import orjson
 
 
-LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
-PUSH_USER, PUSH_CHANNEL, PUSH_BATCH = 101, 102, 103
+from zim.protocol import (  # noqa: F401  (the fuzzer's other modules take them from here)
+    ACK, HEARTBEAT, HISTORY, LOGIN, PULL, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE,
+    PUSH_CHANNEL_BATCH as PUSH_BATCH, PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL, PUSH_USER_MESSAGE as PUSH_USER,
+)
 _TCP = struct.Struct(">IHH")     # length, action (as unsigned: 65535 is -1 to the server), seq
 WS_HEAD = struct.Struct(">HH")
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA

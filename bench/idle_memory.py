@@ -33,8 +33,8 @@ import benchlib
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the source port at connect(), not bind()
 
 CONNECTING, WS_HANDSHAKE, LOGGING_IN, LOGGED_IN = range(4)
-LOGIN = 1
-PULL_MAILBOX = 7
+from zim.protocol import LOGIN
+from zim.protocol import PULL as PULL_MAILBOX
 
 
 class Conn:

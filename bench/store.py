@@ -46,7 +46,7 @@ import orjson
 
 import benchlib
 
-LOGIN, SEND_USER = 1, 2
+from zim.protocol import LOGIN, SEND_USER
 OP_USER_MESSAGE = 6          # zim.storage.writer's operation code
 
 

@@ -36,8 +36,8 @@ import orjson
 
 import benchlib
 
-LOGIN, SUBSCRIBE, SEND_CHANNEL = 1, 3, 4
-PUSH_CHANNEL = 102
+from zim.protocol import LOGIN, SEND_CHANNEL, SUBSCRIBE
+from zim.protocol import PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL
 CHANNEL = "wire"
 DEFLATE_OFFER = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
 TAIL = b"\x00\x00\xff\xff"

@@ -51,8 +51,8 @@ import orjson
 import benchlib
 import broadcast  # the fan-out members, publisher and one run
 
-LOGIN, SEND_USER = 1, 2
-PUSH_USER = 101
+from zim.protocol import LOGIN, SEND_USER
+from zim.protocol import PUSH_USER_MESSAGE as PUSH_USER
 STAMP_DIGITS = broadcast.STAMP_DIGITS
 CONTENT_KEY = b'"content":"'
 TARGET_RATIO = 0.8

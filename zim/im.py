@@ -18,16 +18,16 @@ import orjson
 from zim.handler import Error
 from zim.ids import timestamp_ms, wall_clock_ms
 from zim.names import check_channel_name, display_name
-from zim.pushmerge import PUSH_CHANNEL_MESSAGE      # one definition: the push merged pushes merge
+from zim.protocol import (
+    ACK, HEARTBEAT, HISTORY, LOG_OUT_EVERYWHERE, LOGIN, PULL, PUSH_CHANNEL_MESSAGE, PUSH_USER_MESSAGE,
+    REFRESH_TOKEN, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE,
+)
 from zim.storage.store import CHANNEL, USER
 from zim.tokens import Claims, make_token, parse_user_id, verify_token
 
 if TYPE_CHECKING:
     from zim.handler import Ctx, Handler, RouteTable, Runtime
 
-LOGIN, SEND_USER, SUBSCRIBE, SEND_CHANNEL, HISTORY, UNSUBSCRIBE, PULL, ACK, HEARTBEAT = range(1, 10)
-REFRESH_TOKEN, LOG_OUT_EVERYWHERE = 10, 11
-PUSH_USER_MESSAGE = 101
 
 MAX_CHANNEL_CHARS = 256    # an addition to docs/protocol.md: names are held per member
 HISTORY_DEFAULT_LIMIT = 20

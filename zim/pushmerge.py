@@ -29,11 +29,10 @@ from typing import Any, Mapping, Protocol
 import orjson
 
 from zim._core import Reactor, Timer
+from zim.protocol import PUSH_CHANNEL_BATCH      # what channel messages are merged into
 
 log = logging.getLogger("zim.pushmerge")
 
-PUSH_CHANNEL_MESSAGE = 102      # what is merged (zim.im's channel message push)
-PUSH_CHANNEL_BATCH = 103        # what it is merged into
 DEFAULT_PUSH_MAX = 20
 MAX_PUSH_WINDOW_MS = 60_000
 MAX_PUSH_MAX = 1000
@@ -109,9 +108,9 @@ class PushMerger:
     """Holds channel message pushes in per-channel slices and sends each slice as
     one 103 when it ends (see the module docstring)."""
 
-    def __init__(self, app: Channels, push_window_ms: int, push_max: int) -> None:
+    def __init__(self, channels: Channels, push_window_ms: int, push_max: int) -> None:
         check_push_settings(push_window_ms, push_max)
-        self.app = app
+        self.channels = channels
         self.window_ns = push_window_ms * 1_000_000
         self.push_max = push_max
         self.slices: dict[str, Slice] = {}      # channel -> its open slice
@@ -146,12 +145,12 @@ class PushMerger:
 
     def _send(self, ended: Slice) -> None:
         del self.slices[ended.channel]
-        group = self.app.groups.get(ended.channel)
+        group = self.channels.groups.get(ended.channel)
         if group is None:
             return
         shared, own = ended.bodies()
         try:
-            self.app.fabric.broadcast_except(group, PUSH_CHANNEL_BATCH, shared, own)
+            self.channels.fabric.broadcast_except(group, PUSH_CHANNEL_BATCH, shared, own)
         except Exception:       # one slice's failure must not stop the others
             log.exception("sending the merged pushes of %r failed", ended.channel)
 

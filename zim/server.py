@@ -31,7 +31,8 @@ from zim.limits import READ_BURST_SECONDS, ClientBuckets, PacedLine, SendLimits
 from zim.metrics import APP_FAMILIES, Metrics, core_families, families_from_counts
 from zim.options import Options
 from zim.process import connection_ceiling, stop_on_signals
-from zim.pushmerge import PUSH_CHANNEL_MESSAGE, PushMerger
+from zim.protocol import PUSH_CHANNEL_MESSAGE
+from zim.pushmerge import PushMerger
 from zim.router import Router, RouterFabric
 from zim.storage.durable import DB_FILE, DurableStore, create_database_file
 from zim.storage.store import MemoryStore, StoreRefusal

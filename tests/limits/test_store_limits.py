@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.servers import durable_store_on_a_test_link
 
-from tests.support import client as zimclient
+from tests.support import client as test_client
 from tests.support.client import ZimClient, error_code, unique
 
 DM_SIZE = 65_000            # a DM filling a default 64 KiB packet (with its JSON around it)
@@ -207,7 +207,7 @@ def test_one_dm_of_6mb_with_max_packet_8mib(start_server, monkeypatch, workers):
     """With --max-packet 8MiB a DM of ~6 MB crosses every link (worker -> router,
     router -> writer, the writer's answers, router -> worker): stored, pushed,
     pulled and read from history whole, while another pair keeps talking."""
-    monkeypatch.setattr(zimclient, "SERVER_PACKET_LIMIT", 16 * MiB)    # one message > 1 MiB
+    monkeypatch.setattr(test_client, "SERVER_PACKET_LIMIT", 16 * MiB)    # one message > 1 MiB
     srv = start_server(flags=("--workers", workers, "--channel-rate", "0", "--max-packet", str(8 * MiB),
                               "--max-outbuf", str(64 * MiB)))
     bystanders = Bystanders(srv)

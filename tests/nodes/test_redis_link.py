@@ -8,13 +8,13 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support import redis_servers as redis_fixtures
+from tests.support import redis_servers
 from tests.support.redis_servers import after, requires_redis_server, run_in_loop
 from zim._core import Reactor
 from zim.nodes.link import BACKOFF_JITTER, RedisLink, backoff_delay, jittered
 from zim.pending import Pending
 
-redis_server = redis_fixtures.redis_server
+redis_server = redis_servers.redis_server
 
 # Seconds: reconnecting fast keeps the tests short.
 QUICK = {"first_backoff": 0.02, "max_backoff": 0.1}

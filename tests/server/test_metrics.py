@@ -14,11 +14,11 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import prometheus as prometheus_fixtures
+from tests.support import prometheus as prometheus_servers
 from tests.support.servers import HOST, free_port
 from tests.support.client import unique
 
-prometheus = prometheus_fixtures.prometheus
+prometheus = prometheus_servers.prometheus
 
 WAIT = 8.0          # generous: closes of broken connections wait for the peer's EOF
 

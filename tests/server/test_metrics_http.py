@@ -15,14 +15,14 @@ import pytest
 
 from tests.server import http_loop
 from tests.server.http_loop import HOST, RawClient, port_of, samples, types
-from tests.support import prometheus as prometheus_fixtures
+from tests.support import prometheus as prometheus_servers
 from zim.metrics import (
     APP_FAMILIES, CONTENT_TYPE, CORE_COUNTERS, CORE_TABLE, Metrics, combine_core_values, core_families,
     families_from_counts,
 )
 from zim.storage.batchstats import BatchStats
 
-prometheus = prometheus_fixtures.prometheus
+prometheus = prometheus_servers.prometheus
 loop, metrics = http_loop.loop, http_loop.metrics      # fixtures
 
 

@@ -1,7 +1,7 @@
 """A real redis-server for tests, and a way to script a test inside a reactor's loop.
 
 A test module uses the fixture by naming it at module level
-(``redis_server = redis_fixtures.redis_server``) and marks itself with
+(``redis_server = redis_servers.redis_server``) and marks itself with
 ``requires_redis_server``: without redis-server installed it is skipped, saying
 why (CI installs it).
 """

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 from zim.client.codec import (DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Body, Packet,
                               ProtocolError, WsDecoder, check_ws_upgrade, decode_body, encode_body, new_ws_key,
                               take_tcp_packet, tcp_packet, ws_close, ws_frame, ws_message, ws_upgrade_request)
+from zim.protocol import HEARTBEAT, LOGIN
 
 DEFAULT_TIMEOUT = 5.0
-LOGIN, HEARTBEAT = 1, 9
 READ_SIZE = 1 << 18
 
 

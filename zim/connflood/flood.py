@@ -15,8 +15,9 @@ import orjson
 
 from zim.client import (OP_BINARY, ProtocolError, new_ws_key, split_tcp, split_ws, tcp_packet, ws_packet,
                         ws_upgrade_accepted, ws_upgrade_request)
-from zim.connflood.options import (AFTER_PROBE, HEARTBEAT, IP_BIND_ADDRESS_NO_PORT, LOGIN, PER_PROCESS_MAX,
-                                   PROBE_CHANNEL, PROBE_GRACE, PUSH_CHANNEL, REPORT_EVERY, STAMP_DIGITS, SUBSCRIBE)
+from zim.connflood.options import (AFTER_PROBE, IP_BIND_ADDRESS_NO_PORT, PER_PROCESS_MAX, PROBE_CHANNEL,
+                                   PROBE_GRACE, REPORT_EVERY, STAMP_DIGITS)
+from zim.protocol import HEARTBEAT, LOGIN, PUSH_CHANNEL_MESSAGE, SUBSCRIBE
 
 # connection states
 CONNECTING, HANDSHAKING, LOGGING_IN, SUBSCRIBING, READY = range(5)
@@ -261,7 +262,7 @@ class Flood:
                     self.drop(fd, "subscribe_error")
                     return
                 self.ready(fd)
-            elif action == PUSH_CHANNEL:
+            elif action == PUSH_CHANNEL_MESSAGE:
                 self.deliveries += 1
                 at = body.find(b'"content":"') + 11
                 stamp = body[at:at + STAMP_DIGITS]

@@ -5,8 +5,6 @@ import argparse
 import ipaddress
 import socket
 
-LOGIN, SUBSCRIBE, SEND_USER, SEND_CHANNEL, HEARTBEAT = 1, 3, 2, 4, 9
-PUSH_USER, PUSH_CHANNEL = 101, 102
 PER_PROCESS_MAX = 19_000
 IP_BIND_ADDRESS_NO_PORT = 24
 PROBE_CHANNEL = "connflood-probe"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from zim.client import ProtocolError, TcpClient, ZimError
-from zim.connflood.options import PROBE_CHANNEL, PUSH_USER, SEND_CHANNEL, SEND_USER, SUBSCRIBE
+from zim.connflood.options import PROBE_CHANNEL
+from zim.protocol import PUSH_USER_MESSAGE, SEND_CHANNEL, SEND_USER, SUBSCRIBE
 
 PROBE_TIMEOUT = 10.0        # seconds for a connection, an answer or a push
 
@@ -35,9 +36,9 @@ def dm_round_trips(args) -> dict:
         for _ in range(args.probe_round_trips):
             start = time.monotonic_ns()
             a.send(SEND_USER, {"receiverId": b.user_id, "content": "ping"})
-            wait_push(b, PUSH_USER)
+            wait_push(b, PUSH_USER_MESSAGE)
             b.send(SEND_USER, {"receiverId": a.user_id, "content": "pong"})
-            wait_push(a, PUSH_USER)
+            wait_push(a, PUSH_USER_MESSAGE)
             times.append(time.monotonic_ns() - start)
     times.sort()
     return {"round_trips": len(times), "p50_ms": times[len(times) // 2] / 1e6,

@@ -14,7 +14,7 @@
 #   (a chance of 2**-32 a pair): the two then count together, which can only overcount;
 # - anything else: 0, not counted.
 # Worker mode forwards a request of a connection not logged in with PEER_MARK | peer in
-# its user field (core/wire.pxd), so the router (App.serve) tells a user id from an address.
+# its user field (core/wire.pxd), so the router (Server.serve) tells a user id from an address.
 
 # The address table (--max-conns-per-address): connections per address over the whole
 # server. A 4 KiB header (address_header_t: the keys) and one region per serving process

@@ -163,7 +163,7 @@ cdef class Link(Groups):
             return
         head = out + tcp_header(out, REQUEST_HEAD + pkt.body_len, pkt.action, pkt.seq)
         put64(head + REQUEST_CONN, make_handle(c.gen, fd))
-        # not logged in: the address key instead, marked (App.serve tells them apart)
+        # not logged in: the address key instead, marked (Server.serve tells them apart)
         put64(head + REQUEST_USER, c.user if c.user else peer_field(c.peer))
         memcpy(head + REQUEST_HEAD, pkt.body, pkt.body_len)
         self.conns[link_fd].outlen += <uint32_t>(TCP_HEADER + REQUEST_HEAD + pkt.body_len)

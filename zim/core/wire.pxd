@@ -28,7 +28,7 @@ cpdef enum:
     # the worker index above them (LINK_HANDLE_MASK = (1 << HANDLE_BITS) - 1 takes it off).
     HANDLE_BITS = 56
     # The user field of a forwarded request: a user id (below 2**63), or, for a connection
-    # not logged in, PEER_MARK = 1 << PEER_BIT | its address key (App.serve tells them apart).
+    # not logged in, PEER_MARK = 1 << PEER_BIT | its address key (Server.serve tells them apart).
     PEER_BIT = 63
     # The fixed heads, in bytes
     REQUEST_HEAD = 16           # conn(8) user(8)
