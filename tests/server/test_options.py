@@ -6,6 +6,7 @@ import inspect
 import os
 import re
 
+import orjson
 import pytest
 
 from tests.support import REPO_ROOT
@@ -14,6 +15,7 @@ from zim.limits import ClientLimits
 from zim.options import BY_NAME, GROUPS, OPTIONS, Options
 from zim.storage.retention import Retention
 from zim.storage.store import Quotas
+from zim.storage.writer import from_writer_settings, writer_settings
 
 README = REPO_ROOT / "README.md"
 COMMAND_LINE_ONLY = {"--config", "--log-level"}
@@ -64,6 +66,15 @@ def test_workers_get_their_options_as_they_are():
         if option.worker:
             assert getattr(again, option.name) == getattr(options, option.name), option.name
     assert again.ws_origins == "https://a.example" and not again.auto_client_memory
+
+
+def test_the_writer_gets_its_retention_and_quotas_as_they_are():
+    options = Options.from_flags(cli.parse_args(["--retain-private", "0:5", "--retain-large", "12h:7", "--large-channel", "50",
+                                                 "--prune-every", "3", "--max-mailbox", "9", "--max-mailbox-bytes", "4096"]))
+    retention, quotas = from_writer_settings(orjson.loads(writer_settings(options.retention, options.quotas)))
+    assert retention == options.retention and retention != Retention()
+    assert (quotas.max_mailbox, quotas.max_mailbox_bytes) == (9, 4096)
+    assert quotas.max_channels_per_user == 0        # the server checks that one, not the writer
 
 
 def test_every_reactor_option_feeds_a_reactor_keyword():

@@ -45,7 +45,7 @@ from zim.storage.store import (
 )
 from zim.storage.writer import (
     FAILED, LIMIT, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME,
-    OP_RESYNC, OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE, OP_USER_MESSAGE, REFUSED,
+    OP_RESYNC, OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE, OP_USER_MESSAGE, REFUSED, writer_settings,
 )
 
 log = logging.getLogger("zim.storage")
@@ -169,10 +169,8 @@ class DurableStore:
             "zim.storage.writer", "--db", self.path, "--link-fd", str(theirs.fileno()),
             "--parent", str(os.getpid()), "--stats-fd", str(self._stats_fd),
             "--link-max-packet", str(self.reactor.link_max_packet),
-            "--max-mailbox", str(self.quotas.max_mailbox),
-            "--max-mailbox-bytes", str(self.quotas.max_mailbox_bytes),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
-            *self.retention.as_args())
+            "--settings", writer_settings(self.retention, self.quotas))
         self.started = time.monotonic()
         try:
             self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(), self._stats_fd))

@@ -10,7 +10,7 @@ acked) is never pruned: it is kept until acked.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 DAY_MS = 86_400_000
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": DAY_MS}
@@ -45,11 +45,15 @@ class Retention:
             return self.private
         return self.large if members >= self.large_members else self.channel
 
-    def as_args(self) -> list[str]:
-        """The command-line flags that give this policy (for the writer process)."""
-        return ["--retain-private", str(self.private), "--retain-channel", str(self.channel),
-                "--retain-large", str(self.large), "--large-channel", str(self.large_members),
-                "--prune-every", str(self.prune_every_s)]
+    def as_dict(self) -> dict:
+        """This policy as plain values (for the writer process: no second parser)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Retention":
+        """The policy ``as_dict`` gave."""
+        return cls(Tier(**values["private"]), Tier(**values["channel"]), Tier(**values["large"]),
+                   values["large_members"], values["prune_every_s"])
 
 
 def parse_duration(text: str) -> int:

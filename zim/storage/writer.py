@@ -18,7 +18,7 @@ answer OK also means every earlier operation was stored, except those answered
 REFUSED: an operation the store refuses (the server checks first: a bug if
 seen), or an answer too big to send, fails alone and nothing of it is stored.
 LIMIT: an operation a quota refuses (a direct message to a full mailbox:
-zim.storage.store.Quotas, given as ``--max-mailbox`` and ``--max-mailbox-bytes``)
+zim.storage.store.Quotas, in the writer's ``--settings``)
 fails alone too, nothing of it stored, with body ``{"code", "message"}`` for
 the client; the batch and every other operation go on.
 
@@ -48,9 +48,9 @@ from zim._codec import TcpDecoder, encode_tcp
 from zim.ids import wall_clock_ms
 from zim.process import die_with_parent
 from zim.storage.batchstats import BatchStats
-from zim.storage.retention import Retention, parse_tier
+from zim.storage.retention import Retention
 from zim.storage.sqlite import SQLiteStore
-from zim.storage.store import CHANNEL, DEFAULT_MAX_MAILBOX, DEFAULT_MAX_MAILBOX_BYTES, Quotas, StoreRefusal
+from zim.storage.store import CHANNEL, Quotas, StoreRefusal
 
 log = logging.getLogger("zim.storage.writer")
 
@@ -270,6 +270,19 @@ def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None
             writer.prune_step()
 
 
+def writer_settings(retention: Retention, quotas: Quotas) -> str:
+    """The writer's ``--settings``: its retention policy and mailbox quotas, as JSON."""
+    return orjson.dumps({"retention": retention.as_dict(), "max_mailbox": quotas.max_mailbox,
+                         "max_mailbox_bytes": quotas.max_mailbox_bytes}).decode()
+
+
+def from_writer_settings(settings: dict) -> tuple[Retention, Quotas]:
+    """What ``writer_settings`` gave; the channel quota is the server's to check (it
+    has every channel in memory), so the writer's is off."""
+    return (Retention.from_dict(settings["retention"]),
+            Quotas(settings["max_mailbox"], settings["max_mailbox_bytes"], 0))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zim.storage.writer", description="zim's database writer (started by zim-server)")
     parser.add_argument("--db", required=True)
@@ -277,15 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link-max-packet", type=int, default=LINK_MAX_PACKET,
                         help="the largest packet on the link, either way (the server's Reactor.link_max_packet)")
     parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--retain-private", type=parse_tier, default=Retention.private)
-    parser.add_argument("--retain-channel", type=parse_tier, default=Retention.channel)
-    parser.add_argument("--retain-large", type=parse_tier, default=Retention.large)
-    parser.add_argument("--large-channel", type=int, default=Retention.large_members)
-    parser.add_argument("--prune-every", type=int, default=Retention.prune_every_s)
-    parser.add_argument("--max-mailbox", type=int, default=DEFAULT_MAX_MAILBOX,
-                        help="direct messages waiting in one mailbox (0: no limit)")
-    parser.add_argument("--max-mailbox-bytes", type=int, default=DEFAULT_MAX_MAILBOX_BYTES,
-                        help="bytes of them (0: no limit)")
+    parser.add_argument("--settings", type=orjson.loads, default=None,
+                        help="the retention policy and the mailbox quotas, as writer_settings gives them "
+                             "(checked once, by the server's options)")
     parser.add_argument("--stats-fd", type=int, default=-1,
                         help="shared memory for the batch figures (zim.storage.batchstats)")
     parser.add_argument("--log-level", default="INFO")
@@ -299,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    retention = Retention(args.retain_private, args.retain_channel, args.retain_large,
-                          args.large_channel, args.prune_every)
+    retention, quotas = from_writer_settings(args.settings) if args.settings else (Retention(), Quotas())
     sock = socket.socket(fileno=args.link_fd)
     sock.setblocking(True)
     try:
@@ -309,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     store.checkpoint_automatically(False)
-    # the channel quota is the server's to check (it has every channel in memory)
-    store.set_quotas(Quotas(args.max_mailbox, args.max_mailbox_bytes, 0))
+    store.set_quotas(quotas)
     checkpointer = Checkpointer(args.db)
     checkpointer.start()
     try:
