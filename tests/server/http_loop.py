@@ -25,10 +25,12 @@ HOST = "127.0.0.1"
 # -- the loop in a thread ----------------------------------------------------------------
 
 class Loop:
-    """A zim Reactor running in a thread; ``call(fn)`` runs fn on its loop."""
+    """A zim Reactor running in a thread; ``call(fn)`` runs fn on its loop, and
+    ``ticks`` are called on the reactor's tick (once a second)."""
 
     def __init__(self) -> None:
-        self.reactor = Reactor(65536, lambda *packet: None)
+        self.ticks: list[Callable[[], None]] = []
+        self.reactor = Reactor(65536, lambda *packet: None, on_tick=self._tick)
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.reactor.watch(self.wake, self._on_wake)
@@ -41,6 +43,10 @@ class Loop:
             self.reactor.run()
         except BaseException as exc:        # reported by stop()
             self.error = exc
+
+    def _tick(self) -> None:
+        for tick in self.ticks:
+            tick()
 
     def _on_wake(self) -> None:
         try:

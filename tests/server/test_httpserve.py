@@ -278,7 +278,7 @@ def test_tick_closes_connections_idle_longer_than_the_timeout(loop, serve):
 
 def test_idle_timeout_from_the_reactor_tick_spares_busy_clients(loop, serve):
     server = serve(lambda method, target: (200, [], b"fine"), idle_timeout=1.0)
-    loop.call(lambda: setattr(loop.reactor, "on_tick", server.tick))
+    loop.call(lambda: loop.ticks.append(server.tick))
     port = port_of(server)
     silent = RawClient(port)                    # connects, never sends
     idle = RawClient(port)
