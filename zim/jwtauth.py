@@ -114,7 +114,6 @@ _REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.InvalidAudienceError, "wrong audience"),
     (jwt.InvalidIssuerError, "wrong issuer"),
     (jwt.InvalidSignatureError, "bad signature"),
-    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
 )
 if hasattr(jwt.exceptions, "InvalidSubjectError"):     # PyJWT 2.10 checks that sub is a string
     _REASONS += ((jwt.exceptions.InvalidSubjectError, "bad sub"),)
@@ -168,7 +167,7 @@ class JwtKeys:
         key = self._key_for(header)
         if header.get("alg") != key.algorithm:
             raise JwtRefused("algorithm not allowed")
-        try:
+        try:    # algorithms: PyJWT checks the algorithm again (a second guard)
             payload = jwt.decode(token, key.key, algorithms=[key.algorithm], audience=self.audience,
                                  issuer=self.issuer, leeway=LEEWAY_S)
         except Exception as exc:  # noqa: BLE001 -- client input: refuse, never crash
@@ -190,8 +189,8 @@ class JwtKeys:
 
 
 def _reason(exc: Exception) -> str:
-    if isinstance(exc, jwt.MissingRequiredClaimError) and exc.claim == "sub":
-        return "missing sub"
+    if isinstance(exc, jwt.MissingRequiredClaimError):     # aud or iss configured, and absent
+        return {"aud": "wrong audience", "iss": "wrong issuer"}.get(exc.claim, "malformed token")
     for kind, reason in _REASONS:
         if isinstance(exc, kind):
             return reason
@@ -205,9 +204,9 @@ def _claims(payload: Any) -> JwtClaims:
     for name in ("exp", "nbf", "iat"):       # PyJWT takes int("123") and True as times
         if name in payload and not _numeric_date(payload[name]):
             raise JwtRefused(f"bad {name}")
-    subject = payload.get("sub")
-    if subject is None:
+    if "sub" not in payload:
         raise JwtRefused("missing sub")
+    subject = payload["sub"]
     if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_CHARS:
         raise JwtRefused("bad sub")
     expires = payload.get("exp")
