@@ -252,8 +252,10 @@ def _load_key_file(path: str) -> _Key:
         except Exception as exc:  # noqa: BLE001 -- cryptography raises several kinds
             raise JwtKeyError(f"the {what} {path} is not a PEM public key zim can read: {exc}") from None
         return _Key(_algorithm_of(public_key, f"the {what} {path}"), public_key)
-    check_private_file(path, what, os.lstat(path))     # the secret's name: not a symlink
-    check_private_file(path, what, info)                # the file read
+    named = os.lstat(path)
+    if stat.S_ISLNK(named.st_mode):     # as zim's own secret: never through a symlink
+        check_private_file(path, what, named)           # raises UnsafeFile, saying so
+    check_private_file(path, what, info)                # the file read: ours, 0600
     secret = data[:-1] if data.endswith(b"\n") else data
     if len(secret) < MIN_SECRET_BYTES:
         raise JwtKeyError(f"the {what} {path} holds a secret of {len(secret)} bytes; HS256 needs at "
