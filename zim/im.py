@@ -17,7 +17,7 @@ import orjson
 
 from zim.handler import Error
 from zim.ids import timestamp_ms, wall_clock_ms
-from zim.names import check_channel_name, display_name
+from zim.names import MAX_CHANNEL_CHARS, check_channel_name, display_name
 from zim.protocol import (
     ACK, HEARTBEAT, HISTORY, LOG_OUT_EVERYWHERE, LOGIN, PULL, PUSH_CHANNEL_MESSAGE, PUSH_USER_MESSAGE,
     REFRESH_TOKEN, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE,
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from zim.handler import Ctx, Handler, RouteTable, Runtime
 
 
-MAX_CHANNEL_CHARS = 256    # an addition to docs/protocol.md: names are held per member
 HISTORY_DEFAULT_LIMIT = 20
 PAGE_MAX = 100              # history and mailbox pages, and mailbox pushes at login
 MAILBOX_DEFAULT_LIMIT = 100

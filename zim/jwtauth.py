@@ -59,13 +59,12 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 
 from zim.datadir import UnsafeFile, check_file_directory, check_private_file
-from zim.names import check_channel_name
+from zim.names import MAX_CHANNEL_CHARS, check_channel_name
 
 LEEWAY_S = 30                   # seconds: exp, nbf and iat tolerate clocks this far apart
 MAX_TOKEN_BYTES = 8 * 1024      # a longer token is refused before it is parsed
 MAX_SUBJECT_CHARS = 256
 MAX_CHANNELS = 1000
-MAX_CHANNEL_CHARS = 256         # as zim.im's MAX_CHANNEL_CHARS (a join's limit)
 MAX_KID_CHARS = 256
 MIN_SECRET_BYTES = 32           # HS256: RFC 7518 3.2, a key at least as long as the hash
 MIN_RSA_BITS = 2048

@@ -30,6 +30,7 @@ import unicodedata
 
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 256
+MAX_CHANNEL_CHARS = 256    # an addition to docs/protocol.md: names are held per member
 # what is read before normalising, to bound the work spent on a refused name: NFC
 # composes at most 4 code points into one (U+1F8F is U+0391 U+0313 U+0342 U+0345),
 # so nothing longer can come under MAX_NAME_CHARS
