@@ -246,10 +246,12 @@ class Client:
         if self._conn is not None:
             self._conn.close()
         self._fail_waiting(Closed(None, "client closed"))
-        for task in list(self._tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
         self._delivered.put_nowait(_END)
+        tasks = [task for task in self._tasks if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:       # bounded: a task that swallowed its cancellation must not hang close()
+            await asyncio.wait(tasks, timeout=1.0)
 
     async def __aenter__(self) -> "Client":
         if self._conn is None:
@@ -341,7 +343,7 @@ class Client:
                 conn.abort()
 
     async def _heartbeats(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.heartbeat)
             if self._ready.is_set():
                 with contextlib.suppress(ZimError, Closed, asyncio.TimeoutError):
@@ -369,6 +371,8 @@ class Client:
         self._waiting[seq] = future
         conn.send(action, seq, encode_body(body))
         try:
+            with contextlib.suppress(ConnectionError):     # a drop is the read loop's to see
+                await conn.writer.drain()
             got, result = await asyncio.wait_for(future, self.timeout)
         finally:
             self._waiting.pop(seq, None)
@@ -495,7 +499,7 @@ class Client:
 
     async def _dispatch(self) -> None:
         """Take pushes in arrival order, fill their holes, deliver them."""
-        while True:
+        while not self._closing:    # (not only cancellation: wait_for may swallow it, Python 3.11)
             item = await self._incoming.get()
             try:
                 if item is _RESYNC:
