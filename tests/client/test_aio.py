@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.client import unique
 from tests.support.servers import HOST
-from zim.client.aio import Client, Push, ZimError, connect
+from zim.client.aio import Client, Closed, Push, ZimError, connect
 
 NO_CHANNEL_RATE = ("--channel-rate", "0")
 
@@ -218,5 +218,18 @@ def test_error_answers_raise_zim_error(start_server):
         assert caught.value.code == "unauthorized"
         with pytest.raises(ValueError):
             await connect(f"http://{HOST}:{srv.tcp_port}/", "x")
+
+    asyncio.run(scenario())
+
+
+def test_client_as_context_manager_without_connect(start_server):
+    srv = start_server()
+
+    async def scenario():
+        async with Client(url(srv, "ws"), unique("dora")) as dora:
+            assert dora.user_id and (await dora.request(9))["time"] > 0
+        with pytest.raises(Closed):
+            await dora.next_push(0.2)       # closed: nothing more comes
+        assert [p async for p in dora.pushes()] == []
 
     asyncio.run(scenario())

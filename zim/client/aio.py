@@ -254,7 +254,7 @@ class Client:
             await asyncio.wait(tasks, timeout=1.0)
 
     async def __aenter__(self) -> "Client":
-        if self._conn is None:
+        if not self._tasks and not self._closing:      # not started yet
             await self.start()
         return self
 
@@ -473,10 +473,13 @@ class Client:
             yield item
 
     async def next_push(self, timeout: float | None = None) -> Push:
-        """The next message of ``pushes()``; ``asyncio.TimeoutError`` if none comes in time."""
+        """The next message of ``pushes()``; ``asyncio.TimeoutError`` if none comes in time,
+        ``Closed`` once the client is closed."""
         iterator = self.pushes()
         try:
             return await asyncio.wait_for(iterator.__anext__(), timeout)
+        except StopAsyncIteration:
+            raise Closed(None, "client closed") from None
         finally:
             await iterator.aclose()
 
