@@ -12,6 +12,17 @@ A blocking client, for scripts, tools and tests::
 
 ``ok`` raises ``ZimError`` for an error answer; ``call`` returns it as it came.
 
+An asyncio client (``zim.client.aio``) that reconnects with its token, pulls and
+acknowledges the mailbox, and delivers pushes in seq order per conversation with
+no hole (filled from history when the server skipped or merged some)::
+
+    from zim.client import connect_async
+
+    async with await connect_async("ws://127.0.0.1:8082/", name="bob") as bob:
+        await bob.join("room1")
+        async for push in bob.pushes():                  # a Push: action 101/102, message, seq
+            print(push.conversation, push.seq, push.content)
+
 The wire format alone, without I/O (``zim.client.codec``), for clients with
 their own event loop: packets to send, and splitters that take whole packets
 out of the bytes read::
@@ -27,6 +38,9 @@ WebSocket: ``ws_upgrade_request``/``check_ws_upgrade`` for the handshake,
 ``ws_packet`` (a masked binary frame), and ``split_ws`` or ``WsDecoder`` for
 the server's frames.
 """
+from zim.client.aio import Client as AsyncClient
+from zim.client.aio import Push
+from zim.client.aio import connect as connect_async
 from zim.client.blocking import DEFAULT_TIMEOUT, Client, Closed, TcpClient, WsClient, ZimError, connect
 from zim.client.codec import (DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
                               PACKET_HEAD, PACKET_HEAD_SIZE, TCP_HEADER, TCP_HEADER_SIZE, WS_GUID, Body, Packet,
@@ -36,6 +50,7 @@ from zim.client.codec import (DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_CONTIN
                               ws_frame, ws_message, ws_packet, ws_upgrade_accepted, ws_upgrade_request)
 
 __all__ = [
+    "AsyncClient", "Push", "connect_async",
     "DEFAULT_TIMEOUT", "Client", "Closed", "TcpClient", "WsClient", "ZimError", "connect",
     "DEFAULT_MAX_PACKET", "OP_BINARY", "OP_CLOSE", "OP_CONTINUATION", "OP_PING", "OP_PONG", "OP_TEXT",
     "PACKET_HEAD", "PACKET_HEAD_SIZE", "TCP_HEADER", "TCP_HEADER_SIZE", "WS_GUID", "Body", "Packet",
