@@ -95,6 +95,18 @@ def check_private_file(path: str, what: str, info: os.stat_result | None = None,
                     _who(mode & _LOOSE_ANY), mode)
 
 
+def check_public_file(path: str, what: str, info: os.stat_result) -> None:
+    """A public key may be read by anyone, but written only by us or root:
+    whoever replaces it can mint tokens for every user."""
+    if info.st_uid not in (os.geteuid(), 0):
+        raise UnsafeFile(f"the {what} {path} belongs to uid {info.st_uid}, neither this process's "
+                         f"uid {os.geteuid()} nor root: run: chown {os.geteuid()} {path}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & _LOOSE_WRITE:
+        raise UnsafeFile(f"the {what} {path} may be written by others (mode {mode:04o}): anyone "
+                         f"could put their own key there. Run: chmod go-w {path}")
+
+
 def check_private_files_in(directory: str, names: list[str], what: str) -> None:
     """``check_private_file(tighten=True)`` on each of ``names`` that exists."""
     for name in names:

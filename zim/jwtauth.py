@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 
-from zim.datadir import UnsafeFile, check_file_directory, check_private_file
+from zim.datadir import check_file_directory, check_private_file, check_public_file
 from zim.names import MAX_CHANNEL_CHARS, check_channel_name
 
 LEEWAY_S = 30                   # seconds: exp, nbf and iat tolerate clocks this far apart
@@ -242,7 +242,7 @@ def _load_key_file(path: str) -> _Key:
     what = "JWT key file"
     data, info = _read(path, what)
     if data.lstrip().startswith(_PEM):
-        _check_public_file(path, what, info)
+        check_public_file(path, what, info)
         if b"PRIVATE KEY" in data:
             raise JwtKeyError(f"the {what} {path} holds a private key; give zim only the public key "
                               f"(openssl pkey -in {path} -pubout)")
@@ -271,7 +271,7 @@ def _load_jwks_file(path: str) -> dict[str, _Key]:
     """The public keys of a JSON Web Key Set, by ``kid``."""
     what = "JWKS file"
     data, info = _read(path, what)
-    _check_public_file(path, what, info)
+    check_public_file(path, what, info)
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -348,15 +348,3 @@ def _read(path: str, what: str) -> tuple[bytes, os.stat_result]:
     if size > MAX_KEY_FILE_BYTES:
         raise JwtKeyError(f"the {what} {path} is over {MAX_KEY_FILE_BYTES} bytes")
     return b"".join(chunks), info
-
-
-def _check_public_file(path: str, what: str, info: os.stat_result) -> None:
-    """A public key may be read by anyone, but written only by us or root:
-    whoever replaces it can mint tokens for every user."""
-    if info.st_uid not in (os.geteuid(), 0):
-        raise UnsafeFile(f"the {what} {path} belongs to uid {info.st_uid}, neither this process's "
-                         f"uid {os.geteuid()} nor root: run: chown {os.geteuid()} {path}")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeFile(f"the {what} {path} may be written by others (mode {mode:04o}): anyone "
-                         f"could put their own key there. Run: chmod go-w {path}")

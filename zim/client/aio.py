@@ -47,12 +47,12 @@ import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
-from urllib.parse import urlsplit
 
 from zim.client.blocking import Closed, ZimError
-from zim.client.codec import (DEFAULT_MAX_PACKET, OP_CLOSE, OP_PONG, Body, Packet, ProtocolError, WsDecoder,
-                              check_ws_upgrade, decode_body, encode_body, new_ws_key, split_tcp, tcp_packet,
-                              ws_close, ws_frame, ws_packet, ws_upgrade_request)
+from zim.client.codec import (Body, DEFAULT_MAX_PACKET, OP_CLOSE, OP_PONG, Packet, ProtocolError, WsDecoder,
+                              check_ws_upgrade, decode_body, encode_body, login_body, new_ws_key,
+                              server_address, split_tcp, tcp_packet, ws_close, ws_frame, ws_packet,
+                              ws_upgrade_request)
 from zim.protocol import (ACK, HEARTBEAT, HISTORY, LOGIN, PULL, PUSH_CHANNEL_BATCH, PUSH_CHANNEL_MESSAGE,
                           PUSH_USER_MESSAGE, REFRESH_TOKEN, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE)
 
@@ -160,16 +160,14 @@ class _WsConnection(_Connection):
 async def _open(url: str, timeout: float) -> _Connection:
     """A connection to ``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH`` (the WebSocket
     upgrade done)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("tcp", "ws") or parts.hostname is None or parts.port is None:
-        raise ValueError(f"{url!r}: expected tcp://HOST:PORT or ws://HOST:PORT/PATH")
+    scheme, host, port, path = server_address(url)
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(parts.hostname, parts.port, limit=DEFAULT_MAX_PACKET), timeout)
-    if parts.scheme == "tcp":
+        asyncio.open_connection(host, port, limit=DEFAULT_MAX_PACKET), timeout)
+    if scheme == "tcp":
         return _TcpConnection(reader, writer)
     try:
         key = new_ws_key()
-        writer.write(ws_upgrade_request(key, f"{parts.hostname}:{parts.port}", parts.path or "/"))
+        writer.write(ws_upgrade_request(key, f"{host}:{port}", path))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
         check_ws_upgrade(head, key)
     except BaseException:
@@ -398,10 +396,7 @@ class Client:
         return await self._login(name, token)
 
     async def _login(self, name: str, token: str | None) -> dict:
-        body: dict[str, Any] = {"name": name}
-        if token is not None:
-            body["token"] = token
-        result = await self._call(LOGIN, body)
+        result = await self._call(LOGIN, login_body(name, token))
         self.name, self.token, self.user_id = name, result["token"], result["id"]
         self._ready.set()
         self._incoming.put_nowait(_RESYNC)

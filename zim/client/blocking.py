@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
-from urllib.parse import urlsplit
 
-from zim.client.codec import (DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Body, Packet,
-                              ProtocolError, WsDecoder, check_ws_upgrade, decode_body, encode_body, new_ws_key,
-                              take_tcp_packet, tcp_packet, ws_close, ws_frame, ws_message, ws_upgrade_request)
+from zim.client.codec import (Body, DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Packet,
+                              ProtocolError, WsDecoder, check_ws_upgrade, decode_body, encode_body,
+                              login_body, new_ws_key, server_address, take_tcp_packet, tcp_packet, ws_close,
+                              ws_frame, ws_message, ws_upgrade_request)
 from zim.protocol import HEARTBEAT, LOGIN
 
 DEFAULT_TIMEOUT = 5.0
@@ -142,10 +141,7 @@ class Client:
     def login(self, name: str, token: str | None = None) -> dict:
         """Action 1: a new user called ``name``, or with ``token`` that user again;
         keeps ``user_id``, ``token`` and ``name``."""
-        body: dict[str, Any] = {"name": name}
-        if token is not None:
-            body["token"] = token
-        result = self.ok(LOGIN, body)
+        result = self.ok(LOGIN, login_body(name, token))
         self.user_id, self.token, self.name = result["id"], result["token"], name
         return result
 
@@ -295,11 +291,7 @@ class WsClient(_SocketClient):
 
 def connect(url: str, timeout: float = DEFAULT_TIMEOUT, source: str | None = None) -> TcpClient | WsClient:
     """A client connected to ``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH``."""
-    parts = urlsplit(url)
-    if parts.hostname is None or parts.port is None:
-        raise ValueError(f"{url!r}: expected tcp://HOST:PORT or ws://HOST:PORT/PATH")
-    if parts.scheme == "tcp":
-        return TcpClient(parts.hostname, parts.port, timeout, source)
-    if parts.scheme == "ws":
-        return WsClient(parts.hostname, parts.port, timeout, parts.path or "/", source)
-    raise ValueError(f"{url!r}: the scheme must be tcp or ws")
+    scheme, host, port, path = server_address(url)
+    if scheme == "tcp":
+        return TcpClient(host, port, timeout, source)
+    return WsClient(host, port, timeout, path, source)

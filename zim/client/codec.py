@@ -26,7 +26,8 @@ import hashlib
 import json
 import os
 import struct
-from typing import Union
+from typing import Any, Union
+from urllib.parse import urlsplit
 
 TCP_HEADER = struct.Struct(">IHH")      # length (the whole packet), action, seq
 TCP_HEADER_SIZE = TCP_HEADER.size       # 8
@@ -51,6 +52,20 @@ class ProtocolError(ValueError):
 
 
 # -- bodies ------------------------------------------------------------------------
+def server_address(url: str) -> tuple[str, str, int, str]:
+    """``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH`` -> (scheme, host, port, path);
+    ValueError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("tcp", "ws") or parts.hostname is None or parts.port is None:
+        raise ValueError(f"{url!r}: expected tcp://HOST:PORT or ws://HOST:PORT/PATH")
+    return parts.scheme, parts.hostname, parts.port, parts.path or "/"
+
+
+def login_body(name: str, token: str | None = None) -> dict[str, Any]:
+    """Action 1's body: a new user called ``name``, or with ``token`` that user again."""
+    return {"name": name} if token is None else {"name": name, "token": token}
+
+
 def encode_body(body: Body) -> bytes:
     """A dict as compact UTF-8 JSON; bytes pass through unchanged; None is an empty body."""
     if body is None:
