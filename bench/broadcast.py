@@ -41,8 +41,7 @@ import orjson
 
 import benchlib
 
-from zim.protocol import LOGIN, SEND_CHANNEL, SUBSCRIBE
-from zim.protocol import PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL
+from zim.protocol import LOGIN, SEND_CHANNEL, SUBSCRIBE, PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL
 CHANNEL = "bench"
 STAMP_DIGITS = 20   # the content starts with the send time, zero-padded ns
 

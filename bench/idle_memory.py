@@ -33,8 +33,7 @@ import benchlib
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the source port at connect(), not bind()
 
 CONNECTING, WS_HANDSHAKE, LOGGING_IN, LOGGED_IN = range(4)
-from zim.protocol import LOGIN
-from zim.protocol import PULL as PULL_MAILBOX
+from zim.protocol import LOGIN, PULL as PULL_MAILBOX
 
 
 class Conn:

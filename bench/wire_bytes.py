@@ -36,8 +36,7 @@ import orjson
 
 import benchlib
 
-from zim.protocol import LOGIN, SEND_CHANNEL, SUBSCRIBE
-from zim.protocol import PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL
+from zim.protocol import LOGIN, SEND_CHANNEL, SUBSCRIBE, PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL
 CHANNEL = "wire"
 DEFLATE_OFFER = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
 TAIL = b"\x00\x00\xff\xff"

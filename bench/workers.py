@@ -51,8 +51,7 @@ import orjson
 import benchlib
 import broadcast  # the fan-out members, publisher and one run
 
-from zim.protocol import LOGIN, SEND_USER
-from zim.protocol import PUSH_USER_MESSAGE as PUSH_USER
+from zim.protocol import LOGIN, SEND_USER, PUSH_USER_MESSAGE as PUSH_USER
 STAMP_DIGITS = broadcast.STAMP_DIGITS
 CONTENT_KEY = b'"content":"'
 TARGET_RATIO = 0.8
