@@ -76,6 +76,8 @@ class Runtime(Protocol):
     client_buckets: Any         # zim.limits.ClientBuckets
     store_line: Any             # zim.limits.PacedLine
     channel_push: bool          # a subscribe without "push" gets pushes
+    jwt: Any                    # zim.access.JwtLogins, or None: no JWT keys
+    anonymous_login: bool       # a login with a name only creates a user
     logins: int
     users_created: int
 
@@ -113,7 +115,7 @@ class Ctx:
         self.peer = peer
         self.action = action
         self.seq = seq
-        self.rechecked = False      # the store was asked to confirm a "no" (zim.im.rechecking)
+        self.rechecked: tuple = ()  # the "no"s the store was asked to confirm (zim.im.rechecking)
         self._after: list[bytes] | None = None
 
     # -- this connection ---------------------------------------------------

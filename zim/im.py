@@ -1,4 +1,4 @@
-"""The IM actions 1..11 of docs/protocol.md, as zim.App handlers.
+"""The IM actions 1..12 of docs/protocol.md, as zim.App handlers.
 
 They reach the server that runs them (its store, ids, limits) through
 ``ctx.server`` (``zim.handler.Runtime``), never by importing it.
@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Callable
 
 import orjson
 
+from zim.grants import check_may_join
 from zim.handler import Error
 from zim.ids import timestamp_ms, wall_clock_ms
 from zim.names import MAX_CHANNEL_CHARS, check_channel_name, display_name
 from zim.protocol import (
-    ACK, HEARTBEAT, HISTORY, LOG_OUT_EVERYWHERE, LOGIN, PULL, PUSH_CHANNEL_MESSAGE, PUSH_USER_MESSAGE,
-    REFRESH_TOKEN, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE,
+    ACK, HEARTBEAT, HISTORY, INVITE, LOG_OUT_EVERYWHERE, LOGIN, PULL, PUSH_CHANNEL_MESSAGE, PUSH_INVITED,
+    PUSH_USER_MESSAGE, REFRESH_TOKEN, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE,
 )
 from zim.storage.store import CHANNEL, USER
 from zim.tokens import Claims, make_token, parse_user_id, verify_token
@@ -124,22 +125,24 @@ class Unsure(Exception):
     """A store that keeps only a cache of users and memberships (one node of
     several: ``zim.nodes.store.RedisStore``) answered "no", which may be stale:
     ``pending`` settles once it has asked the shared store; the handler then runs
-    again, once (``rechecking``)."""
+    again (``rechecking``), each question (``asked``) asked once per request."""
 
-    def __init__(self, pending: object) -> None:
+    def __init__(self, pending: object, asked: tuple) -> None:
         super().__init__("the store confirms a negative answer")
         self.pending = pending
+        self.asked = asked
 
 
 def ask_store(ctx: "Ctx", confirm_name: str, *args: object) -> None:
     """Raise ``Unsure`` if the store can confirm a "no" (it has the method
-    ``confirm_name`` and answers a Pending) and this request has not asked yet."""
+    ``confirm_name`` and answers a Pending) and this request has not asked it yet."""
     confirm = getattr(ctx.server.store, confirm_name, None)
-    if confirm is None or ctx.rechecked:
+    asked = (confirm_name, *args)
+    if confirm is None or asked in ctx.rechecked:
         return
     pending = confirm(*args)
     if pending is not None:
-        raise Unsure(pending)
+        raise Unsure(pending, asked)
 
 
 def rechecking(handler: "Handler") -> "Handler":
@@ -148,8 +151,8 @@ def rechecking(handler: "Handler") -> "Handler":
         try:
             return handler(ctx, body)
         except Unsure as unsure:
-            ctx.rechecked = True
-            return ctx.later(unsure.pending, lambda _: handler(ctx, body))
+            ctx.rechecked = (*ctx.rechecked, unsure.asked)
+            return ctx.later(unsure.pending, lambda _: run(ctx, body))
 
     run.__name__ = handler.__name__
     run.__doc__ = handler.__doc__
@@ -275,23 +278,36 @@ def _new_message(ctx: "Ctx", sender_id: int, content: str) -> dict:
 
 
 def login(ctx: "Ctx", body: dict) -> dict:
-    """1: log in as a new user, or resume one with its token (genuine, not
-    expired, of the user's current epoch: else ``unauthorized``). Attempts, new
-    users and failed token checks are rate-limited per source address
-    (``rate_limited``), connections per user (``too_many_connections``)."""
-    try:
-        name = display_name(body.get("name"))   # NFC, stripped, bounded, nothing invisible (zim.names)
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
+    """1: log in as a new user (``--anonymous-login``), with a JWT of the
+    application (its ``sub`` is the user, created at its first login), or resume
+    a user with its token (genuine, not expired, of the user's current epoch:
+    else ``unauthorized``). Attempts, new users and failed token checks are
+    rate-limited per source address (``rate_limited``), connections per user
+    (``too_many_connections``)."""
     token = optional_str(body, "token")
+    jwt = optional_str(body, "jwt")
+    if token is not None and jwt is not None:
+        raise bad_request("give at most one of token and jwt")
+    name = None
+    if jwt is None or "name" in body:       # a JWT login may leave the name as it is
+        try:
+            name = display_name(body.get("name"))   # NFC, stripped, bounded, nothing invisible (zim.names)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
     if ctx.user_id is not None:
         raise bad_request("this connection is logged in already")
     server = ctx.server
     store = server.store
+    anonymous = token is None and jwt is None
+    if anonymous and not server.anonymous_login:
+        raise Error("unauthorized", "anonymous logins are off on this server: log in with a jwt "
+                                    "from the application, or a token")
     if not ctx.rechecked:       # a login run again after the store confirmed a user took its tokens
-        refusal = server.client_buckets.login_refusal(ctx.peer, new_user=token is None)
+        refusal = server.client_buckets.login_refusal(ctx.peer, new_user=anonymous)
         if refusal is not None:
             raise Error("rate_limited", refusal)
+    if jwt is not None:
+        return jwt_login(ctx, jwt, name)
     if token is None:
         user_id = server.ids.next()
         store.create_user(user_id, name)
@@ -306,7 +322,30 @@ def login(ctx: "Ctx", body: dict) -> dict:
         raise Error("unauthorized", "invalid token")
     if not token_in_time(server, claims):
         raise Error("unauthorized", "token expired: log in with a newer one, or as a new user")
-    return ctx.later(current_epoch(store, user_id), _Resume(ctx, claims, name))
+    return ctx.later(current_epoch(store, user_id), _Resume(ctx, user_id, claims.epoch, name))
+
+
+def jwt_login(ctx: "Ctx", token: str, name: str | None) -> dict:
+    """A login with the application's JWT (zim.access): verified before anything
+    of it is used; a refusal counts as a failed token check of the address. The
+    first login of its ``sub`` creates the user (named ``name``, else the sub),
+    later ones resume it; its ``channels`` claim grants those private channels
+    while the user stays connected."""
+    server = ctx.server
+    if server.jwt is None:
+        raise Error("unauthorized", "this server takes no JWT (it runs without --jwt-key or --jwt-jwks)")
+    try:
+        user_id, claims = server.jwt.verify(token)
+    except Error:
+        server.client_buckets.auth_failed(ctx.peer)
+        raise
+    store = server.store
+    if not store.user_exists(user_id):
+        ask_store(ctx, "confirm_user", user_id)     # another node may have made it
+    if store.user_exists(user_id):
+        return ctx.later(current_epoch(store, user_id), _Resume(ctx, user_id, None, name, claims.channels))
+    store.create_user(user_id, name or claims.subject)
+    return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, True, 0, claims.channels))
 
 
 def token_in_time(server: "Runtime", claims: Claims) -> bool:
@@ -332,38 +371,43 @@ def issue_token(server: "Runtime", user_id: int, epoch: int) -> dict:
 
 
 class _Resume:
-    """A token login, once the user's current epoch is known: a token of an
-    older epoch was revoked (log out everywhere)."""
+    """A token or JWT login of an existing user, once its current epoch is known:
+    a token of an older epoch was revoked (log out everywhere)."""
 
-    __slots__ = ("ctx", "claims", "name")
+    __slots__ = ("ctx", "user_id", "token_epoch", "name", "channels")
 
-    def __init__(self, ctx: "Ctx", claims: Claims, name: str) -> None:
+    def __init__(self, ctx: "Ctx", user_id: int, token_epoch: int | None, name: str | None,
+                 channels: tuple[str, ...] | None = None) -> None:
         self.ctx = ctx
-        self.claims = claims
-        self.name = name
+        self.user_id = user_id
+        self.token_epoch = token_epoch  # the token's (None: a JWT login, of the current epoch)
+        self.name = name                # None: keep the name
+        self.channels = channels        # a JWT login's channels claim
 
     def __call__(self, epoch: int) -> dict:
-        ctx, user_id = self.ctx, self.claims.user_id
-        if self.claims.epoch != epoch:
+        ctx, user_id = self.ctx, self.user_id
+        if self.token_epoch is not None and self.token_epoch != epoch:
             raise Error("unauthorized", "token revoked (the user logged out everywhere)")
         store = ctx.server.store
-        if store.user_name(user_id) != self.name:
+        if self.name is not None and store.user_name(user_id) != self.name:
             store.set_user_name(user_id, self.name)
         # answered in order: the mailbox comes once the new name is stored
-        return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, False, epoch))
+        return ctx.later(store.mailbox_pull(user_id, PAGE_MAX), _LoggedIn(ctx, user_id, False, epoch, self.channels))
 
 
 class _LoggedIn:
     """The end of a login, once stored: bind the connection, push the mailbox, answer.
     (A small object rather than a closure: a login storm keeps thousands waiting.)"""
 
-    __slots__ = ("ctx", "user_id", "created", "epoch")
+    __slots__ = ("ctx", "user_id", "created", "epoch", "channels")
 
-    def __init__(self, ctx: "Ctx", user_id: int, created: bool, epoch: int) -> None:
+    def __init__(self, ctx: "Ctx", user_id: int, created: bool, epoch: int,
+                 channels: tuple[str, ...] | None = None) -> None:
         self.ctx = ctx
         self.user_id = user_id
         self.created = created      # a new user: counted once it is stored
         self.epoch = epoch          # the token's: revoked meanwhile, the login fails
+        self.channels = channels    # a JWT login's channels claim (None: not a JWT login)
 
     def __call__(self, mailbox: list[dict]) -> dict:
         ctx, user_id = self.ctx, self.user_id
@@ -375,6 +419,8 @@ class _LoggedIn:
             raise Error("too_many_connections", f"at most {most} connections per user: close one first")
         channels = [channel for channel, push in server.store.user_channels(user_id) if push]
         ctx.login(str(user_id), channels=channels)
+        if self.channels is not None:
+            server.jwt.remember(user_id, self.channels)
         for msg in oldest_that_fit(mailbox):       # about 1 MB in all: pull for the rest
             ctx.send(PUSH_USER_MESSAGE, msg)
         server.logins += 1
@@ -408,30 +454,59 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
 
 def subscribe(ctx: "Ctx", body: dict) -> dict:
     """3: join a channel (creating it: rate-limited per user, and the store may
-    refuse ``too_many_channels``), or update the push flag of a membership.
-    Without a ``push`` field the server's policy decides (``App.run(channel_push=...)``)."""
+    refuse ``too_many_channels``; ``"private": true`` creates a private one), or
+    update the push flag of a membership. A private channel is joined only with
+    a grant (``may_join``), else ``forbidden``. Without a ``push`` field the
+    server's policy decides (``App.run(channel_push=...)``)."""
     channel = channel_name(body, "name")
     try:
         check_channel_name(channel)     # no controls, bidi or invisible names (zim.names); not normalised
     except ValueError as exc:
         raise bad_request(str(exc)) from None
     push = optional_bool(body, "push", ctx.server.channel_push)
+    private = optional_bool(body, "private", False)
     server = ctx.server
+    store = server.store
     me = int(ctx.user_id)
-    if server.store.membership(channel, me) is None and not server.store.channel_exists(channel):
-        ask_store(ctx, "confirm_member", channel, me)      # a node's cache may not know it yet
-        refusal = server.client_buckets.create_refusal(me)
-        if refusal is not None:
-            raise Error("rate_limited", refusal)
-
-    def stored(_: object) -> dict:
-        if push:
-            ctx.follow(channel)
+    if store.membership(channel, me) is None:
+        ask_store(ctx, "confirm_join", channel, me)         # a node's cache may not know it, or its grants
+        if not store.channel_exists(channel):
+            ask_store(ctx, "confirm_member", channel, me)
+        if store.channel_exists(channel):
+            check_may_join(ctx, channel, me, private)
         else:
-            ctx.unfollow(channel)
-        return {}
+            refusal = server.client_buckets.create_refusal(me)
+            if refusal is not None:
+                raise Error("rate_limited", refusal)
+            if private:     # made first (the creator's grant with it), then joined
+                return ctx.later(store.create_channel(channel, me, True),
+                                 lambda created: _join_created(ctx, channel, me, push))
+    return ctx.later(store.subscribe(channel, me, push), _Followed(ctx, channel, push))
 
-    return ctx.later(ctx.server.store.subscribe(channel, int(ctx.user_id), push), stored)
+
+def _join_created(ctx: "Ctx", channel: str, user_id: int, push: bool) -> dict:
+    """After a private channel's creation (or the discovery that it existed: then
+    the join rules apply), join it."""
+    check_may_join(ctx, channel, user_id, True)
+    return ctx.later(ctx.server.store.subscribe(channel, user_id, push), _Followed(ctx, channel, push))
+
+
+class _Followed:
+    """A join stored: this user's connections follow the channel's pushes, or not."""
+
+    __slots__ = ("ctx", "channel", "push")
+
+    def __init__(self, ctx: "Ctx", channel: str, push: bool) -> None:
+        self.ctx = ctx
+        self.channel = channel
+        self.push = push
+
+    def __call__(self, _: object) -> dict:
+        if self.push:
+            self.ctx.follow(self.channel)
+        else:
+            self.ctx.unfollow(self.channel)
+        return {}
 
 
 def send_channel_message(ctx: "Ctx", body: dict) -> dict:
@@ -481,7 +556,9 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
 
 
 def unsubscribe(ctx: "Ctx", body: dict) -> dict:
-    """6: leave a channel; leaving one you are not in is fine, an unknown one is not_found."""
+    """6: leave a channel; leaving one you are not in is fine, an unknown one is
+    not_found. Leaving a private channel gives its grant back: joining again
+    takes a new one."""
     channel = channel_name(body, "name")
     store = ctx.server.store
     me = int(ctx.user_id)
@@ -492,7 +569,40 @@ def unsubscribe(ctx: "Ctx", body: dict) -> dict:
         ctx.unfollow(channel)
         return {}
 
-    return ctx.later(store.unsubscribe(channel, me), stored)
+    left = store.unsubscribe(channel, me)
+    if store.grant_of(channel, me) is None and not store.channel_private(channel):
+        return ctx.later(left, stored)
+    revoked = store.revoke_grant(channel, me)
+    return ctx.later(left, lambda _: ctx.later(revoked, stored))
+
+
+def invite(ctx: "Ctx", body: dict) -> dict:
+    """12: let a user join a private channel the caller is a member of with the
+    invite right (else ``forbidden``; an unknown channel or user ``not_found``);
+    the invitee is pushed 104 on every connection. Counts as a message for the
+    caller's ``--user-rate``."""
+    channel = channel_name(body, "channel")
+    target_text = required_str(body, "userId")
+    store = ctx.server.store
+    me = int(ctx.user_id)
+    target = known_user(ctx, target_text)
+    ask_store(ctx, "confirm_join", channel, me)     # a node's cache: the caller's grant may be news
+    membership = member_of(ctx, channel, me)
+    if not store.channel_private(channel):
+        raise bad_request(f"{channel} is public: anyone may join it")
+    if membership is None or not store.grant_of(channel, me):
+        raise Error("forbidden", f"you may not invite to {channel} (members with the invite right may)")
+    ask_store(ctx, "confirm_join", channel, target)
+    check_rate_limits(ctx)
+
+    def stored(_: object) -> dict:
+        ctx.push_user(str(target), PUSH_INVITED, {"channel": channel, "by": {"id": ctx.user_id,
+                                                                         "name": store.user_name(me)}})
+        return {}
+
+    if store.grant_of(channel, target) is not None:     # granted already (maybe with the invite right)
+        return stored(None)
+    return ctx.later(store.grant(channel, target, False), stored)
 
 
 def pull_mailbox(ctx: "Ctx", body: dict) -> dict:
@@ -553,7 +663,7 @@ def log_out_everywhere(ctx: "Ctx", body: dict) -> dict:
 
 
 def register(app: "RouteTable") -> None:
-    """Register actions 1..11 on ``app`` (a ``zim.App``)."""
+    """Register actions 1..12 on ``app`` (a ``zim.App``)."""
     app.route(LOGIN, login=False)(rechecking(login))
     app.route(SEND_USER)(rechecking(send_user_message))
     app.route(SUBSCRIBE)(rechecking(subscribe))
@@ -565,3 +675,4 @@ def register(app: "RouteTable") -> None:
     app.route(HEARTBEAT, login=False)(heartbeat)
     app.route(REFRESH_TOKEN)(refresh_token)
     app.route(LOG_OUT_EVERYWHERE)(log_out_everywhere)
+    app.route(INVITE)(rechecking(invite))

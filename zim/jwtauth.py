@@ -20,8 +20,8 @@ one of:
 ``verify(token)`` checks, in this order, and refuses with ``JwtRefused`` at the
 first failure:
 
-1. the token is a string of at most ``MAX_TOKEN_BYTES`` ASCII characters
-   (before any parsing);
+1. the token is a string of at most ``max_token_bytes`` (``MAX_TOKEN_BYTES``
+   unless given) ASCII characters (before any parsing);
 2. its header's ``alg`` is the one algorithm of its key: HS256 for a secret,
    RS256 for an RSA key, ES256 for an EC key. ``none`` and every other
    algorithm are refused, and so is a token whose ``alg`` does not fit the key:
@@ -29,7 +29,7 @@ first failure:
    HS/RS confusion) never verifies;
 3. the signature (PyJWT with ``cryptography``, not hand-written crypto);
 4. ``exp`` if present (a token may carry none: the application decides), ``nbf``
-   and ``iat`` if present, each a number, with ``LEEWAY_S`` seconds of leeway
+   and ``iat`` if present, each a number, with ``leeway`` (``LEEWAY_S``) seconds of leeway
    for clocks a little apart; ``aud`` and ``iss`` when ``audience`` /
    ``issuer`` are configured (a token that carries an ``aud`` is refused when no
    audience is configured, as PyJWT does: it was meant for someone else);
@@ -59,10 +59,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 
 from zim.datadir import check_file_directory, check_private_file, check_public_file
+from zim.limits import DEFAULT_JWT_LEEWAY, DEFAULT_JWT_MAX_BYTES
 from zim.names import MAX_CHANNEL_CHARS, check_channel_name
 
-LEEWAY_S = 30                   # seconds: exp, nbf and iat tolerate clocks this far apart
-MAX_TOKEN_BYTES = 8 * 1024      # a longer token is refused before it is parsed
+LEEWAY_S = DEFAULT_JWT_LEEWAY            # seconds: exp, nbf and iat tolerate clocks this far apart
+MAX_TOKEN_BYTES = DEFAULT_JWT_MAX_BYTES  # a longer token is refused before it is parsed
 MAX_SUBJECT_CHARS = 256
 MAX_CHANNELS = 1000
 MAX_KID_CHARS = 256
@@ -125,13 +126,16 @@ class JwtKeys:
     Loading raises ``JwtKeyError`` (or ``UnsafeFile``) with what is wrong."""
 
     def __init__(self, key_file: str | None = None, jwks_file: str | None = None, *,
-                 audience: str | None = None, issuer: str | None = None) -> None:
+                 audience: str | None = None, issuer: str | None = None, leeway: int = LEEWAY_S,
+                 max_token_bytes: int = MAX_TOKEN_BYTES) -> None:
         if (key_file is None) == (jwks_file is None):
             raise ValueError("give exactly one of key_file and jwks_file")
         self.key_file = key_file
         self.jwks_file = jwks_file
         self.audience = audience
         self.issuer = issuer
+        self.leeway = leeway                    # seconds (``LEEWAY_S`` by default)
+        self.max_token_bytes = max_token_bytes  # a longer token is refused unparsed
         self._single: _Key | None = None
         self._by_kid: dict[str, _Key] = {}
         self.reload()
@@ -155,7 +159,7 @@ class JwtKeys:
         ``JwtRefused``; nothing else is ever raised, whatever the input."""
         if not isinstance(token, str):
             raise JwtRefused("not a string")
-        if len(token) > MAX_TOKEN_BYTES:
+        if len(token) > self.max_token_bytes:
             raise JwtRefused("token too large")
         if not token.isascii():
             raise JwtRefused("malformed token")
@@ -168,7 +172,7 @@ class JwtKeys:
             raise JwtRefused("algorithm not allowed")
         try:    # algorithms: PyJWT checks the algorithm again (a second guard)
             payload = jwt.decode(token, key.key, algorithms=[key.algorithm], audience=self.audience,
-                                 issuer=self.issuer, leeway=LEEWAY_S)
+                                 issuer=self.issuer, leeway=self.leeway)
         except Exception as exc:  # noqa: BLE001 -- client input: refuse, never crash
             raise JwtRefused(_reason(exc)) from None
         return _claims(payload)

@@ -148,6 +148,9 @@ DEFAULT_ACK_RATE = 2_000.0              # ids one user acks a second, bursts of 
 DEFAULT_READ_RATE = 256 * 1024          # bytes of history and mailbox pages one user reads a second, ...
 READ_BURST_SECONDS = 4                  # ... in bursts of four seconds' worth (an app's start: 1 MiB)
 MAX_COUNT_LIMIT = 1 << 30
+# JWT logins (zim.jwtauth; here, where the options read them without loading PyJWT)
+DEFAULT_JWT_LEEWAY = 30                 # seconds: exp, nbf and iat tolerate clocks this far apart
+DEFAULT_JWT_MAX_BYTES = 8 * 1024        # a longer token is refused before it is parsed
 
 
 MAX_BYTE_RATE = float(1 << 40)

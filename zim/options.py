@@ -58,6 +58,8 @@ CLIENT_MEMORY_SHARE = 4         # auto --max-client-memory: a quarter of the mac
 DEFAULT_TOKEN_TTL = 30 * 86400  # seconds a login token is valid (renewed by every login and action 10)
 MAX_TOKEN_TTL = 100 * 365 * 86400
 DEFAULT_PORTS = {"tcp": 8081, "ws": 8082}
+MAX_JWT_LEEWAY = 3600           # seconds: clocks further apart than an hour are a fault to fix
+MIN_JWT_BYTES, MAX_JWT_BYTES = 256, 1 << 20
 
 
 # ---------------------------------------------------------------- values from text
@@ -444,6 +446,29 @@ OPTIONS: tuple[Option, ...] = (
                 "from PATH instead of DIR/secret or, with --redis, the Redis key "
                 "zim:secret; every node of a service needs the same file. Make one with: "
                 "head -c 32 /dev/urandom > PATH && chmod 600 PATH"),
+    Option("jwt_key", "--jwt-key", None, metavar="FILE",
+           help="accept logins with a JWT (action 1, \"jwt\") signed with this key: a PEM public "
+                "key (RS256: RSA of 2048 bits or more; ES256: EC P-256) or a shared HS256 "
+                "secret of 32 bytes or more (ours, mode 0600). The JWT's sub is the user id "
+                "(docs/protocol.md). Read again when the file changes"),
+    Option("jwt_jwks", "--jwt-jwks", None, metavar="FILE",
+           help="the same with a JSON Web Key Set of public RSA and EC P-256 keys, chosen by the "
+                "token's kid; read again when the file changes (key rotation)"),
+    Option("jwt_audience", "--jwt-audience", None, metavar="AUD",
+           help="a JWT must name this audience (aud); without it, a JWT with an aud is refused"),
+    Option("jwt_issuer", "--jwt-issuer", None, metavar="ISS", help="a JWT must name this issuer (iss)"),
+    Option("jwt_leeway", "--jwt-leeway", L.DEFAULT_JWT_LEEWAY, metavar="S", parse=bounded_int(0, MAX_JWT_LEEWAY),
+           check=_check_int("jwt_leeway", 0, MAX_JWT_LEEWAY, " seconds"),
+           help=f"seconds of leeway on a JWT's exp, nbf and iat, for clocks a little apart "
+                f"(default {L.DEFAULT_JWT_LEEWAY})"),
+    Option("jwt_max_bytes", "--jwt-max-bytes", L.DEFAULT_JWT_MAX_BYTES, metavar="BYTES",
+           parse=bounded_int(MIN_JWT_BYTES, MAX_JWT_BYTES),
+           check=_check_int("jwt_max_bytes", MIN_JWT_BYTES, MAX_JWT_BYTES, " bytes"),
+           help=f"longest JWT accepted; a longer one is refused unparsed (default {L.DEFAULT_JWT_MAX_BYTES})"),
+    Option("anonymous_login", "--anonymous-login", True, choices=("on", "off"), flag_default="on",
+           from_flag=_on, check=_check_bool("anonymous_login"),
+           help="on (default): a login with a name only creates a new user; off: refused "
+                "unauthorized, users log in with a JWT (needs --jwt-key or --jwt-jwks) or a token"),
     Option("redis", "--redis", None, metavar="URL",
            help="redis://HOST:PORT/DB: be one node of a zim service sharing this Redis (or "
                 "Redis Cluster) for users, messages, mailboxes, presence and pushes; --data "
@@ -494,6 +519,11 @@ class Options:
         if self.max_outbuf < 2 * self.max_packet:
             raise ValueError(f"max_outbuf ({self.max_outbuf}) must be at least twice max_packet "
                              f"({self.max_packet})")
+        if self.jwt_key is not None and self.jwt_jwks is not None:
+            raise ValueError("give one of --jwt-key and --jwt-jwks, not both")
+        if not self.anonymous_login and self.jwt_key is None and self.jwt_jwks is None:
+            raise ValueError("--anonymous-login off needs --jwt-key or --jwt-jwks: else no new user "
+                             "could ever log in")
         if self.max_client_memory and self.max_client_memory < self.max_outbuf:
             raise ValueError(f"--max-client-memory ({self.max_client_memory}) must be 0 (off) or at least "
                              f"--max-outbuf ({self.max_outbuf})")

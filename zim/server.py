@@ -22,11 +22,13 @@ from typing import Any, Callable
 import orjson
 
 from zim import datadir, tokens
+from zim.access import JwtLogins
 from zim._core import PEER_MARK
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, Groups, LocalFabric
 from zim.handler import DEFERRED, STORE_FAILED, Ctx, Error, error_body
 from zim.ids import Snowflake
+from zim.jwtauth import JwtKeys
 from zim.limits import READ_BURST_SECONDS, ClientBuckets, PacedLine, SendLimits
 from zim.metrics import APP_FAMILIES, Metrics, core_families, families_from_counts
 from zim.options import Options
@@ -66,6 +68,9 @@ class Server:
         self.token_ttl_ms = int(options.token_ttl * 1000)
         self.tokens_v1_until = 0        # Unix ms: version 1 tokens (no expiry) are accepted until then
         self.metrics = Metrics()
+        # who may log in: with a JWT (the keys are read here, in the process running the handlers)
+        self.jwt = self._jwt_logins()
+        self.anonymous_login = options.anonymous_login
         # the store, the secret and the ids
         self.node = None                # zim.nodes.node.Node: one node of a multi-node service
         self.data_dir: str | None = None
@@ -107,6 +112,18 @@ class Server:
         newest = getattr(store, "newest_id", None)
         if newest is not None:
             self.ids.advance_past(newest())     # ids keep growing even if the clock went back
+
+    def _jwt_logins(self) -> JwtLogins | None:
+        """The JWT keys of ``--jwt-key`` or ``--jwt-jwks`` (None: neither); a key
+        file that cannot be used raises (the server must not start)."""
+        options = self.options
+        if options.jwt_key is None and options.jwt_jwks is None:
+            return None
+        keys = JwtKeys(options.jwt_key, options.jwt_jwks, audience=options.jwt_audience,
+                       issuer=options.jwt_issuer, leeway=options.jwt_leeway, max_token_bytes=options.jwt_max_bytes)
+        log.info("JWT logins: keys from %s%s", options.jwt_key or options.jwt_jwks,
+                 f" (key ids {', '.join(keys.key_ids)})" if keys.key_ids else "")
+        return JwtLogins(keys)
 
     def _join_nodes(self) -> None:
         """Be a node of the service sharing the Redis at ``--redis`` (blocks until
@@ -239,6 +256,8 @@ class Server:
         self.limits.purge()
         self.client_buckets.purge()
         self.store_line.release()
+        if self.jwt is not None:
+            self.jwt.reload_if_changed()
         if self.node is not None:
             self.node.beat()
         tick = getattr(self.store, "tick", None)
@@ -274,6 +293,8 @@ class Server:
 
     def user_gone(self, user_id: int) -> None:
         """The user's last connection on this server closed."""
+        if self.jwt is not None:
+            self.jwt.forget(user_id)        # its JWT's channel grants end with its session
         if self.node is not None:
             self.node.fabric.user_gone(user_id)
 
@@ -416,6 +437,9 @@ class Server:
         values: dict = {("zim_errors_total", code): count for code, count in errors.items() if count}
         values["zim_logins_total"] = self.logins
         values["zim_users_created_total"] = self.users_created
+        if self.jwt is not None:
+            for reason, count in self.jwt.refusals.items():
+                values[("zim_jwt_refusals_total", reason)] = count
         for kind, count in self.pushes.items():
             values[("zim_pushes_total", kind)] = count
         for refused in (self.limits.refused, self.client_buckets.refused):

@@ -86,6 +86,19 @@ def channel_keys(channel: str) -> ConversationKeys:
     return ConversationKeys(f"{base}:seq", f"{base}:log", f"{base}:members")
 
 
+class ChannelAccessKeys(NamedTuple):
+    """Who may join a private channel: keys of the channel's hash tag."""
+
+    private: str      # string "1": the channel is private (set at its creation, with seq; never changed)
+    grants: str       # hash: user id -> "1" (may invite others) or "0": who may join
+
+
+def channel_access_keys(channel: str) -> ChannelAccessKeys:
+    """The private flag and grants of a channel (hash tag ``{c:<name>}``)."""
+    base = f"{PREFIX}:{{c:{channel}}}"
+    return ChannelAccessKeys(f"{base}:private", f"{base}:grants")
+
+
 def pair_keys(user_a: int, user_b: int) -> ConversationKeys:
     """The keys of the direct conversation of two users, either order
     (hash tag ``{u:<low>:<high>}``)."""
@@ -312,8 +325,21 @@ if made then return 1 end
 return 0
 """)
 
+# KEYS: seq, private, grants. ARGV: private flag, creator (or ""). Make a channel
+# without members, private or not, the creator of a private one with the invite
+# right: 1; 0 if it exists (nothing changed). The flag is set with seq: a node
+# that sees the channel can read whether it is private.
+CHANNEL_MAKE = Script("channel_make", """
+if not redis.call('SET', KEYS[1], 0, 'NX') then return 0 end
+if ARGV[1] == '1' then
+  redis.call('SET', KEYS[2], 1)
+  if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], 1) end
+end
+return 1
+""")
+
 SCRIPTS = (APPEND, MAILBOX_HOLD, MAILBOX_RELEASE, MAILBOX_ADD, MAILBOX_PULL, MAILBOX_ACK,
-           CHANNEL_JOIN, CHANNEL_CLAIM, CHANNEL_CREATE)
+           CHANNEL_JOIN, CHANNEL_CLAIM, CHANNEL_CREATE, CHANNEL_MAKE)
 
 
 # ---------------------------------------------------------------- messages
@@ -505,6 +531,41 @@ def channel_index_commands(channel: str, user_id: int, push: bool, unclaim: bool
     if unclaim:
         commands.append(("SREM", keys.created, channel))
     return commands
+
+
+def channel_make_command(channel: str, creator: int | None, private: bool) -> Command:
+    """Make a channel without members (reply 1), or nothing if it exists (0)."""
+    keys, access = channel_keys(channel), channel_access_keys(channel)
+    return CHANNEL_MAKE.command((keys.seq, access.private, access.grants),
+                                ["1" if private else "0", "" if creator is None else creator])
+
+
+def channel_join_reads(channel: str, user_id: int) -> list[Command]:
+    """What a join decides on, in the channel's slot: whether the channel exists
+    (1/0), its private flag (nil: public), the user's membership (nil, "1", "0")
+    and grant (nil, "1": may invite, "0")."""
+    keys, access = channel_keys(channel), channel_access_keys(channel)
+    return [("EXISTS", keys.seq), ("GET", access.private), ("HGET", keys.members, user_id),
+            ("HGET", access.grants, user_id)]
+
+
+def unclaim_command(user_id: int, channel: str) -> Command:
+    """Give back a channel creation the user claimed for a channel someone else made."""
+    return ("SREM", user_keys(user_id).created, channel)
+
+
+def grant_command(channel: str, user_id: int, can_invite: bool) -> Command:
+    return ("HSET", channel_access_keys(channel).grants, user_id, "1" if can_invite else "0")
+
+
+def revoke_grant_command(channel: str, user_id: int) -> Command:
+    """Reply 1 if the user had a grant, else 0."""
+    return ("HDEL", channel_access_keys(channel).grants, user_id)
+
+
+def grant_of_command(channel: str, user_id: int) -> Command:
+    """The user's grant: nil (none), "1" (may invite) or "0"."""
+    return ("HGET", channel_access_keys(channel).grants, user_id)
 
 
 def unsubscribe_steps(channel: str, user_id: int) -> list[Command]:

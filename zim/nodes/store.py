@@ -298,13 +298,115 @@ class RedisStore:
         else:
             cache.subscribe(channel, user_id, old)
 
+    # -- private channels ------------------------------------------------------
+    def create_channel(self, channel: str, creator: int | None, private: bool) -> Pending:
+        """The creator's creation claimed first (refused: StoreRefusal
+        ``too_many_channels``), then the channel made with its flag; settles True,
+        or False if it existed (the claim given back, its flag read into the cache)."""
+        if creator is None:
+            return self._make_channel(channel, None, private, schema.CLAIMED_BEFORE)
+        claim = schema.channel_claim_command(creator, channel, self.quotas.max_channels_per_user)
+        return after(self.redis.call(*claim),
+                     lambda reply: self._make_claimed(channel, creator, private, int(reply)))
+
+    def _make_claimed(self, channel: str, creator: int, private: bool, claim: int) -> Pending:
+        if claim == schema.CLAIM_REFUSED:
+            raise self.quotas.too_many_channels()
+        return self._make_channel(channel, creator, private, claim)
+
+    def _make_channel(self, channel: str, creator: int | None, private: bool, claim: int) -> Pending:
+        made = self.redis.call(*schema.channel_make_command(channel, creator, private))
+        return after(made, lambda reply: self._made(channel, creator, private, claim, int(reply)))
+
+    def _made(self, channel: str, creator: int | None, private: bool, claim: int, made: int) -> Any:
+        if made:
+            self._learn_channel(channel, bool(private), creator)
+            self._publish({"k": "channel", "c": channel, "pv": int(bool(private)), "u": creator})
+            return True
+        read = self.confirm_join(channel, creator) if creator is not None else self._read_privacy(channel)
+        if claim == schema.CLAIMED and creator is not None:
+            read = both(self.redis.call(*schema.unclaim_command(creator, channel)), read)
+        return after(read, lambda _: False)
+
+    def _learn_channel(self, channel: str, private: bool, creator: int | None) -> None:
+        cache = self.cache
+        cache.add_channel(channel, private=private)
+        if private and creator is not None:
+            cache.grant(channel, creator, True)
+
+    def channel_private(self, channel: str) -> bool:
+        return self.cache.channel_private(channel)
+
+    def confirm_join(self, channel: str, user_id: int) -> Pending:
+        """Read what a join or an invitation decides on into the cache, in one
+        round trip to the channel's slot: whether the channel exists and is
+        private, the user's membership and grant. (The cache may have learnt of
+        a channel without its flag: every join of a non-member asks.)"""
+        return after(self.redis.pipeline(schema.channel_join_reads(channel, user_id)),
+                     lambda replies: self._learn_join(channel, user_id, *replies))
+
+    def _learn_join(self, channel: str, user_id: int, exists: Any, private: Any, push: Any, grant: Any) -> bool:
+        cache = self.cache
+        if not int(exists):
+            return False
+        cache.add_channel(channel, private=private is not None)
+        cache.set_grant(channel, user_id, None if grant is None else grant == b"1")
+        if push is None:
+            cache.unsubscribe(channel, user_id)
+        else:
+            cache.subscribe(channel, user_id, push == b"1")
+        return True
+
+    def _read_privacy(self, channel: str) -> Pending:
+        commands = schema.channel_join_reads(channel, 0)[:2]
+        return after(self.redis.pipeline(commands), lambda replies: self._learn_privacy(channel, *replies))
+
+    def _learn_privacy(self, channel: str, exists: Any, private: Any) -> bool:
+        if int(exists):
+            self.cache.add_channel(channel, private=private is not None)
+        return bool(int(exists))
+
+    def grant(self, channel: str, user_id: int, can_invite: bool) -> Pending:
+        old = self.cache.grant_of(channel, user_id)
+        self._cache_grant(channel, user_id, bool(can_invite))
+        done = shared(self.redis.call(*schema.grant_command(channel, user_id, can_invite)))
+        done.wait(self._grant_written, (channel, user_id, old),
+                  {"k": "grant", "c": channel, "u": user_id, "i": int(bool(can_invite))})
+        return after(done, lambda _: None)
+
+    def revoke_grant(self, channel: str, user_id: int) -> Pending:
+        old = self.cache.grant_of(channel, user_id)
+        self._cache_grant(channel, user_id, None)
+        done = shared(self.redis.call(*schema.revoke_grant_command(channel, user_id)))
+        done.wait(self._grant_written, (channel, user_id, old), {"k": "grant", "c": channel, "u": user_id, "i": None})
+        return after(done, lambda removed: bool(int(removed)))
+
+    def grant_of(self, channel: str, user_id: int) -> bool | None:
+        return self.cache.grant_of(channel, user_id)
+
+    def confirm_grant(self, channel: str, user_id: int) -> Pending:
+        """Read the user's grant from Redis into the cache (a "no" may be stale)."""
+        return after(self.redis.call(*schema.grant_of_command(channel, user_id)),
+                     lambda reply: self._cache_grant(channel, user_id, None if reply is None else reply == b"1"))
+
+    def _cache_grant(self, channel: str, user_id: int, can_invite: bool | None) -> None:
+        if self.cache.channel_exists(channel):      # else read when needed (confirm_grant)
+            self.cache.set_grant(channel, user_id, can_invite)
+
+    def _grant_written(self, before: tuple, change: Change, ok: bool, value: Any) -> None:
+        if ok:
+            self._publish(change)
+        else:                                       # Redis refused: the cache goes back
+            self._cache_grant(*before)
+
     # -- the change feed -------------------------------------------------------
     def _publish(self, change: Change) -> None:
         if self.on_change is not None:
             self.on_change(change)
 
     def apply_change(self, change: Change) -> None:
-        """Another node changed a name or a membership: update the cache. Names
+        """Another node changed a name, a membership, a channel or a grant: update
+        the cache. Names
         of users this node never saw are not kept (``confirm_user`` reads them)."""
         cache = self.cache
         kind = change.get("k")
@@ -314,6 +416,11 @@ class RedisStore:
                 cache.set_user_name(user_id, change["name"])
         elif kind == "epoch":
             self._learn_epoch(change["u"], change["e"])
+        elif kind == "channel":
+            self._learn_channel(change["c"], bool(change["pv"]), change["u"])
+        elif kind == "grant":
+            can_invite = change["i"]
+            self._cache_grant(change["c"], change["u"], None if can_invite is None else bool(can_invite))
         elif kind == "member":
             channel, user_id, push = change["c"], change["u"], change["p"]
             if push is None:

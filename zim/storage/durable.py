@@ -44,8 +44,9 @@ from zim.storage.store import (
     ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Quotas, StoreRefusal,
 )
 from zim.storage.writer import (
-    FAILED, LIMIT, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_USER, OP_HISTORY, OP_MAILBOX, OP_RENAME,
-    OP_RESYNC, OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE, OP_USER_MESSAGE, REFUSED, writer_settings,
+    FAILED, LIMIT, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_CHANNEL, OP_CREATE_USER, OP_GRANT, OP_HISTORY,
+    OP_MAILBOX, OP_RENAME, OP_RESYNC, OP_REVOKE_GRANT, OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE,
+    OP_USER_MESSAGE, REFUSED, writer_settings,
 )
 
 log = logging.getLogger("zim.storage")
@@ -130,6 +131,10 @@ class DurableStore:
                 meta.create_user(user_id, name)
             for channel, creator in db.all_channels_with_creators():
                 meta.add_channel(channel, creator)
+            for channel in db.all_private_channels():
+                meta.add_channel(channel, private=True)
+            for channel, user_id, can_invite in db.all_grants():
+                meta.grant(channel, user_id, can_invite)
             for channel, user_id, push in db.all_members():
                 meta.subscribe(channel, user_id, push)
             for user_id, epoch in db.all_token_epochs():
@@ -349,6 +354,42 @@ class DurableStore:
                 meta.drop_channel(channel)
 
         return self._call(OP_SUBSCRIBE, [channel, user_id, bool(push)], (undo,))
+
+    # -- private channels (written like memberships: in memory at once, undone if the write fails) --
+    def create_channel(self, channel: str, creator: int | None, private: bool) -> Pending | bool:
+        """False at once if the channel exists; a creation past the creator's
+        quota settles at once with StoreRefusal (``too_many_channels``)."""
+        meta = self.meta
+        try:
+            if not meta.create_channel(channel, creator, private):
+                return False
+        except StoreRefusal as refusal:
+            refused = Pending()
+            refused.settle(False, refusal)
+            return refused
+        call = self._call(OP_CREATE_CHANNEL, [channel, creator, bool(private)], (meta.drop_channel, channel))
+        return _with_value(call, True)
+
+    def channel_private(self, channel: str) -> bool:
+        return self.meta.channel_private(channel)
+
+    def grant(self, channel: str, user_id: int, can_invite: bool) -> Pending:
+        meta = self.meta
+        old = meta.grant_of(channel, user_id)
+        meta.grant(channel, user_id, can_invite)
+        return self._call(OP_GRANT, [channel, user_id, bool(can_invite)], (meta.set_grant, channel, user_id, old))
+
+    def revoke_grant(self, channel: str, user_id: int) -> Pending | bool:
+        meta = self.meta
+        old = meta.grant_of(channel, user_id)
+        if old is None:
+            return False
+        meta.revoke_grant(channel, user_id)
+        return _with_value(self._call(OP_REVOKE_GRANT, [channel, user_id], (meta.set_grant, channel, user_id, old)),
+                           True)
+
+    def grant_of(self, channel: str, user_id: int) -> bool | None:
+        return self.meta.grant_of(channel, user_id)
 
     def unsubscribe(self, channel: str, user_id: int) -> Pending | bool:
         meta = self.meta

@@ -37,9 +37,9 @@ import orjson
 from zim.storage.retention import Retention
 from zim.storage.sqlite_schema import SCHEMA_VERSION, open_database
 from zim.storage.sqlite_writes import (
-    MAILBOX_INSERT, SQL_INT_MAX, channel_conv, check_user_id, pair_conv, sql_id, write_create_user,
-    write_mailbox_ack, write_prune, write_set_user_name, write_subscribe, write_token_epoch,
-    write_unsubscribe,
+    MAILBOX_INSERT, SQL_INT_MAX, channel_conv, check_user_id, pair_conv, sql_id, write_create_channel,
+    write_create_user, write_grant, write_mailbox_ack, write_prune, write_revoke_grant, write_set_user_name,
+    write_subscribe, write_token_epoch, write_unsubscribe,
 )
 from zim.storage.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message, PairKey,
                                Quotas, _encode_name)
@@ -388,6 +388,41 @@ class SQLiteStore:
             "SELECT channel, push FROM members INDEXED BY members_by_user "
             "WHERE user_id = ? ORDER BY rowid", (sql_id(user_id),)).fetchall()
         return [(channel, bool(push)) for channel, push in rows]
+
+    # -- private channels --------------------------------------------------
+    def create_channel(self, channel: str, creator: int | None, private: bool) -> bool:
+        """See zim.storage.store.Store (the server counts the creator's quota)."""
+        if creator is not None:
+            check_user_id(creator)
+        return self._transaction(write_create_channel, channel, creator, private)
+
+    def channel_private(self, channel: str) -> bool:
+        row = self._one("SELECT private FROM channels WHERE name = ?", (channel,))
+        return bool(row and row[0])
+
+    def grant(self, channel: str, user_id: int, can_invite: bool) -> None:
+        check_user_id(user_id)
+        if not self.channel_exists(channel):
+            raise KeyError(f"no channel {channel!r}")
+        self._transaction(write_grant, channel, user_id, can_invite)
+
+    def revoke_grant(self, channel: str, user_id: int) -> bool:
+        return self._transaction(write_revoke_grant, channel, user_id)
+
+    def grant_of(self, channel: str, user_id: int) -> bool | None:
+        row = self._one("SELECT can_invite FROM grants WHERE channel = ? AND user_id = ?",
+                        (channel, sql_id(user_id)))
+        return None if row is None else bool(row[0])
+
+    def all_private_channels(self) -> Iterator[str]:
+        for (name,) in self._connection().execute("SELECT name FROM channels WHERE private != 0"):
+            yield name
+
+    def all_grants(self) -> Iterator[tuple[str, int, bool]]:
+        """Every (channel, user id, can invite)."""
+        for channel, user_id, can_invite in self._connection().execute(
+                "SELECT channel, user_id, can_invite FROM grants"):
+            yield channel, (user_id + (1 << 64) if user_id < 0 else user_id), bool(can_invite)
 
     # -- messages ----------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> int:

@@ -16,7 +16,7 @@ database written by a newer zim (a higher version) is refused with a
 RuntimeError; so is a file that is not a database, is corrupt, or cannot be
 opened for writing.
 
-Schema (version 4; the versions' changes are applied in ``open_database``):
+Schema (version 5; the versions' changes are applied in ``open_database``):
 
 - ``users(id, name)``: ids are unsigned 64-bit; SQLite integers are signed, so an
   id >= 2**63 is stored as ``id - 2**64`` (two's complement), here and in
@@ -43,13 +43,16 @@ Schema (version 4; the versions' changes are applied in ``open_database``):
   ends with the rowid) yields the oldest first. Version 4 adds ``size``: the
   length of the message's JSON as stored (what the quota counts), so an ack
   knows what it frees.
+- Version 5 adds private channels (docs/protocol.md): ``channels.private`` (1:
+  joined only with a grant) and ``grants(channel, user_id, can_invite)``, who
+  may join a private channel (an invitation, the server API) and may invite.
 """
 from __future__ import annotations
 
 import sqlite3
 import time
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -125,6 +128,17 @@ UPDATE users SET mailbox_count = box.n, mailbox_bytes = box.bytes
     WHERE users.id = box.user_id;
 """
 
+# version 5 adds private channels: the flag, and who may join one (and invite)
+_SCHEMA_V5 = """
+ALTER TABLE channels ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE grants (
+    channel    TEXT NOT NULL,
+    user_id    INTEGER NOT NULL,
+    can_invite INTEGER NOT NULL,
+    PRIMARY KEY (channel, user_id)
+) WITHOUT ROWID;
+"""
+
 
 def _run_script(cur: sqlite3.Cursor, script: str) -> None:
     for statement in script.split(";"):
@@ -164,6 +178,8 @@ def open_database(conn: sqlite3.Connection, path: str) -> int:
             _run_script(cur, _SCHEMA_V4)
             if version > 0:
                 _run_script(cur, _MIGRATE_V4)
+        if version < 5:
+            _run_script(cur, _SCHEMA_V5)
         # always write: proves the file is writable now, not at the first send
         cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         cur.execute("SELECT count(*) FROM conversations").fetchone()

@@ -72,6 +72,29 @@ def write_subscribe(cur: sqlite3.Cursor, channel: str, user_id: int, push: bool)
                 (channel, sql_id(user_id), int(bool(push))))
 
 
+def write_create_channel(cur: sqlite3.Cursor, channel: str, creator: int | None, private: bool) -> bool:
+    """A channel without members (True), or nothing if it exists (False); the
+    creator of a private one gets the invite right."""
+    cur.execute("INSERT INTO channels(name, creator, private) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                (channel, None if creator is None else sql_id(creator), int(bool(private))))
+    if cur.rowcount != 1:
+        return False
+    if private and creator is not None:
+        write_grant(cur, channel, creator, True)
+    return True
+
+
+def write_grant(cur: sqlite3.Cursor, channel: str, user_id: int, can_invite: bool) -> None:
+    cur.execute("INSERT INTO grants(channel, user_id, can_invite) VALUES (?, ?, ?) "
+                "ON CONFLICT(channel, user_id) DO UPDATE SET can_invite = excluded.can_invite",
+                (channel, sql_id(user_id), int(bool(can_invite))))
+
+
+def write_revoke_grant(cur: sqlite3.Cursor, channel: str, user_id: int) -> bool:
+    cur.execute("DELETE FROM grants WHERE channel = ? AND user_id = ?", (channel, sql_id(user_id)))
+    return cur.rowcount == 1
+
+
 def write_unsubscribe(cur: sqlite3.Cursor, channel: str, user_id: int) -> bool:
     cur.execute("DELETE FROM members WHERE channel = ? AND user_id = ?", (channel, sql_id(user_id)))
     return cur.rowcount == 1

@@ -178,6 +178,27 @@ class Store(Protocol):
     def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
         """The channels the user is a member of, with the push flag of each."""
 
+    # -- private channels (docs/protocol.md, "Private channels") -------------
+    def create_channel(self, channel: str, creator: int | None, private: bool) -> bool:
+        """Make a channel exist, without members: True, or False (nothing changed)
+        if it exists already. ``creator`` (None: the server API) counts it against
+        its quota (``StoreRefusal`` ``too_many_channels``) and, for a private
+        channel, gets a grant with the invite right. Whether a channel is private
+        is decided here, once."""
+
+    def channel_private(self, channel: str) -> bool:
+        """Whether the channel is private (joined only with a grant); False for an unknown one."""
+
+    def grant(self, channel: str, user_id: int, can_invite: bool) -> None:
+        """Let the user join a private channel (an invitation, the server API);
+        ``can_invite``: it may invite others. Replaces the user's grant."""
+
+    def revoke_grant(self, channel: str, user_id: int) -> bool:
+        """Take the user's grant back (membership stays); False if it had none."""
+
+    def grant_of(self, channel: str, user_id: int) -> bool | None:
+        """None: the user has no grant on the channel; else its ``can_invite``."""
+
     # -- messages ----------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> int:
         """Store a message in an existing channel's history; sets and returns its seq."""
@@ -329,6 +350,8 @@ class MemoryStore:
         self._epochs: dict[int, int] = {}                      # user id -> token epoch, when not 0 (rare)
         self._creators: dict[str, int] = {}                    # channel -> the user who created it (if known)
         self._created: dict[int, int] = {}                     # user id -> channels it created (not 0)
+        self._private: set[str] = set()                        # the private channels
+        self._grants: dict[str, dict[int, bool]] = {}          # private channel -> {user id: can invite}
         self.quotas = Quotas()
 
     def set_quotas(self, quotas: Quotas) -> None:
@@ -375,10 +398,13 @@ class MemoryStore:
     def channel_exists(self, channel: str) -> bool:
         return channel in self._members
 
-    def add_channel(self, channel: str, creator: int | None = None) -> None:
+    def add_channel(self, channel: str, creator: int | None = None, private: bool = False) -> None:
         """Make a channel exist without members (loading a stored one), created by
         ``creator`` (None: not known, as for a channel made before creators were
-        recorded; it then counts for nobody)."""
+        recorded; it then counts for nobody). ``private`` marks it private, even
+        if it exists already (a cache learning what another node made)."""
+        if private:
+            self._private.add(channel)
         if channel in self._members:
             return
         self._members[channel] = {}
@@ -390,6 +416,8 @@ class MemoryStore:
         longer counts for its creator."""
         if not self._members.get(channel, True):
             del self._members[channel]
+            self._private.discard(channel)
+            self._grants.pop(channel, None)
             creator = self._creators.pop(channel, None)
             if creator is not None:
                 left = self._created[creator] - 1
@@ -425,6 +453,52 @@ class MemoryStore:
         if joined is None:
             joined = self._user_channels[user_id] = {}
         joined[channel] = push
+
+    def create_channel(self, channel: str, creator: int | None, private: bool) -> bool:
+        """See ``Store.create_channel``; the quota as for ``subscribe``."""
+        if channel in self._members:
+            return False
+        if creator is not None and self.quotas.max_channels_per_user:
+            refusal = self.quotas.channels_refusal(self._created.get(creator, 0))
+            if refusal is not None:
+                raise refusal
+            self._add_creator(channel, creator)
+        self._members[channel] = {}
+        if private:
+            self._private.add(channel)
+            if creator is not None:
+                self.grant(channel, creator, True)
+        return True
+
+    def channel_private(self, channel: str) -> bool:
+        return channel in self._private
+
+    def grant(self, channel: str, user_id: int, can_invite: bool) -> None:
+        if channel not in self._members:
+            raise KeyError(f"no channel {channel!r}")
+        grants = self._grants.get(channel)
+        if grants is None:
+            grants = self._grants[channel] = {}
+        grants[user_id] = bool(can_invite)
+
+    def revoke_grant(self, channel: str, user_id: int) -> bool:
+        grants = self._grants.get(channel)
+        if grants is None or grants.pop(user_id, None) is None:
+            return False
+        if not grants:
+            del self._grants[channel]
+        return True
+
+    def grant_of(self, channel: str, user_id: int) -> bool | None:
+        grants = self._grants.get(channel)
+        return None if grants is None else grants.get(user_id)
+
+    def set_grant(self, channel: str, user_id: int, can_invite: bool | None) -> None:
+        """Give or take a grant back as it was (an undo, or news from another node)."""
+        if can_invite is None:
+            self.revoke_grant(channel, user_id)
+        else:
+            self.grant(channel, user_id, can_invite)
 
     def unsubscribe(self, channel: str, user_id: int) -> bool:
         members = self._members.get(channel)

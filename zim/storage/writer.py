@@ -57,6 +57,7 @@ log = logging.getLogger("zim.storage.writer")
 (OP_CREATE_USER, OP_RENAME, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_CHANNEL_MESSAGE, OP_USER_MESSAGE,
  OP_HISTORY, OP_MAILBOX, OP_ACK, OP_RESYNC) = range(1, 11)
 OP_TOKEN_EPOCH = 11                   # a user's token generation raised (log out everywhere)
+OP_CREATE_CHANNEL, OP_GRANT, OP_REVOKE_GRANT = 12, 13, 14   # private channels and their grants
 # Answer statuses (the seq field). FAILED: the batch was rolled back, and every
 # later operation fails too until RESYNC. REFUSED: this operation alone was not
 # done (a request the store refuses, an answer too big for the link); the rest go on.
@@ -86,6 +87,9 @@ OPERATIONS: dict[int, Callable[..., Any]] = {
     OP_MAILBOX: SQLiteStore.mailbox_pull,
     OP_ACK: SQLiteStore.mailbox_ack,
     OP_TOKEN_EPOCH: SQLiteStore.set_token_epoch,
+    OP_CREATE_CHANNEL: SQLiteStore.create_channel,
+    OP_GRANT: SQLiteStore.grant,
+    OP_REVOKE_GRANT: SQLiteStore.revoke_grant,
 }
 
 
