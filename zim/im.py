@@ -289,7 +289,7 @@ def login(ctx: "Ctx", body: dict) -> dict:
     if token is not None and jwt is not None:
         raise bad_request("give at most one of token and jwt")
     name = None
-    if jwt is None or "name" in body:       # a JWT login may leave the name as it is
+    if (token is None and jwt is None) or "name" in body:   # a token or JWT login may keep the name
         try:
             name = display_name(body.get("name"))   # NFC, stripped, bounded, nothing invisible (zim.names)
         except ValueError as exc:

@@ -112,7 +112,7 @@ def test_actions_need_login(connect, action):
     assert client.error(action, {}) == "not_logged_in"
 
 
-@pytest.mark.parametrize("action", [0, 12, 50, 99, 100, 101, 102, 103, 1000, 32767, 0x8000, 0xFFFF])
+@pytest.mark.parametrize("action", [0, 13, 50, 99, 100, 101, 102, 103, 104, 1000, 32767, 0x8000, 0xFFFF])
 def test_unknown_action_checked_first(connect, action):
     client = connect()
     # before login, and with a body that is not even JSON: unknown_action wins

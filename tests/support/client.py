@@ -87,8 +87,8 @@ class ZimClient(client.Client):
             return
         raise AssertionError(f"unexpected push: {push}")
 
-    def login(self, name: str, token: str | None = None) -> dict:
-        result = super().login(name, token)
+    def login(self, name: str | None, token: str | None = None, *, jwt: str | None = None) -> dict:
+        result = super().login(name, token, jwt=jwt)
         assert isinstance(result.get("id"), str) and result["id"], result
         assert isinstance(result.get("token"), str) and result["token"], result
         return result

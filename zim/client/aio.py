@@ -192,20 +192,22 @@ class Client:
     """A zim connection that reconnects; use ``connect()`` or ``async with Client(...)``.
 
     ``url``: ``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH``. With ``name`` the client
-    logs in on start (with ``token``, as that user again) and again after every
-    reconnect. ``last_seqs`` gives conversations to track from a known seq (see
+    logs in on start (with ``token``, as that user again; with ``jwt``, the
+    application's, as the user it names) and again after every reconnect, with
+    the newest zim token. ``last_seqs`` gives conversations to track from a known seq (see
     ``last_seqs``). ``timeout`` bounds connecting and each request; ``heartbeat``
     is the period of action 9 (the server closes idle connections); ``reconnect=False``
     ends ``pushes()`` with ``Closed`` when the connection drops instead.
     """
 
-    def __init__(self, url: str, name: str | None = None, token: str | None = None, *,
+    def __init__(self, url: str, name: str | None = None, token: str | None = None, *, jwt: str | None = None,
                  last_seqs: dict[Conversation, int] | None = None, reconnect: bool = True,
                  auto_ack: bool = True, timeout: float = 10.0, heartbeat: float = 60.0,
                  backoff: tuple[float, float] = (0.1, 5.0)) -> None:
         self.url = url
         self.name = name
         self.token = token
+        self.jwt = jwt                      # the application's, for the first login; then the token serves
         self.user_id: str | None = None
         self.reconnect = reconnect
         self.auto_ack = auto_ack
@@ -269,10 +271,10 @@ class Client:
         conn = await _open(self.url, self.timeout)
         self._conn = conn
         self._spawn(self._read_loop(conn))
-        if self.name is None:
+        if self.name is None and self.token is None and self.jwt is None:
             self._ready.set()
         else:
-            await self._login(self.name, self.token)
+            await self._login(self.name, self.token, self.jwt)
 
     async def _read_loop(self, conn: _Connection) -> None:
         """Route the connection's packets: answers to their requests, pushes to the queue."""
@@ -390,14 +392,15 @@ class Client:
         await asyncio.wait_for(self._ready.wait(), self.timeout)
         return await self._call(action, body)
 
-    async def login(self, name: str, token: str | None = None) -> dict:
-        """Action 1 as ``name`` (with ``token``: that user again). The client then logs in
-        so after every reconnect, with the newest token."""
-        return await self._login(name, token)
+    async def login(self, name: str | None = None, token: str | None = None, *, jwt: str | None = None) -> dict:
+        """Action 1 as ``name`` (with ``token``: that user again; with ``jwt``: the user
+        the application's JWT names). The client then logs in so after every
+        reconnect, with the newest token."""
+        return await self._login(name, token, jwt)
 
-    async def _login(self, name: str, token: str | None) -> dict:
-        result = await self._call(LOGIN, login_body(name, token))
-        self.name, self.token, self.user_id = name, result["token"], result["id"]
+    async def _login(self, name: str | None, token: str | None, jwt: str | None = None) -> dict:
+        result = await self._call(LOGIN, login_body(name, None if jwt is not None else token, jwt))
+        self.name, self.token, self.jwt, self.user_id = name, result["token"], None, result["id"]
         self._ready.set()
         self._incoming.put_nowait(_RESYNC)
         return result
@@ -603,5 +606,5 @@ class Client:
 
 
 async def connect(url: str, name: str | None = None, token: str | None = None, **options: Any) -> Client:
-    """A started ``Client`` (connected, and logged in with a name); options as ``Client``."""
+    """A started ``Client`` (connected, and logged in with a name, token or ``jwt=``); options as ``Client``."""
     return await Client(url, name, token, **options).start()

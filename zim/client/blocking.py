@@ -138,10 +138,11 @@ class Client:
             raise ZimError(action, str(error.get("code")), str(error.get("message")))
         return result
 
-    def login(self, name: str, token: str | None = None) -> dict:
-        """Action 1: a new user called ``name``, or with ``token`` that user again;
-        keeps ``user_id``, ``token`` and ``name``."""
-        result = self.ok(LOGIN, login_body(name, token))
+    def login(self, name: str | None = None, token: str | None = None, *, jwt: str | None = None) -> dict:
+        """Action 1: a new user called ``name``, with ``token`` that user again, or with
+        ``jwt`` (the application's) the user it names; keeps ``user_id``, ``token``
+        and ``name`` (None: the user's, unchanged)."""
+        result = self.ok(LOGIN, login_body(name, token, jwt))
         self.user_id, self.token, self.name = result["id"], result["token"], name
         return result
 

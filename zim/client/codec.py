@@ -61,9 +61,16 @@ def server_address(url: str) -> tuple[str, str, int, str]:
     return parts.scheme, parts.hostname, parts.port, parts.path or "/"
 
 
-def login_body(name: str, token: str | None = None) -> dict[str, Any]:
-    """Action 1's body: a new user called ``name``, or with ``token`` that user again."""
-    return {"name": name} if token is None else {"name": name, "token": token}
+def login_body(name: str | None, token: str | None = None, jwt: str | None = None) -> dict[str, Any]:
+    """Action 1's body: a new user called ``name``; with ``token`` that user again;
+    with ``jwt`` (the application's) the user it names. With a token or a JWT,
+    ``name`` None keeps the user's name."""
+    body: dict[str, Any] = {} if name is None else {"name": name}
+    if token is not None:
+        body["token"] = token
+    if jwt is not None:
+        body["jwt"] = jwt
+    return body
 
 
 def encode_body(body: Body) -> bytes:
