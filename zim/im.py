@@ -289,7 +289,7 @@ def login(ctx: "Ctx", body: dict) -> dict:
     if token is not None and jwt is not None:
         raise bad_request("give at most one of token and jwt")
     name = None
-    if (token is None and jwt is None) or "name" in body:   # a token or JWT login may keep the name
+    if jwt is None or "name" in body:       # a JWT login may keep the user's name
         try:
             name = display_name(body.get("name"))   # NFC, stripped, bounded, nothing invisible (zim.names)
         except ValueError as exc:
@@ -426,7 +426,10 @@ class _LoggedIn:
         server.logins += 1
         if self.created:
             server.users_created += 1
-        return {"id": str(user_id), **issue_token(server, user_id, self.epoch)}
+        answer = {"id": str(user_id), **issue_token(server, user_id, self.epoch)}
+        if self.channels is not None:   # a JWT login: the name to resume with the token
+            answer["name"] = server.store.user_name(user_id)
+        return answer
 
 
 def send_user_message(ctx: "Ctx", body: dict) -> dict:
@@ -469,9 +472,7 @@ def subscribe(ctx: "Ctx", body: dict) -> dict:
     store = server.store
     me = int(ctx.user_id)
     if store.membership(channel, me) is None:
-        ask_store(ctx, "confirm_join", channel, me)         # a node's cache may not know it, or its grants
-        if not store.channel_exists(channel):
-            ask_store(ctx, "confirm_member", channel, me)
+        ask_store(ctx, "confirm_join", channel, me)     # a node's cache may not know it, its flag or grants
         if store.channel_exists(channel):
             check_may_join(ctx, channel, me, private)
         else:

@@ -22,6 +22,7 @@ ROOT = REPO_ROOT
                   "--rate-seconds", "0.5", "--engine-messages", "2000"]),
     ("hugegroup.py", ["--members-list", "500", "--workers", "2", "--runs", "1", "--sources", "2"]),
     ("wire_bytes.py", ["--messages", "50"]),
+    ("jwt_logins.py", ["--users", "10", "--logins", "100", "--runs", "1", "--algorithms", "HS256,ES256"]),
     pytest.param("redis_link.py", ["--ops", "300", "--runs", "1", "--depths", "1,16"],
                  marks=pytest.mark.skipif(shutil.which("redis-server") is None,
                                           reason="redis-server is not installed (CI installs it)")),

@@ -69,7 +69,7 @@ def test_a_grant_made_on_one_node_is_honoured_on_the_other(nodes):
     # given back on B (leaving), gone on A
     bob.ok(UNSUBSCRIBE, {"name": channel})
     bob_on_a = a.tcp_client()
-    bob_on_a.login(None, token=bob.token)
+    bob_on_a.login(bob.name, token=bob.token)
     assert bob_on_a.error(SUBSCRIBE, {"name": channel}) == "forbidden"
 
 
@@ -80,7 +80,7 @@ def test_an_inviter_on_the_other_node(nodes):
     channel = unique("secret")
     owner.ok(SUBSCRIBE, {"name": channel, "private": True})
     owner_on_b = b.tcp_client()
-    owner_on_b.login(None, token=owner.token)
+    owner_on_b.login(owner.name, token=owner.token)
     owner_on_b.ok(INVITE, {"channel": channel, "userId": carol.user_id})
     assert carol.recv_push()[0] == 104
     carol.ok(SUBSCRIBE, {"name": channel})

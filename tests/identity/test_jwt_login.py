@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jwt
@@ -75,6 +77,7 @@ def test_hs256_first_login_creates_the_user_later_ones_resume_it(hs_server):
     sub = user_number()
     first = jwt_login(hs_server, token(SECRET, sub=sub), name="Ann")
     assert first["id"] == sub and first["token"] and first["expiresAt"] > time.time() * 1000
+    assert first["name"] == "Ann"       # a JWT login answers the name (to resume with the token)
     # again, without a name: the same user, its name kept; the zim token serves reconnects
     again = hs_server.tcp_client()
     assert again.login(None, jwt=token(SECRET, sub=sub))["id"] == sub
@@ -86,7 +89,7 @@ def test_hs256_first_login_creates_the_user_later_ones_resume_it(hs_server):
     again.ok(SEND_CHANNEL, {"channel": channel, "content": "hello"})
     assert peer.recv_push()[1]["sender"] == {"id": sub, "name": "Ann"}
     resumed = hs_server.tcp_client()
-    assert resumed.login(None, token=first["token"])["id"] == sub
+    assert resumed.login("Ann", token=first["token"])["id"] == sub
 
 
 def test_a_new_user_without_a_name_is_named_by_its_sub(hs_server):
@@ -208,7 +211,7 @@ def test_the_asyncio_client_logs_in_with_a_jwt_and_reconnects_with_its_token(hs_
     async def scenario() -> None:
         url = f"tcp://127.0.0.1:{hs_server.tcp_port}"
         async with Client(url, jwt=token(SECRET, sub=sub), backoff=(0.05, 0.2)) as client:
-            assert client.user_id == sub and client.token and client.jwt is None
+            assert client.user_id == sub and client.token and client.jwt is None and client.name == sub
             channel = unique("aio")
             await client.join(channel)
             first_token = client.token
@@ -221,3 +224,18 @@ def test_the_asyncio_client_logs_in_with_a_jwt_and_reconnects_with_its_token(hs_
             assert client.user_id == sub and client.token != first_token
 
     asyncio.run(scenario())
+
+
+def test_bad_jwt_flags_stop_the_server_before_it_starts(tmp_path, zim_env):
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "zim", "--tcp", "off", "--ws", "off", "--workers", "1",
+                               "--data", str(tmp_path / "data"), *flags],
+                              env=zim_env, capture_output=True, text=True, timeout=30)
+
+    loose = write(tmp_path / "loose", SECRET, 0o644)      # a secret others may read
+    done = run("--jwt-key", loose)
+    assert done.returncode == 1 and "loose" in done.stderr, done.stderr
+    done = run("--anonymous-login", "off")
+    assert done.returncode == 2 and "--anonymous-login off needs --jwt-key or --jwt-jwks" in done.stderr
+    done = run("--jwt-key", loose, "--jwt-jwks", loose)
+    assert done.returncode == 2 and "one of --jwt-key and --jwt-jwks" in done.stderr

@@ -100,7 +100,7 @@ def test_the_jwt_channels_claim_grants_while_the_user_is_connected(srv):
     assert member.error(SUBSCRIBE, {"name": other}) == "forbidden"       # not in its claim
     # the claim counts for the user, on every connection, not only the one that logged in
     second = srv.tcp_client()
-    second.login(None, token=member.token)
+    second.login("Jay", token=member.token)
     member.close()
     second.ok(SUBSCRIBE, {"name": channel})
     second.ok(UNSUBSCRIBE, {"name": channel})
@@ -109,7 +109,7 @@ def test_the_jwt_channels_claim_grants_while_the_user_is_connected(srv):
     deadline = time.monotonic() + 5
     while True:
         again = srv.tcp_client()
-        again.login(None, token=second.token)
+        again.login("Jay", token=second.token)
         if again.call(SUBSCRIBE, {"name": channel}).get("error", {}).get("code") == "forbidden":
             break
         again.ok(UNSUBSCRIBE, {"name": channel})
@@ -132,7 +132,7 @@ def test_grants_survive_a_restart(start_server, tmp_path):
     bob_again.ok(SUBSCRIBE, {"name": channel})
     assert stranger.error(SUBSCRIBE, {"name": channel}) == "forbidden"
     owner_again = second.tcp_client()
-    owner_again.login(None, token=ids[0])
+    owner_again.login("owner", token=ids[0])
     owner_again.ok(INVITE, {"channel": channel, "userId": stranger.user_id})     # its invite right kept
     stranger.ok(SUBSCRIBE, {"name": channel})
 

@@ -400,7 +400,9 @@ class Client:
 
     async def _login(self, name: str | None, token: str | None, jwt: str | None = None) -> dict:
         result = await self._call(LOGIN, login_body(name, None if jwt is not None else token, jwt))
-        self.name, self.token, self.jwt, self.user_id = name, result["token"], None, result["id"]
+        # a JWT login answers the user's name: the token logins of reconnects need one
+        self.name, self.token, self.jwt = result.get("name", name), result["token"], None
+        self.user_id = result["id"]
         self._ready.set()
         self._incoming.put_nowait(_RESYNC)
         return result

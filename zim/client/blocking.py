@@ -140,10 +140,11 @@ class Client:
 
     def login(self, name: str | None = None, token: str | None = None, *, jwt: str | None = None) -> dict:
         """Action 1: a new user called ``name``, with ``token`` that user again, or with
-        ``jwt`` (the application's) the user it names; keeps ``user_id``, ``token``
-        and ``name`` (None: the user's, unchanged)."""
+        ``jwt`` (the application's) the user it names (``name`` None: keep its name);
+        keeps ``user_id``, ``token``
+        and ``name`` (a JWT login without one answers the user's)."""
         result = self.ok(LOGIN, login_body(name, token, jwt))
-        self.user_id, self.token, self.name = result["id"], result["token"], name
+        self.user_id, self.token, self.name = result["id"], result["token"], result.get("name", name)
         return result
 
     def sync(self) -> None:

@@ -63,8 +63,8 @@ def server_address(url: str) -> tuple[str, str, int, str]:
 
 def login_body(name: str | None, token: str | None = None, jwt: str | None = None) -> dict[str, Any]:
     """Action 1's body: a new user called ``name``; with ``token`` that user again;
-    with ``jwt`` (the application's) the user it names. With a token or a JWT,
-    ``name`` None keeps the user's name."""
+    with ``jwt`` (the application's) the user it names, and ``name`` None keeps
+    the user's name (a token login needs one)."""
     body: dict[str, Any] = {} if name is None else {"name": name}
     if token is not None:
         body["token"] = token
