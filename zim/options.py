@@ -344,7 +344,7 @@ OPTIONS: tuple[Option, ...] = (
                 "0: off)"),
     Option("address_new_user_rate", "--address-new-user-rate", L.DEFAULT_ADDRESS_NEW_USER_RATE, metavar="N",
            parse=_rate, check=_check_rate("address_new_user_rate"), group="client_limits",
-           help="new users (logins without a token) a second from one address, bursts of ten "
+           help="new users (logins with a name only, not JWTs) a second from one address, bursts of ten "
                 f"seconds' worth (default {L.DEFAULT_ADDRESS_NEW_USER_RATE:g}; 0: off)"),
     Option("address_auth_failure_rate", "--address-auth-failure-rate", L.DEFAULT_ADDRESS_AUTH_FAILURE_RATE,
            metavar="N", parse=_rate, check=_check_rate("address_auth_failure_rate"), group="client_limits",
