@@ -197,9 +197,11 @@ def test_jwks_rotation_while_the_server_runs(start_server, key_dir):
     assert "unknown key id" in refused(srv, token(RSA_KEY, "RS256", headers={"kid": "old"}))
     # a broken file is logged; the keys in use stay
     write(path, b"{not json", 0o644)
-    time.sleep(1.5)
+    deadline = time.monotonic() + 5
+    while "JWT keys not reloaded" not in srv.stderr():
+        assert time.monotonic() < deadline, "the broken file was not noticed"
+        time.sleep(0.1)
     assert "id" in jwt_login(srv, token(RSA_KEY_2, "RS256", headers={"kid": "new"}))
-    assert "JWT keys not reloaded" in srv.stderr()
 
 
 # ------------------------------------------------------------------ the Python client
