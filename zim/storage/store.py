@@ -191,7 +191,8 @@ class Store(Protocol):
 
     def grant(self, channel: str, user_id: int, can_invite: bool) -> None:
         """Let the user join a private channel (an invitation, the server API);
-        ``can_invite``: it may invite others. Replaces the user's grant."""
+        ``can_invite``: it may invite others. Replaces the user's grant. The
+        channel must exist (KeyError otherwise: check ``channel_exists`` first)."""
 
     def revoke_grant(self, channel: str, user_id: int) -> bool:
         """Take the user's grant back (membership stays); False if it had none."""
