@@ -106,3 +106,16 @@ def test_a_channel_and_grant_never_announced_are_read_before_a_join(nodes, backe
         schema.execute(redis, schema.grant_command(channel, int(bob.user_id), False))
     assert stranger.error(SUBSCRIBE, {"name": channel}) == "forbidden"
     bob.ok(SUBSCRIBE, {"name": channel})
+
+
+def test_a_join_meant_for_a_new_public_channel_does_not_enter_a_private_one(nodes, backend):
+    """Another node made the channel private between a node's check and its join:
+    the join scripts refuse, so nobody gets in without a grant."""
+    channel = unique("raced")
+    with redis_client(backend) as redis:
+        assert schema.execute(redis, schema.channel_make_command(channel, 1, True)) == 1
+        refused = (schema.channel_join_command(channel, 2, True, public_only=True),
+                   schema.channel_create_command(channel, 2, True))
+        assert [schema.execute(redis, command) for command in refused] == [schema.FOUND_PRIVATE] * 2
+        assert redis.hgetall(schema.channel_keys(channel).members) == {}
+        assert schema.execute(redis, schema.channel_join_command(channel, 2, True)) == 1    # with a grant

@@ -53,6 +53,9 @@ MAX_SEQ = (1 << 63) - 1                # (the most digits a seq can add to a mai
 HELD, FULL_BY_COUNT, FULL_BY_BYTES = 0, 1, 2
 # CHANNEL_CLAIM's answers
 CLAIM_REFUSED, CLAIMED, CLAIMED_BEFORE = 0, 1, 2
+# CHANNEL_JOIN's and CHANNEL_CREATE's answer for a join meant for a new public
+# channel that found a private one (made meanwhile on another node): nothing done
+FOUND_PRIVATE = 2
 ACK_CHUNK = 1000                       # ids per ZREM/HDEL inside the ack script (Lua's unpack limit)
 
 
@@ -297,10 +300,13 @@ end
 return removed
 """)
 
-# KEYS: seq, members. ARGV: user id, push flag. Join a channel that exists: 1;
-# 0 if it does not (nothing changed: creating it is CHANNEL_CLAIM's, then CHANNEL_CREATE's).
+# KEYS: seq, members, private. ARGV: user id, push flag, public only ("1": the
+# joiner saw no channel, so it may join only a public one). Join a channel that
+# exists: 1; 0 if it does not (nothing changed: creating it is CHANNEL_CLAIM's,
+# then CHANNEL_CREATE's); FOUND_PRIVATE if it is private and the join was public only.
 CHANNEL_JOIN = Script("channel_join", """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """)
@@ -316,10 +322,12 @@ redis.call('SADD', KEYS[1], ARGV[1])
 return 1
 """)
 
-# KEYS: seq, members. ARGV: user id, push flag. Create the channel (seq at 0)
-# and join it: 1; 0 if someone created it meanwhile (joined all the same).
+# KEYS: seq, members, private. ARGV: user id, push flag. Create the channel (seq
+# at 0) and join it: 1; 0 if someone created it meanwhile (joined all the same),
+# unless they made it private: FOUND_PRIVATE, nothing done.
 CHANNEL_CREATE = Script("channel_create", """
 local made = redis.call('SET', KEYS[1], 0, 'NX')
+if not made and redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if made then return 1 end
 return 0
@@ -503,12 +511,14 @@ def subscribe_steps(channel: str, user_id: int, push: bool) -> list[Command]:
             ("HSET", user_keys(user_id).channels, channel, flag)]
 
 
-def channel_join_command(channel: str, user_id: int, push: bool) -> Command:
+def channel_join_command(channel: str, user_id: int, push: bool, public_only: bool = False) -> Command:
     """Join a channel if it exists (reply 1), else nothing (0): the first step
     of a subscribe; then ``channel_index_command``, or, for a new channel,
-    ``channel_claim_command`` and ``channel_create_command`` before it."""
+    ``channel_claim_command`` and ``channel_create_command`` before it.
+    ``public_only``: a private channel is not joined (FOUND_PRIVATE)."""
     keys = channel_keys(channel)
-    return CHANNEL_JOIN.command((keys.seq, keys.members), [user_id, "1" if push else "0"])
+    return CHANNEL_JOIN.command((keys.seq, keys.members, channel_access_keys(channel).private),
+                                [user_id, "1" if push else "0", "1" if public_only else "0"])
 
 
 def channel_claim_command(user_id: int, channel: str, max_channels: int) -> Command:
@@ -518,9 +528,11 @@ def channel_claim_command(user_id: int, channel: str, max_channels: int) -> Comm
 
 
 def channel_create_command(channel: str, user_id: int, push: bool) -> Command:
-    """Create the channel and join it; reply 0 if it existed meanwhile."""
+    """Create the channel and join it; reply 0 if it existed meanwhile (joined),
+    FOUND_PRIVATE if it was made private meanwhile (not joined)."""
     keys = channel_keys(channel)
-    return CHANNEL_CREATE.command((keys.seq, keys.members), [user_id, "1" if push else "0"])
+    return CHANNEL_CREATE.command((keys.seq, keys.members, channel_access_keys(channel).private),
+                                  [user_id, "1" if push else "0"])
 
 
 def channel_index_commands(channel: str, user_id: int, push: bool, unclaim: bool = False) -> list[Command]:

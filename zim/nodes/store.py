@@ -246,17 +246,21 @@ class RedisStore:
     def subscribe(self, channel: str, user_id: int, push: bool) -> Pending:
         """Join the channel if it exists; else claim one of the user's channel
         creations (refused: StoreRefusal ``too_many_channels``, nothing stored),
-        create it and join. Then the user's index."""
+        create it and join. Then the user's index. A join of a channel the cache
+        did not know (the handler checked no grant) refuses one made private
+        meanwhile on another node (StoreRefusal ``forbidden``, nothing stored)."""
         cache = self.cache
         existed, old = cache.channel_exists(channel), cache.membership(channel, user_id)
         cache.subscribe(channel, user_id, push)
-        joined = self.redis.call(*schema.channel_join_command(channel, user_id, push))
+        joined = self.redis.call(*schema.channel_join_command(channel, user_id, push, public_only=not existed))
         done = shared(after(joined, lambda reply: self._joined(channel, user_id, push, reply)))
         done.wait(self._member_written, (channel, user_id, existed, old), {"k": "member", "c": channel,
                                                                           "u": user_id, "p": int(push)})
         return after(done, lambda _: None)
 
     def _joined(self, channel: str, user_id: int, push: bool, reply: Any) -> Pending:
+        if int(reply) == schema.FOUND_PRIVATE:
+            raise _found_private(channel)
         if int(reply):
             return self._index(channel, user_id, push)
         # no such channel: this subscribe creates it
@@ -267,9 +271,16 @@ class RedisStore:
         if claim == schema.CLAIM_REFUSED:
             raise self.quotas.too_many_channels()
         created = self.redis.call(*schema.channel_create_command(channel, user_id, push))
+        return after(created, lambda made: self._created(channel, user_id, push, claim, int(made)))
+
+    def _created(self, channel: str, user_id: int, push: bool, claim: int, made: int) -> Pending:
         # created meanwhile by someone else: a creation claimed just now goes back
-        return after(created, lambda made: self._index(channel, user_id, push,
-                                                       unclaim=claim == schema.CLAIMED and not int(made)))
+        unclaim = claim == schema.CLAIMED and made != 1
+        if made == schema.FOUND_PRIVATE:
+            if unclaim:
+                self.redis.call(*schema.unclaim_command(user_id, channel))
+            raise _found_private(channel)
+        return self._index(channel, user_id, push, unclaim=unclaim)
 
     def _index(self, channel: str, user_id: int, push: bool, unclaim: bool = False) -> Pending:
         commands = schema.channel_index_commands(channel, user_id, push, unclaim)
@@ -496,6 +507,10 @@ class RedisStore:
 
     def close(self) -> None:
         """Nothing to flush: every call was answered by Redis or failed."""
+
+
+def _found_private(channel: str) -> StoreRefusal:
+    return StoreRefusal("forbidden", f"{channel} is a private channel (made a moment ago on another node)")
 
 
 def _set_seq(msg: Message, seq: int) -> int:
