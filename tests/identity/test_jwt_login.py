@@ -170,7 +170,7 @@ def test_a_server_without_keys_refuses_jwts(server):
 
 
 def test_failed_jwts_take_the_address_out_of_auth_failures(start_server, key_dir):
-    srv = start_server(["--workers", "1", "--store", "memory", "--jwt-key", str(key_dir / "secret"),
+    srv = start_server(["--workers", "1", "--store", "memory", "--jwt-key", write(key_dir / "limited", SECRET),
                         "--address-auth-failure-rate", "0.1"])   # a burst of one failure
     assert "bad signature" in refused(srv, token(os.urandom(32)))
     assert error_code(jwt_login(srv, token(SECRET))) == "rate_limited"
