@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from zim._core import CLOSE_REASON_NAMES, COUNTER_NAMES, Reactor
-from zim.httpserve import HttpServer, split_host_port
+from zim.httpserve import HttpServer, Request, split_host_port
 
 log = logging.getLogger("zim.metrics")
 
@@ -238,14 +238,14 @@ class Metrics:
         """Everything, in the Prometheus text format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
 
-    def handle(self, method: str, target: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    def handle(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes]:
         """The answer to one HTTP request (an ``HttpServer`` handler): ``/metrics``,
         ``/healthz`` (200 ``ok`` while the process can answer), ``/readyz`` (200
         ``ok``, or 503 and the reason ``ready()`` gives), else 404. A query
         string is ignored."""
-        if method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD"):
             return 405, [("Allow", "GET, HEAD"), ("Content-Type", TEXT)], b"method not allowed\n"
-        path = target.split("?", 1)[0]
+        path = request.path
         if path == "/metrics":
             return 200, [("Content-Type", CONTENT_TYPE)], self.render()
         if path == "/healthz":
