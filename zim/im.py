@@ -260,13 +260,18 @@ def oldest_that_fit(messages: list[dict]) -> list[dict]:
 # ------------------------------------------------------------ messages
 
 
-def _new_message(ctx: "Ctx", sender_id: int, content: str) -> dict:
+SYSTEM_SENDER = {"id": "0", "name": "system"}     # the sender of the server API's own messages
+
+
+def _new_message(ctx: "Ctx", sender_id: int | None, content: str) -> dict:
+    """A message from ``sender_id`` (None: the system, for the server API)."""
     message_id = ctx.server.ids.next()
     return {
         "id": str(message_id),
         "seq": 0,                          # set by the store
         "content": content,
-        "sender": {"id": ctx.user_id, "name": ctx.server.store.user_name(sender_id)},
+        "sender": SYSTEM_SENDER if sender_id is None else
+        {"id": str(sender_id), "name": ctx.server.store.user_name(sender_id)},
         "createdAt": timestamp_ms(message_id),   # the id's own time: ids and times sort alike
     }
 
@@ -387,23 +392,31 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
     """2: store in the pair's history and the receiver's mailbox, then push (101)."""
     receiver_text = required_str(body, "receiverId")
     content = required_str(body, "content")
-    store = ctx.server.store
     receiver_id = known_user(ctx, receiver_text)
     check_rate_limits(ctx)
-    sender_id = int(ctx.user_id)
+    return store_user_message(ctx, int(ctx.user_id), receiver_id, content)
+
+
+def store_user_message(ctx: "Ctx", sender_id: int | None, receiver_id: int, content: str) -> dict:
+    """Store a direct message (``sender_id`` None: from the system, kept in the
+    receiver's conversation with itself) in the pair's history and the
+    receiver's mailbox, then push it (101) to the receiver and to the sender's
+    other connections. Action 2 and the server API."""
     msg = _new_message(ctx, sender_id, content)
     msg["receiverId"] = str(receiver_id)
+    from_self = sender_id is None or receiver_id == sender_id
 
     def stored(seq: int) -> dict:
         msg["seq"] = seq
         pushed = orjson.dumps(msg)
         # to oneself: the sender's other connections are the receiver's
-        ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, pushed, exclude_self=receiver_id == sender_id)
-        if receiver_id != sender_id:
-            ctx.push_user(ctx.user_id, PUSH_USER_MESSAGE, pushed, exclude_self=True)
+        ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, pushed, exclude_self=from_self)
+        if not from_self:
+            ctx.push_user(str(sender_id), PUSH_USER_MESSAGE, pushed, exclude_self=True)
         return {"id": msg["id"], "seq": seq}
 
-    return ctx.later(store.append_user_message(sender_id, receiver_id, msg), stored)
+    stored_by = receiver_id if sender_id is None else sender_id
+    return ctx.later(ctx.server.store.append_user_message(stored_by, receiver_id, msg), stored)
 
 
 def subscribe(ctx: "Ctx", body: dict) -> dict:
@@ -438,10 +451,16 @@ def send_channel_message(ctx: "Ctx", body: dict) -> dict:
     """4: members only; pushed (102) to every member connection but the sending one."""
     channel = channel_name(body, "channel")
     content = required_str(body, "content")
-    store = ctx.server.store
     sender_id = int(ctx.user_id)
     check_member(ctx, channel, sender_id)
     check_rate_limits(ctx, channel)
+    return store_channel_message(ctx, channel, sender_id, content)
+
+
+def store_channel_message(ctx: "Ctx", channel: str, sender_id: int | None, content: str) -> dict:
+    """Store a message (``sender_id`` None: from the system) in an existing
+    channel's history, then push it (102, or merged) to every member connection
+    but the requesting one. Action 4 and the server API."""
     msg = _new_message(ctx, sender_id, content)
     msg["channel"] = channel
 
@@ -450,7 +469,7 @@ def send_channel_message(ctx: "Ctx", body: dict) -> dict:
         ctx.push_channel(channel, PUSH_CHANNEL_MESSAGE, msg)
         return {"id": msg["id"], "seq": seq}
 
-    return ctx.later(store.append_channel_message(channel, msg), stored)
+    return ctx.later(ctx.server.store.append_channel_message(channel, msg), stored)
 
 
 def query_history(ctx: "Ctx", body: dict) -> dict:

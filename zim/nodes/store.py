@@ -285,6 +285,29 @@ class RedisStore:
                   {"k": "member", "c": channel, "u": user_id, "p": None})
         return after(done, lambda removed: bool(removed))
 
+    def channel_members(self, channel: str) -> Pending:
+        """The ids of the channel's members, as Redis holds them (the cache knows
+        only the users this node has seen)."""
+        return after(self.redis.call("HKEYS", schema.channel_keys(channel).members),
+                     lambda ids: [int(user_id) for user_id in ids])
+
+    def delete_channel(self, channel: str) -> Pending:
+        """A Pending of the former members' ids (None: no such channel); the
+        other nodes drop it from their caches over the feed (kind "drop")."""
+        deleted = self.redis.call(*schema.channel_delete_command(channel))
+        return after(deleted, lambda reply: self._channel_deleted(channel, reply))
+
+    def _channel_deleted(self, channel: str, reply: Any) -> Any:
+        self.cache.delete_channel(channel)
+        if reply is None:
+            return None
+        members = [int(user_id) for user_id in reply]
+        self._publish({"k": "drop", "c": channel})
+        commands = schema.channel_unindex_commands(channel, members)
+        if not commands:
+            return members
+        return after(self.redis.pipeline(commands), lambda _: members)
+
     def _member_written(self, before: tuple, change: Change, ok: bool, value: Any) -> None:
         if ok:
             self._publish(change)
@@ -314,6 +337,8 @@ class RedisStore:
                 cache.set_user_name(user_id, change["name"])
         elif kind == "epoch":
             self._learn_epoch(change["u"], change["e"])
+        elif kind == "drop":
+            cache.delete_channel(change["c"])
         elif kind == "member":
             channel, user_id, push = change["c"], change["u"], change["p"]
             if push is None:

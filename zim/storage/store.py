@@ -178,6 +178,11 @@ class Store(Protocol):
     def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
         """The channels the user is a member of, with the push flag of each."""
 
+    def delete_channel(self, channel: str) -> list[int] | None:
+        """Delete a channel: its memberships, its history, the channel itself (a
+        later subscribe creates a new one, seq from 1). Returns the ids of the users
+        who were members, or None if there was no such channel."""
+
     # -- messages ----------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> int:
         """Store a message in an existing channel's history; sets and returns its seq."""
@@ -397,6 +402,25 @@ class MemoryStore:
                     self._created[creator] = left
                 else:
                     del self._created[creator]
+
+    def channel_members(self, channel: str) -> list[int]:
+        """The ids of the channel's members (none for an unknown channel)."""
+        return list(self._members.get(channel, ()))
+
+    def creator_of(self, channel: str) -> int | None:
+        """The user whose subscribe created the channel, if known."""
+        return self._creators.get(channel)
+
+    def delete_channel(self, channel: str) -> list[int] | None:
+        members = self._members.get(channel)
+        if members is None:
+            return None
+        member_ids = list(members)
+        for user_id in member_ids:
+            self.unsubscribe(channel, user_id)
+        self.drop_channel(channel)          # no members now: it no longer counts for its creator
+        self._channel_log.pop(channel, None)
+        return member_ids
 
     def _add_creator(self, channel: str, creator: int) -> None:
         self._creators[channel] = creator

@@ -57,6 +57,7 @@ log = logging.getLogger("zim.storage.writer")
 (OP_CREATE_USER, OP_RENAME, OP_SUBSCRIBE, OP_UNSUBSCRIBE, OP_CHANNEL_MESSAGE, OP_USER_MESSAGE,
  OP_HISTORY, OP_MAILBOX, OP_ACK, OP_RESYNC) = range(1, 11)
 OP_TOKEN_EPOCH = 11                   # a user's token generation raised (log out everywhere)
+OP_DELETE_CHANNEL = 12                # a channel, its memberships and history deleted (the server API)
 # Answer statuses (the seq field). FAILED: the batch was rolled back, and every
 # later operation fails too until RESYNC. REFUSED: this operation alone was not
 # done (a request the store refuses, an answer too big for the link); the rest go on.
@@ -86,6 +87,7 @@ OPERATIONS: dict[int, Callable[..., Any]] = {
     OP_MAILBOX: SQLiteStore.mailbox_pull,
     OP_ACK: SQLiteStore.mailbox_ack,
     OP_TOKEN_EPOCH: SQLiteStore.set_token_epoch,
+    OP_DELETE_CHANNEL: SQLiteStore.delete_channel,
 }
 
 
