@@ -492,11 +492,14 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
         other = known_user(ctx, other_text)
         page = in_line(ctx, lambda: store.history(USER, (me, other), before_seq, limit), history_page_bytes)
 
-    def fit(found: tuple[list[dict], bool]) -> dict:
-        messages, cut = newest_that_fit(found[0])
-        return {"messages": messages, "hasMore": found[1] or cut}
+    return ctx.later(page, history_answer)
 
-    return ctx.later(page, fit)
+
+def history_answer(found: tuple[list[dict], bool]) -> dict:
+    """The answer to a history read: the newest messages of the store's page that
+    fit under 1 MB, and whether older ones exist (action 5 and the server API)."""
+    messages, cut = newest_that_fit(found[0])
+    return {"messages": messages, "hasMore": found[1] or cut}
 
 
 def unsubscribe(ctx: "Ctx", body: dict) -> dict:
@@ -561,12 +564,20 @@ def log_out_everywhere(ctx: "Ctx", body: dict) -> dict:
     connections, on every worker and node; answers a new token for this one."""
     user_id = int(ctx.user_id)
     server = ctx.server
+    return revoke_tokens(ctx, user_id, lambda epoch: issue_token(server, user_id, epoch))
+
+
+def revoke_tokens(ctx: "Ctx", user_id: int, answer: Callable[[int], dict]) -> dict:
+    """Revoke every token of the user (bump its epoch), close its connections on
+    every worker and node but the requesting one, then ``answer(epoch)``
+    (action 11 and the server API)."""
+    server = ctx.server
 
     def revoked(epoch: int) -> dict:
         close_user = getattr(server.fabric, "close_user", None)
         if close_user is not None:
             close_user(user_id, ctx.conn)
-        return issue_token(server, user_id, epoch)
+        return answer(epoch)
 
     return ctx.later(server.store.revoke_tokens(user_id), revoked)
 

@@ -58,6 +58,10 @@ CLIENT_MEMORY_SHARE = 4         # auto --max-client-memory: a quarter of the mac
 DEFAULT_TOKEN_TTL = 30 * 86400  # seconds a login token is valid (renewed by every login and action 10)
 MAX_TOKEN_TTL = 100 * 365 * 86400
 DEFAULT_PORTS = {"tcp": 8081, "ws": 8082}
+DEFAULT_API_MAX_BODY = 64 * 1024    # bytes of one server API request body (a message is at most --max-packet)
+MAX_API_MAX_BODY = 16 * 1024 * 1024
+DEFAULT_API_MAX_CLIENTS = 64        # the application's backend: a pool of connections, not its users
+MAX_API_MAX_CLIENTS = 10_000
 
 
 # ---------------------------------------------------------------- values from text
@@ -453,6 +457,22 @@ OPTIONS: tuple[Option, ...] = (
            help="serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP on "
                 "this address (default off; docs/deploy.md). Not authenticated: use a "
                 "private address"),
+    Option("api", "--api", None, metavar="HOST:PORT", parse=address_text, flag_default="off",
+           from_flag=_off_is_none, check=_check_address("api"),
+           help="serve the server API for the application's backend (HTTP and JSON: "
+                "publish, send, disconnect, presence, channels ...; docs/api.md) on this "
+                "address (default off); needs --api-key-file"),
+    Option("api_key_file", "--api-key-file", None, metavar="FILE",
+           help="the server API's key (16 to 4096 bytes of text, ours, mode 0600, not a "
+                "symlink), which requests send as 'Authorization: Bearer KEY'"),
+    Option("api_max_body", "--api-max-body", DEFAULT_API_MAX_BODY, metavar="BYTES",
+           parse=size(1024, MAX_API_MAX_BODY), check=_check_int("api_max_body", 1024, MAX_API_MAX_BODY),
+           help="largest request body the server API reads; a larger one is answered 413 "
+                f"and its connection closed (default {DEFAULT_API_MAX_BODY >> 10}KiB)"),
+    Option("api_max_clients", "--api-max-clients", DEFAULT_API_MAX_CLIENTS, metavar="N",
+           parse=bounded_int(1, MAX_API_MAX_CLIENTS), check=_check_int("api_max_clients", 1, MAX_API_MAX_CLIENTS),
+           help="connections the server API holds at once; more are closed at accept "
+                f"(default {DEFAULT_API_MAX_CLIENTS})"),
 )
 
 BY_NAME = {option.name: option for option in OPTIONS}
@@ -494,6 +514,8 @@ class Options:
         if self.max_outbuf < 2 * self.max_packet:
             raise ValueError(f"max_outbuf ({self.max_outbuf}) must be at least twice max_packet "
                              f"({self.max_packet})")
+        if self.api and not self.api_key_file:
+            raise ValueError("--api needs --api-key-file (the key the application's backend sends)")
         if self.max_client_memory and self.max_client_memory < self.max_outbuf:
             raise ValueError(f"--max-client-memory ({self.max_client_memory}) must be 0 (off) or at least "
                              f"--max-outbuf ({self.max_outbuf})")

@@ -36,7 +36,7 @@ import time
 from typing import Any, Callable, Iterable, Union
 
 from zim.nodes import schema
-from zim.pending import Pending
+from zim.pending import Pending, gather
 from zim.storage.retention import Retention
 from zim.storage.store import (
     CHANNEL, NO_QUOTAS, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Quotas, StoreRefusal,
@@ -285,6 +285,10 @@ class RedisStore:
                   {"k": "member", "c": channel, "u": user_id, "p": None})
         return after(done, lambda removed: bool(removed))
 
+    def channel_count(self) -> int:
+        """The channels this node knows of (its cache: not every channel of the service)."""
+        return self.cache.channel_count()
+
     def channel_members(self, channel: str) -> Pending:
         """The ids of the channel's members, as Redis holds them (the cache knows
         only the users this node has seen)."""
@@ -303,10 +307,8 @@ class RedisStore:
             return None
         members = [int(user_id) for user_id in reply]
         self._publish({"k": "drop", "c": channel})
-        commands = schema.channel_unindex_commands(channel, members)
-        if not commands:
-            return members
-        return after(self.redis.pipeline(commands), lambda _: members)
+        unindexed = [self.redis.call(*command) for command in schema.channel_unindex_commands(channel, members)]
+        return after(gather(unindexed), lambda _: members)     # each in its own slot
 
     def _member_written(self, before: tuple, change: Change, ok: bool, value: Any) -> None:
         if ok:

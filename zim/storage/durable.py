@@ -360,6 +360,12 @@ class DurableStore:
     def membership(self, channel: str, user_id: int) -> bool | None:
         return self.meta.membership(channel, user_id)
 
+    def channel_members(self, channel: str) -> list[int]:
+        return self.meta.channel_members(channel)
+
+    def channel_count(self) -> int:
+        return self.meta.channel_count()
+
     def delete_channel(self, channel: str) -> Pending | None:
         """A Pending of the members' ids once deleted; None for no such channel."""
         meta = self.meta

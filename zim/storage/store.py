@@ -407,6 +407,10 @@ class MemoryStore:
         """The ids of the channel's members (none for an unknown channel)."""
         return list(self._members.get(channel, ()))
 
+    def channel_count(self) -> int:
+        """How many channels exist."""
+        return len(self._members)
+
     def creator_of(self, channel: str) -> int | None:
         """The user whose subscribe created the channel, if known."""
         return self._creators.get(channel)
