@@ -104,6 +104,8 @@ APP_FAMILIES: tuple[FamilySpec, ...] = (
      "the receiver's, the sender's other devices) or to a channel's members.", "kind"),
     ("zim_rate_limited_total", COUNTER, "Requests refused rate_limited, by the limit that refused them "
      "(user, channel, address_login, address_new_user, address_auth_failure, channel_create).", "scope"),
+    ("zim_api_requests_total", COUNTER, "Server API (--api) requests answered, by HTTP status "
+     "(401: a missing or wrong key).", "status"),
     ("zim_store_writer_restarts_total", COUNTER, "Store writer processes restarted.", None),
     ("zim_worker_restarts_total", COUNTER, "Worker processes restarted.", None),
     ("zim_redis_link_up", GAUGE, "1 while both links to this Redis master are up, else 0.", "master"),

@@ -23,6 +23,7 @@ import orjson
 
 from zim import datadir, tokens
 from zim._core import PEER_MARK
+from zim.api import ServerApi, read_api_key
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, Groups, LocalFabric
 from zim.handler import DEFERRED, STORE_FAILED, Ctx, Error, error_body
@@ -66,6 +67,9 @@ class Server:
         self.token_ttl_ms = int(options.token_ttl * 1000)
         self.tokens_v1_until = 0        # Unix ms: version 1 tokens (no expiry) are accepted until then
         self.metrics = Metrics()
+        # the server API (--api): its key read now, so that a bad file stops the start
+        self.api: ServerApi | None = None
+        self.api_key = read_api_key(options.api_key_file) if options.api is not None else None
         # the store, the secret and the ids
         self.node = None                # zim.nodes.node.Node: one node of a multi-node service
         self.data_dir: str | None = None
@@ -177,6 +181,7 @@ class Server:
                 self.log_ceiling(1)
                 self.log_limits()
                 self.serve_metrics(reactor.counters_dict, lambda: (True, ""))
+                self.serve_api(reactor.counters_dict)
                 reactor.run()
             finally:
                 self._close()
@@ -194,6 +199,7 @@ class Server:
                 self.serve_metrics(router.core_counters, router.listening)
                 self.metrics.add_source(lambda: families_from_counts(
                     APP_FAMILIES, {"zim_worker_restarts_total": router.worker_restarts}))
+                self.serve_api(router.core_counters)
                 self.reactor.run()
             finally:
                 self._close()
@@ -204,6 +210,8 @@ class Server:
         """The end of a run: open merged pushes sent, workers stopped, the store
         closed (first: the writer's link closing is then no crash), Redis left."""
         self.metrics.close()
+        if self.api is not None:
+            self.api.close()
         self.stop_push_merger()
         if self.router is not None:
             self.router.kill_all()
@@ -245,6 +253,8 @@ class Server:
         if tick is not None:
             tick()                  # a DurableStore restarting its writer after a back-off
         self.metrics.tick()
+        if self.api is not None:
+            self.api.tick()
         if self.router is not None:
             self.router.tick()
 
@@ -398,6 +408,35 @@ class Server:
             server = self.metrics.serve(self.reactor, self.options.metrics, ready)
             log.info("metrics on http://%s:%d/metrics", *server.address)
 
+    def serve_api(self, core_counters: Callable[[], dict[str, int]]) -> None:
+        """Serve the server API (``--api``) from this process's loop, if asked;
+        its stats read ``core_counters()`` (the reactors' C counters, every worker's)."""
+        options = self.options
+        if options.api is None:
+            return
+        self.api = ServerApi(self, self.api_key, lambda: self.api_stats(core_counters()))
+        http = self.api.serve(self.reactor, options.api, options.api_max_body, options.api_max_clients)
+        log.info("server API on http://%s:%d/api/v1/", *http.address)
+
+    def api_stats(self, core: dict[str, int]) -> dict:
+        """``GET /api/v1/stats``: connections, users online, channels, messages, and the
+        counters the metrics have."""
+        users_online = len(self.router.presence) if self.router is not None \
+            else self.reactor.stats()["users_online"]
+        channel_count = getattr(self.store, "channel_count", None)
+        return {
+            "connections": core.get("connections_tcp", 0) + core.get("connections_ws", 0),
+            "usersOnline": users_online,
+            "channels": channel_count() if channel_count is not None else None,
+            "messages": {"pushedToUsers": self.pushes["user"], "pushedToChannels": self.pushes["channel"],
+                         "deliveries": core.get("deliveries_user", 0) + core.get("deliveries_channel", 0)},
+            "logins": self.logins,
+            "usersCreated": self.users_created,
+            "errors": dict(self.error_counts),
+            "api": dict(self.api.counts) if self.api is not None else {},
+            "counters": core,
+        }
+
     def store_ready(self) -> tuple[bool, str]:
         """Whether the store takes writes: its writer process is up, or Redis is reachable."""
         if self.node is not None:
@@ -418,6 +457,9 @@ class Server:
         values["zim_users_created_total"] = self.users_created
         for kind, count in self.pushes.items():
             values[("zim_pushes_total", kind)] = count
+        if self.api is not None:
+            for status, count in self.api.counts.items():
+                values[("zim_api_requests_total", status)] = count
         for refused in (self.limits.refused, self.client_buckets.refused):
             for scope, count in refused.items():
                 values[("zim_rate_limited_total", scope)] = count
