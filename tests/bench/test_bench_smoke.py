@@ -17,6 +17,7 @@ ROOT = REPO_ROOT
     ("idle_memory.py", ["--connections", "300", "--settle", "1"]),
     ("idle_memory.py", ["--connections", "300", "--settle", "1", "--ws"]),
     ("broadcast.py", ["--members", "100", "--messages", "300", "--runs", "1"]),
+    ("api_publish.py", ["--members", "100", "--messages", "200", "--runs", "1"]),
     ("workers.py", ["--members", "200", "--pairs", "20", "--runs", "1"]),
     ("store.py", ["--messages", "400", "--senders-list", "1,4", "--runs", "1", "--rate", "500",
                   "--rate-seconds", "0.5", "--engine-messages", "2000"]),
