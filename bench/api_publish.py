@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 from collections import namedtuple
-from multiprocessing import get_context
 
 import orjson
 import psutil
@@ -201,34 +200,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def start_members(args, port: int) -> tuple[list, list]:
-    """broadcast.py's member processes, all ready; (processes, pipes)."""
-    context = get_context("fork")
-    processes = -(-args.members // args.per_process)
-    base = args.members // processes
-    children, pipes = [], []
-    for index in range(processes):
-        count = base + (1 if index < args.members % processes else 0)
-        parent_end, child_end = context.Pipe()
-        child = context.Process(target=broadcast.member_process, daemon=True,
-                                args=(port, index * args.per_process, count, 500, args.setup_timeout, child_end))
-        child.start()
-        child_end.close()
-        children.append(child)
-        pipes.append(parent_end)
-    ready = 0
-    for pipe in pipes:
-        if not pipe.poll(args.setup_timeout + 30):
-            raise RuntimeError("a member process did not finish its setup")
-        _, count, failures, _ = pipe.recv()
-        ready += count
-        for reason in failures:
-            print(f"  setup failure: {reason}")
-    if ready != args.members:
-        raise RuntimeError(f"only {ready}/{args.members} members could join")
-    return children, pipes
-
-
 def main(argv: list[str] | None = None) -> int:
     return benchlib.run_main("api_publish", "zim server API publish vs a WebSocket publisher", parse_args(argv), run)
 
@@ -251,7 +222,9 @@ def run(args: argparse.Namespace, info: dict) -> int:
         print(f"members {args.members}, {args.messages} messages of {args.content_size} B per publisher "
               f"and run, {args.runs} run(s); api: {args.api_connections} connections; ws: window {args.window}")
         sys.stdout.flush()
-        children, pipes = start_members(args, server.tcp_port)
+        ready = broadcast.start_members(args, server.tcp_port, children, pipes)
+        if ready != args.members:
+            raise RuntimeError(f"only {ready}/{args.members} members could join")
         publishers = {"api": ApiPublisher(api_port, args.content_size, args.api_connections),
                       "ws": WsPublisher(server.ws_port, args.content_size, args.window)}
         for number in range(1, args.runs + 1):

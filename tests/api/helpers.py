@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from tests.support import REPO_ROOT
+from tests.support.client import unique
 from tests.support.servers import free_port
 
 SPEC_PATH = REPO_ROOT / "docs" / "api.openapi.json"
@@ -138,6 +139,16 @@ class ApiClient:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+def logged_in(srv, name: str | None = None, count: int = 2) -> list:
+    """``count`` logged-in TCP connections of one new user of server ``srv``."""
+    first = srv.tcp_client()
+    first.login(name or unique("u"))
+    rest = [srv.tcp_client() for _ in range(count - 1)]
+    for client in rest:
+        client.login(first.name, token=first.token)
+    return [first, *rest]
 
 
 def channel_path(channel: str, *rest: str) -> str:

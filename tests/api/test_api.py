@@ -8,7 +8,7 @@ import time
 
 import pytest
 from tests.api.helpers import (
-    KEY, ApiClient, api_flags, channel_path, operations, raw_exchange, user_path, wait_for_port,
+    KEY, ApiClient, api_flags, channel_path, logged_in, operations, raw_exchange, user_path, wait_for_port,
 )
 from tests.support.client import unique
 
@@ -37,17 +37,11 @@ def api(served):
 
 
 def connections(srv, name: str | None = None, count: int = CONNECTIONS) -> list:
-    """``count`` logged-in TCP connections of one new user."""
-    first = srv.tcp_client()
-    first.login(name or unique("u"))
-    rest = [srv.tcp_client() for _ in range(count - 1)]
-    for client in rest:
-        client.login(first.name, token=first.token)
-    return [first, *rest]
+    return logged_in(srv, name, count)
 
 
-def new_channel(api: ApiClient, *members) -> str:
-    channel = unique("c")
+def new_channel(api: ApiClient, *members, channel: str | None = None) -> str:
+    channel = channel or unique("c")
     api.ok("POST", "/api/v1/channels", {"name": channel, "members": [m.user_id for m in members]}, status=201)
     return channel
 
@@ -286,3 +280,27 @@ def test_the_api_answers_while_a_client_holds_a_request(served, api):
     with socket.create_connection(("127.0.0.1", port)) as stuck:
         stuck.sendall(b"POST /api/v1/stats HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
         assert api.ok("GET", "/api/v1/stats")["connections"] >= 0
+
+
+def test_a_deleted_channel_stays_deleted_after_a_restart(start_server, tmp_path):
+    flags, port = api_flags(tmp_path)
+    first = start_server(["--workers", "1", *flags])
+    wait_for_port(port)
+    api = ApiClient(port)
+    [alice] = logged_in(first, count=1)
+    kept, deleted = new_channel(api, alice), new_channel(api, alice)
+    for channel in (kept, deleted):
+        api.ok("POST", channel_path(channel, "messages"), {"content": "stored"})
+    api.ok("DELETE", channel_path(deleted))
+    api.close()
+    first.stop()
+    again = start_server(["--workers", "1", *flags], data_dir=first.data_dir)
+    wait_for_port(port)
+    api = ApiClient(port)
+    assert [m["content"] for m in api.ok("GET", channel_path(kept, "messages"))["messages"]] == ["stored"]
+    assert api.error("GET", channel_path(deleted, "messages")) == (404, "not_found")
+    [bob] = logged_in(again, count=1)
+    new_channel(api, bob, channel=deleted)
+    assert api.ok("POST", channel_path(deleted, "messages"), {"content": "new"})["seq"] == 1
+    api.close()
+

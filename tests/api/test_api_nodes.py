@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from tests.api.helpers import ApiClient, api_flags, channel_path, user_path, wait_for_port
+from tests.api.helpers import ApiClient, api_flags, channel_path, logged_in, user_path, wait_for_port
 from tests.support.node_servers import backend_fixture
 from tests.support.redis_servers import requires_redis_server
 from tests.support.client import unique
@@ -31,15 +31,6 @@ def nodes(backend, start_module_server, tmp_path_factory):
     yield served
     for _, api in served:
         api.close()
-
-
-def logged_in(node, name: str | None = None, count: int = 2) -> list:
-    first = node.tcp_client()
-    first.login(name or unique("u"))
-    rest = [node.tcp_client() for _ in range(count - 1)]
-    for client in rest:
-        client.login(first.name, token=first.token)
-    return [first, *rest]
 
 
 def test_a_publish_on_node_a_reaches_members_on_node_b(nodes):
