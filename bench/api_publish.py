@@ -10,9 +10,9 @@ run publishes M messages of ``--content-size`` bytes twice, one publisher after
 the other, to the same members:
 
 - **api**: ``POST /api/v1/channels/bench/messages`` (a message from the
-  system), over ``--api-connections`` keep-alive HTTP connections with one
-  request in flight each (the API answers a connection's requests one at a
-  time, each once its message is stored);
+  system), over ``--api-connections`` keep-alive HTTP connections (default:
+  as many as ``--window``) with one request in flight each (the API answers a
+  connection's requests one at a time, each once its message is stored);
 - **ws**: one logged-in member (joined with push off, so it reads nothing)
   sending action 4 over WebSocket, pipelined with up to ``--window``
   unanswered requests.
@@ -185,12 +185,15 @@ class WsPublisher:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     broadcast.add_fanout_args(parser, 10_000)
-    parser.add_argument("--api-connections", type=int, default=32, metavar="N",
-                        help="HTTP connections of the API publisher, one request in flight each (default 32)")
+    parser.add_argument("--api-connections", type=int, default=0, metavar="N",
+                        help="HTTP connections of the API publisher, one request in flight each (default: "
+                             "--window, as many requests in flight as the WebSocket publisher; at most "
+                             "--api-max-clients, 64 by default)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (default 1)")
     parser.add_argument("--server-args", default="", metavar="FLAGS", help="extra zim-server flags, one string")
     parser.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     args = parser.parse_args(argv)
+    args.api_connections = args.api_connections or args.window
     if min(args.members, args.runs, args.window, args.per_process, args.api_connections) < 1:
         parser.error("--members, --runs, --window, --per-process and --api-connections must be at least 1")
     if not STAMP_DIGITS <= args.content_size <= 60000:

@@ -29,12 +29,13 @@ from zim.datadir import read_private_file
 from zim.handler import DEFERRED, STORE_FAILED, Ctx, Error, Runtime
 from zim.httpserve import Answer, HttpServer, Request, split_host_port
 from zim.im import (
-    bad_request, channel_name, known_user, optional_bool, optional_int, optional_str, rechecking,
-    required_str, str_list,
+    Unsure, bad_request, channel_name, known_user, optional_bool, optional_int, optional_str, required_str,
+    str_list,
 )
 from zim.names import check_channel_name
 from zim.pending import Pending, gather
 from zim.storage.store import CHANNEL, StoreRefusal
+from zim.tokens import parse_user_id
 
 log = logging.getLogger("zim.api")
 
@@ -79,7 +80,7 @@ class ApiCtx(Ctx):
     connection (``conn`` 0: nothing is left out of pushes and closes) and no
     user; ``params`` holds the path's parts, ``request`` the HTTP request."""
 
-    __slots__ = ("api", "request", "params", "status")
+    __slots__ = ("api", "request", "params", "status", "confirms")
 
     def __init__(self, api: "ServerApi", request: Request, params: dict[str, str], status: int) -> None:
         super().__init__(api.server, 0, None, 0, 0)
@@ -87,6 +88,7 @@ class ApiCtx(Ctx):
         self.request = request
         self.params = params
         self.status = status        # the answer's status on success
+        self.confirms = 0           # "no"s the store was asked to confirm (``confirming``)
 
     def later(self, result: Any, then: Callable[[Any], Any]) -> Any:
         if isinstance(result, Pending) and result.outcome is None:
@@ -96,6 +98,25 @@ class ApiCtx(Ctx):
 
 
 Endpoint = Callable[[ApiCtx, dict], Any]
+
+# An endpoint names up to three facts a node's cache may not know yet (a channel,
+# a user, a sender): each "no" is confirmed in Redis before it is answered
+# (zim.im.rechecking does one; the API may need one for each).
+MAX_CONFIRMS = 3
+
+
+def confirming(endpoint: Endpoint) -> Endpoint:
+    """``endpoint``, run again each time the store has confirmed a "no" it was
+    unsure of, at most MAX_CONFIRMS times (then a "no" is answered as it is)."""
+    def run(ctx: ApiCtx, body: dict) -> Any:
+        try:
+            return endpoint(ctx, body)
+        except Unsure as unsure:
+            ctx.confirms += 1
+            ctx.rechecked = ctx.confirms >= MAX_CONFIRMS
+            return ctx.later(unsure.pending, lambda _: run(ctx, body))
+
+    return run
 
 
 class ServerApi:
@@ -155,7 +176,7 @@ class ServerApi:
         except Error as exc:
             return self._error(STATUS.get(exc.code, 400), exc.code, exc.message)
         ctx = ApiCtx(self, request, params, status)
-        return self._run(ctx, rechecking(endpoint), ctx, body)
+        return self._run(ctx, confirming(endpoint), ctx, body)
 
     def _authorized(self, header: str) -> bool:
         scheme, _, given = header.partition(" ")
@@ -278,6 +299,19 @@ def path_user(ctx: ApiCtx) -> int:
     return known_user(ctx, ctx.params["user"])
 
 
+def confirm_users(ctx: ApiCtx, names: list[str]) -> None:
+    """Have a node's cache confirm every user of ``names`` it does not know, in
+    one round (``Unsure``), rather than one per user."""
+    store = ctx.server.store
+    confirm = getattr(store, "confirm_user", None)
+    if confirm is None or ctx.confirms:
+        return
+    unknown = {user_id for user_id in map(parse_user_id, names) if user_id is not None and
+               not store.user_exists(user_id)}
+    if unknown:
+        raise Unsure(gather([confirm(user_id) for user_id in unknown]))
+
+
 def sender(ctx: ApiCtx, body: dict) -> int | None:
     """``senderId``: a user the message comes from; absent, it comes from the system."""
     text = optional_str(body, "senderId")
@@ -327,6 +361,7 @@ def create_channel(ctx: ApiCtx, body: dict) -> dict:
     names = str_list(body, "members")
     if not names:
         raise bad_request("members must name at least one user (the first is the channel's creator)")
+    confirm_users(ctx, names)
     members = list(dict.fromkeys(known_user(ctx, text) for text in names))
     push = optional_bool(body, "push", ctx.server.channel_push)
     store = ctx.server.store

@@ -61,6 +61,18 @@ def test_a_publish_on_node_a_reaches_members_on_node_b(nodes):
         client.assert_no_push()
 
 
+def test_a_channel_made_on_node_a_with_users_only_node_b_knows(nodes):
+    (a, api_a), (b, _) = nodes
+    users = [logged_in(b, count=1)[0] for _ in range(4)]      # node A's cache has never seen them
+    channel = unique("c")
+    created = api_a.ok("POST", "/api/v1/channels", {"name": channel, "members": [u.user_id for u in users]},
+                       status=201)
+    assert created == {"name": channel, "members": 4}
+    api_a.ok("POST", channel_path(channel, "messages"), {"content": "hello all"})
+    for user in users:
+        assert user.recv_push()[1]["content"] == "hello all"
+
+
 def test_a_message_to_a_user_on_node_b_sent_on_node_a(nodes):
     (a, api_a), (b, _) = nodes
     bob = logged_in(b)
