@@ -242,15 +242,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
     finally:
         for publisher in publishers.values():
             publisher.close()
-        for pipe in pipes:
-            try:
-                pipe.send(("stop",))
-            except OSError:
-                pass
-        for child in children:
-            child.join(15)
-            if child.is_alive():
-                child.terminate()
+        broadcast.stop_members(children, pipes)
         code = server.stop()
         keys.cleanup()
     return report(args, info, runs, server.command, code)
@@ -258,23 +250,30 @@ def run(args: argparse.Namespace, info: dict) -> int:
 
 def report(args, info: dict, runs: dict[str, list[dict]], command: list[str], code: int | None) -> int:
     figures = ("requests_per_second", "deliveries_per_second", "deliveries_per_cpu_second")
-    medians = {kind: {figure: statistics.median(r[figure] for r in done if r[figure] is not None)
-                      for figure in figures} for kind, done in runs.items()}
-    ratios = {figure: round(medians["api"][figure] / medians["ws"][figure], 3) for figure in figures}
+
+    def median(done: list[dict], figure: str) -> float | None:
+        values = [r[figure] for r in done if r[figure] is not None]     # None: no CPU time measured
+        return statistics.median(values) if values else None
+
+    medians = {kind: {figure: median(done, figure) for figure in figures} for kind, done in runs.items()}
+    ratios = {figure: round(medians["api"][figure] / medians["ws"][figure], 3)
+              if medians["api"][figure] and medians["ws"][figure] else None for figure in figures}
     ok = code == 0 and all(r["loss"] == 0 and r["publish_errors"] == 0 for done in runs.values() for r in done)
     for kind in runs:
-        print(f"median {kind}: " + ", ".join(f"{figure} {medians[kind][figure]:,.0f}" for figure in figures))
+        print(f"median {kind}: " + ", ".join(f"{figure} {_figure(medians[kind][figure])}" for figure in figures))
     print("ratio api/ws: " + ", ".join(f"{figure} {ratio}" for figure, ratio in ratios.items()))
-    print(f"RESULT api_publish {'OK' if ok else 'FAILED'}: {args.members} members; api "
-          f"{medians['api']['requests_per_second']:,.0f} requests/s, "
-          f"{broadcast.millions(medians['api']['deliveries_per_cpu_second'])} deliveries/CPU-s; ws "
-          f"{medians['ws']['requests_per_second']:,.0f} requests/s, "
-          f"{broadcast.millions(medians['ws']['deliveries_per_cpu_second'])} deliveries/CPU-s")
+    print(f"RESULT api_publish {'OK' if ok else 'FAILED'}: {args.members} members; " + "; ".join(
+        f"{kind} {_figure(medians[kind]['requests_per_second'])} requests/s, "
+        f"{_figure(medians[kind]['deliveries_per_cpu_second'])} deliveries/CPU-s" for kind in runs))
     if args.json:
         benchlib.print_json({"bench": "api_publish", "ok": ok, "members": args.members, "messages": args.messages,
                              "medians": medians, "ratios": ratios, "runs": runs, "machine": info,
                              "server_command": command, "server_exit_code": code})
     return 0 if ok else 1
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 if __name__ == "__main__":

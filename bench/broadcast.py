@@ -461,6 +461,20 @@ def start_members(args, port: int, children: list, pipes: list) -> int:
     return ready
 
 
+def stop_members(children: list, pipes: list) -> None:
+    """Tell the member processes to stop, and make sure they have."""
+    for pipe in pipes:
+        try:
+            pipe.send(("stop",))
+        except OSError:
+            pass
+    for child in children:
+        child.join(15)
+        if child.is_alive():
+            child.terminate()
+            child.join(5)
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
@@ -500,16 +514,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
     finally:
         if publisher is not None:
             publisher.close()
-        for pipe in pipes:
-            try:
-                pipe.send(("stop",))
-            except OSError:
-                pass
-        for child in children:
-            child.join(15)
-            if child.is_alive():
-                child.terminate()
-                child.join(5)
+        stop_members(children, pipes)
         code = server.stop()
 
     def median(key: str) -> float | None:
