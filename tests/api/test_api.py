@@ -5,12 +5,14 @@ docs/api.openapi.json (tests/api/helpers.py)."""
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pytest
 from tests.api.helpers import (
     KEY, ApiClient, api_flags, channel_path, logged_in, operations, raw_exchange, user_path, wait_for_port,
 )
 from tests.support.client import unique
+from tests.support.servers import free_port
 
 from zim.client import Closed
 
@@ -19,14 +21,14 @@ CONNECTIONS = 4     # per user: with 3 workers, the kernel spreads them over the
 
 @pytest.fixture(scope="module", params=["1", "3"], ids=["1-worker", "3-workers"])
 def served(request, start_module_server, tmp_path_factory):
-    """(server, API port, operations that succeeded in this module)."""
+    """(server, API port, operations that succeeded in this module, metrics port)."""
     flags, port = api_flags(tmp_path_factory.mktemp("api-key"))
-    srv = start_module_server(["--workers", request.param, "--channel-rate", "0", *flags])
+    metrics = free_port()
+    srv = start_module_server(["--workers", request.param, "--channel-rate", "0", *flags,
+                               "--metrics", f"127.0.0.1:{metrics}"])
     wait_for_port(port)
     succeeded: set = set()
-    yield srv, port, succeeded
-    missing = set(operations()) - succeeded
-    assert not missing, f"operations never answered 2xx by a test: {sorted(missing)}"
+    yield srv, port, succeeded, metrics
 
 
 @pytest.fixture
@@ -58,6 +60,9 @@ def test_a_missing_or_wrong_key_is_401_and_counted(served, api):
                                      headers={"Authorization": f"Basic {KEY}"})
     assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
     assert api.ok("GET", "/api/v1/stats")["api"]["401"] == before + 4
+    with urllib.request.urlopen(f"http://127.0.0.1:{served[3]}/metrics", timeout=5) as scraped:
+        text = scraped.read().decode()
+    assert f'zim_api_requests_total{{status="401"}} {before + 4}.0' in text
 
 
 def test_unknown_paths_and_methods(api):
@@ -280,6 +285,13 @@ def test_the_api_answers_while_a_client_holds_a_request(served, api):
     with socket.create_connection(("127.0.0.1", port)) as stuck:
         stuck.sendall(b"POST /api/v1/stats HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
         assert api.ok("GET", "/api/v1/stats")["connections"] >= 0
+
+
+def test_every_operation_of_the_file_was_served(served):
+    """Last of the tests on ``served`` (pytest keeps a module's order): each path
+    and method of docs/api.openapi.json answered 2xx to one of them."""
+    missing = set(operations()) - served[2]
+    assert not missing, f"operations never answered 2xx by a test: {sorted(missing)}"
 
 
 def test_a_deleted_channel_stays_deleted_after_a_restart(start_server, tmp_path):
