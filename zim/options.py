@@ -58,6 +58,10 @@ CLIENT_MEMORY_SHARE = 4         # auto --max-client-memory: a quarter of the mac
 DEFAULT_TOKEN_TTL = 30 * 86400  # seconds a login token is valid (renewed by every login and action 10)
 MAX_TOKEN_TTL = 100 * 365 * 86400
 DEFAULT_PORTS = {"tcp": 8081, "ws": 8082}
+# TCP bodies shorter than this go out plain: as permessage-deflate's 64-byte floor, deflate
+# rarely shrinks them (a block's header and codes cost ~10 bytes; they hold little to repeat)
+DEFAULT_TCP_DEFLATE_MIN = 64
+MAX_TCP_DEFLATE_MIN = 16 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- values from text
@@ -414,6 +418,17 @@ OPTIONS: tuple[Option, ...] = (
            help="on (default): compress WebSocket messages with clients that offer "
                 "permessage-deflate (no context takeover: no per-connection zlib state); "
                 "off: never negotiate it"),
+    Option("tcp_deflate", "--tcp-deflate", True, choices=("on", "off"), flag_default="on", from_flag=_on,
+           check=_check_bool("tcp_deflate"),
+           help="on (default): a TCP client that asks for it at login (\"compress\": \"deflate\") "
+                "gets packet bodies compressed (raw DEFLATE, each on its own: no per-connection "
+                "zlib state); off: the login answer does not agree"),
+    Option("tcp_deflate_min", "--tcp-deflate-min", DEFAULT_TCP_DEFLATE_MIN, metavar="BYTES",
+           parse=bounded_int(0, MAX_TCP_DEFLATE_MIN),
+           check=_check_int("tcp_deflate_min", 0, MAX_TCP_DEFLATE_MIN, " bytes"),
+           reactor="tcp_deflate_min", worker=True,
+           help="compress a body for such a TCP client only when it has at least BYTES bytes "
+                f"(default {DEFAULT_TCP_DEFLATE_MIN}, the WebSocket floor: shorter ones rarely shrink)"),
     Option("ws_origins", "--ws-origins", DEFAULT_WS_ORIGINS, metavar="ORIGINS", parse=_origins,
            check=_check_origins, reactor="ws_origins", to_reactor=origin_check, worker=True,
            help="web pages that may open a WebSocket, by their Origin: a comma-separated "
