@@ -20,7 +20,7 @@ from tests.protocol.test_ws_deflate import prose
 from tests.support.client import TcpClient, decode_body, tcp_packet, unique
 from tests.support.servers import HOST
 from zim._codec import deflate_tcp_body
-from zim.client import SEQ_DEFLATED, ProtocolError, inflate_body, split_tcp, take_tcp_packet
+from zim.client import SEQ_DEFLATED, ProtocolError, connect, inflate_body, split_tcp, take_tcp_packet
 from zim.client.codec import SEQ_MASK
 from zim.protocol import HEARTBEAT, HISTORY, LOGIN, PULL, SEND_CHANNEL, SEND_USER, SUBSCRIBE
 
@@ -137,6 +137,17 @@ def test_websocket_login_asking_is_refused(server):
     answer = client.ok(LOGIN, {"name": unique("ws"), "compress": "deflate"})
     assert "compress" not in answer
     client.ok(HEARTBEAT)
+
+
+def test_the_public_blocking_client_asks_and_inflates(server):
+    with pytest.raises(ValueError, match="tcp://"):
+        connect(f"ws://{HOST}:{server.ws_port}/", compress=True)
+    with connect(f"tcp://{HOST}:{server.tcp_port}", compress=True) as client:
+        assert client.login(unique("pub"))["compress"] == "deflate" and client.compressed
+        room = unique("room")
+        client.ok(SUBSCRIBE, {"name": room})
+        client.ok(SEND_CHANNEL, {"channel": room, "content": prose(1000)})
+        assert client.ok(HISTORY, {"channel": room})["messages"][0]["content"] == prose(1000)
 
 
 def test_tcp_deflate_off_refuses(off_server):
