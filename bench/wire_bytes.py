@@ -533,7 +533,8 @@ def run(args: argparse.Namespace, info: dict) -> int:
         for result in results:
             pages = result["history_pages"]
             print(f"{result['content']:>8} tcp {result['history_tcp'] / pages:>9.0f}B  tcp+deflate "
-                  f"{result['history_tcp_deflate'] / pages:>9.0f}B  {saved(result['history_tcp'], result['history_tcp_deflate'])}")
+                  f"{result['history_tcp_deflate'] / pages:>9.0f}B  "
+                  f"{saved(result['history_tcp'], result['history_tcp_deflate'])}")
         mailbox = measure_mailbox(server, args.mailbox, args.seed, args.timeout)
         print(f"mailbox at login: {args.mailbox} waiting direct messages (mix), bytes from login to the last push: "
               f"tcp {mailbox['tcp']}, tcp+deflate {mailbox['tcp_deflate']} "

@@ -22,8 +22,8 @@ from zim.options import Options
 from zim.process import die_with_parent, stop_on_signals
 from zim.workerlink import (
     CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER, CMD_FOLLOW, CMD_TCP_DEFLATE, CMD_UNFOLLOW, EVENT,
-    EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, pack_user_ids, route_table, unpack_bind, unpack_broadcast_except,
-    unpack_close_user, unpack_conn, unpack_follow, unpack_routes,
+    EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, pack_user_ids, route_table, unpack_bind,
+    unpack_broadcast_except, unpack_close_user, unpack_conn, unpack_follow, unpack_routes,
 )
 
 log = logging.getLogger("zim.worker")

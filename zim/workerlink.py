@@ -41,8 +41,8 @@ __all__ = [
     "CMD_BIND", "CMD_BROADCAST", "CMD_BROADCAST_EXCEPT", "CMD_CLOSE", "CMD_CLOSE_USER", "CMD_FOLLOW",
     "CMD_PUSH_USER", "CMD_REPLY", "CMD_TCP_DEFLATE", "CMD_UNFOLLOW", "EVENT", "EVENT_LISTENING",
     "EVENT_USER_GONE", "EVENT_USERS_CLOSED", "LINK_COMMAND_BUDGET", "pack_bind", "pack_broadcast_except",
-    "pack_conn", "pack_close_user", "pack_follow", "pack_routes", "pack_user_ids", "route_table", "router_handle", "split_handle",
-    "unpack_bind", "unpack_broadcast_except", "unpack_conn", "unpack_close_user", "unpack_follow",
+    "pack_conn", "pack_close_user", "pack_follow", "pack_routes", "pack_user_ids", "route_table", "router_handle",
+    "split_handle", "unpack_bind", "unpack_broadcast_except", "unpack_conn", "unpack_close_user", "unpack_follow",
     "unpack_routes", "unpack_user_id",
 ]
 

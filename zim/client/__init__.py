@@ -60,7 +60,8 @@ __all__ = [
     "DEFAULT_MAX_PACKET", "OP_BINARY", "OP_CLOSE", "OP_CONTINUATION", "OP_PING", "OP_PONG", "OP_TEXT",
     "PACKET_HEAD", "PACKET_HEAD_SIZE", "TCP_HEADER", "TCP_HEADER_SIZE", "WS_GUID", "Body", "Packet",
     "ProtocolError", "TcpDecoder", "WsDecoder", "apply_mask", "check_ws_upgrade", "close_payload",
-    "SEQ_DEFLATED", "decode_body", "encode_body", "inflate_body", "login_body", "login_compress", "mask_key", "new_ws_key", "parse_frame", "parse_http_head", "server_address",
+    "SEQ_DEFLATED", "decode_body", "encode_body", "inflate_body", "login_body", "login_compress", "mask_key",
+    "new_ws_key", "parse_frame", "parse_http_head", "server_address",
     "split_frames", "split_tcp", "split_ws", "take_tcp_packet", "tcp_packet", "ws_accept", "ws_close",
     "ws_frame", "ws_message", "ws_packet", "ws_upgrade_accepted", "ws_upgrade_request",
 ]

@@ -13,8 +13,8 @@ import time
 
 from zim.client.codec import (Body, DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Packet,
                               ProtocolError, WsDecoder, check_ws_upgrade, decode_body, encode_body,
-                              login_body, login_compress, new_ws_key, server_address, take_tcp_packet, tcp_packet, ws_close,
-                              ws_frame, ws_message, ws_upgrade_request)
+                              login_body, login_compress, new_ws_key, server_address, take_tcp_packet, tcp_packet,
+                              ws_close, ws_frame, ws_message, ws_upgrade_request)
 from zim.protocol import HEARTBEAT, LOGIN
 
 DEFAULT_TIMEOUT = 5.0
