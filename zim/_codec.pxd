@@ -24,6 +24,7 @@ cdef enum:
     WS_MAX_FRAME_HEADER = 14
     WS_MAX_CONTROL = 125
     WS_DEFLATE_MIN = 64   # shorter messages go out uncompressed (see docs/protocol.md)
+    SEQ_DEFLATED = 0x8000 # a TCP packet's seq bit 15: its body is compressed (tcp_deflate)
 
 
 cdef inline bint ws_deflate_fits(uint8_t window_bits, size_t message_len) noexcept nogil:
@@ -51,12 +52,13 @@ cdef struct ws_state_t:
 # permessage-deflate (RFC 7692) with no context takeover either way: every
 # message is its own deflate stream, so one deflater and one inflater per
 # reactor serve all connections (nothing per connection but the window bits).
+# TCP's compressed bodies (tcp_deflate) use the same deflater, one stream each.
 # Both streams are made on first use; a reactor with no deflate client has none.
 cdef struct zcodec_t:
     z_stream* deflater
     z_stream* inflater
     int deflate_level       # the deflater's current level (it depends on the message size)
-    char* deflated          # the last compressed message (ws_deflate)
+    char* deflated          # the last compressed message (ws_deflate) or body (tcp_deflate)
     size_t deflated_cap
     char* inflated          # the last inflated message; a packet's body points here
     size_t inflated_cap
@@ -68,6 +70,7 @@ cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
 cdef void ws_release(ws_state_t* st) noexcept nogil
 cdef size_t ws_deflate(zcodec_t* z, int action, int seq, const char* body, size_t body_len) noexcept nogil
 cdef size_t ws_deflated_header(char* out, size_t payload_len) noexcept nogil
+cdef size_t tcp_deflate(zcodec_t* z, const char* body, size_t body_len, size_t min_len) noexcept nogil
 cdef void zcodec_free(zcodec_t* z) noexcept nogil
 
 cdef size_t tcp_header(char* out, size_t body_len, int action, int seq) noexcept nogil

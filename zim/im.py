@@ -289,6 +289,7 @@ def login(ctx: "Ctx", body: dict) -> dict:
     except ValueError as exc:
         raise bad_request(str(exc)) from None
     token = optional_str(body, "token")
+    ctx.deflate_asked = optional_str(body, "compress") == "deflate"    # another algorithm: refused
     if ctx.user_id is not None:
         raise bad_request("this connection is logged in already")
     server = ctx.server
@@ -385,7 +386,10 @@ class _LoggedIn:
         server.logins += 1
         if self.created:
             server.users_created += 1
-        return {"id": str(user_id), **issue_token(server, user_id, self.epoch)}
+        answer = {"id": str(user_id), **issue_token(server, user_id, self.epoch)}
+        if ctx.grant_deflate():
+            answer["compress"] = "deflate"
+        return answer
 
 
 def send_user_message(ctx: "Ctx", body: dict) -> dict:

@@ -58,6 +58,8 @@ CORE_TABLE: tuple[FamilySpec, ...] = (
     ("zim_link_bytes_sent_total", COUNTER, "Bytes written to the links between zim's processes.", None),
     ("zim_ws_compressed_messages_total", COUNTER,
      "WebSocket messages compressed (out) or inflated (in) with permessage-deflate.", "direction"),
+    ("zim_tcp_compressed_packets_total", COUNTER,
+     "TCP packets sent with a compressed body (clients that asked for it at login).", None),
     ("zim_connections", GAUGE, "Client connections open, by transport.", "transport"),
     ("zim_connections_logged_in", GAUGE, "Client connections logged in.", None),
     ("zim_links", GAUGE, "Links open between zim's processes (workers, the store writer).", None),
@@ -82,6 +84,7 @@ CORE_COUNTERS: dict[str, Union[tuple[str, Union[str, None]], None]] = {
     "link_bytes_out": ("zim_link_bytes_sent_total", None),
     "deflated_out": ("zim_ws_compressed_messages_total", "out"),
     "inflated_in": ("zim_ws_compressed_messages_total", "in"),
+    "tcp_deflated_out": ("zim_tcp_compressed_packets_total", None),
     "packets_in": None,     # the sum of zim_requests_total
     "connections_tcp": ("zim_connections", "tcp"),
     "connections_ws": ("zim_connections", "ws"),

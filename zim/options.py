@@ -62,6 +62,10 @@ DEFAULT_API_MAX_BODY = 64 * 1024    # bytes of one server API request body (a me
 MAX_API_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_API_MAX_CLIENTS = 64        # the application's backend: a pool of connections, not its users
 MAX_API_MAX_CLIENTS = 10_000
+# TCP bodies shorter than this go out plain: as permessage-deflate's 64-byte floor, deflate
+# rarely shrinks them (a block's header and codes cost ~10 bytes; they hold little to repeat)
+DEFAULT_TCP_DEFLATE_MIN = 64
+MAX_TCP_DEFLATE_MIN = 16 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- values from text
@@ -418,6 +422,17 @@ OPTIONS: tuple[Option, ...] = (
            help="on (default): compress WebSocket messages with clients that offer "
                 "permessage-deflate (no context takeover: no per-connection zlib state); "
                 "off: never negotiate it"),
+    Option("tcp_deflate", "--tcp-deflate", True, choices=("on", "off"), flag_default="on", from_flag=_on,
+           check=_check_bool("tcp_deflate"),
+           help="on (default): a TCP client that asks for it at login (\"compress\": \"deflate\") "
+                "gets packet bodies compressed (raw DEFLATE, each on its own: no per-connection "
+                "zlib state); off: the login answer does not agree"),
+    Option("tcp_deflate_min", "--tcp-deflate-min", DEFAULT_TCP_DEFLATE_MIN, metavar="BYTES",
+           parse=bounded_int(0, MAX_TCP_DEFLATE_MIN),
+           check=_check_int("tcp_deflate_min", 0, MAX_TCP_DEFLATE_MIN, " bytes"),
+           reactor="tcp_deflate_min", worker=True,
+           help="compress a body for such a TCP client only when it has at least BYTES bytes "
+                f"(default {DEFAULT_TCP_DEFLATE_MIN}, the WebSocket floor: shorter ones rarely shrink)"),
     Option("ws_origins", "--ws-origins", DEFAULT_WS_ORIGINS, metavar="ORIGINS", parse=_origins,
            check=_check_origins, reactor="ws_origins", to_reactor=origin_check, worker=True,
            help="web pages that may open a WebSocket, by their Origin: a comma-separated "

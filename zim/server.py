@@ -22,7 +22,7 @@ from typing import Any, Callable
 import orjson
 
 from zim import datadir, tokens
-from zim._core import PEER_MARK
+from zim._core import PEER_KEY_MASK, PEER_MARK, PEER_WS
 from zim.api import ServerApi, read_api_key
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, Groups, LocalFabric
@@ -64,6 +64,7 @@ class Server:
         self.store_line = PacedLine(ack=self.client_limits.ack_rate,
                                     read=(self.client_limits.read_rate, READ_BURST_SECONDS))
         self.channel_push = options.channel_push     # a subscribe without "push" gets pushes
+        self.tcp_deflate = options.tcp_deflate       # a TCP login may ask for compressed packets
         self.token_ttl_ms = int(options.token_ttl * 1000)
         self.tokens_v1_until = 0        # Unix ms: version 1 tokens (no expiry) are accepted until then
         self.metrics = Metrics()
@@ -264,9 +265,7 @@ class Server:
         if conn == self.store_link:
             self.store.on_link_packet(action, seq, payload)
             return
-        reactor = self.reactor
-        user = reactor.conn_user(conn)
-        self.serve(conn, user or PEER_MARK | reactor.conn_peer(conn), action, seq, payload)
+        self.serve(conn, self.reactor.request_user(conn), action, seq, payload)
 
     def _on_router_packet(self, link: int, action: int, seq: int, payload: bytes) -> None:
         """The router's reactor: a worker's event, or the store writer's answer (requests
@@ -290,16 +289,19 @@ class Server:
     # -- requests ----------------------------------------------------------------------
     def serve(self, conn: int, user: int, action: int, seq: int, payload: bytes) -> None:
         """Answer one request from ``conn``, logged in as ``user``; not logged in:
-        0, or ``PEER_MARK | address key`` (zim._core: the reactor's forwarded field)."""
+        0, or ``PEER_MARK | address key``, with PEER_WS on WebSocket (zim._core: the
+        reactor's forwarded field)."""
         peer = None
+        websocket = False
         if user & PEER_MARK:
-            peer = (user & ~PEER_MARK) or None
+            peer = (user & PEER_KEY_MASK) or None
+            websocket = bool(user & PEER_WS)
             user = 0
         refusal = self.app.refusal(action, bool(user))
         if refusal is not None:
             self.fabric.reply(conn, action, seq, self.error(refusal.code, refusal.message), True)
             return
-        ctx = Ctx(self, conn, str(user) if user else None, action, seq, peer)
+        ctx = Ctx(self, conn, str(user) if user else None, action, seq, peer, websocket)
         body = None
         try:
             request = orjson.loads(payload) if payload else {}
@@ -336,6 +338,8 @@ class Server:
             fabric.answer(ctx.conn, ctx.action, ctx.seq, body)
         else:
             fabric.reply(ctx.conn, ctx.action, ctx.seq, body, True)
+        if ctx.deflate_granted:         # the login answer went plain; what follows may not
+            fabric.tcp_deflate(ctx.conn)
         for packet in ctx.take_after():
             fabric.reply(ctx.conn, int.from_bytes(packet[:2], "big"), 0, packet[2:], False)
 

@@ -22,7 +22,7 @@ ROOT = REPO_ROOT
     ("store.py", ["--messages", "400", "--senders-list", "1,4", "--runs", "1", "--rate", "500",
                   "--rate-seconds", "0.5", "--engine-messages", "2000"]),
     ("hugegroup.py", ["--members-list", "500", "--workers", "2", "--runs", "1", "--sources", "2"]),
-    ("wire_bytes.py", ["--messages", "50"]),
+    ("wire_bytes.py", ["--messages", "50", "--cpu-members", "100", "--cpu-messages", "50", "--cpu-runs", "1"]),
     pytest.param("redis_link.py", ["--ops", "300", "--runs", "1", "--depths", "1,16"],
                  marks=pytest.mark.skipif(shutil.which("redis-server") is None,
                                           reason="redis-server is not installed (CI installs it)")),

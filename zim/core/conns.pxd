@@ -29,9 +29,10 @@ cdef enum:
     F_PAUSED = 128      # requests held (e.g. while a login is being decided elsewhere)
     F_FINAL_TOO_LARGE = 256     # answer final_action/final_seq with too_large before closing
     F_SHARED = 512      # outbuf points at a pass_out_t: outcap is the start, outlen the length
-    F_SHARED_DEFLATE = 1024     # ... and the slice is in its compressed framing (FRAMING_DEFLATE)
+    F_SHARED_DEFLATE = 1024     # ... and the slice is in its compressed framing (FRAMING_*DEFLATE)
     F_LOGGING_IN = 2048 # a login (action 1) of a connection not logged in waits for its answer
     F_COUNTED = 4096    # counted in the address table (--max-conns-per-address) under its peer key
+    F_TCP_DEFLATE = 8192        # TCP, compression asked for at login: bodies go out compressed (SEQ_DEFLATED)
 
 cdef enum:
     READS_PER_EVENT = 16        # fairness: a flooding peer yields after this many reads
@@ -106,6 +107,7 @@ cdef class Connections:
     cdef bint ws_deflate            # negotiate permessage-deflate with clients that offer it
     cdef object ws_origins          # None: any Origin; else a zim.origins.OriginPolicy
     cdef zcodec_t z                 # the deflater and inflater every deflate connection shares
+    cdef size_t tcp_deflate_min     # F_TCP_DEFLATE connections: shorter bodies go out plain
     cdef handle_list_t pending      # connections with queued output: flushed once per pass
     cdef handle_list_t again        # read budget ran out before EAGAIN: resume next pass
     cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline

@@ -421,15 +421,22 @@ cdef class Connections:
             return False
         if c.state == S_WS and ws_deflate_fits(c.deflate_bits, body_len + WS_PACKET_HEADER):
             deflated = ws_deflate(&self.z, action, seq, body, body_len)
-            if deflated:
-                out = self._reserve(fd, WS_MAX_FRAME_HEADER + deflated)
-                if out == NULL:
-                    return False
+        elif c.flags & F_TCP_DEFLATE:
+            deflated = tcp_deflate(&self.z, body, body_len, self.tcp_deflate_min)
+        else:
+            deflated = 0
+        if deflated:                    # in z.deflated; its framing says it is compressed
+            out = self._reserve(fd, WS_MAX_FRAME_HEADER + deflated)
+            if out == NULL:
+                return False
+            if c.state == S_WS:
                 head = ws_deflated_header(out, deflated)
-                memcpy(out + head, self.z.deflated, deflated)
-                c.outlen += <uint32_t>(head + deflated)
-                self.counters[C_DEFLATED_OUT] += 1
-                return True
+            else:
+                head = tcp_header(out, deflated, action, seq | SEQ_DEFLATED)
+            memcpy(out + head, self.z.deflated, deflated)
+            c.outlen += <uint32_t>(head + deflated)
+            self.counters[C_DEFLATED_OUT if c.state == S_WS else C_TCP_DEFLATED_OUT] += 1
+            return True
         out = self._reserve(fd, WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + body_len)
         if out == NULL:
             return False

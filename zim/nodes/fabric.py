@@ -109,6 +109,9 @@ class NodeFabric:
     def close(self, conn: int) -> None:
         self.inner.close(conn)
 
+    def tcp_deflate(self, conn: int) -> None:
+        self.inner.tcp_deflate(conn)
+
     def close_user(self, user_id: int, exclude_conn: int) -> None:
         """This node's connections of the user only: the other nodes close theirs
         when the revocation reaches them over the feed (``Node._on_change``)."""
