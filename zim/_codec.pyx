@@ -10,6 +10,7 @@ zim/_codec.pxd.
 - codec/deflate.pxi: permessage-deflate (RFC 7692): its negotiation, inflating
   client messages and compressing ours (zlib's declarations: includes/zlib.pxd);
 - codec/handshake.pxi: the upgrade request and its 101 (or 403) answer;
+- codec/static.pxi: plain GETs on the WebSocket port answered from a table (--demo);
 - codec/python_api.pxi: the same functions wrapped for Python (TcpDecoder,
   WsDecoder, encode_tcp, ...): the storage writer's link and the codec's tests.
 
@@ -25,4 +26,5 @@ include "codec/tcp.pxi"
 include "codec/websocket.pxi"
 include "codec/deflate.pxi"
 include "codec/handshake.pxi"
+include "codec/static.pxi"
 include "codec/python_api.pxi"

@@ -648,7 +648,8 @@ export class Client {
 
   _sent(key, seq) {
     const track = this._track(key);
-    if (track.last == null || seq > track.last) track.own.add(seq);
+    if (track.last != null && seq === track.last + 1) track.last = seq;  // nothing before it is missing
+    else if (track.last == null || seq > track.last) track.own.add(seq);
   }
 
   async _dispatchLoop() {

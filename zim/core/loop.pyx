@@ -23,7 +23,7 @@ cdef class Reactor(Link):
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
                   uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True,
                   uint32_t max_inflight=DEF_MAX_INFLIGHT, size_t memory_budget=0, object ws_origins=None,
-                  uint32_t max_conns_per_address=0, *, object on_tick=None, object on_link_closed=None,
+                  uint32_t max_conns_per_address=0, dict static_pages=None, *, object on_tick=None, object on_link_closed=None,
                   object on_user_gone=None, object on_users_closed=None, object on_request=None):
         # What the owner is told, given here once (see the attributes' declarations)
         self.on_tick = on_tick
@@ -45,6 +45,8 @@ cdef class Reactor(Link):
         self.memory_budget = memory_budget
         self.ws_deflate = ws_deflate
         self.ws_origins = ws_origins
+        self.static_pages = static_pages or {}
+        self.static_responses = static_table_set(&self.static_paths, self.static_pages)
         # Timers
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
