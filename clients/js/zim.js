@@ -113,7 +113,32 @@ function timeoutPromise(promise, ms, what, onTimeout) {
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // -- transports: whole packets to `sink.packet(action, seq, bodyBytes)`, then `sink.closed(reason)` --
-class TcpTransport {
+class Transport {
+  constructor(socket, sink) {
+    this.socket = socket;
+    this.sink = sink;
+    this.done = false;
+  }
+
+  _end(reason) {
+    if (this.done) return;
+    this.done = true;
+    this.sink.closed(reason);
+  }
+
+  /** Drop the connection at once, as a network failure would. */
+  abort(reason = "dropped") {
+    this._drop();
+    this._end(reason);
+  }
+
+  close() {
+    this._shut();
+    this._end("client closed");
+  }
+}
+
+class TcpTransport extends Transport {
   static async open(host, port, timeout, compress, sink) {
     const net = await import("node:net");
     const inflateRaw = compress ? (await import("node:zlib")).inflateRawSync : null;
@@ -127,11 +152,9 @@ class TcpTransport {
   }
 
   constructor(socket, inflateRaw, sink) {
-    this.socket = socket;
+    super(socket, sink);
     this.inflateRaw = inflateRaw;
-    this.sink = sink;
     this.buffer = null;
-    this.done = false;
     socket.on("data", (chunk) => this._data(chunk));
     socket.on("error", (error) => this._end(error.message));
     socket.on("close", () => this._end("connection closed"));
@@ -164,28 +187,20 @@ class TcpTransport {
     this.buffer = offset < buffer.length ? buffer.subarray(offset) : null;
   }
 
-  _end(reason) {
-    if (this.done) return;
-    this.done = true;
-    this.sink.closed(reason);
-  }
-
   send(action, seq, payload) {
     this.socket.write(tcpPacket(action, seq, payload));
   }
 
-  abort(reason = "dropped") {
+  _drop() {
     this.socket.destroy();
-    this._end(reason);
   }
 
-  close() {
+  _shut() {
     this.socket.end();
-    this._end("client closed");
   }
 }
 
-class WsTransport {
+class WsTransport extends Transport {
   static async open(url, timeout, sink, WebSocketClass) {
     const WS = WebSocketClass ?? globalThis.WebSocket ?? (await import("ws")).default;
     const socket = new WS(url);
@@ -199,9 +214,7 @@ class WsTransport {
   }
 
   constructor(socket, sink) {
-    this.socket = socket;
-    this.sink = sink;
-    this.done = false;
+    super(socket, sink);
     socket.onmessage = (event) => this._message(event.data);
     socket.onerror = () => this._end("WebSocket error");
     socket.onclose = (event) => this._end(`WebSocket closed (${event.code})`);
@@ -217,26 +230,18 @@ class WsTransport {
     this.sink.packet(view.getUint16(0), view.getUint16(2), bytes.subarray(4));
   }
 
-  _end(reason) {
-    if (this.done) return;
-    this.done = true;
-    this.sink.closed(reason);
-  }
-
   send(action, seq, payload) {
     this.socket.send(wsPacket(action, seq, payload));
   }
 
-  abort(reason = "dropped") {
+  _drop() {
     // ws (Node) can drop at once; a browser can only close
     if (typeof this.socket.terminate === "function") this.socket.terminate();
     else this.socket.close();
-    this._end(reason);
   }
 
-  close() {
+  _shut() {
     this.socket.close(1000);
-    this._end("client closed");
   }
 }
 

@@ -183,3 +183,20 @@ def test_two_users_chat_and_one_catches_up_after_a_reload(start_server, browsers
     bob.until(lambda: bob.unread("alice") == 1, "bob's unread mark for alice")
     for path in filter(None, (tmp_path / "demo.png", os.environ.get("ZIM_DEMO_SCREENSHOT"))):
         assert bob.driver.save_screenshot(str(Path(path).resolve())), path
+
+    # scrolling back: a page shows a channel's newest 30 messages, then older ones on demand
+    with srv.tcp_client() as carol:
+        carol.login("carol")
+        carol.ok(3, {"name": room})
+        burst = [f"burst {i}" for i in range(1, 36)]
+        for text in burst:
+            carol.ok(4, {"channel": room, "content": text})
+    everything = ["welcome to the room", "glad to be here", *away, "back now", *burst]
+    bob.wait_messages(everything)                       # pushed to the open channel
+    alice.open(f"# {room}")
+    alice.driver.get(url)                               # a reload: the open channel from history
+    alice.wait_messages(everything[-30:])
+    alice.until(lambda: alice.find("#older").is_displayed(), "the button for older messages")
+    alice.driver.execute_script("document.getElementById('older').click()")
+    alice.wait_messages(everything)
+    assert alice.seqs() == list(range(1, len(everything) + 1))

@@ -4,8 +4,10 @@ import { spawn, execFileSync } from "node:child_process";
 import { chmodSync, mkdtempSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
+import { after, before } from "node:test";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { connect as connectClient } from "../zim.js";
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
 export const HOST = "127.0.0.1";
@@ -95,6 +97,29 @@ export class ZimServer {
     await this.exited;
     clearTimeout(timer);
   }
+}
+
+/**
+ * A test file's server and clients: `server` started before its tests with these flags
+ * (`start: false`: the file starts its own into `server`), and `connect(url, options)`
+ * a client closed after them, with the server.
+ */
+export function useServer(flags = [], { start = true } = {}) {
+  const clients = [];
+  const context = {
+    server: null,
+    async connect(url, options) {
+      const client = await connectClient(url, options);
+      clients.push(client);
+      return client;
+    },
+  };
+  if (start) before(async () => { context.server = await ZimServer.start(flags); });
+  after(async () => {
+    for (const client of clients) client.close();
+    await context.server?.stop();
+  });
+  return context;
 }
 
 /** A name nobody else in this run has. */

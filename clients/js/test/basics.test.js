@@ -1,23 +1,13 @@
 // Login, direct messages, channels, history and the mailbox, over WebSocket and TCP, against a
 // real server (one for the file).
 import assert from "node:assert/strict";
-import { after, before, describe, it } from "node:test";
-import { Client, Closed, ZimError, connect, channelKey, userKey } from "../zim.js";
-import { ZimServer, nextPushes, unique } from "../test-support/server.js";
+import { describe, it } from "node:test";
+import { Closed, ZimError, connect, channelKey, userKey } from "../zim.js";
+import { nextPushes, unique, useServer } from "../test-support/server.js";
 
-let server;
-const clients = [];
-before(async () => { server = await ZimServer.start(); });
-after(async () => {
-  for (const client of clients) client.close();
-  await server?.stop();
-});
-
-async function user(transport, name = unique("u"), options = {}) {
-  const client = await connect(transport === "tcp" ? server.tcpUrl : server.wsUrl, { name, ...options });
-  clients.push(client);
-  return client;
-}
+const files = useServer();
+const url = (transport) => (transport === "tcp" ? files.server.tcpUrl : files.server.wsUrl);
+const user = (transport, name = unique("u"), options = {}) => files.connect(url(transport), { name, ...options });
 
 for (const transport of ["ws", "tcp"]) {
   describe(`over ${transport}`, () => {
@@ -30,8 +20,7 @@ for (const transport of ["ws", "tcp"]) {
     });
 
     it("refuses a bad token with ZimError unauthorized", async () => {
-      await assert.rejects(connect(transport === "tcp" ? server.tcpUrl : server.wsUrl,
-        { name: "x", token: "v2.1.0.0.nope" }), (error) => error instanceof ZimError && error.code === "unauthorized");
+      await assert.rejects(connect(url(transport), { name: "x", token: "v2.1.0.0.nope" }), (error) => error instanceof ZimError && error.code === "unauthorized");
     });
 
     it("sends a direct message, pushed to the receiver in order", async () => {
@@ -71,9 +60,7 @@ for (const transport of ["ws", "tcp"]) {
       bob.close();
       await alice.sendUser(bobId, "while away 1");
       await alice.sendUser(bobId, "while away 2");
-      const raw = new Client(transport === "tcp" ? server.tcpUrl : server.wsUrl, { autoAck: false });
-      clients.push(raw);
-      await raw.start();                // connected, not logged in: the login below is ours
+      const raw = await files.connect(url(transport), { autoAck: false });  // not logged in: the login below is ours
       await raw.login({ name: "bob", token: bobToken });
       const page = await raw.pull();
       assert.deepEqual(page.messages.map((message) => message.content), ["while away 1", "while away 2"]);

@@ -1,25 +1,18 @@
 // Compression on TCP: the client asks at login ("compress": "deflate"); the server that agrees
 // sends packets whose seq has bit 15 set with a raw DEFLATE body, which the client inflates.
 import assert from "node:assert/strict";
-import { after, before, it } from "node:test";
-import { connect, userKey, channelKey } from "../zim.js";
-import { ZimServer, missingFeature, nextPushes, unique } from "../test-support/server.js";
+import { it } from "node:test";
+import { userKey, channelKey } from "../zim.js";
+import { missingFeature, nextPushes, unique, useServer } from "../test-support/server.js";
 
-let server;
-const clients = [];
-before(async () => { server = await ZimServer.start(); });
-after(async () => {
-  for (const client of clients) client.close();
-  await server?.stop();
-});
+const files = useServer();
 
 it("receives deflated packets on TCP when it asks, and plain ones when it does not", async (t) => {
+  const { server, connect } = files;
   const bob = await connect(server.tcpUrl, { name: unique("bob"), compress: true });
-  clients.push(bob);
   if (!bob.compressed) return missingFeature(t, "TCP compression (a login answer with \"compress\": \"deflate\")");
   const plain = await connect(server.tcpUrl, { name: unique("carol") });
   const alice = await connect(server.wsUrl, { name: unique("alice") });
-  clients.push(plain, alice);
   assert.equal(plain.compressed, false);
   const room = unique("room");
   for (const client of [alice, bob, plain]) await client.join(room);

@@ -2,30 +2,19 @@
 // the server merged and skipped some (--push-window-ms, 103 with skipped > 0) and after a
 // disconnect. One server for the file, merging channel pushes.
 import assert from "node:assert/strict";
-import { after, before, it } from "node:test";
-import { Action, connect, channelKey, userKey } from "../zim.js";
-import { ZimServer, nextPushes, unique } from "../test-support/server.js";
+import { it } from "node:test";
+import { Action, channelKey, userKey } from "../zim.js";
+import { nextPushes, unique, useServer } from "../test-support/server.js";
 
 const WINDOW_MS = 300;
-let server;
-const clients = [];
-before(async () => { server = await ZimServer.start(["--push-window-ms", String(WINDOW_MS), "--push-max", "2"]); });
-after(async () => {
-  for (const client of clients) client.close();
-  await server?.stop();
-});
-
-async function user(url, options = {}) {
-  const client = await connect(url, { name: unique("u"), ...options });
-  clients.push(client);
-  return client;
-}
+const files = useServer(["--push-window-ms", String(WINDOW_MS), "--push-max", "2"]);
+const user = (url, options = {}) => files.connect(url, { name: unique("u"), ...options });
 
 for (const transport of ["ws", "tcp"]) {
   it(`fills what a 103 skipped from history, in order (${transport})`, async () => {
     const room = unique("room");
-    const alice = await user(server.wsUrl);
-    const bob = await user(transport === "tcp" ? server.tcpUrl : server.wsUrl);
+    const alice = await user(files.server.wsUrl);
+    const bob = await user(transport === "tcp" ? files.server.tcpUrl : files.server.wsUrl);
     const batches = [];
     const packet = bob._packet.bind(bob);
     bob._packet = (conn, action, seq, raw) => {      // watch what the server sent, as it came
@@ -50,8 +39,8 @@ for (const transport of ["ws", "tcp"]) {
 
 it("fills a channel and a direct conversation from history after a disconnect", async () => {
   const room = unique("room");
-  const alice = await user(server.wsUrl);
-  const bob = await user(server.tcpUrl, { backoff: [1500, 1500] });   // a reconnect 0.75..1.5 s later
+  const alice = await user(files.server.wsUrl);
+  const bob = await user(files.server.tcpUrl, { backoff: [1500, 1500] });   // a reconnect 0.75..1.5 s later
   await alice.join(room);
   await bob.join(room);
   await alice.sendChannel(room, "before");
@@ -77,8 +66,8 @@ it("fills a channel and a direct conversation from history after a disconnect", 
 
 it("resumes from saved lastSeqs in a new client (a page reload)", async () => {
   const room = unique("room");
-  const alice = await user(server.wsUrl);
-  const bob = await user(server.wsUrl);
+  const alice = await user(files.server.wsUrl);
+  const bob = await user(files.server.wsUrl);
   await alice.join(room);
   await bob.join(room);
   await alice.sendChannel(room, "seen");
@@ -87,7 +76,7 @@ it("resumes from saved lastSeqs in a new client (a page reload)", async () => {
   bob.close();
   await alice.sendChannel(room, "missed 1");
   await alice.sendChannel(room, "missed 2");
-  const again = await user(server.wsUrl, saved);
+  const again = await user(files.server.wsUrl, saved);
   const pushes = await nextPushes(again, 2);
   assert.deepEqual(pushes.map((push) => [push.seq, push.content, push.filled]), [[2, "missed 1", true], [3, "missed 2", true]]);
   await assert.rejects(again.nextPush(WINDOW_MS * 3), (error) => error.name === "TimeoutError");    // no duplicate

@@ -1,27 +1,21 @@
 // Reconnect after the server restarts: the client logs in again with its token and fills what
 // it missed. The server keeps its store (sqlite in a data directory) across the restart.
 import assert from "node:assert/strict";
-import { after, it } from "node:test";
-import { connect, channelKey } from "../zim.js";
-import { ZimServer, nextPushes, unique } from "../test-support/server.js";
+import { it } from "node:test";
+import { channelKey } from "../zim.js";
+import { ZimServer, nextPushes, unique, useServer } from "../test-support/server.js";
 
-let server;
-const clients = [];
-after(async () => {
-  for (const client of clients) client.close();
-  await server?.stop();
-});
+const files = useServer([], { start: false });
+const connect = (url, options) => files.connect(url, options);
 
 for (const transport of ["ws", "tcp"]) {
   it(`reconnects after the server restarts, with its token, and fills the gap (${transport})`, async () => {
-    server = await ZimServer.start();
+    const server = files.server = await ZimServer.start();
     const url = transport === "tcp" ? server.tcpUrl : server.wsUrl;
     const room = unique("room");
     const states = [];
     const bob = await connect(url, { name: "bob", backoff: [100, 400], onState: (state) => states.push(state) });
-    clients.push(bob);
     const alice = await connect(server.wsUrl, { name: "alice", reconnect: false });
-    clients.push(alice);
     await alice.join(room);
     await bob.join(room);
     await alice.sendChannel(room, "before the restart");
@@ -33,7 +27,6 @@ for (const transport of ["ws", "tcp"]) {
     await new Promise((r) => setTimeout(r, 300));       // bob tries and fails meanwhile
     await server.run();                                 // the same ports and data
     const again = await connect(server.wsUrl, { name: "alice", token: alice.token });
-    clients.push(again);
     await again.sendChannel(room, "after 1");
     await again.sendChannel(room, "after 2");
 
