@@ -80,6 +80,19 @@ cdef size_t ws_packet_header(char* out, size_t body_len, int action, int seq) no
 cdef object ws_handshake(bytes request, bint deflate, object origins=*)
 cdef Py_ssize_t find_header_end(const char* buf, size_t length) noexcept nogil
 
+# Plain GETs on the WebSocket port (codec/static.pxi): paths whose responses the reactor holds
+cdef struct path_t:
+    const char* text        # in a bytes object the table's owner keeps
+    size_t length
+
+cdef struct static_table_t:
+    path_t* paths           # NULL while there is no table
+    size_t count
+
+cdef Py_ssize_t static_lookup(const static_table_t* table, const char* head, size_t length) noexcept nogil
+cdef tuple static_table_set(static_table_t* table, dict pages)
+cdef void static_table_free(static_table_t* table) noexcept nogil
+
 
 # Big-endian field access, shared by the codec and the reactor's link packets.
 cdef inline uint32_t get32(const char* p) noexcept nogil:

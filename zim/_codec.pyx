@@ -11,6 +11,7 @@ zim/_codec.pxd.
   client messages and compressing ours; and the compressed bodies of TCP
   packets (tcp_deflate) (zlib's declarations: includes/zlib.pxd);
 - codec/handshake.pxi: the upgrade request and its 101 (or 403) answer;
+- codec/static.pxi: plain GETs on the WebSocket port answered from a table (--demo);
 - codec/python_api.pxi: the same functions wrapped for Python (TcpDecoder,
   WsDecoder, encode_tcp, ...): the storage writer's link and the codec's tests.
 
@@ -26,4 +27,5 @@ include "codec/tcp.pxi"
 include "codec/websocket.pxi"
 include "codec/deflate.pxi"
 include "codec/handshake.pxi"
+include "codec/static.pxi"
 include "codec/python_api.pxi"

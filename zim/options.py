@@ -36,6 +36,7 @@ import orjson
 import psutil
 
 from zim import limits as L
+from zim.demo import reactor_pages
 from zim._core import Reactor
 from zim.limits import ClientLimits, check_count, check_rate
 from zim.origins import DEFAULT as DEFAULT_WS_ORIGINS, origin_check, parse_origins
@@ -441,6 +442,11 @@ OPTIONS: tuple[Option, ...] = (
                 "or 'require-origin' (refuse upgrades without an Origin header, which "
                 "non-browser clients otherwise may leave out); another Origin gets HTTP "
                 "403. Default '*': any origin"),
+    Option("demo", "--demo", True, choices=("on", "off"), flag_default="on", from_flag=_on,
+           check=_check_bool("demo"), reactor="static_pages", to_reactor=reactor_pages, worker=True,
+           help="on (default): a plain HTTP GET / on the WebSocket port gets a web chat page "
+                "(and /zim.js, the JavaScript client); other paths get 404. off: such GETs get "
+                "400 as any request that is not a WebSocket upgrade"),
     Option("store", "--store", "sqlite", choices=("sqlite", "memory"),
            help="sqlite (default): everything in DIR/zim.db, kept across restarts; "
                 "memory: nothing kept (for tests and comparisons)"),

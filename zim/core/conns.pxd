@@ -5,7 +5,7 @@
 # defines is declared here (or in the lower layer's .pxd) and overridden above.
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from zim._codec cimport packet_t, ws_state_t, zcodec_t
+from zim._codec cimport packet_t, static_table_t, ws_state_t, zcodec_t
 
 # Connection states
 cdef enum:
@@ -106,6 +106,9 @@ cdef class Connections:
     cdef size_t outbuf_limit
     cdef bint ws_deflate            # negotiate permessage-deflate with clients that offer it
     cdef object ws_origins          # None: any Origin; else a zim.origins.OriginPolicy
+    cdef static_table_t static_paths    # plain GETs on the WebSocket port (--demo): path -> index
+    cdef dict static_pages          # {path: response}: the table points into its keys
+    cdef tuple static_responses     # by the table's index, the 404 last
     cdef zcodec_t z                 # the deflater and inflater every deflate connection shares
     cdef size_t tcp_deflate_min     # F_TCP_DEFLATE connections: shorter bodies go out plain
     cdef handle_list_t pending      # connections with queued output: flushed once per pass

@@ -62,6 +62,7 @@ cdef class Connections:
         if self.addresses_local:
             free(self.addresses.counts)
         zcodec_free(&self.z)
+        static_table_free(&self.static_paths)
         if self.epfd >= 0:
             close(self.epfd)
         if self.reserve_fd >= 0:
@@ -366,6 +367,11 @@ cdef class Connections:
     cdef bint _handshake(self, int fd, size_t offset, size_t head_len) noexcept:
         cdef conn_t* c = &self.conns[fd]
         cdef object answer
+        cdef Py_ssize_t page = static_lookup(&self.static_paths, self.scratch + offset, head_len)
+        if page >= 0:                   # a plain GET (--demo): its page or a 404, then close
+            self._queue_raw(fd, <bytes>self.static_responses[page])
+            self._begin_close(fd)
+            return False
         try:
             answer = ws_handshake(PyBytes_FromStringAndSize(self.scratch + offset, head_len), self.ws_deflate,
                                   self.ws_origins)
