@@ -80,6 +80,30 @@ def test_login_send_receive_and_ack(start_server, transport):
     asyncio.run(scenario())
 
 
+def test_own_send_right_after_the_last_seq_seen_is_the_last_seq(start_server):
+    """A send whose seq follows the last one delivered is the conversation's newest:
+    saved ``last_seqs`` then resume after it, and it is not delivered back later."""
+    srv = start_server(flags=NO_CHANNEL_RATE)
+
+    async def scenario():
+        async with await connect(url(srv, "tcp"), unique("alice")) as alice, \
+                await connect(url(srv, "tcp"), unique("bob")) as bob:
+            room = unique("room")
+            await alice.join(room)
+            await bob.join(room)
+            await bob.send_channel(room, "from bob")
+            assert [p.seq for p in await collect(alice, 1)] == [1]
+            mine = await alice.send_channel(room, "from alice")
+            assert mine["seq"] == 2 and alice.last_seqs == {("channel", room): 2}
+            saved = alice.last_seqs
+        async with await connect(url(srv, "tcp"), alice.name, alice.token, last_seqs=saved) as again:
+            with pytest.raises(asyncio.TimeoutError):
+                extra = await again.next_push(1.5)
+                raise AssertionError(f"delivered again: {extra}")
+
+    asyncio.run(scenario())
+
+
 def test_gap_filling_when_merged_pushes_skip(start_server):
     """Bursts to a channel merged in 103s of at most 2 messages: the receiver gets every
     message once, in seq order; its own sends (never pushed back) leave no hole."""

@@ -501,7 +501,9 @@ class Client:
 
     def _sent(self, key: Conversation, seq: int) -> None:
         track = self._tracks.get(key) or self._tracks.setdefault(key, _Track())
-        if track.last is None or seq > track.last:
+        if track.last is not None and seq == track.last + 1:
+            track.last = seq        # nothing before it is missing: it is the newest seen
+        elif track.last is None or seq > track.last:
             track.own.add(seq)
 
     async def _dispatch(self) -> None:
