@@ -430,6 +430,51 @@ def one_run(number: int, args, proc, publisher: Publisher, pipes: list) -> dict:
     return run
 
 
+def start_members(args, port: int, children: list, pipes: list) -> int:
+    """Start the member processes (``args.members`` over processes of at most
+    ``args.per_process``), adding each to ``children`` and its pipe to ``pipes``
+    as it starts (so a failed setup still stops them); wait until they have all
+    set up; the members ready. Shared with bench/api_publish.py."""
+    context = multiprocessing.get_context("fork")
+    processes = -(-args.members // args.per_process)
+    base = args.members // processes
+    for index in range(processes):
+        count = base + (1 if index < args.members % processes else 0)
+        parent_end, child_end = context.Pipe()
+        child = context.Process(
+            target=member_process, daemon=True,
+            args=(port, index * args.per_process, count, 500, args.setup_timeout, child_end))
+        child.start()
+        child_end.close()
+        children.append(child)
+        pipes.append(parent_end)
+    ready = 0
+    for pipe in pipes:
+        if not pipe.poll(args.setup_timeout + 30):
+            raise RuntimeError("a member process did not finish its setup")
+        _, count, failures, failed = pipe.recv()
+        ready += count
+        for reason in failures:
+            print(f"  setup failure: {reason}")
+        if failed:
+            print(f"  {failed} member(s) of one process failed to set up")
+    return ready
+
+
+def stop_members(children: list, pipes: list) -> None:
+    """Tell the member processes to stop, and make sure they have."""
+    for pipe in pipes:
+        try:
+            pipe.send(("stop",))
+        except OSError:
+            pass
+    for child in children:
+        child.join(15)
+        if child.is_alive():
+            child.terminate()
+            child.join(5)
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
@@ -446,7 +491,6 @@ def run(args: argparse.Namespace, info: dict) -> int:
     publisher = None
     runs: list[dict] = []
     result: dict = {"bench": "broadcast", "ok": False}
-    context = multiprocessing.get_context("fork")
     try:
         proc = server.start()
         print(f"server: pid {proc.pid}: {' '.join(server.command)}")
@@ -455,28 +499,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
               f"window {args.window}, {args.runs} run(s)")
         sys.stdout.flush()
         setup_start = time.monotonic()
-        base = args.members // processes
-        for index in range(processes):
-            count = base + (1 if index < args.members % processes else 0)
-            parent_end, child_end = context.Pipe()
-            child = context.Process(
-                target=member_process, daemon=True,
-                args=(server.tcp_port, index * args.per_process, count,
-                      500, args.setup_timeout, child_end))
-            child.start()
-            child_end.close()
-            children.append(child)
-            pipes.append(parent_end)
-        ready = 0
-        for pipe in pipes:
-            if not pipe.poll(args.setup_timeout + 30):
-                raise RuntimeError("a member process did not finish its setup")
-            _, count, failures, failed = pipe.recv()
-            ready += count
-            for reason in failures:
-                print(f"  setup failure: {reason}")
-            if failed:
-                print(f"  {failed} member(s) of one process failed to set up")
+        ready = start_members(args, server.tcp_port, children, pipes)
         print(f"setup: {ready}/{args.members} members logged in and subscribed "
               f"in {time.monotonic() - setup_start:.1f} s")
         sys.stdout.flush()
@@ -491,16 +514,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
     finally:
         if publisher is not None:
             publisher.close()
-        for pipe in pipes:
-            try:
-                pipe.send(("stop",))
-            except OSError:
-                pass
-        for child in children:
-            child.join(15)
-            if child.is_alive():
-                child.terminate()
-                child.join(5)
+        stop_members(children, pipes)
         code = server.stop()
 
     def median(key: str) -> float | None:

@@ -24,6 +24,7 @@ cdef enum:
     WS_MAX_FRAME_HEADER = 14
     WS_MAX_CONTROL = 125
     WS_DEFLATE_MIN = 64   # shorter messages go out uncompressed (see docs/protocol.md)
+    SEQ_DEFLATED = 0x8000 # a TCP packet's seq bit 15: its body is compressed (tcp_deflate)
 
 
 cdef inline bint ws_deflate_fits(uint8_t window_bits, size_t message_len) noexcept nogil:
@@ -51,12 +52,13 @@ cdef struct ws_state_t:
 # permessage-deflate (RFC 7692) with no context takeover either way: every
 # message is its own deflate stream, so one deflater and one inflater per
 # reactor serve all connections (nothing per connection but the window bits).
+# TCP's compressed bodies (tcp_deflate) use the same deflater, one stream each.
 # Both streams are made on first use; a reactor with no deflate client has none.
 cdef struct zcodec_t:
     z_stream* deflater
     z_stream* inflater
     int deflate_level       # the deflater's current level (it depends on the message size)
-    char* deflated          # the last compressed message (ws_deflate)
+    char* deflated          # the last compressed message (ws_deflate) or body (tcp_deflate)
     size_t deflated_cap
     char* inflated          # the last inflated message; a packet's body points here
     size_t inflated_cap
@@ -68,6 +70,7 @@ cdef int ws_next(char* buf, size_t length, size_t max_packet, ws_state_t* st,
 cdef void ws_release(ws_state_t* st) noexcept nogil
 cdef size_t ws_deflate(zcodec_t* z, int action, int seq, const char* body, size_t body_len) noexcept nogil
 cdef size_t ws_deflated_header(char* out, size_t payload_len) noexcept nogil
+cdef size_t tcp_deflate(zcodec_t* z, const char* body, size_t body_len, size_t min_len) noexcept nogil
 cdef void zcodec_free(zcodec_t* z) noexcept nogil
 
 cdef size_t tcp_header(char* out, size_t body_len, int action, int seq) noexcept nogil
@@ -76,6 +79,19 @@ cdef size_t ws_packet_header(char* out, size_t body_len, int action, int seq) no
 
 cdef object ws_handshake(bytes request, bint deflate, object origins=*)
 cdef Py_ssize_t find_header_end(const char* buf, size_t length) noexcept nogil
+
+# Plain GETs on the WebSocket port (codec/static.pxi): paths whose responses the reactor holds
+cdef struct path_t:
+    const char* text        # in a bytes object the table's owner keeps
+    size_t length
+
+cdef struct static_table_t:
+    path_t* paths           # NULL while there is no table
+    size_t count
+
+cdef Py_ssize_t static_lookup(const static_table_t* table, const char* head, size_t length) noexcept nogil
+cdef tuple static_table_set(static_table_t* table, dict pages)
+cdef void static_table_free(static_table_t* table) noexcept nogil
 
 
 # Big-endian field access, shared by the codec and the reactor's link packets.

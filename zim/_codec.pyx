@@ -8,8 +8,10 @@ zim/_codec.pxd.
 - codec/tcp.pxi: TCP framing (tcp_next, tcp_header);
 - codec/websocket.pxi: WebSocket framing (ws_next, ws_release, frame headers);
 - codec/deflate.pxi: permessage-deflate (RFC 7692): its negotiation, inflating
-  client messages and compressing ours (zlib's declarations: includes/zlib.pxd);
+  client messages and compressing ours; and the compressed bodies of TCP
+  packets (tcp_deflate) (zlib's declarations: includes/zlib.pxd);
 - codec/handshake.pxi: the upgrade request and its 101 (or 403) answer;
+- codec/static.pxi: plain GETs on the WebSocket port answered from a table (--demo);
 - codec/python_api.pxi: the same functions wrapped for Python (TcpDecoder,
   WsDecoder, encode_tcp, ...): the storage writer's link and the codec's tests.
 
@@ -25,4 +27,5 @@ include "codec/tcp.pxi"
 include "codec/websocket.pxi"
 include "codec/deflate.pxi"
 include "codec/handshake.pxi"
+include "codec/static.pxi"
 include "codec/python_api.pxi"

@@ -32,10 +32,11 @@ from zim._codec cimport (
     packet_t, ws_state_t, zcodec_t, tcp_next, ws_next, ws_release, tcp_header,
     get16, get32, get64, put16, put32, put64,
     ws_frame_header, ws_packet_header, ws_handshake, find_header_end,
-    ws_deflate, ws_deflate_fits, ws_deflated_header, zcodec_free,
+    static_table_t, static_lookup, static_table_set, static_table_free,
+    ws_deflate, ws_deflate_fits, ws_deflated_header, tcp_deflate, zcodec_free, SEQ_DEFLATED,
     EV_NEED_MORE, EV_PACKET, EV_TOO_LARGE, EV_BROKEN, EV_PING, EV_PONG,
     EV_CLOSE, EV_TEXT, EV_SKIP, EV_BAD_UTF8, EV_BAD_DEFLATE, TCP_HEADER, WS_MAX_FRAME_HEADER,
-    WS_PACKET_HEADER,
+    WS_PACKET_HEADER, WS_DEFLATE_MIN,
 )
 from zim.includes.epoll cimport (
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD,

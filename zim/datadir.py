@@ -20,6 +20,7 @@ holds for root too, whom the kernel's own permission checks let through.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -105,6 +106,32 @@ def check_public_file(path: str, what: str, info: os.stat_result) -> None:
     if mode & _LOOSE_WRITE:
         raise UnsafeFile(f"the {what} {path} may be written by others (mode {mode:04o}): anyone "
                          f"could put their own key there. Run: chmod go-w {path}")
+
+
+def read_private_file(path: str, what: str, most: int) -> bytes:
+    """Up to ``most`` bytes of ``path``, never read through a symlink, refusing a
+    file that is not ours or is open to group or others (``check_private_file``):
+    the token secret, the server API's key. RuntimeError if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"the {what} {path} is a symbolic link; zim reads only a regular file "
+                             f"there. Remove the link, and put the file itself in its place") from exc
+        if exc.errno == errno.ENOENT:
+            raise RuntimeError(f"the {what} {path} does not exist") from exc
+        raise RuntimeError(f"cannot read the {what} {path}: {exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise RuntimeError(f"cannot read the {what} {path}: it is a directory")
+        check_private_file(path, what, info)
+        try:
+            return os.read(fd, most)
+        except OSError as exc:
+            raise RuntimeError(f"cannot read the {what} {path}: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def check_private_files_in(directory: str, names: list[str], what: str) -> None:

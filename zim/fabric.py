@@ -66,6 +66,10 @@ class Fabric(Protocol):
     def close(self, conn: int) -> None:
         """Close a connection after what is queued for it."""
 
+    def tcp_deflate(self, conn: int) -> None:
+        """From the next packet on, compress what goes to this TCP connection (its
+        login asked for it; the login's answer is queued already)."""
+
     def close_user(self, user_id: int, exclude_conn: int) -> None:
         """Close every connection of the user here but ``exclude_conn`` (log out
         everywhere), each after what is queued for it."""
@@ -113,6 +117,9 @@ class LocalFabric:
 
     def close(self, conn: int) -> None:
         self.reactor.close(conn)
+
+    def tcp_deflate(self, conn: int) -> None:
+        self.reactor.set_tcp_deflate(conn)
 
     def close_user(self, user_id: int, exclude_conn: int) -> None:
         close_user_here(self.reactor, user_id, exclude_conn)

@@ -78,6 +78,7 @@ class Runtime(Protocol):
     channel_push: bool          # a subscribe without "push" gets pushes
     jwt: Any                    # zim.access.JwtLogins, or None: no JWT keys
     anonymous_login: bool       # a login with a name only creates a user
+    tcp_deflate: bool           # a TCP login may ask for compressed packets
     logins: int
     users_created: int
 
@@ -100,22 +101,28 @@ class Ctx:
     ``ctx.user_id`` is the logged-in user's id (a decimal string) or None.
     ``ctx.peer``: for a connection not logged in, its source address as a key
     (an IPv4 address as an int; an IPv6 client's /64, hashed), else None.
+    ``ctx.websocket``: for a connection not logged in, whether it speaks WebSocket
+    (else TCP); False once logged in (the transport is not sent along then).
     ``ctx.app`` is the App (``ctx.app.store`` the store); ``ctx.server`` the
     server running it (``zim.server.Server``: store, ids, limits, fabric).
     """
 
-    __slots__ = ("server", "app", "conn", "user_id", "peer", "action", "seq", "rechecked", "_after")
+    __slots__ = ("server", "app", "conn", "user_id", "peer", "websocket", "action", "seq", "rechecked",
+                 "deflate_asked", "deflate_granted", "_after")
 
     def __init__(self, server: Runtime, conn: int, user_id: str | None, action: int, seq: int,
-                 peer: int | None = None) -> None:
+                 peer: int | None = None, websocket: bool = False) -> None:
         self.server = server
         self.app = server.app
         self.conn = conn
         self.user_id = user_id
         self.peer = peer
+        self.websocket = websocket
         self.action = action
         self.seq = seq
         self.rechecked: tuple = ()  # the "no"s the store was asked to confirm (zim.im.rechecking)
+        self.deflate_asked = False      # a login's "compress": "deflate" (zim.im)
+        self.deflate_granted = False    # packets after this answer may be compressed (grant_deflate)
         self._after: list[bytes] | None = None
 
     # -- this connection ---------------------------------------------------
@@ -123,6 +130,16 @@ class Ctx:
         """Bind this connection to ``user_id``; it receives the pushes of ``channels``."""
         self.server.bind_user(self.conn, int(user_id), channels)
         self.user_id = user_id
+
+    def grant_deflate(self) -> bool:
+        """A login that succeeds: True if it asked for compression (``"compress":
+        "deflate"``, ``deflate_asked``) and the server agrees (``--tcp-deflate on``,
+        and the connection is TCP, not WebSocket, which has permessage-deflate).
+        Then this request's answer goes plain and, from the packet after it on,
+        the server may compress bodies to this connection (docs/protocol.md,
+        "Compression on TCP")."""
+        self.deflate_granted = self.deflate_asked and self.server.tcp_deflate and not self.websocket
+        return self.deflate_granted
 
     def send(self, action: int, body: dict) -> None:
         """Push a packet (seq 0) to this connection, queued after this request's response."""

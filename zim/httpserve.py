@@ -1,8 +1,9 @@
 """A small HTTP/1.1 server served by the reactor's loop, without a thread.
 
 For ``--metrics`` (``zim.metrics``): a handful of GET endpoints, scraped every
-few seconds by Prometheus or probed by an orchestrator. The parsing is h11's
-(sans-IO); the sockets are here:
+few seconds by Prometheus or probed by an orchestrator; and for ``--api``
+(``zim.api``): JSON requests with bodies (POST, DELETE ...) whose answers may
+wait on the store. The parsing is h11's (sans-IO); the sockets are here:
 
 - **One descriptor in the reactor**, as ``zim.nodes.link`` does for Redis: the
   listening socket and every client socket sit in an epoll set of this server's
@@ -13,11 +14,15 @@ few seconds by Prometheus or probed by an orchestrator. The parsing is h11's
   but the next request is parsed only once the previous answer has left, and
   while an answer waits for the client to read, its socket is not read either:
   a client that never reads costs one answer of memory, and never the loop.
+  A handler may answer later (``Request.respond``, e.g. once the store has
+  committed): the connection is not read meanwhile either.
 - **Bounds.** At most ``max_clients`` connections (more are accepted and closed
   at once); a request head still incomplete after ``max_request_size`` bytes
   is answered 431 and closed (h11's ``max_incomplete_event_size``; a head that
   completes within one read of ``READ_SIZE`` may exceed it by that much, so
-  memory stays bounded either way); a connection that
+  memory stays bounded either way); a body over ``max_body_size`` bytes
+  (``Content-Length``, or chunks as they come) is answered 413 and closed, so
+  a body never holds more than that; a connection that
   completes no request and takes no bytes for ``idle_timeout`` seconds is
   closed by ``tick()``. A malformed request is answered 400 and closed.
 - **Closing.** After a last answer (``Connection: close``, HTTP/1.0, an error),
@@ -46,7 +51,9 @@ from zim._core import Reactor
 log = logging.getLogger("zim.http")
 
 Headers = list[tuple[str, str]]
-Handler = Callable[[str, str], tuple[int, Headers, bytes]]
+Answer = tuple[int, Headers, bytes]
+Handler = Callable[["Request"], "Answer | None"]
+ErrorAnswer = Callable[[int, str], tuple[Headers, bytes]]
 
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_MAX_REQUEST_SIZE = 16 * 1024
@@ -54,6 +61,7 @@ DEFAULT_IDLE_TIMEOUT = 30.0
 LINGER = 5.0                # seconds a closing connection may take to send its EOF
 READ_SIZE = 16 * 1024       # requests are small: reads bound what h11 may hold
 METHODS = ("GET", "HEAD")
+DEFAULT_MAX_BODY_SIZE = 0   # bytes of a request body (0: requests carry none)
 _IOV_MAX = 64              # buffers per sendmsg (the kernel's limit is 1024)
 
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -75,11 +83,45 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+def text_error(status: int, message: str) -> tuple[Headers, bytes]:
+    """The server's own error answers (400, 405, 413, 500 ...) as plain text."""
+    return [("Content-Type", "text/plain; charset=utf-8")], message.encode() + b"\n"
+
+
+class Request:
+    """One complete request as a handler sees it: ``method``, ``target`` (path
+    and query as sent), ``headers`` (lower-case name -> value; a repeated
+    header keeps its last value) and ``body`` (bytes, at most the server's
+    ``max_body_size``). A handler that returns None answers later, once, with
+    ``respond``; the connection waits for it (a client gone meanwhile makes it
+    a no-op)."""
+
+    __slots__ = ("method", "target", "headers", "body", "_server", "_client")
+
+    def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes,
+                 server: "HttpServer", client: "_Client") -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self._server = server
+        self._client = client
+
+    @property
+    def path(self) -> str:
+        """The target without its query string."""
+        return self.target.split("?", 1)[0]
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        """Answer a request whose handler returned None (from the loop)."""
+        self._server._respond_later(self._client, self, status, headers, body)
+
+
 class _Client:
     """One client connection: its socket, its h11 state and its unsent bytes."""
 
     __slots__ = ("sock", "fd", "h11", "out", "out_bytes", "last_active", "request",
-                 "closing", "lingering", "eof")
+                 "body", "body_bytes", "waiting", "closing", "lingering", "eof")
 
     def __init__(self, sock: socket.socket, max_request_size: int, now: float) -> None:
         self.sock = sock
@@ -89,31 +131,48 @@ class _Client:
         self.out_bytes = 0
         self.last_active = now      # accepted, a request completed, or the kernel took bytes
         self.request: h11.Request | None = None    # its head read, its body not yet
+        self.body: list[bytes] = []                 # the body's chunks so far
+        self.body_bytes = 0
+        self.waiting: Request | None = None         # answered later: not read meanwhile
         self.closing = False        # no more requests: close once `out` has left
         self.lingering = False      # write side shut: draining input until EOF
         self.eof = False            # the client closed its side
 
 
+def _declared_length(event: h11.Request) -> int:
+    """The request's ``Content-Length`` (h11 has checked it is one number), else 0."""
+    for name, value in event.headers:
+        if name == b"content-length":
+            return int(value)
+    return 0
+
+
 class HttpServer:
     """A non-blocking HTTP/1.1 server on ``reactor``'s loop; see the module docstring.
 
-    ``handler(method, target)`` answers each GET or HEAD request with
-    ``(status, headers, body)``: ``target`` is the request target as sent
-    (path and query), ``headers`` a list of ``(name, value)`` strings; the
-    server adds ``Content-Length`` and, for HEAD, leaves the body out. Other
-    methods get 405 without reaching the handler; a handler that raises gets
-    its client a 500 (and a log entry). ``port`` 0 picks a free port:
-    ``address`` says which.
+    ``handler(request)`` (a ``Request``) answers each request of one of
+    ``methods`` with ``(status, headers, body)``, ``headers`` a list of
+    ``(name, value)`` strings, or returns None and calls ``request.respond``
+    later; the server adds ``Content-Length`` and, for HEAD, leaves the body
+    out. Other methods get 405 without reaching the handler; a handler that
+    raises gets its client a 500 (and a log entry). The server's own errors
+    are shaped by ``error_answer(status, message) -> (headers, body)``
+    (default: plain text). ``port`` 0 picks a free port: ``address`` says which.
     """
 
     def __init__(self, reactor: Reactor, host: str, port: int, handler: Handler, *,
                  max_clients: int = DEFAULT_MAX_CLIENTS,
                  max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, backlog: int = 128) -> None:
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, backlog: int = 128,
+                 methods: tuple[str, ...] = METHODS, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+                 error_answer: ErrorAnswer = text_error) -> None:
         if max_clients < 1:
             raise ValueError("max_clients must be at least 1")
         self.reactor = reactor
         self.handler = handler
+        self.methods = methods
+        self.max_body_size = max_body_size
+        self.error_answer = error_answer
         self.max_clients = max_clients
         self.max_request_size = max_request_size
         self.idle_timeout = idle_timeout
@@ -252,7 +311,7 @@ class HttpServer:
         # The answer that held the connection has left (or there was none): parse
         # what h11 holds, then read the socket until EAGAIN, answering as we go.
         self._answer(client)
-        while not (client.out or client.closing or client.eof):
+        while not (client.out or client.closing or client.eof or client.waiting):
             try:
                 data = client.sock.recv(READ_SIZE)
             except BlockingIOError:
@@ -266,6 +325,8 @@ class HttpServer:
                 client.eof = True
             client.h11.receive_data(data)
             self._answer(client)
+        if client.waiting:
+            return                  # its answer resumes it (_respond_later)
         if client.closing and not client.out:
             self._finish(client)
         elif client.eof and not client.out:
@@ -274,12 +335,12 @@ class HttpServer:
     def _answer(self, client: _Client) -> None:
         """Handle the requests h11 can parse, one at a time, while answers leave at once."""
         conn = client.h11
-        while not (client.out or client.closing):
+        while not (client.out or client.closing or client.waiting):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 log.debug("http client %d: bad request: %s", client.fd, exc)
-                self._respond(client, exc.error_status_hint, [], b"bad request\n", close=True)
+                self._error(client, exc.error_status_hint, "bad request")
                 return
             if event is h11.NEED_DATA:
                 return
@@ -292,30 +353,67 @@ class HttpServer:
             kind = type(event)
             if kind is h11.Request:
                 method = event.method.decode("ascii", "replace")
-                if method not in METHODS:
+                if method not in self.methods:
                     # answered before its body, which is not read: so the connection ends
-                    self._respond(client, 405, [("Allow", ", ".join(METHODS))],
-                                  b"method not allowed\n", close=True)
+                    self._error(client, 405, "method not allowed", [("Allow", ", ".join(self.methods))])
+                    return
+                if _declared_length(event) > self.max_body_size:
+                    self._error(client, 413, f"the body is over {self.max_body_size} bytes")
                     return
                 client.request = event
+            elif kind is h11.Data:
+                client.body_bytes += len(event.data)
+                if client.body_bytes > self.max_body_size:     # chunked: counted as it comes
+                    self._error(client, 413, f"the body is over {self.max_body_size} bytes")
+                    return
+                client.body.append(event.data)
             elif kind is h11.EndOfMessage:
                 request, client.request = client.request, None
+                body, client.body, client.body_bytes = b"".join(client.body), [], 0
                 client.last_active = time.monotonic()
-                self._dispatch(client, request)
+                self._dispatch(client, request, body)
             elif kind is h11.ConnectionClosed:
                 client.closing = True
                 return
-            # Data: a GET's body, ignored
 
-    def _dispatch(self, client: _Client, request: h11.Request) -> None:
-        method = request.method.decode("ascii")
-        target = request.target.decode("ascii", "replace")
+    def _dispatch(self, client: _Client, event: h11.Request, body: bytes) -> None:
+        method = event.method.decode("ascii")
+        target = event.target.decode("ascii", "replace")
+        headers = {name.decode("ascii", "replace"): value.decode("latin-1") for name, value in event.headers}
+        request = Request(method, target, headers, body, self, client)
         try:
-            status, headers, body = self.handler(method, target)
+            answer = self.handler(request)
         except Exception:
             log.exception("http handler failed for %s %s", method, target)
-            status, headers, body = 500, [("Content-Type", "text/plain; charset=utf-8")], b"internal error\n"
+            self._error(client, 500, "internal error", close=False)
+            return
+        if answer is None:
+            client.waiting = request
+            return
+        status, headers, body = answer
         self._respond(client, status, headers, body, head=method == "HEAD")
+
+    def _respond_later(self, client: _Client, request: Request, status: int, headers: Headers,
+                       body: bytes) -> None:
+        """The late answer to ``request``: sent, then the connection is served again
+        (what came meanwhile waits in the kernel or in h11: no new edge announces it)."""
+        if client.waiting is not request or self._clients.get(client.fd) is not client:
+            return                  # the client went, or answered already
+        client.waiting = None
+        client.last_active = time.monotonic()
+        self._respond(client, status, headers, body, head=request.method == "HEAD")
+        if self._clients.get(client.fd) is client:
+            try:
+                self._serve(client, 0)
+            except Exception:
+                log.exception("http client %d failed; closing it", client.fd)
+                self._drop(client)
+
+    def _error(self, client: _Client, status: int, message: str, headers: Headers = (), *,
+               close: bool = True) -> None:
+        """One of the server's own error answers (``error_answer``); by default the last."""
+        fields, body = self.error_answer(status, message)
+        self._respond(client, status, [*headers, *fields], body, close=close)
 
     def _respond(self, client: _Client, status: int, headers: Headers, body: bytes, *,
                  head: bool = False, close: bool = False) -> None:
@@ -403,6 +501,8 @@ class HttpServer:
 
     def _drop(self, client: _Client) -> None:
         client.closing = client.eof = True     # whatever loop holds it stops
+        client.waiting = None
+        client.body.clear()
         if self._clients.pop(client.fd, None) is None:
             return
         try:

@@ -15,10 +15,14 @@ from typing import TYPE_CHECKING, Callable
 
 import orjson
 
+from zim.fields import (
+    PAGE_MAX, bad_request, channel_name, limit_param, optional_bool, optional_int, optional_str, required_str,
+    str_list,
+)
 from zim.grants import check_may_join
 from zim.handler import Error
 from zim.ids import timestamp_ms, wall_clock_ms
-from zim.names import MAX_CHANNEL_CHARS, check_channel_name, display_name
+from zim.names import check_channel_name, display_name
 from zim.protocol import (
     ACK, HEARTBEAT, HISTORY, INVITE, LOG_OUT_EVERYWHERE, LOGIN, PULL, PUSH_CHANNEL_MESSAGE, PUSH_INVITED,
     PUSH_USER_MESSAGE, REFRESH_TOKEN, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE,
@@ -31,7 +35,6 @@ if TYPE_CHECKING:
 
 
 HISTORY_DEFAULT_LIMIT = 20
-PAGE_MAX = 100              # history and mailbox pages, and mailbox pushes at login
 MAILBOX_DEFAULT_LIMIT = 100
 MAX_SEQ = (1 << 63) - 1
 # Server packets stay under 1 MiB (docs/protocol.md); this leaves room for framing.
@@ -43,82 +46,6 @@ RESPONSE_BUDGET = 1_000_000
 _MESSAGE_FIXED_BOUND = 400
 _PAGE_OVERHEAD = 64          # {"messages":[...],"hasMore":false}
 _MESSAGE_OVERHEAD = 200      # about what a message's JSON adds to its content (ids, names, keys)
-
-
-# ------------------------------------------------------------ validation
-
-
-def bad_request(message: str) -> Error:
-    return Error("bad_request", message)
-
-
-def required_str(body: dict, field: str, max_chars: int | None = None) -> str:
-    """``body[field]`` as a non-empty string of at most ``max_chars`` characters."""
-    value = body.get(field)
-    if not isinstance(value, str) or not value:
-        raise bad_request(f"{field} must be a non-empty string")
-    if max_chars is not None and len(value) > max_chars:
-        raise bad_request(f"{field} must be at most {max_chars} characters")
-    return value
-
-
-def channel_name(body: dict, field: str) -> str:
-    """A channel name: a non-empty string of at most MAX_CHANNEL_CHARS characters."""
-    return required_str(body, field, MAX_CHANNEL_CHARS)
-
-
-def optional_str(body: dict, field: str) -> str | None:
-    """``body[field]`` if present (it must then be a string; null is not one)."""
-    if field not in body:
-        return None
-    value = body[field]
-    if not isinstance(value, str):
-        raise bad_request(f"{field} must be a string")
-    return value
-
-
-def optional_bool(body: dict, field: str, default: bool) -> bool:
-    if field not in body:
-        return default
-    value = body[field]
-    if not isinstance(value, bool):
-        raise bad_request(f"{field} must be true or false")
-    return value
-
-
-# orjson decodes integers outside int64/uint64 as floats (rounded, so -2**63 - 1
-# arrives as -2.0**63): an integral float this large was an integer in the JSON
-_FLOAT_INTS_FROM = float(1 << 63)
-
-
-def optional_int(body: dict, field: str) -> int | None:
-    """``body[field]`` if present; it must be a JSON integer (not true/false, not 1.5)."""
-    if field not in body:
-        return None
-    value = body[field]
-    if type(value) is int:
-        return value
-    # a valid JSON integer too big for 64 bits arrives as a float: still an integer
-    if type(value) is float and value.is_integer() and abs(value) >= _FLOAT_INTS_FROM:
-        return int(value)
-    raise bad_request(f"{field} must be an integer")
-
-
-def limit_param(body: dict, default: int) -> int:
-    """``limit``: an integer >= 1, default ``default``, above PAGE_MAX treated as PAGE_MAX."""
-    limit = optional_int(body, "limit")
-    if limit is None:
-        return default
-    if limit < 1:
-        raise bad_request("limit must be at least 1")
-    return min(limit, PAGE_MAX)
-
-
-def str_list(body: dict, field: str) -> list[str]:
-    value = body.get(field)
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise bad_request(f"{field} must be a list of strings")
-    return value
 
 
 class Unsure(Exception):
@@ -263,13 +190,18 @@ def oldest_that_fit(messages: list[dict]) -> list[dict]:
 # ------------------------------------------------------------ messages
 
 
-def _new_message(ctx: "Ctx", sender_id: int, content: str) -> dict:
+SYSTEM_SENDER = {"id": "0", "name": "system"}     # the sender of the server API's own messages
+
+
+def _new_message(ctx: "Ctx", sender_id: int | None, content: str) -> dict:
+    """A message from ``sender_id`` (None: the system, for the server API)."""
     message_id = ctx.server.ids.next()
     return {
         "id": str(message_id),
         "seq": 0,                          # set by the store
         "content": content,
-        "sender": {"id": ctx.user_id, "name": ctx.server.store.user_name(sender_id)},
+        "sender": SYSTEM_SENDER if sender_id is None else
+        {"id": str(sender_id), "name": ctx.server.store.user_name(sender_id)},
         "createdAt": timestamp_ms(message_id),   # the id's own time: ids and times sort alike
     }
 
@@ -294,6 +226,7 @@ def login(ctx: "Ctx", body: dict) -> dict:
             name = display_name(body.get("name"))   # NFC, stripped, bounded, nothing invisible (zim.names)
         except ValueError as exc:
             raise bad_request(str(exc)) from None
+    ctx.deflate_asked = optional_str(body, "compress") == "deflate"    # another algorithm: refused
     if ctx.user_id is not None:
         raise bad_request("this connection is logged in already")
     server = ctx.server
@@ -429,6 +362,8 @@ class _LoggedIn:
         answer = {"id": str(user_id), **issue_token(server, user_id, self.epoch)}
         if self.channels is not None:   # a JWT login: the name to resume with the token
             answer["name"] = server.store.user_name(user_id)
+        if ctx.grant_deflate():
+            answer["compress"] = "deflate"
         return answer
 
 
@@ -436,23 +371,31 @@ def send_user_message(ctx: "Ctx", body: dict) -> dict:
     """2: store in the pair's history and the receiver's mailbox, then push (101)."""
     receiver_text = required_str(body, "receiverId")
     content = required_str(body, "content")
-    store = ctx.server.store
     receiver_id = known_user(ctx, receiver_text)
     check_rate_limits(ctx)
-    sender_id = int(ctx.user_id)
+    return store_user_message(ctx, int(ctx.user_id), receiver_id, content)
+
+
+def store_user_message(ctx: "Ctx", sender_id: int | None, receiver_id: int, content: str) -> dict:
+    """Store a direct message (``sender_id`` None: from the system, kept in the
+    receiver's conversation with itself) in the pair's history and the
+    receiver's mailbox, then push it (101) to the receiver and to the sender's
+    other connections. Action 2 and the server API."""
     msg = _new_message(ctx, sender_id, content)
     msg["receiverId"] = str(receiver_id)
+    from_self = sender_id is None or receiver_id == sender_id
 
     def stored(seq: int) -> dict:
         msg["seq"] = seq
         pushed = orjson.dumps(msg)
         # to oneself: the sender's other connections are the receiver's
-        ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, pushed, exclude_self=receiver_id == sender_id)
-        if receiver_id != sender_id:
-            ctx.push_user(ctx.user_id, PUSH_USER_MESSAGE, pushed, exclude_self=True)
+        ctx.push_user(msg["receiverId"], PUSH_USER_MESSAGE, pushed, exclude_self=from_self)
+        if not from_self:
+            ctx.push_user(str(sender_id), PUSH_USER_MESSAGE, pushed, exclude_self=True)
         return {"id": msg["id"], "seq": seq}
 
-    return ctx.later(store.append_user_message(sender_id, receiver_id, msg), stored)
+    stored_by = receiver_id if sender_id is None else sender_id
+    return ctx.later(ctx.server.store.append_user_message(stored_by, receiver_id, msg), stored)
 
 
 def subscribe(ctx: "Ctx", body: dict) -> dict:
@@ -514,10 +457,16 @@ def send_channel_message(ctx: "Ctx", body: dict) -> dict:
     """4: members only; pushed (102) to every member connection but the sending one."""
     channel = channel_name(body, "channel")
     content = required_str(body, "content")
-    store = ctx.server.store
     sender_id = int(ctx.user_id)
     check_member(ctx, channel, sender_id)
     check_rate_limits(ctx, channel)
+    return store_channel_message(ctx, channel, sender_id, content)
+
+
+def store_channel_message(ctx: "Ctx", channel: str, sender_id: int | None, content: str) -> dict:
+    """Store a message (``sender_id`` None: from the system) in an existing
+    channel's history, then push it (102, or merged) to every member connection
+    but the requesting one. Action 4 and the server API."""
     msg = _new_message(ctx, sender_id, content)
     msg["channel"] = channel
 
@@ -526,7 +475,7 @@ def send_channel_message(ctx: "Ctx", body: dict) -> dict:
         ctx.push_channel(channel, PUSH_CHANNEL_MESSAGE, msg)
         return {"id": msg["id"], "seq": seq}
 
-    return ctx.later(store.append_channel_message(channel, msg), stored)
+    return ctx.later(ctx.server.store.append_channel_message(channel, msg), stored)
 
 
 def query_history(ctx: "Ctx", body: dict) -> dict:
@@ -549,11 +498,14 @@ def query_history(ctx: "Ctx", body: dict) -> dict:
         other = known_user(ctx, other_text)
         page = in_line(ctx, lambda: store.history(USER, (me, other), before_seq, limit), history_page_bytes)
 
-    def fit(found: tuple[list[dict], bool]) -> dict:
-        messages, cut = newest_that_fit(found[0])
-        return {"messages": messages, "hasMore": found[1] or cut}
+    return ctx.later(page, history_answer)
 
-    return ctx.later(page, fit)
+
+def history_answer(found: tuple[list[dict], bool]) -> dict:
+    """The answer to a history read: the newest messages of the store's page that
+    fit under 1 MB, and whether older ones exist (action 5 and the server API)."""
+    messages, cut = newest_that_fit(found[0])
+    return {"messages": messages, "hasMore": found[1] or cut}
 
 
 def unsubscribe(ctx: "Ctx", body: dict) -> dict:
@@ -653,12 +605,20 @@ def log_out_everywhere(ctx: "Ctx", body: dict) -> dict:
     connections, on every worker and node; answers a new token for this one."""
     user_id = int(ctx.user_id)
     server = ctx.server
+    return revoke_tokens(ctx, user_id, lambda epoch: issue_token(server, user_id, epoch))
+
+
+def revoke_tokens(ctx: "Ctx", user_id: int, answer: Callable[[int], dict]) -> dict:
+    """Revoke every token of the user (bump its epoch), close its connections on
+    every worker and node but the requesting one, then ``answer(epoch)``
+    (action 11 and the server API)."""
+    server = ctx.server
 
     def revoked(epoch: int) -> dict:
         close_user = getattr(server.fabric, "close_user", None)
         if close_user is not None:
             close_user(user_id, ctx.conn)
-        return issue_token(server, user_id, epoch)
+        return answer(epoch)
 
     return ctx.later(server.store.revoke_tokens(user_id), revoked)
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from zim._core import CLOSE_REASON_NAMES, COUNTER_NAMES, Reactor
-from zim.httpserve import HttpServer, split_host_port
+from zim.httpserve import HttpServer, Request, split_host_port
 
 log = logging.getLogger("zim.metrics")
 
@@ -58,6 +58,8 @@ CORE_TABLE: tuple[FamilySpec, ...] = (
     ("zim_link_bytes_sent_total", COUNTER, "Bytes written to the links between zim's processes.", None),
     ("zim_ws_compressed_messages_total", COUNTER,
      "WebSocket messages compressed (out) or inflated (in) with permessage-deflate.", "direction"),
+    ("zim_tcp_compressed_packets_total", COUNTER,
+     "TCP packets sent with a compressed body (clients that asked for it at login).", None),
     ("zim_connections", GAUGE, "Client connections open, by transport.", "transport"),
     ("zim_connections_logged_in", GAUGE, "Client connections logged in.", None),
     ("zim_links", GAUGE, "Links open between zim's processes (workers, the store writer).", None),
@@ -82,6 +84,7 @@ CORE_COUNTERS: dict[str, Union[tuple[str, Union[str, None]], None]] = {
     "link_bytes_out": ("zim_link_bytes_sent_total", None),
     "deflated_out": ("zim_ws_compressed_messages_total", "out"),
     "inflated_in": ("zim_ws_compressed_messages_total", "in"),
+    "tcp_deflated_out": ("zim_tcp_compressed_packets_total", None),
     "packets_in": None,     # the sum of zim_requests_total
     "connections_tcp": ("zim_connections", "tcp"),
     "connections_ws": ("zim_connections", "ws"),
@@ -106,6 +109,8 @@ APP_FAMILIES: tuple[FamilySpec, ...] = (
      "(user, channel, address_login, address_new_user, address_auth_failure, channel_create).", "scope"),
     ("zim_jwt_refusals_total", COUNTER, "JWTs refused at login (action 1), by reason (expired, bad "
      "signature, bad sub ...).", "reason"),
+    ("zim_api_requests_total", COUNTER, "Server API (--api) requests answered, by HTTP status "
+     "(401: a missing or wrong key).", "status"),
     ("zim_store_writer_restarts_total", COUNTER, "Store writer processes restarted.", None),
     ("zim_worker_restarts_total", COUNTER, "Worker processes restarted.", None),
     ("zim_redis_link_up", GAUGE, "1 while both links to this Redis master are up, else 0.", "master"),
@@ -240,14 +245,14 @@ class Metrics:
         """Everything, in the Prometheus text format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
 
-    def handle(self, method: str, target: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    def handle(self, request: Request) -> tuple[int, list[tuple[str, str]], bytes]:
         """The answer to one HTTP request (an ``HttpServer`` handler): ``/metrics``,
         ``/healthz`` (200 ``ok`` while the process can answer), ``/readyz`` (200
         ``ok``, or 503 and the reason ``ready()`` gives), else 404. A query
         string is ignored."""
-        if method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD"):
             return 405, [("Allow", "GET, HEAD"), ("Content-Type", TEXT)], b"method not allowed\n"
-        path = target.split("?", 1)[0]
+        path = request.path
         if path == "/metrics":
             return 200, [("Content-Type", CONTENT_TYPE)], self.render()
         if path == "/healthz":

@@ -36,6 +36,7 @@ import orjson
 import psutil
 
 from zim import limits as L
+from zim.demo import reactor_pages
 from zim._core import Reactor
 from zim.limits import ClientLimits, check_count, check_rate
 from zim.origins import DEFAULT as DEFAULT_WS_ORIGINS, origin_check, parse_origins
@@ -60,6 +61,14 @@ MAX_TOKEN_TTL = 100 * 365 * 86400
 DEFAULT_PORTS = {"tcp": 8081, "ws": 8082}
 MAX_JWT_LEEWAY = 3600           # seconds: clocks further apart than an hour are a fault to fix
 MIN_JWT_BYTES, MAX_JWT_BYTES = 256, 1 << 20
+DEFAULT_API_MAX_BODY = 64 * 1024    # bytes of one server API request body (a message is at most --max-packet)
+MAX_API_MAX_BODY = 16 * 1024 * 1024
+DEFAULT_API_MAX_CLIENTS = 64        # the application's backend: a pool of connections, not its users
+MAX_API_MAX_CLIENTS = 10_000
+# TCP bodies shorter than this go out plain: as permessage-deflate's 64-byte floor, deflate
+# rarely shrinks them (a block's header and codes cost ~10 bytes; they hold little to repeat)
+DEFAULT_TCP_DEFLATE_MIN = 64
+MAX_TCP_DEFLATE_MIN = 16 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- values from text
@@ -416,6 +425,17 @@ OPTIONS: tuple[Option, ...] = (
            help="on (default): compress WebSocket messages with clients that offer "
                 "permessage-deflate (no context takeover: no per-connection zlib state); "
                 "off: never negotiate it"),
+    Option("tcp_deflate", "--tcp-deflate", True, choices=("on", "off"), flag_default="on", from_flag=_on,
+           check=_check_bool("tcp_deflate"),
+           help="on (default): a TCP client that asks for it at login (\"compress\": \"deflate\") "
+                "gets packet bodies compressed (raw DEFLATE, each on its own: no per-connection "
+                "zlib state); off: the login answer does not agree"),
+    Option("tcp_deflate_min", "--tcp-deflate-min", DEFAULT_TCP_DEFLATE_MIN, metavar="BYTES",
+           parse=bounded_int(0, MAX_TCP_DEFLATE_MIN),
+           check=_check_int("tcp_deflate_min", 0, MAX_TCP_DEFLATE_MIN, " bytes"),
+           reactor="tcp_deflate_min", worker=True,
+           help="compress a body for such a TCP client only when it has at least BYTES bytes "
+                f"(default {DEFAULT_TCP_DEFLATE_MIN}, the WebSocket floor: shorter ones rarely shrink)"),
     Option("ws_origins", "--ws-origins", DEFAULT_WS_ORIGINS, metavar="ORIGINS", parse=_origins,
            check=_check_origins, reactor="ws_origins", to_reactor=origin_check, worker=True,
            help="web pages that may open a WebSocket, by their Origin: a comma-separated "
@@ -424,6 +444,11 @@ OPTIONS: tuple[Option, ...] = (
                 "or 'require-origin' (refuse upgrades without an Origin header, which "
                 "non-browser clients otherwise may leave out); another Origin gets HTTP "
                 "403. Default '*': any origin"),
+    Option("demo", "--demo", True, choices=("on", "off"), flag_default="on", from_flag=_on,
+           check=_check_bool("demo"), reactor="static_pages", to_reactor=reactor_pages, worker=True,
+           help="on (default): a plain HTTP GET / on the WebSocket port gets a web chat page "
+                "(and /zim.js, the JavaScript client); other paths get 404. off: such GETs get "
+                "400 as any request that is not a WebSocket upgrade"),
     Option("store", "--store", "sqlite", choices=("sqlite", "memory"),
            help="sqlite (default): everything in DIR/zim.db, kept across restarts; "
                 "memory: nothing kept (for tests and comparisons)"),
@@ -478,6 +503,22 @@ OPTIONS: tuple[Option, ...] = (
            help="serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP on "
                 "this address (default off; docs/deploy.md). Not authenticated: use a "
                 "private address"),
+    Option("api", "--api", None, metavar="HOST:PORT", parse=address_text, flag_default="off",
+           from_flag=_off_is_none, check=_check_address("api"),
+           help="serve the server API for the application's backend (HTTP and JSON: "
+                "publish, send, disconnect, presence, channels ...; docs/api.md) on this "
+                "address (default off); needs --api-key-file"),
+    Option("api_key_file", "--api-key-file", None, metavar="FILE",
+           help="the server API's key (16 to 4096 bytes of text, ours, mode 0600, not a "
+                "symlink), which requests send as 'Authorization: Bearer KEY'"),
+    Option("api_max_body", "--api-max-body", DEFAULT_API_MAX_BODY, metavar="BYTES",
+           parse=size(1024, MAX_API_MAX_BODY), check=_check_int("api_max_body", 1024, MAX_API_MAX_BODY),
+           help="largest request body the server API reads; a larger one is answered 413 "
+                f"and its connection closed (default {DEFAULT_API_MAX_BODY >> 10}KiB)"),
+    Option("api_max_clients", "--api-max-clients", DEFAULT_API_MAX_CLIENTS, metavar="N",
+           parse=bounded_int(1, MAX_API_MAX_CLIENTS), check=_check_int("api_max_clients", 1, MAX_API_MAX_CLIENTS),
+           help="connections the server API holds at once; more are closed at accept "
+                f"(default {DEFAULT_API_MAX_CLIENTS})"),
 )
 
 BY_NAME = {option.name: option for option in OPTIONS}
@@ -524,6 +565,8 @@ class Options:
         if not self.anonymous_login and self.jwt_key is None and self.jwt_jwks is None:
             raise ValueError("--anonymous-login off needs --jwt-key or --jwt-jwks: else no new user "
                              "could ever log in")
+        if self.api and not self.api_key_file:
+            raise ValueError("--api needs --api-key-file (the key the application's backend sends)")
         if self.max_client_memory and self.max_client_memory < self.max_outbuf:
             raise ValueError(f"--max-client-memory ({self.max_client_memory}) must be 0 (off) or at least "
                              f"--max-outbuf ({self.max_outbuf})")

@@ -39,3 +39,33 @@ class Pending:
         first, second = self._first, self._second
         self._callback = self._first = self._second = None
         callback(first, second, ok, value)
+
+
+def gather(results: list[Any]) -> Pending:
+    """A Pending of the list of ``results``' values (each a Pending or a plain
+    value), settled once all have; a failure settles it with the first failure."""
+    total = Pending()
+    values: list[Any] = [None] * len(results)
+    state = [len(results), False]       # results still to come, failed already
+    if not results:
+        total.settle(True, values)
+    for index, result in enumerate(results):
+        if isinstance(result, Pending):
+            result.wait(_gathered, (total, values, state), index)
+        else:
+            _gathered((total, values, state), index, True, result)
+    return total
+
+
+def _gathered(shared: tuple, index: int, ok: bool, value: Any) -> None:
+    total, values, state = shared
+    if state[1]:
+        return
+    if not ok:
+        state[1] = True
+        total.settle(False, value)
+        return
+    values[index] = value
+    state[0] -= 1
+    if not state[0]:
+        total.settle(True, values)

@@ -33,8 +33,8 @@ from zim.metrics import combine_core_values
 from zim.options import Options
 from zim.process import Backoff, exit_reason, helper_command
 from zim.workerlink import (
-    CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER, CMD_FOLLOW, CMD_UNFOLLOW, EVENT, EVENT_LISTENING,
-    EVENT_USER_GONE, EVENT_USERS_CLOSED, pack_bind, pack_broadcast_except, pack_close, pack_close_user,
+    CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER, CMD_FOLLOW, CMD_TCP_DEFLATE, CMD_UNFOLLOW, EVENT,
+    EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, pack_bind, pack_broadcast_except, pack_close_user, pack_conn,
     pack_follow, pack_routes, split_handle, unpack_user_id,
 )
 
@@ -369,7 +369,11 @@ class RouterFabric:
 
     def close(self, conn: int) -> None:
         index, local = split_handle(conn)
-        self.router.send(index, CMD_CLOSE, pack_close(local))
+        self.router.send(index, CMD_CLOSE, pack_conn(local))
+
+    def tcp_deflate(self, conn: int) -> None:
+        index, local = split_handle(conn)
+        self.router.send(index, CMD_TCP_DEFLATE, pack_conn(local))
 
     def close_user(self, user_id: int, exclude_conn: int) -> None:
         router = self.router

@@ -23,7 +23,8 @@ import orjson
 
 from zim import datadir, tokens
 from zim.access import JwtLogins
-from zim._core import PEER_MARK
+from zim._core import PEER_KEY_MASK, PEER_MARK, PEER_WS
+from zim.api import ServerApi, read_api_key
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, Groups, LocalFabric
 from zim.handler import DEFERRED, STORE_FAILED, Ctx, Error, error_body
@@ -65,12 +66,16 @@ class Server:
         self.store_line = PacedLine(ack=self.client_limits.ack_rate,
                                     read=(self.client_limits.read_rate, READ_BURST_SECONDS))
         self.channel_push = options.channel_push     # a subscribe without "push" gets pushes
+        self.tcp_deflate = options.tcp_deflate       # a TCP login may ask for compressed packets
         self.token_ttl_ms = int(options.token_ttl * 1000)
         self.tokens_v1_until = 0        # Unix ms: version 1 tokens (no expiry) are accepted until then
         self.metrics = Metrics()
         # who may log in: with a JWT (the keys are read here, in the process running the handlers)
         self.jwt = self._jwt_logins()
         self.anonymous_login = options.anonymous_login
+        # the server API (--api): its key read now, so that a bad file stops the start
+        self.api: ServerApi | None = None
+        self.api_key = read_api_key(options.api_key_file) if options.api is not None else None
         # the store, the secret and the ids
         self.node = None                # zim.nodes.node.Node: one node of a multi-node service
         self.data_dir: str | None = None
@@ -194,6 +199,7 @@ class Server:
                 self.log_ceiling(1)
                 self.log_limits()
                 self.serve_metrics(reactor.counters_dict, lambda: (True, ""))
+                self.serve_api(reactor.counters_dict)
                 reactor.run()
             finally:
                 self._close()
@@ -211,6 +217,7 @@ class Server:
                 self.serve_metrics(router.core_counters, router.listening)
                 self.metrics.add_source(lambda: families_from_counts(
                     APP_FAMILIES, {"zim_worker_restarts_total": router.worker_restarts}))
+                self.serve_api(router.core_counters)
                 self.reactor.run()
             finally:
                 self._close()
@@ -221,6 +228,8 @@ class Server:
         """The end of a run: open merged pushes sent, workers stopped, the store
         closed (first: the writer's link closing is then no crash), Redis left."""
         self.metrics.close()
+        if self.api is not None:
+            self.api.close()
         self.stop_push_merger()
         if self.router is not None:
             self.router.kill_all()
@@ -264,6 +273,8 @@ class Server:
         if tick is not None:
             tick()                  # a DurableStore restarting its writer after a back-off
         self.metrics.tick()
+        if self.api is not None:
+            self.api.tick()
         if self.router is not None:
             self.router.tick()
 
@@ -273,9 +284,7 @@ class Server:
         if conn == self.store_link:
             self.store.on_link_packet(action, seq, payload)
             return
-        reactor = self.reactor
-        user = reactor.conn_user(conn)
-        self.serve(conn, user or PEER_MARK | reactor.conn_peer(conn), action, seq, payload)
+        self.serve(conn, self.reactor.request_user(conn), action, seq, payload)
 
     def _on_router_packet(self, link: int, action: int, seq: int, payload: bytes) -> None:
         """The router's reactor: a worker's event, or the store writer's answer (requests
@@ -301,16 +310,19 @@ class Server:
     # -- requests ----------------------------------------------------------------------
     def serve(self, conn: int, user: int, action: int, seq: int, payload: bytes) -> None:
         """Answer one request from ``conn``, logged in as ``user``; not logged in:
-        0, or ``PEER_MARK | address key`` (zim._core: the reactor's forwarded field)."""
+        0, or ``PEER_MARK | address key``, with PEER_WS on WebSocket (zim._core: the
+        reactor's forwarded field)."""
         peer = None
+        websocket = False
         if user & PEER_MARK:
-            peer = (user & ~PEER_MARK) or None
+            peer = (user & PEER_KEY_MASK) or None
+            websocket = bool(user & PEER_WS)
             user = 0
         refusal = self.app.refusal(action, bool(user))
         if refusal is not None:
             self.fabric.reply(conn, action, seq, self.error(refusal.code, refusal.message), True)
             return
-        ctx = Ctx(self, conn, str(user) if user else None, action, seq, peer)
+        ctx = Ctx(self, conn, str(user) if user else None, action, seq, peer, websocket)
         body = None
         try:
             request = orjson.loads(payload) if payload else {}
@@ -347,6 +359,8 @@ class Server:
             fabric.answer(ctx.conn, ctx.action, ctx.seq, body)
         else:
             fabric.reply(ctx.conn, ctx.action, ctx.seq, body, True)
+        if ctx.deflate_granted:         # the login answer went plain; what follows may not
+            fabric.tcp_deflate(ctx.conn)
         for packet in ctx.take_after():
             fabric.reply(ctx.conn, int.from_bytes(packet[:2], "big"), 0, packet[2:], False)
 
@@ -419,6 +433,37 @@ class Server:
             server = self.metrics.serve(self.reactor, self.options.metrics, ready)
             log.info("metrics on http://%s:%d/metrics", *server.address)
 
+    def serve_api(self, core_counters: Callable[[], dict[str, int]]) -> None:
+        """Serve the server API (``--api``) from this process's loop, if asked;
+        its stats read ``core_counters()`` (the reactors' C counters, every worker's)."""
+        options = self.options
+        if options.api is None:
+            return
+        self.api = ServerApi(self, self.api_key, lambda: self.api_stats(core_counters()))
+        http = self.api.serve(self.reactor, options.api, options.api_max_body, options.api_max_clients)
+        log.info("server API on http://%s:%d/api/v1/", *http.address)
+
+    def api_stats(self, core: dict[str, int]) -> dict:
+        """``GET /api/v1/stats``: connections, users online, channels, messages, and the
+        counters the metrics have."""
+        users_online = len(self.router.presence) if self.router is not None \
+            else self.reactor.stats()["users_online"]
+        channel_count = getattr(self.store, "channel_count", None)
+        return {
+            "connections": core.get("connections_tcp", 0) + core.get("connections_ws", 0),
+            "usersOnline": users_online,
+            "channels": channel_count() if channel_count is not None else None,
+            "messages": {"pushedToUsers": self.pushes["user"], "pushedToChannels": self.pushes["channel"],
+                         "deliveries": core.get("deliveries_user", 0) + core.get("deliveries_channel", 0)},
+            "logins": self.logins,
+            "usersCreated": self.users_created,
+            "errors": dict(self.error_counts),
+            "api": dict(self.api.counts) if self.api is not None else {},
+            "counters": core,
+            # a node: the channels whose pushes it takes from Redis (some user connected here follows them)
+            **({"followedChannels": len(self.node.fabric.followers)} if self.node is not None else {}),
+        }
+
     def store_ready(self) -> tuple[bool, str]:
         """Whether the store takes writes: its writer process is up, or Redis is reachable."""
         if self.node is not None:
@@ -442,6 +487,9 @@ class Server:
                 values[("zim_jwt_refusals_total", reason)] = count
         for kind, count in self.pushes.items():
             values[("zim_pushes_total", kind)] = count
+        if self.api is not None:
+            for status, count in self.api.counts.items():
+                values[("zim_api_requests_total", status)] = count
         for refused in (self.limits.refused, self.client_buckets.refused):
             for scope, count in refused.items():
                 values[("zim_rate_limited_total", scope)] = count

@@ -28,14 +28,12 @@ Anyone with the secret can mint tokens for every user: see
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import hmac
 import os
-import stat
 from typing import NamedTuple
 
-from zim.datadir import UnsafeFile, check_private_file, create_private_file
+from zim.datadir import UnsafeFile, create_private_file, read_private_file
 
 SECRET_FILE = "secret"
 SECRET_BYTES = 32
@@ -88,27 +86,8 @@ def load_or_create_secret(data_dir: str) -> bytes:
 
 def read_secret_file(path: str, what: str = "token secret") -> bytes:
     """Read a 32-byte secret from ``path``, never through a symlink, refusing a
-    file that is not ours or is open to group or others (``check_private_file``)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(f"the {what} {path} is a symbolic link; zim reads only a regular file "
-                             f"there. Remove the link, and put the file itself in its place") from exc
-        if exc.errno == errno.ENOENT:
-            raise RuntimeError(f"the {what} {path} does not exist") from exc
-        raise RuntimeError(f"cannot read the {what} {path}: {exc}") from exc
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise RuntimeError(f"cannot read the {what} {path}: it is a directory")
-        check_private_file(path, what, info)
-        try:
-            secret = os.read(fd, SECRET_BYTES + 1)
-        except OSError as exc:
-            raise RuntimeError(f"cannot read the {what} {path}: {exc}") from exc
-    finally:
-        os.close(fd)
+    file that is not ours or is open to group or others (``read_private_file``)."""
+    secret = read_private_file(path, what, SECRET_BYTES + 1)
     if len(secret) != SECRET_BYTES:
         raise RuntimeError(
             f"the {what} {path} is {len(secret)} bytes, expected {SECRET_BYTES}; "

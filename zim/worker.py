@@ -21,9 +21,9 @@ from zim.fabric import bind_here, broadcast_except_here, close_user_here, follow
 from zim.options import Options
 from zim.process import die_with_parent, stop_on_signals
 from zim.workerlink import (
-    CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER, CMD_FOLLOW, CMD_UNFOLLOW, EVENT, EVENT_LISTENING,
-    EVENT_USER_GONE, EVENT_USERS_CLOSED, pack_user_ids, route_table, unpack_bind, unpack_broadcast_except,
-    unpack_close, unpack_close_user, unpack_follow, unpack_routes,
+    CMD_BIND, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER, CMD_FOLLOW, CMD_TCP_DEFLATE, CMD_UNFOLLOW, EVENT,
+    EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, pack_user_ids, route_table, unpack_bind,
+    unpack_broadcast_except, unpack_close_user, unpack_conn, unpack_follow, unpack_routes,
 )
 
 log = logging.getLogger("zim.worker")
@@ -57,7 +57,7 @@ class Worker:
         self.close_log = CloseLog(f"worker {index}")
         self.commands = {CMD_BIND: self._bind, CMD_FOLLOW: self._follow, CMD_UNFOLLOW: self._unfollow,
                          CMD_CLOSE: self._close, CMD_BROADCAST_EXCEPT: self._broadcast_except,
-                         CMD_CLOSE_USER: self._close_user}
+                         CMD_CLOSE_USER: self._close_user, CMD_TCP_DEFLATE: self._tcp_deflate}
 
     def run(self) -> None:
         reactor = self.reactor
@@ -111,7 +111,10 @@ class Worker:
         unfollow_here(self.reactor, *unpack_follow(body))
 
     def _close(self, body: bytes) -> None:
-        self.reactor.close(unpack_close(body))
+        self.reactor.close(unpack_conn(body))
+
+    def _tcp_deflate(self, body: bytes) -> None:
+        self.reactor.set_tcp_deflate(unpack_conn(body))
 
     def _close_user(self, body: bytes) -> None:
         close_user_here(self.reactor, *unpack_close_user(body))

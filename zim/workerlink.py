@@ -9,8 +9,9 @@ this module packs and unpacks the commands the core leaves to Python.
   ``CMD_PUSH_USER`` and ``CMD_BROADCAST`` are packed and carried out in C
   (``Reactor.command_*`` and the worker's ``_run_command``); ``CMD_BIND``,
   ``CMD_FOLLOW``, ``CMD_UNFOLLOW``, ``CMD_CLOSE``, ``CMD_BROADCAST_EXCEPT`` (a
-  merged push, 103, with several senders on the worker) and ``CMD_CLOSE_USER``
-  (log out everywhere) are packed below and carried out by ``zim.worker``.
+  merged push, 103, with several senders on the worker), ``CMD_CLOSE_USER``
+  (log out everywhere) and ``CMD_TCP_DEFLATE`` (a login agreed on compression,
+  sent right after its answer) are packed below and carried out by ``zim.worker``.
 - **Worker -> router events**: action ``EVENT``, the kind in the seq field:
   ``EVENT_USER_GONE`` (a user's last connection there closed), ``EVENT_LISTENING``
   (its listeners are open: the router's readiness), ``EVENT_USERS_CLOSED`` (8-byte
@@ -32,23 +33,23 @@ import orjson
 
 from zim._core import (
     CMD_BIND, CMD_BROADCAST, CMD_BROADCAST_EXCEPT, CMD_CLOSE, CMD_CLOSE_USER, CMD_FOLLOW, CMD_PUSH_USER,
-    CMD_REPLY, CMD_UNFOLLOW, EVENT, EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, HANDLE_BITS,
+    CMD_REPLY, CMD_TCP_DEFLATE, CMD_UNFOLLOW, EVENT, EVENT_LISTENING, EVENT_USER_GONE, EVENT_USERS_CLOSED, HANDLE_BITS,
     LINK_HANDLE_MASK,
 )
 
 __all__ = [
     "CMD_BIND", "CMD_BROADCAST", "CMD_BROADCAST_EXCEPT", "CMD_CLOSE", "CMD_CLOSE_USER", "CMD_FOLLOW",
-    "CMD_PUSH_USER", "CMD_REPLY", "CMD_UNFOLLOW", "EVENT", "EVENT_LISTENING", "EVENT_USER_GONE",
-    "EVENT_USERS_CLOSED", "LINK_COMMAND_BUDGET", "pack_bind", "pack_broadcast_except", "pack_close",
-    "pack_close_user", "pack_follow", "pack_routes", "pack_user_ids", "route_table", "router_handle", "split_handle",
-    "unpack_bind", "unpack_broadcast_except", "unpack_close", "unpack_close_user", "unpack_follow",
+    "CMD_PUSH_USER", "CMD_REPLY", "CMD_TCP_DEFLATE", "CMD_UNFOLLOW", "EVENT", "EVENT_LISTENING",
+    "EVENT_USER_GONE", "EVENT_USERS_CLOSED", "LINK_COMMAND_BUDGET", "pack_bind", "pack_broadcast_except",
+    "pack_conn", "pack_close_user", "pack_follow", "pack_routes", "pack_user_ids", "route_table", "router_handle",
+    "split_handle", "unpack_bind", "unpack_broadcast_except", "unpack_conn", "unpack_close_user", "unpack_follow",
     "unpack_routes", "unpack_user_id",
 ]
 
 _BIND_HEAD = struct.Struct(">QQ")            # conn, user; then the groups, 4 bytes each
 _GROUP = struct.Struct(">I")
 _FOLLOW = struct.Struct(">QI")               # user, group
-_CLOSE = struct.Struct(">Q")                 # conn
+_CONN = struct.Struct(">Q")                  # conn
 _CLOSE_USER = struct.Struct(">QQ")           # user, the connection to keep (0: none)
 _USER_ID = struct.Struct(">Q")
 _EXCEPT_HEAD = struct.Struct(">IHI")         # group, action, n; then n entries, then the payload
@@ -89,13 +90,14 @@ def unpack_follow(body: bytes) -> tuple[int, int]:
     return _FOLLOW.unpack(body)
 
 
-def pack_close(conn: int) -> bytes:
-    """CMD_CLOSE: close one connection (the worker's handle) after what is queued for it."""
-    return _CLOSE.pack(conn)
+def pack_conn(conn: int) -> bytes:
+    """CMD_CLOSE: close one connection (the worker's handle) after what is queued
+    for it; CMD_TCP_DEFLATE: compress what is queued for it from now on."""
+    return _CONN.pack(conn)
 
 
-def unpack_close(body: bytes) -> int:
-    return _CLOSE.unpack(body)[0]
+def unpack_conn(body: bytes) -> int:
+    return _CONN.unpack(body)[0]
 
 
 def pack_close_user(user_id: int, keep_conn: int) -> bytes:

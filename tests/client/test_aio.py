@@ -80,6 +80,30 @@ def test_login_send_receive_and_ack(start_server, transport):
     asyncio.run(scenario())
 
 
+def test_own_send_right_after_the_last_seq_seen_is_the_last_seq(start_server):
+    """A send whose seq follows the last one delivered is the conversation's newest:
+    saved ``last_seqs`` then resume after it, and it is not delivered back later."""
+    srv = start_server(flags=NO_CHANNEL_RATE)
+
+    async def scenario():
+        async with await connect(url(srv, "tcp"), unique("alice")) as alice, \
+                await connect(url(srv, "tcp"), unique("bob")) as bob:
+            room = unique("room")
+            await alice.join(room)
+            await bob.join(room)
+            await bob.send_channel(room, "from bob")
+            assert [p.seq for p in await collect(alice, 1)] == [1]
+            mine = await alice.send_channel(room, "from alice")
+            assert mine["seq"] == 2 and alice.last_seqs == {("channel", room): 2}
+            saved = alice.last_seqs
+        async with await connect(url(srv, "tcp"), alice.name, alice.token, last_seqs=saved) as again:
+            with pytest.raises(asyncio.TimeoutError):
+                extra = await again.next_push(1.5)
+                raise AssertionError(f"delivered again: {extra}")
+
+    asyncio.run(scenario())
+
+
 def test_gap_filling_when_merged_pushes_skip(start_server):
     """Bursts to a channel merged in 103s of at most 2 messages: the receiver gets every
     message once, in seq order; its own sends (never pushed back) leave no hole."""
@@ -233,3 +257,46 @@ def test_client_as_context_manager_without_connect(start_server):
         assert [p async for p in dora.pushes()] == []
 
     asyncio.run(scenario())
+
+
+def test_compressed_tcp_with_gap_filling_and_a_reconnect(start_server, monkeypatch):
+    """compress=True: asked again at every login; merged pushes that skip, history
+    pages and the mailbox arrive compressed and are delivered whole, in seq order."""
+    from zim.client import aio, codec
+
+    seen = []                       # the seq of every TCP packet the clients read, as it came
+
+    def watching(buffer, max_packet=codec.DEFAULT_MAX_PACKET, inflate=False):
+        seen.extend(seq for _, seq, _ in codec.split_tcp(bytearray(buffer), max_packet))
+        return codec.split_tcp(buffer, max_packet, inflate)
+
+    monkeypatch.setattr(aio, "split_tcp", watching)
+    srv = start_server(flags=("--push-window-ms", "50", "--push-max", "2", *NO_CHANNEL_RATE))
+    with pytest.raises(ValueError, match="tcp://"):
+        Client(url(srv, "ws"), compress=True)
+
+    async def scenario():
+        async with await connect(url(srv, "tcp"), unique("alice"), compress=True) as alice, \
+                await connect(url(srv, "tcp"), unique("bob"), compress=True, backoff=(0.5, 0.5)) as bob:
+            assert alice.compressed and bob.compressed
+            room = unique("burst")
+            await alice.join(room)
+            await bob.join(room)
+            text = " and the minutes of the meeting" * 10
+            sent = []
+            for burst in range(2):
+                sent += await asyncio.gather(*[alice.send_channel(room, f"{burst}.{i}{text}") for i in range(9)])
+                await asyncio.sleep(0.2)
+            bob.drop_connection()           # pushed meanwhile: filled from history after the login
+            sent += await asyncio.gather(*[alice.send_channel(room, f"away {i}{text}") for i in range(5)])
+            dm = await alice.send_user(bob.user_id, "a direct message" + text)
+            got = await collect(bob, 24)
+            assert bob.reconnects == 1 and bob.compressed
+            channel = [p for p in got if p.action != 101]
+            assert [(p.seq, p.message["id"]) for p in channel] == sorted((r["seq"], r["id"]) for r in sent)
+            assert len([p for p in channel if p.filled]) >= 10      # skipped by 103s, or away
+            [direct] = [p for p in got if p.action == 101]
+            assert direct.message["id"] == dm["id"] and direct.content.endswith(text)
+
+    asyncio.run(scenario())
+    assert any(seq & codec.SEQ_DEFLATED for seq in seen)

@@ -350,3 +350,25 @@ def test_a_node_whose_redis_cannot_be_used_exits_with_a_clear_error(tmp_path, zi
     assert "Traceback" not in result.stderr, result.stderr
     assert says in result.stderr, result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_compressed_tcp_members_get_pushes_from_the_other_node(nodes):
+    """A login asking for compression on node B (NodeFabric, workers): pushes sent
+    on node A arrive compressed and inflate to what a plain member gets."""
+    from tests.protocol.test_tcp_deflate import WireTcp, prose
+    from zim.client import SEQ_DEFLATED
+
+    a, b = nodes
+    packed = WireTcp(b.tcp_port)
+    b.clients.append(packed)
+    assert packed.login(unique("packed"))["compress"] == "deflate"
+    plain, sender = logged_in(b), logged_in(a)
+    channel = unique("packed")
+    for member in (packed, plain, sender):
+        member.ok(3, {"name": channel})
+    sender.ok(4, {"channel": channel, "content": prose(500)})
+    sender.ok(2, {"receiverId": packed.user_id, "content": prose(300)})
+    got = packed.recv_pushes(2)
+    assert got[0] == plain.recv_push() and got[0][1]["content"] == prose(500)
+    assert got[1][0] == 101 and got[1][1]["content"] == prose(300)
+    assert [bool(seq & SEQ_DEFLATED) for action, seq, _ in packed.wire if action in (101, 102)] == [True, True]

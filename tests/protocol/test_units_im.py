@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zim.ids import EPOCH_MS, MAX_SEQUENCE, Snowflake, timestamp_ms
+from zim.names import MAX_CHANNEL_CHARS
 from zim.storage.store import MAX_USER_ID, MemoryStore, UserNames, page
 from zim.tokens import SECRET_BYTES, Claims, load_or_create_secret, make_token, parse_user_id, verify_token
 
@@ -380,8 +381,8 @@ def test_required_str_and_channel_name():
         assert _bad(lambda: im.required_str(body, "name")) == "name must be a non-empty string"
     assert im.required_str({"name": "é" * 64}, "name", 64) == "é" * 64
     assert "at most 64" in _bad(lambda: im.required_str({"name": "é" * 65}, "name", 64))
-    assert im.channel_name({"channel": "c" * im.MAX_CHANNEL_CHARS}, "channel")
-    _bad(lambda: im.channel_name({"channel": "c" * (im.MAX_CHANNEL_CHARS + 1)}, "channel"))
+    assert im.channel_name({"channel": "c" * MAX_CHANNEL_CHARS}, "channel")
+    _bad(lambda: im.channel_name({"channel": "c" * (MAX_CHANNEL_CHARS + 1)}, "channel"))
 
 
 def test_optional_fields():

@@ -74,8 +74,9 @@ def test_handshake_in_pieces(server):
     assert status.startswith("HTTP/1.1 101") and headers["sec-websocket-accept"] == ws_accept(key)
 
 
+# (a plain GET without Upgrade is not an upgrade: --demo answers it, tests/demo/test_pages.py)
 @pytest.mark.parametrize("request_head", [
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Version: 13\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -84,7 +85,7 @@ def test_handshake_in_pieces(server):
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n",
     b"HELLO\r\n\r\n",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64) + b"\r\n\r\n",   # a TLS hello
-    b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 9000 + b"\r\n\r\n",            # head too long
+    b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n" + b"X-Filler: " + b"a" * 9000 + b"\r\n\r\n",  # head too long
     b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 20000,                          # never ends
 ])
 def test_bad_upgrade_gets_400_or_close(server, request_head):

@@ -9,6 +9,7 @@ them: they must use the installed package, not that tree.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import pytest
 from tests.support.servers import HOST, REPO_ROOT, free_port
 from tests.support.client import TcpClient, unique
 
-README_FIRST_COMMAND = re.compile(r"```sh\n(pip install \. && zim-server)\n```")
+README_FIRST_COMMAND = re.compile(r"```sh\n(pip install \. && zim-server)  # then open http://localhost:8082/\n```")
 
 
 def run(command: list[str], cwd: Path, timeout: float, env: dict | None = None) -> str:
@@ -70,6 +71,20 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     return clone, bin_dir
 
 
+class Fetched:
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.status, self.headers, self.body = response.status, response.headers, response.read()
+
+
+def http_get(port: int, path: str) -> Fetched:
+    connection = http.client.HTTPConnection(HOST, port, timeout=5.0)
+    try:
+        connection.request("GET", path)
+        return Fetched(connection.getresponse())
+    finally:
+        connection.close()
+
+
 def test_readme_first_command_is_what_this_test_runs():
     match = README_FIRST_COMMAND.search((REPO_ROOT / "README.md").read_text())
     assert match, "README's first command changed: update tests/server/test_fresh_clone.py to run the new one"
@@ -109,6 +124,20 @@ def test_zim_server_from_the_clone_root_serves_logins_dms_and_channels(installed
         assert (action, push["channel"], push["sender"]["id"]) == (102, room, a["id"])
         alice.close()
         bob.close()
+
+        # the web chat (--demo on by default) from the installed package: its page, and the one
+        # JavaScript client of the repository, shipped as a file (not a link into the clone)
+        page = http_get(ws, "/")
+        assert page.status == 200 and b'<script type="module" src="/demo.js">' in page.body
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+        script = http_get(ws, "/zim.js")
+        assert script.status == 200 and script.headers["Content-Type"].startswith("text/javascript")
+        assert script.body == (REPO_ROOT / "clients" / "js" / "zim.js").read_bytes()
+        installed_js = subprocess.run([str(bin_dir / "python"), "-c", "import zim.demo, pathlib; print("
+                                       "pathlib.Path(zim.demo.__file__).with_name('zim.js'))"],
+                                      cwd="/", env=env, capture_output=True, text=True, check=True).stdout.strip()
+        assert "site-packages" in installed_js and not Path(installed_js).is_symlink(), installed_js
+        assert http_get(ws, "/nothing-here").status == 404
 
         # tools/connflood, the documented path, from the same root, on the installed package
         flood = subprocess.run(

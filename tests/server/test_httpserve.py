@@ -151,7 +151,7 @@ def test_a_malformed_request_gets_400_then_close(loop, metrics):
 
 
 def test_a_request_head_over_the_bound_is_refused_and_closed(loop, serve):
-    server = serve(lambda method, target: (200, [], b"fine"), max_request_size=4096)
+    server = serve(lambda request: (200, [], b"fine"), max_request_size=4096)
     port = port_of(server)
     client = RawClient(port)
     client.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n")
@@ -204,8 +204,8 @@ def test_junk_never_breaks_the_loop_or_the_server(loop, metrics, caplog):
 
 
 def test_a_handler_that_raises_answers_500_and_the_connection_goes_on(loop, serve):
-    def handler(method, target):
-        if target == "/boom":
+    def handler(request):
+        if request.target == "/boom":
             raise RuntimeError("handler bug")
         return 200, [("Content-Type", "text/plain")], b"fine"
 
@@ -220,8 +220,8 @@ BIG = bytes(range(256)) * (32 * 4096)      # 32 MiB: more than the kernel buffer
 
 
 def test_a_client_that_does_not_read_a_large_answer_does_not_stall_the_loop(loop, serve):
-    def handler(method, target):
-        return (200, [], BIG) if target == "/big" else (200, [], b"small")
+    def handler(request):
+        return (200, [], BIG) if request.target == "/big" else (200, [], b"small")
 
     server = serve(handler)
     port = port_of(server)
@@ -247,7 +247,7 @@ def test_a_client_that_does_not_read_a_large_answer_does_not_stall_the_loop(loop
 
 
 def test_connections_over_the_cap_are_accepted_and_closed(loop, serve):
-    server = serve(lambda method, target: (200, [], b"fine"), max_clients=2)
+    server = serve(lambda request: (200, [], b"fine"), max_clients=2)
     port = port_of(server)
     first, second = RawClient(port), RawClient(port)
     assert first.get("/").body == b"fine" and second.get("/").body == b"fine"
@@ -263,7 +263,7 @@ def test_connections_over_the_cap_are_accepted_and_closed(loop, serve):
 
 
 def test_tick_closes_connections_idle_longer_than_the_timeout(loop, serve):
-    server = serve(lambda method, target: (200, [], b"fine"), idle_timeout=30)
+    server = serve(lambda request: (200, [], b"fine"), idle_timeout=30)
     port = port_of(server)
     quiet = RawClient(port)
     assert quiet.get("/").body == b"fine"
@@ -277,7 +277,7 @@ def test_tick_closes_connections_idle_longer_than_the_timeout(loop, serve):
 
 
 def test_idle_timeout_from_the_reactor_tick_spares_busy_clients(loop, serve):
-    server = serve(lambda method, target: (200, [], b"fine"), idle_timeout=1.0)
+    server = serve(lambda request: (200, [], b"fine"), idle_timeout=1.0)
     loop.call(lambda: loop.ticks.append(server.tick))
     port = port_of(server)
     silent = RawClient(port)                    # connects, never sends
@@ -306,7 +306,7 @@ def test_idle_timeout_from_the_reactor_tick_spares_busy_clients(loop, serve):
 
 
 def test_close_stops_listening_and_closes_every_client(loop, serve):
-    server = serve(lambda method, target: (200, [], b"fine"))
+    server = serve(lambda request: (200, [], b"fine"))
     port = port_of(server)
     client = RawClient(port)
     assert client.get("/").body == b"fine"

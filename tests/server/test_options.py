@@ -83,7 +83,8 @@ def test_every_reactor_option_feeds_a_reactor_keyword():
     keywords = {option.reactor for option in OPTIONS if option.reactor}
     assert all(option.worker for option in OPTIONS if option.reactor)
     assert {"max_packet", "outbuf_limit", "login_timeout", "idle_timeout", "ws_deflate", "max_inflight",
-            "memory_budget", "ws_origins", "max_conns_per_address"} == keywords
+            "memory_budget", "ws_origins", "max_conns_per_address", "tcp_deflate_min",
+            "static_pages"} == keywords
     reactor = Options(max_packet=100_000, max_outbuf=4 << 20).reactor(lambda *packet: None)
     assert isinstance(reactor, Reactor)
     reactor.close_all()
@@ -95,6 +96,8 @@ def test_every_reactor_option_feeds_a_reactor_keyword():
     ({"max_client_memory": 3 << 20}, "at least --max-outbuf"),
     ({"workers": 65}, "workers must be between 1 and 64"),
     ({"ws_deflate": "on"}, "ws_deflate must be True or False"),
+    ({"tcp_deflate": "on"}, "tcp_deflate must be True or False"),
+    ({"tcp_deflate_min": -1}, "tcp_deflate_min must be between 0 and"),
     ({"user_rate": -1}, "user_rate"),
     ({"max_conns_per_user": -1}, "max_conns_per_user"),
     ({"tcp": "127.0.0.1:0"}, "bad port"),

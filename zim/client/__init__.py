@@ -34,6 +34,10 @@ out of the bytes read::
     for action, seq, body in split_tcp(buffer):            # removes the whole packets
         ...
 
+Compression on TCP: ``connect(url, compress=True)`` (and ``connect_async``) asks
+at login and inflates what comes compressed; with your own loop, add
+``login_compress`` to the login body and give the splitters ``inflate=True``.
+
 WebSocket: ``ws_upgrade_request``/``check_ws_upgrade`` for the handshake,
 ``ws_packet`` (a masked binary frame), and ``split_ws`` or ``WsDecoder`` for
 the server's frames.
@@ -45,7 +49,8 @@ from zim.client.blocking import DEFAULT_TIMEOUT, Client, Closed, TcpClient, WsCl
 from zim.client.codec import (DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
                               PACKET_HEAD, PACKET_HEAD_SIZE, TCP_HEADER, TCP_HEADER_SIZE, WS_GUID, Body, Packet,
                               ProtocolError, TcpDecoder, WsDecoder, apply_mask, check_ws_upgrade, close_payload,
-                              decode_body, encode_body, login_body, mask_key, new_ws_key, parse_frame, parse_http_head, server_address,
+                              SEQ_DEFLATED, decode_body, encode_body, inflate_body, login_body, login_compress,
+                              mask_key, new_ws_key, parse_frame, parse_http_head, server_address,
                               split_frames, split_tcp, split_ws, take_tcp_packet, tcp_packet, ws_accept, ws_close,
                               ws_frame, ws_message, ws_packet, ws_upgrade_accepted, ws_upgrade_request)
 
@@ -55,7 +60,8 @@ __all__ = [
     "DEFAULT_MAX_PACKET", "OP_BINARY", "OP_CLOSE", "OP_CONTINUATION", "OP_PING", "OP_PONG", "OP_TEXT",
     "PACKET_HEAD", "PACKET_HEAD_SIZE", "TCP_HEADER", "TCP_HEADER_SIZE", "WS_GUID", "Body", "Packet",
     "ProtocolError", "TcpDecoder", "WsDecoder", "apply_mask", "check_ws_upgrade", "close_payload",
-    "decode_body", "encode_body", "login_body", "mask_key", "new_ws_key", "parse_frame", "parse_http_head", "server_address",
+    "SEQ_DEFLATED", "decode_body", "encode_body", "inflate_body", "login_body", "login_compress", "mask_key",
+    "new_ws_key", "parse_frame", "parse_http_head", "server_address",
     "split_frames", "split_tcp", "split_ws", "take_tcp_packet", "tcp_packet", "ws_accept", "ws_close",
     "ws_frame", "ws_message", "ws_packet", "ws_upgrade_accepted", "ws_upgrade_request",
 ]

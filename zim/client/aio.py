@@ -50,7 +50,7 @@ from typing import Any, AsyncIterator
 
 from zim.client.blocking import Closed, ZimError
 from zim.client.codec import (Body, DEFAULT_MAX_PACKET, OP_CLOSE, OP_PONG, Packet, ProtocolError, WsDecoder,
-                              check_ws_upgrade, decode_body, encode_body, login_body, new_ws_key,
+                              check_ws_upgrade, decode_body, encode_body, login_body, login_compress, new_ws_key,
                               server_address, split_tcp, tcp_packet, ws_close, ws_frame, ws_packet,
                               ws_upgrade_request)
 from zim.protocol import (ACK, HEARTBEAT, HISTORY, LOGIN, PULL, PUSH_CHANNEL_BATCH, PUSH_CHANNEL_MESSAGE,
@@ -113,16 +113,17 @@ class _Connection:
 
 
 class _TcpConnection(_Connection):
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, inflate: bool) -> None:
         super().__init__(reader, writer)
         self.buffer = bytearray()
+        self.inflate = inflate          # compressed packets were asked for (seq bit 15: inflated)
 
     def send(self, action: int, seq: int, payload: bytes) -> None:
         self.writer.write(tcp_packet(action, seq, payload))
 
     async def read(self) -> list[Packet]:
         while True:
-            packets = split_tcp(self.buffer)
+            packets = split_tcp(self.buffer, DEFAULT_MAX_PACKET, self.inflate)
             if packets:
                 return packets
             self.buffer += await self._chunk()
@@ -157,14 +158,14 @@ class _WsConnection(_Connection):
         super().close()
 
 
-async def _open(url: str, timeout: float) -> _Connection:
+async def _open(url: str, timeout: float, compress: bool) -> _Connection:
     """A connection to ``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH`` (the WebSocket
-    upgrade done)."""
+    upgrade done); ``compress``: TCP packets with a compressed body are inflated."""
     scheme, host, port, path = server_address(url)
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(host, port, limit=DEFAULT_MAX_PACKET), timeout)
     if scheme == "tcp":
-        return _TcpConnection(reader, writer)
+        return _TcpConnection(reader, writer, compress)
     try:
         key = new_ws_key()
         writer.write(ws_upgrade_request(key, f"{host}:{port}", path))
@@ -198,13 +199,19 @@ class Client:
     ``last_seqs``). ``timeout`` bounds connecting and each request; ``heartbeat``
     is the period of action 9 (the server closes idle connections); ``reconnect=False``
     ends ``pushes()`` with ``Closed`` when the connection drops instead.
+    ``compress=True`` (TCP only: WebSocket has permessage-deflate) asks for
+    compressed packets at every login and inflates them.
     """
 
     def __init__(self, url: str, name: str | None = None, token: str | None = None, *, jwt: str | None = None,
                  last_seqs: dict[Conversation, int] | None = None, reconnect: bool = True,
                  auto_ack: bool = True, timeout: float = 10.0, heartbeat: float = 60.0,
-                 backoff: tuple[float, float] = (0.1, 5.0)) -> None:
+                 backoff: tuple[float, float] = (0.1, 5.0), compress: bool = False) -> None:
+        if compress and server_address(url)[0] != "tcp":
+            raise ValueError("compress=True is for tcp:// (WebSocket compresses with permessage-deflate)")
         self.url = url
+        self.compress = compress
+        self.compressed = False             # the server agreed at the last login
         self.name = name
         self.token = token
         self.jwt = jwt                      # the application's, for the first login; then the token serves
@@ -268,7 +275,7 @@ class Client:
         return task
 
     async def _connect_once(self) -> None:
-        conn = await _open(self.url, self.timeout)
+        conn = await _open(self.url, self.timeout, self.compress)
         self._conn = conn
         self._spawn(self._read_loop(conn))
         if self.name is None and self.token is None and self.jwt is None:
@@ -399,7 +406,9 @@ class Client:
         return await self._login(name, token, jwt)
 
     async def _login(self, name: str | None, token: str | None, jwt: str | None = None) -> dict:
-        result = await self._call(LOGIN, login_body(name, None if jwt is not None else token, jwt))
+        body = login_body(name, None if jwt is not None else token, jwt)
+        result = await self._call(LOGIN, login_compress(body) if self.compress else body)
+        self.compressed = result.get("compress") == "deflate"
         # a JWT login answers the user's name: the token logins of reconnects need one
         self.name, self.token, self.jwt = result.get("name", name), result["token"], None
         self.user_id = result["id"]
@@ -497,7 +506,9 @@ class Client:
 
     def _sent(self, key: Conversation, seq: int) -> None:
         track = self._tracks.get(key) or self._tracks.setdefault(key, _Track())
-        if track.last is None or seq > track.last:
+        if track.last is not None and seq == track.last + 1:
+            track.last = seq        # nothing before it is missing: it is the newest seen
+        elif track.last is None or seq > track.last:
             track.own.add(seq)
 
     async def _dispatch(self) -> None:

@@ -3,7 +3,8 @@
 Every read has a deadline (``timeout`` seconds by default), so a server that
 does not answer raises ``TimeoutError`` instead of hanging the caller. Pushes
 (seq 0) that arrive while a request waits for its answer are kept in
-``client.pushes``, oldest first.
+``client.pushes``, oldest first. ``connect("tcp://...", compress=True)`` asks
+for compressed packets at login and inflates them.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import time
 
 from zim.client.codec import (Body, DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, Packet,
                               ProtocolError, WsDecoder, check_ws_upgrade, decode_body, encode_body,
-                              login_body, new_ws_key, server_address, take_tcp_packet, tcp_packet, ws_close,
-                              ws_frame, ws_message, ws_upgrade_request)
+                              login_body, login_compress, new_ws_key, server_address, take_tcp_packet, tcp_packet,
+                              ws_close, ws_frame, ws_message, ws_upgrade_request)
 from zim.protocol import HEARTBEAT, LOGIN
 
 DEFAULT_TIMEOUT = 5.0
@@ -61,6 +62,8 @@ def receive(sock: socket.socket, deadline: float) -> bytes:
 
 class Client:
     """Requests and pushes; ``TcpClient`` and ``WsClient`` move the packets."""
+
+    compress = False    # TCP: ask for compressed packets at login (TcpClient)
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.timeout = timeout
@@ -143,8 +146,10 @@ class Client:
         ``jwt`` (the application's) the user it names (``name`` None: keep its name);
         keeps ``user_id``, ``token``
         and ``name`` (a JWT login without one answers the user's)."""
-        result = self.ok(LOGIN, login_body(name, token, jwt))
+        body = login_body(name, token, jwt)
+        result = self.ok(LOGIN, login_compress(body) if self.compress else body)
         self.user_id, self.token, self.name = result["id"], result["token"], result.get("name", name)
+        self.compressed = result.get("compress") == "deflate"    # the server agreed
         return result
 
     def sync(self) -> None:
@@ -211,20 +216,23 @@ class _SocketClient(Client):
 
 
 class TcpClient(_SocketClient):
-    """zim over plain TCP (length-prefixed packets)."""
+    """zim over plain TCP (length-prefixed packets). ``compress``: ask for
+    compressed packets at login (``"compress": "deflate"``) and inflate them."""
 
     max_packet = DEFAULT_MAX_PACKET     # a longer packet from the server is a ProtocolError
 
-    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, source: str | None = None) -> None:
+    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, source: str | None = None,
+                 compress: bool = False) -> None:
         super().__init__(host, port, timeout, source)
         self._buf = bytearray()
+        self.compress = compress
 
     def _send_packet(self, action: int, seq: int, payload: bytes) -> None:
         self.sock.sendall(tcp_packet(action, seq, payload))
 
     def _recv_packet(self, deadline: float) -> Packet:
         while True:
-            packet = take_tcp_packet(self._buf, self.max_packet)
+            packet = take_tcp_packet(self._buf, self.max_packet, self.compress)
             if packet is not None:
                 return packet
             try:
@@ -291,9 +299,13 @@ class WsClient(_SocketClient):
         super().close()
 
 
-def connect(url: str, timeout: float = DEFAULT_TIMEOUT, source: str | None = None) -> TcpClient | WsClient:
-    """A client connected to ``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH``."""
+def connect(url: str, timeout: float = DEFAULT_TIMEOUT, source: str | None = None,
+            compress: bool = False) -> TcpClient | WsClient:
+    """A client connected to ``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH``;
+    ``compress`` (TCP only: WebSocket has permessage-deflate) as ``TcpClient``."""
     scheme, host, port, path = server_address(url)
     if scheme == "tcp":
-        return TcpClient(host, port, timeout, source)
+        return TcpClient(host, port, timeout, source, compress)
+    if compress:
+        raise ValueError("compress=True is for tcp:// (WebSocket compresses with permessage-deflate)")
     return WsClient(host, port, timeout, path, source)

@@ -3,7 +3,10 @@
 - **Bodies**: a JSON object, UTF-8 (``encode_body``, ``decode_body``).
 - **TCP**: every packet is ``length(4) action(2) seq(2) body``, big-endian, the
   length counting the whole packet (``tcp_packet``; ``split_tcp`` and
-  ``TcpDecoder`` take whole packets out of the bytes read).
+  ``TcpDecoder`` take whole packets out of the bytes read). A client that asked
+  for compression at login (``login_compress``) gets packets with seq bit 15
+  set whose body is raw DEFLATE: the splitters given ``inflate=True`` return
+  them inflated, with the real seq (``inflate_body``).
 - **WebSocket**: one binary message per packet carrying ``action(2) seq(2) body``
   (``ws_message``). A client masks its frames (``ws_frame``, ``ws_packet``,
   ``ws_close``); the server's frames are unmasked (``parse_frame``,
@@ -26,6 +29,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from typing import Any, Union
 from urllib.parse import urlsplit
 
@@ -33,6 +37,8 @@ TCP_HEADER = struct.Struct(">IHH")      # length (the whole packet), action, seq
 TCP_HEADER_SIZE = TCP_HEADER.size       # 8
 PACKET_HEAD = struct.Struct(">HH")      # a WebSocket message's action, seq
 PACKET_HEAD_SIZE = PACKET_HEAD.size     # 4
+SEQ_DEFLATED = 0x8000                   # a server TCP packet's seq bit: its body is compressed
+SEQ_MASK = 0x7FFF                       # ... and the real seq is the rest
 # Far above anything a server sends (its packets stay under 1 MiB): a length
 # over it is a broken stream, not a packet to wait for.
 DEFAULT_MAX_PACKET = 1 << 24
@@ -73,6 +79,11 @@ def login_body(name: str | None, token: str | None = None, jwt: str | None = Non
     return body
 
 
+def login_compress(body: dict[str, Any]) -> dict[str, Any]:
+    """Action 1's body asking for compressed packets on TCP (``"compress": "deflate"``)."""
+    return {**body, "compress": "deflate"}
+
+
 def encode_body(body: Body) -> bytes:
     """A dict as compact UTF-8 JSON; bytes pass through unchanged; None is an empty body."""
     if body is None:
@@ -105,11 +116,30 @@ def tcp_packet(action: int, seq: int, body: Body = None) -> bytes:
     return TCP_HEADER.pack(TCP_HEADER_SIZE + len(body), action, seq) + body
 
 
-def split_tcp(buffer: bytearray, max_packet: int = DEFAULT_MAX_PACKET) -> list[Packet]:
+def inflate_body(data: bytes, max_size: int = DEFAULT_MAX_PACKET) -> bytes:
+    """The body of a compressed server packet (seq bit 15 set): one raw DEFLATE
+    stream (RFC 1951) ending in its final block, inflated on its own (no context
+    from earlier packets). ProtocolError if it is not exactly that, or inflates
+    past ``max_size`` bytes (read no further than that: a zip bomb costs nothing)."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        body = inflater.decompress(data, max_size)
+    except zlib.error as exc:
+        raise ProtocolError(f"compressed body does not inflate: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise ProtocolError(f"compressed body inflates past {max_size} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise ProtocolError("compressed body is not one whole deflate stream")
+    return body
+
+
+def split_tcp(buffer: bytearray, max_packet: int = DEFAULT_MAX_PACKET, inflate: bool = False) -> list[Packet]:
     """Remove every whole packet from the start of ``buffer``; (action, seq, body) each.
 
     What is left is the start of the next packet. A length below the 8-byte head
     or over ``max_packet`` raises ProtocolError (``buffer`` is then left as it was).
+    ``inflate``: the client asked for compression, so a packet with seq bit 15 comes
+    out inflated, its seq without that bit (a body that does not inflate: ProtocolError).
     """
     packets = []
     append = packets.append
@@ -122,15 +152,21 @@ def split_tcp(buffer: bytearray, max_packet: int = DEFAULT_MAX_PACKET) -> list[P
             raise ProtocolError(f"server packet length {length} is not in 8..{max_packet}")
         if size - offset < length:
             break
-        append((action, seq, bytes(buffer[offset + TCP_HEADER_SIZE:offset + length])))
+        if inflate and seq & SEQ_DEFLATED:
+            append((action, seq & SEQ_MASK, inflate_body(buffer[offset + TCP_HEADER_SIZE:offset + length],
+                                                         max_packet)))
+        else:
+            append((action, seq, bytes(buffer[offset + TCP_HEADER_SIZE:offset + length])))
         offset += length
     del buffer[:offset]
     return packets
 
 
-def take_tcp_packet(buffer: bytearray, max_packet: int = DEFAULT_MAX_PACKET) -> Packet | None:
+def take_tcp_packet(buffer: bytearray, max_packet: int = DEFAULT_MAX_PACKET,
+                    inflate: bool = False) -> Packet | None:
     """Remove the first packet from ``buffer`` and return it, or None while it is
-    incomplete (for a reader that wants one packet at a time). Errors as ``split_tcp``."""
+    incomplete (for a reader that wants one packet at a time). Errors and
+    ``inflate`` as ``split_tcp``."""
     if len(buffer) < TCP_HEADER_SIZE:
         return None
     length, action, seq = TCP_HEADER.unpack_from(buffer)
@@ -139,23 +175,27 @@ def take_tcp_packet(buffer: bytearray, max_packet: int = DEFAULT_MAX_PACKET) -> 
     if len(buffer) < length:
         return None
     body = bytes(buffer[TCP_HEADER_SIZE:length])
+    if inflate and seq & SEQ_DEFLATED:
+        body, seq = inflate_body(body, max_packet), seq & SEQ_MASK
     del buffer[:length]
     return action, seq, body
 
 
 class TcpDecoder:
     """Incremental TCP decoding: ``feed(data)`` returns the packets completed by
-    ``data``, as (action, seq, body); a partial packet waits for the next call."""
+    ``data``, as (action, seq, body); a partial packet waits for the next call.
+    ``inflate``: compressed packets come out inflated (``split_tcp``)."""
 
-    __slots__ = ("buffer", "max_packet")
+    __slots__ = ("buffer", "max_packet", "inflate")
 
-    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET) -> None:
+    def __init__(self, max_packet: int = DEFAULT_MAX_PACKET, inflate: bool = False) -> None:
         self.buffer = bytearray()
         self.max_packet = max_packet
+        self.inflate = inflate
 
     def feed(self, data: bytes) -> list[Packet]:
         self.buffer += data
-        return split_tcp(self.buffer, self.max_packet)
+        return split_tcp(self.buffer, self.max_packet, self.inflate)
 
 
 # -- WebSocket frames --------------------------------------------------------------

@@ -1,10 +1,12 @@
 # permessage-deflate (RFC 7692) with no context takeover either way: the
 # negotiation answered in the upgrade, inflating a client's compressed message
 # (single frame or gathered fragments, bounded by the max packet) and
-# compressing the server's with the reactor's one deflater (zcodec_t).
+# compressing the server's with the reactor's one deflater (zcodec_t). The same
+# deflater compresses the bodies of TCP packets to clients that asked at login
+# (tcp_deflate; docs/protocol.md, "Compression on TCP").
 # zlib's declarations are in zim/includes/zlib.pxd. Included by zim/_codec.pyx.
 from zim.includes.zlib cimport (
-    Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_NO_FLUSH, Z_SYNC_FLUSH, Z_DEFLATED, Z_DEFAULT_STRATEGY,
+    Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH, Z_DEFLATED, Z_DEFAULT_STRATEGY,
     deflateInit2, deflate, deflateReset, deflateParams, deflateEnd, deflateBound,
     inflateInit2, inflate, inflateReset, inflateEnd,
 )
@@ -131,56 +133,93 @@ cdef int _inflate_frame(char* payload, size_t plen, int fin, size_t max_packet, 
     return EV_PACKET
 
 
+cdef z_stream* _deflater(zcodec_t* z, size_t length) noexcept nogil:
+    """The reactor's deflater, set for an input of ``length`` bytes: at the
+    level for that size, writing to z.deflated with room for deflate's worst
+    case (z.deflated_cap bytes, at least deflateBound + 16 for a flush block).
+    NULL: no memory. The caller resets it after one message."""
+    cdef size_t bound
+    cdef int level
+    cdef char* grown
+    cdef z_stream* zs
+    if z.deflater == NULL:
+        z.deflater = <z_stream*>calloc(1, sizeof(z_stream))
+        if z.deflater == NULL:
+            return NULL
+        if deflateInit2(z.deflater, DEFLATE_LEVEL, Z_DEFLATED, -15, DEFLATE_MEM_LEVEL,
+                        Z_DEFAULT_STRATEGY) != Z_OK:
+            free(z.deflater)
+            z.deflater = NULL
+            return NULL
+        z.deflate_level = DEFLATE_LEVEL
+    zs = z.deflater
+    level = DEFLATE_LEVEL if length < DEFLATE_FAST_FROM else DEFLATE_FAST_LEVEL
+    if level != z.deflate_level:        # cheap on a stream just reset: nothing to flush
+        deflateParams(zs, level, Z_DEFAULT_STRATEGY)
+        z.deflate_level = level
+    bound = deflateBound(zs, length) + 16
+    if bound > z.deflated_cap:
+        grown = <char*>realloc(z.deflated, bound)
+        if grown == NULL:
+            return NULL
+        z.deflated = grown
+        z.deflated_cap = bound
+    zs.next_out = <unsigned char*>z.deflated
+    zs.avail_out = <unsigned int>z.deflated_cap
+    return zs
+
+
 cdef size_t ws_deflate(zcodec_t* z, int action, int seq, const char* body, size_t body_len) noexcept nogil:
     """Compress one message (action, seq, body) into z.deflated with the
     reactor's deflater, as RFC 7692 wants it on the wire (no trailing 00 00 ff ff).
     Returns its length, or 0 when it should go out uncompressed: shorter than
     WS_DEFLATE_MIN, not made smaller, or no memory."""
     cdef char head[WS_PACKET_HEADER]
-    cdef size_t bound, n
-    cdef int level
-    cdef char* grown
+    cdef size_t n
     cdef z_stream* zs
     if body_len + WS_PACKET_HEADER < WS_DEFLATE_MIN:
         return 0
-    if z.deflater == NULL:
-        z.deflater = <z_stream*>calloc(1, sizeof(z_stream))
-        if z.deflater == NULL:
-            return 0
-        if deflateInit2(z.deflater, DEFLATE_LEVEL, Z_DEFLATED, -15, DEFLATE_MEM_LEVEL,
-                        Z_DEFAULT_STRATEGY) != Z_OK:
-            free(z.deflater)
-            z.deflater = NULL
-            return 0
-        z.deflate_level = DEFLATE_LEVEL
-    zs = z.deflater
-    level = DEFLATE_LEVEL if body_len < DEFLATE_FAST_FROM else DEFLATE_FAST_LEVEL
-    if level != z.deflate_level:        # cheap on a stream just reset: nothing to flush
-        deflateParams(zs, level, Z_DEFAULT_STRATEGY)
-        z.deflate_level = level
-    bound = deflateBound(zs, body_len + WS_PACKET_HEADER) + 16     # + the sync flush's empty block
-    if bound > z.deflated_cap:
-        grown = <char*>realloc(z.deflated, bound)
-        if grown == NULL:
-            return 0
-        z.deflated = grown
-        z.deflated_cap = bound
+    zs = _deflater(z, body_len + WS_PACKET_HEADER)
+    if zs == NULL:
+        return 0
     put16(head, action)
     put16(head + 2, seq)
-    zs.next_out = <unsigned char*>z.deflated
-    zs.avail_out = <unsigned int>bound
     zs.next_in = <const unsigned char*>head
     zs.avail_in = WS_PACKET_HEADER
     deflate(zs, Z_NO_FLUSH)
     zs.next_in = <const unsigned char*>body
     zs.avail_in = <unsigned int>body_len
     deflate(zs, Z_SYNC_FLUSH)
-    n = bound - zs.avail_out
+    n = z.deflated_cap - zs.avail_out
     deflateReset(zs)                    # no context takeover: the next message starts afresh
     if zs.avail_in or n < 4 or memcmp(z.deflated + n - 4, _DEFLATE_TAIL, 4) != 0:
         return 0                        # cannot happen with a bound this size; be safe
     n -= 4
     return n if n < body_len + WS_PACKET_HEADER else 0
+
+
+cdef size_t tcp_deflate(zcodec_t* z, const char* body, size_t body_len, size_t min_len) noexcept nogil:
+    """Compress one TCP packet's body into z.deflated: raw DEFLATE (RFC 1951),
+    its own stream ending in a final block, as a client that asked for
+    compression at login inflates it. Returns its length, or 0 when the body
+    goes out plain: shorter than ``min_len`` (--tcp-deflate-min), not made
+    smaller, or no memory."""
+    cdef size_t n
+    cdef int rc
+    cdef z_stream* zs
+    if body_len < min_len or body_len == 0:
+        return 0
+    zs = _deflater(z, body_len)
+    if zs == NULL:
+        return 0
+    zs.next_in = <const unsigned char*>body
+    zs.avail_in = <unsigned int>body_len
+    rc = deflate(zs, Z_FINISH)
+    n = z.deflated_cap - zs.avail_out
+    deflateReset(zs)                    # every body is a stream of its own
+    if rc != Z_STREAM_END:
+        return 0                        # cannot happen with a bound this size; be safe
+    return n if n < body_len else 0
 
 
 cdef size_t ws_deflated_header(char* out, size_t payload_len) noexcept nogil:

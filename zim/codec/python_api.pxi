@@ -4,7 +4,7 @@
 #    (zim/connflood.py), which frame TCP packets with encode_tcp and read them
 #    with TcpDecoder;
 #  - the codec's unit tests (tests/core/test_codec.py,
-#    tests/protocol/test_ws_deflate.py), which drive the reactor's decoders
+#    tests/protocol/test_ws_deflate.py, test_tcp_deflate.py), which drive the reactor's decoders
 #    through TcpDecoder/WsDecoder and check the server's frames;
 #  - bench/wire_bytes.py, which times the reactor's deflater (deflate_repeat).
 # Nothing here is on the hot path. Included by zim/_codec.pyx.
@@ -64,6 +64,19 @@ def deflate_repeat(bytes body, int count):
             n = ws_deflate(&z, 102, 0, data, length)
     zcodec_free(&z)
     return n
+
+
+def deflate_tcp_body(bytes body, size_t min_len=WS_DEFLATE_MIN):
+    """What the reactor sends as the body of a compressed TCP packet for
+    ``body`` (raw DEFLATE), or None when it goes out plain (tcp_deflate, with a
+    deflater of its own; ``min_len`` as --tcp-deflate-min)."""
+    cdef zcodec_t z
+    cdef size_t n
+    memset(&z, 0, sizeof(z))
+    n = tcp_deflate(&z, body, len(body), min_len)
+    compressed = z.deflated[:n] if n else None
+    zcodec_free(&z)
+    return compressed
 
 
 def encode_ws_deflated(bytes payload):

@@ -5,7 +5,7 @@
 # defines is declared here (or in the lower layer's .pxd) and overridden above.
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from zim._codec cimport packet_t, ws_state_t, zcodec_t
+from zim._codec cimport packet_t, static_table_t, ws_state_t, zcodec_t
 
 # Connection states
 cdef enum:
@@ -29,9 +29,10 @@ cdef enum:
     F_PAUSED = 128      # requests held (e.g. while a login is being decided elsewhere)
     F_FINAL_TOO_LARGE = 256     # answer final_action/final_seq with too_large before closing
     F_SHARED = 512      # outbuf points at a pass_out_t: outcap is the start, outlen the length
-    F_SHARED_DEFLATE = 1024     # ... and the slice is in its compressed framing (FRAMING_DEFLATE)
+    F_SHARED_DEFLATE = 1024     # ... and the slice is in its compressed framing (FRAMING_*DEFLATE)
     F_LOGGING_IN = 2048 # a login (action 1) of a connection not logged in waits for its answer
     F_COUNTED = 4096    # counted in the address table (--max-conns-per-address) under its peer key
+    F_TCP_DEFLATE = 8192        # TCP, compression asked for at login: bodies go out compressed (SEQ_DEFLATED)
 
 cdef enum:
     READS_PER_EVENT = 16        # fairness: a flooding peer yields after this many reads
@@ -105,7 +106,11 @@ cdef class Connections:
     cdef size_t outbuf_limit
     cdef bint ws_deflate            # negotiate permessage-deflate with clients that offer it
     cdef object ws_origins          # None: any Origin; else a zim.origins.OriginPolicy
+    cdef static_table_t static_paths    # plain GETs on the WebSocket port (--demo): path -> index
+    cdef dict static_pages          # {path: response}: the table points into its keys
+    cdef tuple static_responses     # by the table's index, the 404 last
     cdef zcodec_t z                 # the deflater and inflater every deflate connection shares
+    cdef size_t tcp_deflate_min     # F_TCP_DEFLATE connections: shorter bodies go out plain
     cdef handle_list_t pending      # connections with queued output: flushed once per pass
     cdef handle_list_t again        # read budget ran out before EAGAIN: resume next pass
     cdef handle_list_t draining     # half-closed, draining input until EOF or a deadline

@@ -62,6 +62,7 @@ cdef class Connections:
         if self.addresses_local:
             free(self.addresses.counts)
         zcodec_free(&self.z)
+        static_table_free(&self.static_paths)
         if self.epfd >= 0:
             close(self.epfd)
         if self.reserve_fd >= 0:
@@ -366,6 +367,11 @@ cdef class Connections:
     cdef bint _handshake(self, int fd, size_t offset, size_t head_len) noexcept:
         cdef conn_t* c = &self.conns[fd]
         cdef object answer
+        cdef Py_ssize_t page = static_lookup(&self.static_paths, self.scratch + offset, head_len)
+        if page >= 0:                   # a plain GET (--demo): its page or a 404, then close
+            self._queue_raw(fd, <bytes>self.static_responses[page])
+            self._begin_close(fd)
+            return False
         try:
             answer = ws_handshake(PyBytes_FromStringAndSize(self.scratch + offset, head_len), self.ws_deflate,
                                   self.ws_origins)
@@ -421,15 +427,22 @@ cdef class Connections:
             return False
         if c.state == S_WS and ws_deflate_fits(c.deflate_bits, body_len + WS_PACKET_HEADER):
             deflated = ws_deflate(&self.z, action, seq, body, body_len)
-            if deflated:
-                out = self._reserve(fd, WS_MAX_FRAME_HEADER + deflated)
-                if out == NULL:
-                    return False
+        elif c.flags & F_TCP_DEFLATE:
+            deflated = tcp_deflate(&self.z, body, body_len, self.tcp_deflate_min)
+        else:
+            deflated = 0
+        if deflated:                    # in z.deflated; its framing says it is compressed
+            out = self._reserve(fd, WS_MAX_FRAME_HEADER + deflated)
+            if out == NULL:
+                return False
+            if c.state == S_WS:
                 head = ws_deflated_header(out, deflated)
-                memcpy(out + head, self.z.deflated, deflated)
-                c.outlen += <uint32_t>(head + deflated)
-                self.counters[C_DEFLATED_OUT] += 1
-                return True
+            else:
+                head = tcp_header(out, deflated, action, seq | SEQ_DEFLATED)
+            memcpy(out + head, self.z.deflated, deflated)
+            c.outlen += <uint32_t>(head + deflated)
+            self.counters[C_DEFLATED_OUT if c.state == S_WS else C_TCP_DEFLATED_OUT] += 1
+            return True
         out = self._reserve(fd, WS_MAX_FRAME_HEADER + WS_PACKET_HEADER + body_len)
         if out == NULL:
             return False

@@ -37,6 +37,7 @@ cdef enum:
     C_LINK_BYTES_OUT
     C_DEFLATED_OUT
     C_INFLATED_IN
+    C_TCP_DEFLATED_OUT              # TCP packets sent with a compressed body (F_TCP_DEFLATE)
     C_PACKETS_IN
     # gauges: values now, not totals
     C_CONNECTIONS_TCP               # WebSocket ones count as ws from accept, handshake included

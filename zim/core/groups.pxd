@@ -17,7 +17,8 @@ cdef enum:
     FRAMING_WS = 1
     FRAMING_DEFLATE = 2     # WebSocket, compressed: the same bytes for every deflate member,
                             # since no context is taken over from one message to the next
-    FRAMINGS = 3
+    FRAMING_TCP_DEFLATE = 3 # TCP, body compressed (seq bit 15): the same for every such member
+    FRAMINGS = 4
 
 cdef struct pass_out_t:
     shared_buf_t framed[FRAMINGS]
@@ -44,8 +45,8 @@ cdef class Groups(Users):
     cdef pass_out_t* _pass_out(self, size_t group, group_t* g) noexcept
     cdef bint _frame_shared(self, shared_buf_t* buf, int kind, int action, const char* body,
                             size_t length, uint32_t* start, uint32_t* end) noexcept
-    cdef bint _frame_deflated(self, shared_buf_t* buf, int action, const char* body, size_t length,
-                              uint32_t* start, uint32_t* end) noexcept
+    cdef bint _frame_deflated(self, shared_buf_t* buf, int kind, int action, const char* body,
+                              size_t length, uint32_t* start, uint32_t* end) noexcept
     cdef bint _queue_shared(self, int fd, pass_out_t* p, int kind, uint32_t start, uint32_t end) noexcept
     cdef int _write_shared(self, int fd) noexcept
     cdef bint _unshare(self, int fd, size_t sent) noexcept

@@ -1,7 +1,7 @@
 # Channel groups and the broadcast path: who is in a group, and how one push reaches
 # every member in one C loop.
 #
-# A broadcast is framed once per framing (TCP, WebSocket, WebSocket compressed) into the
+# A broadcast is framed once per framing (TCP, WebSocket, each plain or compressed) into the
 # group's pass buffer (pass_out_t, core/groups.pxd). A member with nothing else queued is
 # given a slice of it by reference (F_SHARED) and written straight from it at the flush,
 # so a message is not copied into a thousand connection buffers; the kernel not taking
@@ -38,8 +38,17 @@ cdef inline bint is_excluded(uint64_t handle, const uint64_t* excluded, size_t n
 cdef inline int slice_framing(const conn_t* c) noexcept nogil:
     """Which of its pass buffer's framings a sharing member's slice is in."""
     if c.flags & F_SHARED_DEFLATE:
-        return FRAMING_DEFLATE
+        return FRAMING_DEFLATE if c.state == S_WS else FRAMING_TCP_DEFLATE
     return FRAMING_WS if c.state == S_WS else FRAMING_TCP
+
+
+cdef inline bint takes_deflated(const conn_t* c, size_t length) noexcept nogil:
+    """Whether a member gets a push of ``length`` body bytes compressed, if it shrinks:
+    a WebSocket that agreed on deflate (and whose window fits), or a TCP client that
+    asked at login."""
+    if c.state == S_WS:
+        return ws_deflate_fits(c.deflate_bits, length + WS_PACKET_HEADER)
+    return (c.flags & F_TCP_DEFLATE) != 0
 
 
 cdef void pass_out_unref(pass_out_t* p) noexcept nogil:
@@ -157,12 +166,13 @@ cdef class Groups(Users):
         cdef uint32_t start[FRAMINGS]
         cdef uint32_t end[FRAMINGS]
         cdef uint64_t handle
-        cdef int fd, kind, count = 0
-        cdef int deflate = 0            # compressed framing: 0 not tried yet, 1 framed, -1 none (plain)
+        cdef int fd, kind, packed, count = 0
+        cdef int tried[FRAMINGS]        # a compressed framing: 0 not tried yet, 1 framed, -1 none (plain)
         if g == NULL:
             return 0
         memset(start, 0, sizeof(start))
         memset(end, 0, sizeof(end))
+        memset(tried, 0, sizeof(tried))
         p = self._pass_out(group, g)
         while i < g.length:
             handle = g.members[i]
@@ -175,13 +185,13 @@ cdef class Groups(Users):
             if n_excluded and is_excluded(handle, excluded, n_excluded, found):
                 continue
             kind = FRAMING_WS if self.conns[fd].state == S_WS else FRAMING_TCP
-            if kind == FRAMING_WS and p != NULL and deflate >= 0 and ws_deflate_fits(
-                    self.conns[fd].deflate_bits, length + WS_PACKET_HEADER):
-                if deflate == 0:        # compressed once, for every deflate member
-                    deflate = 1 if self._frame_deflated(&p.framed[FRAMING_DEFLATE], action, body, length,
-                                                        &start[FRAMING_DEFLATE], &end[FRAMING_DEFLATE]) else -1
-                if deflate == 1:
-                    kind = FRAMING_DEFLATE
+            if p != NULL and takes_deflated(&self.conns[fd], length):
+                packed = FRAMING_DEFLATE if kind == FRAMING_WS else FRAMING_TCP_DEFLATE
+                if tried[packed] == 0:  # compressed once, for every member taking that framing
+                    tried[packed] = 1 if self._frame_deflated(&p.framed[packed], packed, action, body, length,
+                                                              &start[packed], &end[packed]) else -1
+                if tried[packed] == 1:
+                    kind = packed
             if p != NULL and end[kind] == 0 and not self._frame_shared(
                     &p.framed[kind], kind, action, body, length, &start[kind], &end[kind]):
                 p = NULL                # out of memory: copy into each member instead
@@ -226,23 +236,31 @@ cdef class Groups(Users):
         end[0] = buf.length
         return True
 
-    cdef bint _frame_deflated(self, shared_buf_t* buf, int action, const char* body, size_t length,
-                              uint32_t* start, uint32_t* end) noexcept:
-        """Append the push, compressed, to a pass buffer; False when it goes out
-        uncompressed (too short or not made smaller) or there is no memory."""
-        cdef size_t deflated = ws_deflate(&self.z, action, 0, body, length)
-        cdef size_t need = buf.length + WS_MAX_FRAME_HEADER + deflated
+    cdef bint _frame_deflated(self, shared_buf_t* buf, int kind, int action, const char* body,
+                              size_t length, uint32_t* start, uint32_t* end) noexcept:
+        """Append the push, compressed in framing ``kind`` (FRAMING_DEFLATE or
+        FRAMING_TCP_DEFLATE), to a pass buffer; False when it goes out uncompressed
+        (too short or not made smaller) or there is no memory."""
+        cdef size_t deflated, need
+        if kind == FRAMING_DEFLATE:
+            deflated = ws_deflate(&self.z, action, 0, body, length)
+        else:
+            deflated = tcp_deflate(&self.z, body, length, self.tcp_deflate_min)
+        need = buf.length + WS_MAX_FRAME_HEADER + deflated
         if deflated == 0:
             return False
         if need > buf.capacity and (need > self.outbuf_limit or not grow(&buf.data, &buf.capacity,
                                                                         need, 4096)):
             return False
         start[0] = buf.length
-        buf.length += <uint32_t>ws_deflated_header(buf.data + buf.length, deflated)
+        if kind == FRAMING_DEFLATE:
+            buf.length += <uint32_t>ws_deflated_header(buf.data + buf.length, deflated)
+        else:
+            buf.length += <uint32_t>tcp_header(buf.data + buf.length, deflated, action, SEQ_DEFLATED)
         memcpy(buf.data + buf.length, self.z.deflated, deflated)
         buf.length += <uint32_t>deflated
         end[0] = buf.length
-        self.counters[C_DEFLATED_OUT] += 1
+        self.counters[C_DEFLATED_OUT if kind == FRAMING_DEFLATE else C_TCP_DEFLATED_OUT] += 1
         return True
 
     cdef bint _queue_shared(self, int fd, pass_out_t* p, int kind, uint32_t start,
@@ -262,7 +280,7 @@ cdef class Groups(Users):
             c.outbuf = <char*>p
             c.outcap = start
             c.outlen = end - start
-            c.flags |= F_SHARED | (F_SHARED_DEFLATE if kind == FRAMING_DEFLATE else 0)
+            c.flags |= F_SHARED | (F_SHARED_DEFLATE if kind >= FRAMING_DEFLATE else 0)
             p.refs += 1
             self._mark_pending(fd)
             return True

@@ -9,9 +9,11 @@
 # hold() and answer(). The wire format is core/wire.pxd.
 
 # core/wire.pxd's 64-bit values, for Python: a handle's connection bits (the worker index
-# sits above them), and the mark of a forwarded user field that is an address key
+# sits above them), and the marks of a forwarded user field that is an address key
 LINK_HANDLE_MASK = (<uint64_t>1 << HANDLE_BITS) - 1
 PEER_MARK = <uint64_t>1 << PEER_BIT
+PEER_WS = <uint64_t>1 << PEER_WS_BIT
+PEER_KEY_MASK = <uint64_t>0xFFFFFFFF     # the address key itself (core/addresses.pyx: 32 bits)
 
 # Canned refusals the worker sends from C
 _NOT_LOGGED_IN_BODY = b'{"error":{"code":"not_logged_in","message":"log in first (action 1)"}}'
@@ -164,7 +166,7 @@ cdef class Link(Groups):
         head = out + tcp_header(out, REQUEST_HEAD + pkt.body_len, pkt.action, pkt.seq)
         put64(head + REQUEST_CONN, make_handle(c.gen, fd))
         # not logged in: the address key instead, marked (Server.serve tells them apart)
-        put64(head + REQUEST_USER, c.user if c.user else peer_field(c.peer))
+        put64(head + REQUEST_USER, c.user if c.user else peer_field(c.peer, c.state == S_WS))
         memcpy(head + REQUEST_HEAD, pkt.body, pkt.body_len)
         self.conns[link_fd].outlen += <uint32_t>(TCP_HEADER + REQUEST_HEAD + pkt.body_len)
         if c.inflight < 0xFFFF:

@@ -23,8 +23,10 @@ cdef class Reactor(Link):
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
                   uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True,
                   uint32_t max_inflight=DEF_MAX_INFLIGHT, size_t memory_budget=0, object ws_origins=None,
-                  uint32_t max_conns_per_address=0, *, object on_tick=None, object on_link_closed=None,
-                  object on_user_gone=None, object on_users_closed=None, object on_request=None):
+                  uint32_t max_conns_per_address=0, size_t tcp_deflate_min=WS_DEFLATE_MIN,
+                  dict static_pages=None, *,
+                  object on_tick=None, object on_link_closed=None, object on_user_gone=None,
+                  object on_users_closed=None, object on_request=None):
         # What the owner is told, given here once (see the attributes' declarations)
         self.on_tick = on_tick
         self.on_link_closed = on_link_closed
@@ -44,7 +46,10 @@ cdef class Reactor(Link):
         self.outbuf_limit = outbuf_limit
         self.memory_budget = memory_budget
         self.ws_deflate = ws_deflate
+        self.tcp_deflate_min = tcp_deflate_min
         self.ws_origins = ws_origins
+        self.static_pages = static_pages or {}
+        self.static_responses = static_table_set(&self.static_paths, self.static_pages)
         # Timers
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout

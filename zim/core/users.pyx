@@ -146,6 +146,27 @@ cdef class Users(Timers):
             log.exception("users-closed handler failed")
         free(batch.items)
 
+    def request_user(self, uint64_t conn):
+        """The user field a request of ``conn`` is served with, as worker mode forwards
+        it (core/wire.pxd): the user id, or for a connection not logged in its address
+        key with PEER_MARK (and PEER_WS on WebSocket); 0: the connection is gone."""
+        cdef int fd = self._conn_fd(conn)
+        if fd < 0:
+            return 0
+        if self.conns[fd].user:
+            return self.conns[fd].user
+        return peer_field(self.conns[fd].peer, self.conns[fd].state == S_WS)
+
+    def set_tcp_deflate(self, uint64_t conn):
+        """From the next packet queued on, compress what goes to this TCP client
+        (bodies of --tcp-deflate-min bytes or more: seq bit 15 set, raw DEFLATE);
+        it asked at login. False: not a TCP client connection, or gone."""
+        cdef int fd = self._conn_fd(conn)
+        if fd < 0 or self.conns[fd].state != S_TCP or self.conns[fd].flags & F_LINK:
+            return False
+        self.conns[fd].flags |= F_TCP_DEFLATE
+        return True
+
     # ---------------------------------------------------------- addresses --
     def conn_peer(self, uint64_t conn):
         """The connection's address key (core/addresses.pyx: an IPv4 client's is its

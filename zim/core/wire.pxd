@@ -20,6 +20,7 @@ cpdef enum:
     CMD_CLOSE = 7
     CMD_BROADCAST_EXCEPT = 8
     CMD_CLOSE_USER = 9
+    CMD_TCP_DEFLATE = 10        # a TCP login agreed on compression: what follows its answer may be
     EVENT = 0
     EVENT_USER_GONE = 1
     EVENT_LISTENING = 2
@@ -30,6 +31,7 @@ cpdef enum:
     # The user field of a forwarded request: a user id (below 2**63), or, for a connection
     # not logged in, PEER_MARK = 1 << PEER_BIT | its address key (Server.serve tells them apart).
     PEER_BIT = 63
+    PEER_WS_BIT = 62            # ... and for a WebSocket one, 1 << PEER_WS_BIT too (else TCP)
     # The fixed heads, in bytes
     REQUEST_HEAD = 16           # conn(8) user(8)
     REPLY_HEAD = 13             # conn(8) action(2) seq(2) response(1)
@@ -40,7 +42,7 @@ cpdef enum:
 # Where each field of those heads starts (big-endian, as every field on the wire)
 cdef enum:
     REQUEST_CONN = 0            # the worker's connection handle
-    REQUEST_USER = 8            # its user id, or PEER_MARK | address key
+    REQUEST_USER = 8            # its user id, or PEER_MARK | address key (| PEER_WS)
     REPLY_CONN = 0
     REPLY_ACTION = 8
     REPLY_SEQ = 10
@@ -62,6 +64,7 @@ cdef inline uint64_t router_conn(uint64_t worker_index, uint64_t handle) noexcep
     return (worker_index << HANDLE_BITS) | (handle & ((<uint64_t>1 << HANDLE_BITS) - 1))
 
 
-cdef inline uint64_t peer_field(uint32_t peer) noexcept nogil:
-    """A forwarded request's user field for a connection not logged in: its address key, marked."""
-    return ((<uint64_t>1) << PEER_BIT) | peer
+cdef inline uint64_t peer_field(uint32_t peer, bint websocket) noexcept nogil:
+    """A forwarded request's user field for a connection not logged in: its address
+    key, marked, with its transport (a login asking for TCP compression needs it)."""
+    return ((<uint64_t>1) << PEER_BIT) | ((<uint64_t>websocket) << PEER_WS_BIT) | peer

@@ -1,4 +1,5 @@
-# zlib's C declarations (zlib.h), for permessage-deflate (zim/codec/deflate.pxi).
+# zlib's C declarations (zlib.h), for permessage-deflate and TCP's compressed
+# packets (zim/codec/deflate.pxi).
 # Only the z_stream fields the codec touches are named; Cython takes the real
 # layout from the header. The extension links with -lz (setup.py).
 
@@ -10,7 +11,7 @@ cdef extern from "zlib.h" nogil:
         unsigned int avail_out
 
     enum:
-        Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_NO_FLUSH, Z_SYNC_FLUSH, Z_DEFLATED, Z_DEFAULT_STRATEGY
+        Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_NO_FLUSH, Z_SYNC_FLUSH, Z_FINISH, Z_DEFLATED, Z_DEFAULT_STRATEGY
     const char* ZLIB_VERSION
     int deflateInit2(z_stream* strm, int level, int method, int window_bits, int mem_level, int strategy)
     int deflate(z_stream* strm, int flush)

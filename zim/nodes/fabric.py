@@ -32,11 +32,24 @@ from typing import Any, Iterable, Protocol
 
 from zim.fabric import Fabric, Groups
 from zim.nodes import schema
+from zim.pending import Pending, gather
 
 log = logging.getLogger("zim.nodes")
 
 INBOX_HEAD = struct.Struct(">QH")       # user id, action; then the payload
+INBOX_CLOSE = 0                         # the action of an inbox entry that closes the user's connections
 CHANNEL_HEAD = struct.Struct(">HB")     # action, length of the sending node's id; then it, the payload
+
+
+def _count(pending: Pending) -> Pending:
+    """A Pending of the sum of the list ``pending`` settles with."""
+    total = Pending()
+    pending.wait(_summed, total, None)
+    return total
+
+
+def _summed(total: Pending, _: None, ok: bool, values: Any) -> None:
+    total.settle(ok, sum(int(value) for value in values) if ok else values)
 
 
 def inbox_channel(node: str) -> str:
@@ -96,6 +109,9 @@ class NodeFabric:
     def close(self, conn: int) -> None:
         self.inner.close(conn)
 
+    def tcp_deflate(self, conn: int) -> None:
+        self.inner.tcp_deflate(conn)
+
     def close_user(self, user_id: int, exclude_conn: int) -> None:
         """This node's connections of the user only: the other nodes close theirs
         when the revocation reaches them over the feed (``Node._on_change``)."""
@@ -103,6 +119,23 @@ class NodeFabric:
 
     def has_user(self, user_id: int) -> bool:
         return self.inner.has_user(user_id)
+
+    def close_user_everywhere(self, user_id: int) -> None:
+        """Close every connection of the user on every node (the server API's
+        disconnect): this node's now, the others' through their inboxes."""
+        self.inner.close_user(user_id, 0)
+        presence = self.redis.call("HKEYS", schema.user_keys(user_id).presence)
+        presence.wait(self._push_remote, INBOX_HEAD.pack(user_id, INBOX_CLOSE), None)
+
+    def user_nodes(self, user_id: int) -> Pending:
+        """A Pending of how many nodes hold connections of the user."""
+        return self.redis.call("HLEN", schema.user_keys(user_id).presence)
+
+    def online_among(self, user_ids: list[int]) -> Pending:
+        """A Pending of how many of these users have connections on some node
+        (one command each: their presence hashes are in their own slots)."""
+        checks = [self.redis.call("EXISTS", schema.user_keys(user_id).presence) for user_id in user_ids]
+        return _count(gather(checks))
 
     def user_connections(self, user_id: int) -> int:
         """This node's logged-in connections of the user (--max-conns-per-user is per node)."""
@@ -160,6 +193,9 @@ class NodeFabric:
     def on_inbox(self, data: bytes) -> None:
         """A private push another node published for one of our users."""
         user_id, action = INBOX_HEAD.unpack_from(data)
+        if action == INBOX_CLOSE:
+            self.inner.close_user(user_id, 0)
+            return
         self.inner.push_user(user_id, action, data[INBOX_HEAD.size:], 0)
 
     def on_channel_push(self, channel: str, data: bytes) -> None:

@@ -235,6 +235,8 @@ class Node:
     def _on_change(self, change: dict) -> None:
         if change.get("n") == self.node_id:
             return
+        if change.get("k") == "drop":
+            self._channel_dropped(change["c"])
         self.store.apply_change(change)
         if change.get("k") == "epoch":
             # the user logged out everywhere on another node: its connections here go too
@@ -251,6 +253,17 @@ class Node:
         else:
             group = self.groups.get(channel)
             if group is not None:
+                self.fabric.unfollow(user_id, group)
+
+
+    def _channel_dropped(self, channel: str) -> None:
+        """A channel deleted on another node: this node's connections of its
+        members (as the cache knows them, before it forgets) stop following it."""
+        group = self.groups.get(channel)
+        if group is None:
+            return
+        for user_id in self.store.cache.channel_members(channel):
+            if self.fabric.has_user(user_id):
                 self.fabric.unfollow(user_id, group)
 
 

@@ -346,8 +346,17 @@ end
 return 1
 """)
 
+# KEYS: seq, log, members, private, grants. Delete the channel (the server API): its members' ids,
+# or nil if it did not exist. One script, so that no join slips in between.
+CHANNEL_DELETE = Script("channel_delete", """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local members = redis.call('HKEYS', KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+return members
+""")
+
 SCRIPTS = (APPEND, MAILBOX_HOLD, MAILBOX_RELEASE, MAILBOX_ADD, MAILBOX_PULL, MAILBOX_ACK,
-           CHANNEL_JOIN, CHANNEL_CLAIM, CHANNEL_CREATE, CHANNEL_MAKE)
+           CHANNEL_JOIN, CHANNEL_CLAIM, CHANNEL_CREATE, CHANNEL_MAKE, CHANNEL_DELETE)
 
 
 # ---------------------------------------------------------------- messages
@@ -585,6 +594,21 @@ def unsubscribe_steps(channel: str, user_id: int) -> list[Command]:
     0, says whether the user was a member)."""
     return [("HDEL", user_keys(user_id).channels, channel),
             ("HDEL", channel_keys(channel).members, user_id)]
+
+
+def channel_delete_command(channel: str) -> Command:
+    """Delete a channel's seq, history, members, private flag and grants; the reply lists the members
+    (None: no such channel). Their indexes next: ``channel_unindex_commands``.
+    The channel still counts for its creator's quota (the creator is not kept
+    with the channel)."""
+    keys = channel_keys(channel)
+    access = channel_access_keys(channel)
+    return CHANNEL_DELETE.command((keys.seq, keys.log, keys.members, access.private, access.grants), [])
+
+
+def channel_unindex_commands(channel: str, members: Iterable[int]) -> list[Command]:
+    """The deleted channel out of each former member's index (each in its slot)."""
+    return [("HDEL", user_keys(user_id).channels, channel) for user_id in members]
 
 
 def secret_steps(candidate: bytes) -> list[Command]:

@@ -36,7 +36,7 @@ import time
 from typing import Any, Callable, Iterable, Union
 
 from zim.nodes import schema
-from zim.pending import Pending
+from zim.pending import Pending, gather
 from zim.storage.retention import Retention
 from zim.storage.store import (
     CHANNEL, NO_QUOTAS, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Quotas, StoreRefusal,
@@ -296,6 +296,31 @@ class RedisStore:
                   {"k": "member", "c": channel, "u": user_id, "p": None})
         return after(done, lambda removed: bool(removed))
 
+    def channel_count(self) -> int:
+        """The channels this node knows of (its cache: not every channel of the service)."""
+        return self.cache.channel_count()
+
+    def channel_members(self, channel: str) -> Pending:
+        """The ids of the channel's members, as Redis holds them (the cache knows
+        only the users this node has seen)."""
+        return after(self.redis.call("HKEYS", schema.channel_keys(channel).members),
+                     lambda ids: [int(user_id) for user_id in ids])
+
+    def delete_channel(self, channel: str) -> Pending:
+        """A Pending of the former members' ids (None: no such channel); the
+        other nodes drop it from their caches over the feed (kind "drop")."""
+        deleted = self.redis.call(*schema.channel_delete_command(channel))
+        return after(deleted, lambda reply: self._channel_deleted(channel, reply))
+
+    def _channel_deleted(self, channel: str, reply: Any) -> Any:
+        self.cache.delete_channel(channel)
+        if reply is None:
+            return None
+        members = [int(user_id) for user_id in reply]
+        self._publish({"k": "drop", "c": channel})
+        unindexed = [self.redis.call(*command) for command in schema.channel_unindex_commands(channel, members)]
+        return after(gather(unindexed), lambda _: members)     # each in its own slot
+
     def _member_written(self, before: tuple, change: Change, ok: bool, value: Any) -> None:
         if ok:
             self._publish(change)
@@ -432,6 +457,8 @@ class RedisStore:
         elif kind == "grant":
             can_invite = change["i"]
             self._cache_grant(change["c"], change["u"], None if can_invite is None else bool(can_invite))
+        elif kind == "drop":
+            cache.delete_channel(change["c"])
         elif kind == "member":
             channel, user_id, push = change["c"], change["u"], change["p"]
             if push is None:

@@ -44,7 +44,7 @@ from zim.storage.store import (
     ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Quotas, StoreRefusal,
 )
 from zim.storage.writer import (
-    FAILED, LIMIT, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_CHANNEL, OP_CREATE_USER, OP_GRANT, OP_HISTORY,
+    FAILED, LIMIT, OP_ACK, OP_CHANNEL_MESSAGE, OP_CREATE_CHANNEL, OP_CREATE_USER, OP_DELETE_CHANNEL, OP_GRANT, OP_HISTORY,
     OP_MAILBOX, OP_RENAME, OP_RESYNC, OP_REVOKE_GRANT, OP_SUBSCRIBE, OP_TOKEN_EPOCH, OP_UNSUBSCRIBE,
     OP_USER_MESSAGE, REFUSED, writer_settings,
 )
@@ -400,6 +400,32 @@ class DurableStore:
 
     def membership(self, channel: str, user_id: int) -> bool | None:
         return self.meta.membership(channel, user_id)
+
+    def channel_members(self, channel: str) -> list[int]:
+        return self.meta.channel_members(channel)
+
+    def channel_count(self) -> int:
+        return self.meta.channel_count()
+
+    def delete_channel(self, channel: str) -> Pending | None:
+        """A Pending of the members' ids once deleted; None for no such channel."""
+        meta = self.meta
+        if not meta.channel_exists(channel):
+            return None
+        memberships = [(user_id, meta.membership(channel, user_id)) for user_id in meta.channel_members(channel)]
+        creator = meta.creator_of(channel)
+        private = meta.channel_private(channel)
+        grants = meta.channel_grants(channel)
+        members = meta.delete_channel(channel)
+
+        def undo() -> None:
+            meta.add_channel(channel, creator, private)
+            for user_id, push in memberships:
+                meta.subscribe(channel, user_id, push)
+            for user_id, can_invite in grants.items():
+                meta.set_grant(channel, user_id, can_invite)
+
+        return _with_value(self._call(OP_DELETE_CHANNEL, [channel], (undo,)), members)
 
     def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
         return self.meta.user_channels(user_id)

@@ -38,7 +38,7 @@ from zim.storage.retention import Retention
 from zim.storage.sqlite_schema import SCHEMA_VERSION, open_database
 from zim.storage.sqlite_writes import (
     MAILBOX_INSERT, SQL_INT_MAX, channel_conv, check_user_id, pair_conv, sql_id, write_create_channel,
-    write_create_user, write_grant, write_mailbox_ack, write_prune, write_revoke_grant, write_set_user_name,
+    write_create_user, write_delete_channel, write_grant, write_mailbox_ack, write_prune, write_revoke_grant, write_set_user_name,
     write_subscribe, write_token_epoch, write_unsubscribe,
 )
 from zim.storage.store import (CHANNEL, MAX_USER_ID, USER, ChannelKey, HistoryKind, Message, PairKey,
@@ -377,6 +377,11 @@ class SQLiteStore:
 
     def unsubscribe(self, channel: str, user_id: int) -> bool:
         return self._transaction(write_unsubscribe, channel, user_id)
+
+    def delete_channel(self, channel: str) -> list[int] | None:
+        members = self._transaction(write_delete_channel, channel)     # buffered messages go in first
+        self._last_seq.pop(channel_conv(channel), None)                # a new channel of that name: seq 1
+        return members
 
     def membership(self, channel: str, user_id: int) -> bool | None:
         row = self._one("SELECT push FROM members WHERE channel = ? AND user_id = ?",

@@ -100,6 +100,21 @@ def write_unsubscribe(cur: sqlite3.Cursor, channel: str, user_id: int) -> bool:
     return cur.rowcount == 1
 
 
+def write_delete_channel(cur: sqlite3.Cursor, channel: str) -> list[int] | None:
+    """The channel, its memberships and its history go; the members' ids (None:
+    no such channel). Mailboxes hold no channel messages: nothing there."""
+    cur.execute("DELETE FROM channels WHERE name = ?", (channel,))
+    if cur.rowcount != 1:
+        return None
+    members = [user_id + (1 << 64) if user_id < 0 else user_id for (user_id,) in
+               cur.execute("DELETE FROM members WHERE channel = ? RETURNING user_id", (channel,)).fetchall()]
+    cur.execute("DELETE FROM grants WHERE channel = ?", (channel,))
+    conv = channel_conv(channel)
+    cur.execute("DELETE FROM messages WHERE conv = ?", (conv,))
+    cur.execute("DELETE FROM conversations WHERE conv = ?", (conv,))
+    return members
+
+
 MAILBOX_INSERT = ("INSERT INTO mailbox(user_id, msg_id, conv, seq, size) VALUES (?, ?, ?, ?, ?) "
                   "ON CONFLICT(user_id, msg_id) DO UPDATE SET conv = excluded.conv, seq = excluded.seq, "
                   "size = excluded.size")

@@ -199,6 +199,10 @@ class Store(Protocol):
 
     def grant_of(self, channel: str, user_id: int) -> bool | None:
         """None: the user has no grant on the channel; else its ``can_invite``."""
+    def delete_channel(self, channel: str) -> list[int] | None:
+        """Delete a channel: its memberships, its history, the channel itself (a
+        later subscribe creates a new one, seq from 1). Returns the ids of the users
+        who were members, or None if there was no such channel."""
 
     # -- messages ----------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> int:
@@ -427,6 +431,29 @@ class MemoryStore:
                 else:
                     del self._created[creator]
 
+    def channel_members(self, channel: str) -> list[int]:
+        """The ids of the channel's members (none for an unknown channel)."""
+        return list(self._members.get(channel, ()))
+
+    def channel_count(self) -> int:
+        """How many channels exist."""
+        return len(self._members)
+
+    def creator_of(self, channel: str) -> int | None:
+        """The user whose subscribe created the channel, if known."""
+        return self._creators.get(channel)
+
+    def delete_channel(self, channel: str) -> list[int] | None:
+        members = self._members.get(channel)
+        if members is None:
+            return None
+        member_ids = list(members)
+        for user_id in member_ids:
+            self.unsubscribe(channel, user_id)
+        self.drop_channel(channel)          # no members now: it no longer counts for its creator
+        self._channel_log.pop(channel, None)
+        return member_ids
+
     def _add_creator(self, channel: str, creator: int) -> None:
         self._creators[channel] = creator
         self._created[creator] = self._created.get(creator, 0) + 1
@@ -493,6 +520,10 @@ class MemoryStore:
     def grant_of(self, channel: str, user_id: int) -> bool | None:
         grants = self._grants.get(channel)
         return None if grants is None else grants.get(user_id)
+
+    def channel_grants(self, channel: str) -> dict[int, bool]:
+        """The channel's grants: user id -> can invite (a copy)."""
+        return dict(self._grants.get(channel, {}))
 
     def set_grant(self, channel: str, user_id: int, can_invite: bool | None) -> None:
         """Give or take a grant back as it was (an undo, or news from another node)."""

@@ -58,6 +58,7 @@ log = logging.getLogger("zim.storage.writer")
  OP_HISTORY, OP_MAILBOX, OP_ACK, OP_RESYNC) = range(1, 11)
 OP_TOKEN_EPOCH = 11                   # a user's token generation raised (log out everywhere)
 OP_CREATE_CHANNEL, OP_GRANT, OP_REVOKE_GRANT = 12, 13, 14   # private channels and their grants
+OP_DELETE_CHANNEL = 15                # a channel, its memberships and history deleted (the server API)
 # Answer statuses (the seq field). FAILED: the batch was rolled back, and every
 # later operation fails too until RESYNC. REFUSED: this operation alone was not
 # done (a request the store refuses, an answer too big for the link); the rest go on.
@@ -90,6 +91,7 @@ OPERATIONS: dict[int, Callable[..., Any]] = {
     OP_CREATE_CHANNEL: SQLiteStore.create_channel,
     OP_GRANT: SQLiteStore.grant,
     OP_REVOKE_GRANT: SQLiteStore.revoke_grant,
+    OP_DELETE_CHANNEL: SQLiteStore.delete_channel,
 }
 
 
