@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import base64
 import random
-import struct
 import zlib
 
 import orjson
 
-
+from zim.client import (OP_BINARY, OP_CLOSE, OP_CONTINUATION as OP_CONT, OP_PING, OP_PONG, OP_TEXT,  # noqa: F401
+                        apply_mask, tcp_header, ws_close_payload, ws_header, ws_message)
 from zim.protocol import (  # noqa: F401  (the fuzzer's other modules take them from here)
     ACK, HEARTBEAT, HISTORY, LOGIN, PULL, SEND_CHANNEL, SEND_USER, SUBSCRIBE, UNSUBSCRIBE,
     PUSH_CHANNEL_BATCH as PUSH_BATCH, PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL, PUSH_USER_MESSAGE as PUSH_USER,
 )
-_TCP = struct.Struct(">IHH")     # length, action (as unsigned: 65535 is -1 to the server), seq
-WS_HEAD = struct.Struct(">HH")
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TAIL = b"\x00\x00\xff\xff"
 MIB = 1 << 20
 
@@ -82,14 +78,6 @@ BAD_OFFERS = [
     "permessage-deflate\x7f", "PERMESSAGE-DEFLATE", "permessage-deflate; server_max_window_bits=99999999999999",
 ]
 TEXT = "hello, fuzz world "
-
-
-def masked(payload: bytes, mask: bytes) -> bytes:
-    size = len(payload)
-    if not size or mask == b"\0\0\0\0":
-        return payload
-    repeated = (mask * (size // 4 + 1))[:size]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(size, "big")
 
 
 def mutate(data: bytes, rng: random.Random, count: int) -> bytes:
@@ -274,7 +262,7 @@ class Gen:
     # -- TCP ------------------------------------------------------------------
     @staticmethod
     def tcp(action: int, seq: int, body: bytes) -> bytes:
-        return _TCP.pack(8 + len(body), action & 0xFFFF, seq & 0xFFFF) + body
+        return tcp_header(8 + len(body), action, seq) + body      # any action and seq, as 16 bits
 
     def login_body(self) -> bytes:
         return body_of([("name", _raw("fz")), ("token", _raw(self.rng.choice(self.pool.tokens)))])
@@ -287,15 +275,15 @@ class Gen:
         r = rng.randrange(12)
         k = rng.choice((1, 2, 3, 4, 7, 8, 16, 100, 1000))
         if r == 0:
-            return _TCP.pack(max(8, len(packet) - k), action, seq) + body, "tcp_length_minus"
+            return tcp_header(max(8, len(packet) - k), action, seq) + body, "tcp_length_minus"
         if r == 1:
-            return _TCP.pack(len(packet) + k, action, seq) + body, "tcp_length_plus"
+            return tcp_header(len(packet) + k, action, seq) + body, "tcp_length_plus"
         if r == 2:
             length = rng.choice((self.pool.max_packet + 1, 1 << 16 | 1, 1 << 24, 0x7FFFFFFF, 0x80000000,
                                  0xFFFFFFFF, rng.randrange(self.pool.max_packet + 1, 1 << 32)))
-            return _TCP.pack(length, action, seq) + body[:rng.choice((0, 10, 1000))], "tcp_huge_length"
+            return tcp_header(length, action, seq) + body[:rng.choice((0, 10, 1000))], "tcp_huge_length"
         if r == 3:
-            return _TCP.pack(rng.randrange(8), action, seq) + body, "tcp_tiny_length"
+            return tcp_header(rng.randrange(8), action, seq) + body, "tcp_tiny_length"
         if r == 4:
             return packet[:rng.randrange(1, len(packet))], "tcp_truncated"
         if r == 5:
@@ -320,21 +308,14 @@ class Gen:
 
     def ws(self, opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, mask: bool = True,
            length: int | None = None, encoding: int | None = None) -> bytes:
-        b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+        """A client frame as asked: ``length`` declares another size than the
+        payload's, ``encoding`` 0, 1, 2 forces a 7-, 16- or 64-bit length."""
         size = len(payload) if length is None else length
-        if encoding is None:
-            encoding = 0 if size < 126 else (1 if size < 65536 else 2)
-        bit = 0x80 if mask else 0
-        if encoding == 0:
-            head = bytes((b0, bit | size))
-        elif encoding == 1:
-            head = struct.pack(">BBH", b0, bit | 126, size)
-        else:
-            head = struct.pack(">BBQ", b0, bit | 127, size)
+        head = ws_header(opcode, size, fin, rsv, mask, None if encoding is None else (0, 2, 8)[encoding])
         if not mask:
             return head + payload
         key = self.mask()
-        return head + key + masked(payload, key)
+        return head + key + apply_mask(payload, key)
 
     def deflate(self, payload: bytes) -> bytes:
         rng = self.rng
@@ -368,7 +349,7 @@ class Gen:
         r = rng.random()
         if r < 0.8:
             action, seq, body, kind = self.request()
-            frames, how = self.ws_message(WS_HEAD.pack(action & 0xFFFF, seq & 0xFFFF) + body, deflate)
+            frames, how = self.ws_message(ws_message(action & 0xFFFF, seq & 0xFFFF, body), deflate)
             return frames, f"{how}:{kind}"
         if r < 0.9:
             return [self.ws(OP_PING, rng.randbytes(rng.choice((0, 1, 4, 125))))], "ws_ping"
@@ -376,11 +357,11 @@ class Gen:
             return [self.ws(OP_PONG, rng.randbytes(rng.choice((0, 3, 125))))], "ws_pong"
         if r < 0.96:        # a mutated frame in the middle of the stream (may break it)
             action, seq, body, _ = self.request()
-            frame = self.ws(OP_BINARY, WS_HEAD.pack(action & 0xFFFF, seq & 0xFFFF) + body)
+            frame = self.ws(OP_BINARY, ws_message(action & 0xFFFF, seq & 0xFFFF, body))
             return [mutate(frame, rng, rng.randrange(1, 4))], "ws_mutated_frame"
         # a message whose payload is split with empty continuations
         action, seq, body, _ = self.request()
-        payload = WS_HEAD.pack(action & 0xFFFF, seq & 0xFFFF) + body
+        payload = ws_message(action & 0xFFFF, seq & 0xFFFF, body)
         return [self.ws(OP_BINARY, payload, fin=False), self.ws(OP_CONT, b"", fin=False),
                 self.ws(OP_CONT, b"", fin=True)], "ws_empty_continuations"
 
@@ -388,7 +369,7 @@ class Gen:
         """A frame (or a few) likely to end the connection."""
         rng = self.rng
         action, seq, body, _ = self.request()
-        payload = WS_HEAD.pack(action & 0xFFFF, seq & 0xFFFF) + body
+        payload = ws_message(action & 0xFFFF, seq & 0xFFFF, body)
         r = rng.randrange(22)
         if r == 0:
             return self.ws(OP_BINARY, payload, mask=False), "ws_unmasked"
@@ -417,7 +398,7 @@ class Gen:
             return self.ws(OP_TEXT, text), "ws_text"
         if r == 9:
             reason = rng.choice((b"", b"bye", b"\xff\xfe", b"\xc0\x80", b"\xed\xa0\x80", b"x" * 123))
-            return self.ws(OP_CLOSE, struct.pack(">H", rng.choice(CLOSE_CODES)) + reason), "ws_close_code"
+            return self.ws(OP_CLOSE, ws_close_payload(rng.choice(CLOSE_CODES), reason)), "ws_close_code"
         if r == 10:
             return self.ws(OP_CLOSE, rng.randbytes(1)), "ws_close_one_byte"
         if r == 11:

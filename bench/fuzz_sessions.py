@@ -6,10 +6,10 @@ from a shared ``Budget``.
 from __future__ import annotations
 
 import random
-import struct
 import time
 
-from fuzz_frames import Gen, HEARTBEAT, LOGIN, OP_BINARY, OP_CLOSE, VALID_OFFERS, WS_HEAD, mutate
+from fuzz_frames import Gen, HEARTBEAT, LOGIN, OP_BINARY, OP_CLOSE, VALID_OFFERS, mutate
+from zim.client import ws_close_payload, ws_message
 
 
 # -- sessions ---------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def sweep_session(gen: Gen, budget: SessionBudget, tcp: bool):
             if tcp:
                 frames.append((gen.tcp(action, seq, body), "tcp:sweep"))
             else:
-                frames.append((gen.ws(OP_BINARY, WS_HEAD.pack(action, seq) + body), "ws_message:sweep"))
+                frames.append((gen.ws(OP_BINARY, ws_message(action, seq, body)), "ws_message:sweep"))
         yield pack(frames)
         frames = []
         if rng.random() < 0.2:
@@ -165,7 +165,7 @@ def ws_stream(gen: Gen, budget: SessionBudget, deflate: bool, login: bool, lengt
     offer = rng.choice(VALID_OFFERS) if deflate else None
     frames: list[tuple[bytes, str | None]] = [(gen.handshake_bytes(offer), "ws_handshake")]
     if login and budget.take(1):
-        payload = WS_HEAD.pack(LOGIN, rng.randrange(1, 32768)) + gen.login_body()
+        payload = ws_message(LOGIN, rng.randrange(1, 32768), gen.login_body())
         frames.append((gen.ws(OP_BINARY, gen.deflate(payload) if deflate else payload, rsv=4 if deflate else 0),
                        "ws_login"))
     remaining = length
@@ -191,7 +191,7 @@ def ws_stream(gen: Gen, budget: SessionBudget, deflate: bool, login: bool, lengt
     if r < breaking and budget.take(1):
         frames.append(gen.ws_breaking(deflate))
     elif r < breaking + 0.2 and budget.take(1):
-        frames.append((gen.ws(OP_CLOSE, struct.pack(">H", 1000) + b"bye"), "ws_close"))
+        frames.append((gen.ws(OP_CLOSE, ws_close_payload(1000, b"bye")), "ws_close"))
     if frames:
         yield pack(frames)
 
@@ -220,5 +220,5 @@ def ws_handshake_session(gen: Gen, budget: SessionBudget):
     else:
         yield pack([(data, kind)])
     if rng.random() < 0.5 and budget.take(1):      # in case it was accepted: a request
-        payload = WS_HEAD.pack(HEARTBEAT, 1) + b"{}"
+        payload = ws_message(HEARTBEAT, 1, b"{}")
         yield pack([(gen.ws(OP_BINARY, payload), "ws_after_odd_handshake")])

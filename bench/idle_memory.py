@@ -33,6 +33,7 @@ import benchlib
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the source port at connect(), not bind()
 
 CONNECTING, WS_HANDSHAKE, LOGGING_IN, LOGGED_IN = range(4)
+from zim.client import close_payload
 from zim.protocol import LOGIN, PULL as PULL_MAILBOX
 
 
@@ -79,7 +80,7 @@ class IdleClients:
         packets = []
         for opcode, action, seq, body in benchlib.ws_split(buf):
             if opcode == 0x8:
-                raise ValueError(f"server sent a WebSocket close: {body[:2].hex()}")
+                raise ValueError(f"server sent a WebSocket close: {close_payload(body)}")
             if opcode == 0x2:
                 packets.append((action, seq, body))
         return packets

@@ -44,7 +44,6 @@ import select
 import shlex
 import socket
 import statistics
-import struct
 import sys
 import time
 import zlib
@@ -53,7 +52,7 @@ import orjson
 
 import benchlib
 
-from zim.client import SEQ_DEFLATED, inflate_body, login_compress
+from zim.client import OP_BINARY, SEQ_DEFLATED, inflate_body, login_compress, parse_ws_message, split_frames
 from zim.protocol import HISTORY, LOGIN, PUSH_USER_MESSAGE, SEND_CHANNEL, SEND_USER, SUBSCRIBE
 from zim.protocol import PUSH_CHANNEL_MESSAGE as PUSH_CHANNEL
 CHANNEL = "wire"
@@ -183,30 +182,13 @@ class Member:
             return [(action, seq & ~SEQ_DEFLATED, inflate_body(body)) if seq & SEQ_DEFLATED else (action, seq, body)
                     for action, seq, body in packets]
         packets = []
-        offset = 0
-        while len(self.buffer) - offset >= 2:
-            first, second = self.buffer[offset], self.buffer[offset + 1]
-            length, head = second & 0x7F, 2
-            if length == 126:
-                if len(self.buffer) - offset < 4:
-                    break
-                length, head = struct.unpack_from(">H", self.buffer, offset + 2)[0], 4
-            elif length == 127:
-                if len(self.buffer) - offset < 10:
-                    break
-                length, head = struct.unpack_from(">Q", self.buffer, offset + 2)[0], 10
-            if len(self.buffer) - offset < head + length:
-                break
-            payload = bytes(self.buffer[offset + head:offset + head + length])
-            offset += head + length
-            if first & 0x0F != 2:
-                raise RuntimeError(f"unexpected WebSocket opcode {first & 0x0F}")
-            if first & 0x40:            # RSV1: compressed, on its own (no context takeover)
+        for fin, rsv, opcode, payload in split_frames(self.buffer):
+            if opcode != OP_BINARY or not fin:
+                raise RuntimeError(f"unexpected WebSocket frame: opcode {opcode}, fin {fin}")
+            if rsv & 4:                 # RSV1: compressed, on its own (no context takeover)
                 self.compressed += 1
                 payload = zlib.decompressobj(-15).decompress(payload + TAIL)
-            action, seq = struct.unpack_from(">HH", payload)
-            packets.append((action, seq, payload[4:]))
-        del self.buffer[:offset]
+            packets.append(parse_ws_message(payload))
         return packets
 
     def receive(self) -> bool:
@@ -362,8 +344,8 @@ def measure_mailbox(server: benchlib.Server, count: int, seed: int, timeout: flo
 class Flock:
     """``count`` TCP members of one channel, on sockets of this process, logged in
     (``compress``: asking for compression) and subscribed with pipelined requests.
-    ``read_pushes`` counts the packets each reads by walking their heads: no
-    decoding, so the client stays cheap next to the server it measures."""
+    ``read_pushes`` counts the packets each reads, split but not decoded (no
+    JSON), so the client stays cheap next to the server it measures."""
 
     def __init__(self, port: int, channel: str, count: int, compress: bool, deadline: float) -> None:
         self.socks: list[socket.socket] = []
@@ -386,7 +368,6 @@ class Flock:
         by_fd = {sock.fileno(): sock for sock in self.socks}
         left = {fd: messages for fd in by_fd}
         rest = {fd: bytearray() for fd in by_fd}
-        unpack = struct.Struct(">I").unpack_from
         for fd in by_fd:
             poller.register(fd, select.EPOLLIN)
         try:
@@ -399,11 +380,7 @@ class Flock:
                         buffer += by_fd[fd].recv(1 << 18)
                     except BlockingIOError:
                         continue
-                    offset, size = 0, len(buffer)
-                    while size - offset >= 4 and size - offset >= unpack(buffer, offset)[0]:
-                        offset += unpack(buffer, offset)[0]
-                        left[fd] -= 1
-                    del buffer[:offset]
+                    left[fd] -= len(benchlib.tcp_split(buffer))
                     if left[fd] <= 0:
                         del left[fd]
                         poller.unregister(fd)

@@ -5,14 +5,13 @@ stream split anywhere must give the same events as the stream fed at once.
 """
 from __future__ import annotations
 
-import struct
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zim._codec import TcpDecoder, WsDecoder, encode_tcp, encode_ws, encode_ws_control, handshake_response
 from tests.support.client import apply_mask, parse_server_frame, ws_frame
+from zim.client import OP_BINARY, tcp_header, tcp_packet, ws_close_payload, ws_header, ws_message
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -38,8 +37,8 @@ def cut_points(data_len_max: int = 10_000):
 
 def test_encode_tcp_layout():
     body = b'{"a":1}'
-    assert encode_tcp(1, 2, body) == struct.pack(">IHH", 8 + len(body), 1, 2) + body
-    assert encode_tcp(101, 0, b"") == struct.pack(">IHH", 8, 101, 0)
+    assert encode_tcp(1, 2, body) == tcp_packet(1, 2, body)
+    assert encode_tcp(101, 0, b"") == b"\x00\x00\x00\x08\x00\x65\x00\x00"
     assert encode_tcp(0xFFFF, 0xFFFF, b"x") == b"\x00\x00\x00\x09\xff\xff\xff\xffx"
 
 
@@ -71,7 +70,7 @@ def test_tcp_too_large_after_good_packets(before, action, seq, excess, cuts, tai
     max_packet = 1000
     stream = b"".join(encode_tcp(a, s, b) for a, s, b in before)
     # only the header of the oversized packet: the decoder must not wait for its body
-    stream += struct.pack(">IHH", max_packet + excess, action, seq)
+    stream += tcp_header(max_packet + excess, action, seq)
     decoder = TcpDecoder(max_packet)
     events = feed_chunks(decoder, stream + tail, cuts)
     assert events == [("packet", a, s, b) for a, s, b in before] + [("too_large", action, seq)]
@@ -92,8 +91,9 @@ def test_tcp_max_packet_boundary():
 def test_tcp_length_below_8_is_broken(length):
     good = encode_tcp(9, 1, b"{}")
     decoder = TcpDecoder(65536)
-    assert decoder.feed(good + struct.pack(">I", length)[:3]) == [("packet", 9, 1, b"{}")]
-    assert decoder.feed(struct.pack(">I", length)[3:]) == [("broken",)]
+    length_field = tcp_header(length, 9, 2)[:4]      # broken once its 4 bytes came
+    assert decoder.feed(good + length_field[:3]) == [("packet", 9, 1, b"{}")]
+    assert decoder.feed(length_field[3:]) == [("broken",)]
     assert decoder.feed(good) == []
 
 
@@ -101,7 +101,7 @@ def test_tcp_length_below_8_is_broken(length):
 @given(prefix=st.lists(st.tuples(u16, u16, bodies), max_size=4), length=st.integers(0, 7),
        junk=st.binary(max_size=50), cuts=cut_points(2000))
 def test_tcp_broken_after_good_packets(prefix, length, junk, cuts):
-    stream = b"".join(encode_tcp(a, s, b) for a, s, b in prefix) + struct.pack(">I", length) + junk
+    stream = b"".join(encode_tcp(a, s, b) for a, s, b in prefix) + tcp_header(length, 0, 0)[:4] + junk
     decoder = TcpDecoder(65536)
     events = feed_chunks(decoder, stream, cuts)
     assert events == [("packet", a, s, b) for a, s, b in prefix] + [("broken",)]
@@ -160,7 +160,7 @@ def test_ws_split_anywhere_with_fragments_and_controls(messages, keys, cuts, clo
     stream = b""
     expected: list[tuple] = []
     for action, seq, body, splits, controls in messages:
-        payload = struct.pack(">HH", action, seq) + body
+        payload = ws_message(action, seq, body)
         frames = client_message_frames(payload, splits, keys)
         for i, frame in enumerate(frames):
             stream += frame
@@ -180,7 +180,7 @@ def test_ws_split_anywhere_with_fragments_and_controls(messages, keys, cuts, clo
         code, reason = close[0], close[1].encode()[:123]
         if reason.decode(errors="ignore").encode() != reason:
             reason = b""                    # cut inside a character: keep the close valid
-        stream += ws_frame(8, struct.pack(">H", code) + reason, key=keys[-1])
+        stream += ws_frame(8, ws_close_payload(code, reason), key=keys[-1])
         expected.append(("close", code, reason))
     assert WsDecoder(1 << 20).feed(stream) == expected
     decoder = WsDecoder(1 << 20)
@@ -195,13 +195,13 @@ def test_ws_encode_round_trip(action, seq, body, key):
     frame = encode_ws(action, seq, body)
     consumed, fin, rsv, opcode, payload = parse_server_frame(frame)
     assert (consumed, fin, rsv, opcode) == (len(frame), True, 0, 2)
-    assert payload == struct.pack(">HH", action, seq) + body
+    assert payload == ws_message(action, seq, body)
     assert WsDecoder(1 << 20).feed(masked(frame, key)) == [("packet", action, seq, body)]
 
 
 @pytest.mark.parametrize("payload_len,header", [
     (4, b"\x82\x04"), (125, b"\x82\x7d"), (126, b"\x82\x7e\x00\x7e"), (65535, b"\x82\x7e\xff\xff"),
-    (65536, b"\x82\x7f" + (65536).to_bytes(8, "big")), (70000, b"\x82\x7f" + (70000).to_bytes(8, "big")),
+    (65536, b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00"), (70000, b"\x82\x7f\x00\x00\x00\x00\x00\x01\x11\x70"),
 ])
 def test_ws_encode_length_forms(payload_len, header):
     body = bytes(range(256)) * (payload_len // 256 + 1)
@@ -216,7 +216,8 @@ def test_ws_encode_length_forms(payload_len, header):
 @pytest.mark.parametrize("sizes", [[126, 65536], [65536, 3], [0, 70000, 0], [125, 126, 127], [2, 2, 200]])
 def test_ws_fragments_of_every_length_form(sizes):
     total = sum(sizes)
-    payload = b"\x00\x07\x00\x08" + bytes(i % 251 for i in range(total - 4)) if total >= 4 else b""
+    body = bytes(i % 251 for i in range(total - 4))
+    payload = ws_message(7, 8, body) if total >= 4 else b""
     splits, acc = [], 0
     for size in sizes[:-1]:
         acc += size
@@ -224,13 +225,13 @@ def test_ws_fragments_of_every_length_form(sizes):
     frames = client_message_frames(payload, splits, [b"\x01\x02\x03\x04"])
     assert len(frames) == len(sizes)
     events = feed_chunks(WsDecoder(1 << 20), b"".join(frames), [1, 5, 130, 70000])
-    assert events == [("packet", 7, 8, payload[4:])]
+    assert events == [("packet", 7, 8, body)]
 
 
 def test_ws_encode_control():
     assert encode_ws_control(9, b"abc") == b"\x89\x03abc"
     assert encode_ws_control(10, b"") == b"\x8a\x00"
-    assert encode_ws_control(8, struct.pack(">H", 1009)) == b"\x88\x02\x03\xf1"
+    assert encode_ws_control(8, ws_close_payload(1009)) == b"\x88\x02\x03\xf1"
 
 
 def test_ws_control_frames_decoded():
@@ -241,8 +242,8 @@ def test_ws_control_frames_decoded():
 
 @pytest.mark.parametrize("payload,expected", [
     (b"", ("close", None, b"")),
-    (struct.pack(">H", 1000), ("close", 1000, b"")),
-    (struct.pack(">H", 1001) + b"going away", ("close", 1001, b"going away")),
+    (ws_close_payload(1000), ("close", 1000, b"")),
+    (ws_close_payload(1001, b"going away"), ("close", 1001, b"going away")),
 ])
 def test_ws_close_frame(payload, expected):
     decoder = WsDecoder(65536)
@@ -253,13 +254,13 @@ def test_ws_close_frame(payload, expected):
 @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535])
 def test_ws_close_with_invalid_code_is_1002(code):
     decoder = WsDecoder(65536)
-    assert decoder.feed(ws_frame(8, struct.pack(">H", code))) == [("error", 1002)]
+    assert decoder.feed(ws_frame(8, ws_close_payload(code))) == [("error", 1002)]
 
 
 @PROPERTY
 @given(reason=st.binary(max_size=123))
 def test_ws_close_reason_must_be_utf8(reason):
-    events = WsDecoder(65536).feed(ws_frame(8, struct.pack(">H", 1000) + reason))
+    events = WsDecoder(65536).feed(ws_frame(8, ws_close_payload(1000, reason)))
     try:
         reason.decode("utf-8")          # strict: no overlongs, surrogates or > U+10FFFF
     except UnicodeDecodeError:
@@ -327,7 +328,7 @@ def test_ws_too_large_boundary():
 
 
 def test_ws_too_large_huge_declared_length():
-    frame_head = b"\x82\xff" + (1 << 40).to_bytes(8, "big") + b"\x00\x00\x00\x00"
+    frame_head = ws_header(OP_BINARY, 1 << 40) + b"\x00\x00\x00\x00"     # a zero key: no masking
     assert WsDecoder(65536).feed(frame_head + b"\x00\x02\x00\x03") == [("too_large", 2, 3)]
 
 

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests.support.servers import free_port
+from zim.client import tcp_packet
 from zim._core import (
     PEER_MARK, Reactor, _debug_ipv6_key, _debug_siphash, _DebugAddressTable, address_table_bytes,
     clear_address_region, init_address_table,
@@ -207,7 +208,7 @@ def peer_of(listen_host: str, connect_host: str, source: str, buffer=None) -> in
     with socket.socket(family) as client:
         client.bind((source, 0))
         client.connect((connect_host, port))
-        client.sendall(struct.pack(">IHH", 8, 9, 1))
+        client.sendall(tcp_packet(9, 1))
         thread.join(5)
     assert not thread.is_alive()
     reactor.close_all()

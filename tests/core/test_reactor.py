@@ -10,6 +10,7 @@ import time
 import pytest
 
 from zim._core import Reactor
+from zim.client import split_tcp
 
 
 def test_watch_runs_the_callback_on_wakeups_from_another_thread():
@@ -78,14 +79,11 @@ def test_link_commands_are_packed_at_the_heads_zim_core_exports():
     reactor.timer(reactor.stop).set(0)          # one pass: its flush writes the commands
     reactor.run()
     theirs.settimeout(5)
-    data = b""
+    data = bytearray()
     while len(data) < 3 * 8 + _core.REPLY_HEAD + _core.PUSH_USER_HEAD + _core.BROADCAST_HEAD + 13:
         data += theirs.recv(65536)
-    packets = []
-    while data:
-        length, action, seq = struct.unpack_from(">IHH", data)
-        packets.append((action, seq, data[8:length]))
-        data = data[length:]
+    packets = split_tcp(data)
+    assert not data, f"a partial packet: {bytes(data[:40])!r}"
     heads = [(_core.CMD_REPLY, ">QHHB", _core.REPLY_HEAD, (5, 7, 9, 1), b"reply"),
              (_core.CMD_PUSH_USER, ">QQH", _core.PUSH_USER_HEAD, (11, 12, 13), b"push"),
              (_core.CMD_BROADCAST, ">IQH", _core.BROADCAST_HEAD, (14, 15, 16), b"cast")]

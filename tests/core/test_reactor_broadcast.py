@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from zim._core import Reactor
 from tests.support.client import Closed, TcpClient, WsClient
+from zim.client import tcp_packet
 
 HOST = "127.0.0.1"
 HELLO, SCRIPT, REPLY = 1, 2, 200
@@ -87,7 +88,7 @@ class Harness:
     def run_scripts(self, scripts: list[list]) -> None:
         """Send every script in one write: the reactor reads them in one pass."""
         self.clients[CONTROLLER].send_raw(b"".join(
-            _tcp_packet(SCRIPT, 3, orjson.dumps(script)) for script in scripts))
+            tcp_packet(SCRIPT, 3, orjson.dumps(script)) for script in scripts))
 
     def stop(self) -> None:
         self.reactor.stop()
@@ -96,8 +97,6 @@ class Harness:
             client.close()
 
 
-def _tcp_packet(action: int, seq: int, body: bytes) -> bytes:
-    return (len(body) + 8).to_bytes(4, "big") + action.to_bytes(2, "big") + seq.to_bytes(2, "big") + body
 
 
 def expected_streams(scripts: list[list]) -> dict[int, list[tuple[int, int, bytes]]]:

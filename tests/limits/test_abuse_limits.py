@@ -167,28 +167,20 @@ def _p99(times: list[float]) -> float:
 # the longest list allowed in flight until its time is up; prints the acks answered
 # (at the default --ack-rate of 2000 ids a second: two a second after a burst of two).
 ACK_ATTACKER = r"""
-import select, socket, struct, sys, time
+import select, socket, sys, time
 import orjson
+from zim.client import split_tcp, tcp_packet
 port, seconds, count = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 sock = socket.create_connection(("127.0.0.1", port), source_address=("127.0.4.3", 0))
 buf = bytearray()
 def send(action, seq, body):
-    payload = orjson.dumps(body)
-    sock.sendall(struct.pack(">IHH", len(payload) + 8, action, seq) + payload)
+    sock.sendall(tcp_packet(action, seq, orjson.dumps(body)))
 def answers():
-    global buf
     data = sock.recv(1 << 20)
     if not data:
         raise SystemExit("closed by the server")
-    buf += data
-    got = []
-    while len(buf) >= 8:
-        length, action, seq = struct.unpack_from(">IHH", buf)
-        if len(buf) < length:
-            break
-        got.append((seq, orjson.loads(bytes(buf[8:length]) or b"{}")))
-        del buf[:length]
-    return got
+    buf.extend(data)
+    return [(seq, orjson.loads(body or b"{}")) for _, seq, body in split_tcp(buf)]
 send(1, 1, {"name": "abuser"})
 while not [seq for seq, _ in answers() if seq == 1]:
     pass

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.support.client import RawWs, TcpClient, error_code, tcp_packet, unique, ws_frame, ws_message
+from zim.client import split_tcp, tcp_header
 
 HEALTHY_LATENCY = 1.0     # seconds a healthy client may wait for an answer meanwhile
 
@@ -42,6 +43,14 @@ def assert_healthy(srv, client: TcpClient) -> None:
     fresh = srv.tcp_client()
     fresh.ok(9, timeout=HEALTHY_LATENCY + 2)
     fresh.close()
+
+
+def whole_packets(data: bytes) -> list[tuple[int, int, bytes]]:
+    """The packets in ``data``, which must hold nothing else."""
+    buffer = bytearray(data)
+    packets = split_tcp(buffer)
+    assert not buffer, f"a partial packet after the whole ones: {bytes(buffer[:40])!r}"
+    return packets
 
 
 def read_until_eof(sock: socket.socket, timeout: float = 7.0) -> bytes:
@@ -104,25 +113,15 @@ def test_random_bytes_on_websocket(junk_server, healthy, seed):
 def test_tcp_length_below_8(junk_server, healthy, length):
     sock = junk_server.raw_tcp()
     sock.sendall(tcp_packet(9, 1, {}) + tcp_packet(1, 2, {"name": unique("j")})
-                 + struct.pack(">IHH", length, 9, 3) + tcp_packet(9, 4, {}))
-    data = read_until_eof(sock)
-    seqs = []
-    while data:
-        size, action, seq = struct.unpack_from(">IHH", data)
-        seqs.append((action, seq))
-        data = data[size:]
+                 + tcp_header(length, 9, 3) + tcp_packet(9, 4, {}))
+    seqs = [(action, seq) for action, seq, _ in whole_packets(read_until_eof(sock))]
     assert seqs == [(9, 1), (1, 2)], "earlier requests answered; nothing for the broken packet or after"
 
 
 def test_tcp_huge_length(junk_server, healthy):
     sock = junk_server.raw_tcp()
-    sock.sendall(tcp_packet(9, 1, {}) + struct.pack(">IHH", 0xFFFFFFFF, 9, 2) + b"x" * 1000)
-    data = read_until_eof(sock)
-    packets = []
-    while data:
-        size, action, seq = struct.unpack_from(">IHH", data)
-        packets.append((action, seq, data[8:size]))
-        data = data[size:]
+    sock.sendall(tcp_packet(9, 1, {}) + tcp_header(0xFFFFFFFF, 9, 2) + b"x" * 1000)
+    packets = whole_packets(read_until_eof(sock))
     assert [(a, s) for a, s, _ in packets] == [(9, 1), (9, 2)]
     assert b"too_large" in packets[1][2]
 
@@ -133,8 +132,8 @@ def test_http_request_on_tcp_port(junk_server, healthy):
     data = read_until_eof(sock)
     # "GET " read as a length is far over the limit: too_large with the bytes after it as action/seq
     if data:
-        size, action, seq = struct.unpack_from(">IHH", data)
-        assert (action, seq) == (0x2F20, 0x4854) and b"too_large" in data[8:size]
+        [(action, seq, body)] = whole_packets(data)
+        assert (action, seq) == (0x2F20, 0x4854) and b"too_large" in body
 
 
 def test_websocket_upgrade_on_tcp_port(junk_server, healthy):
@@ -161,8 +160,7 @@ def test_half_open_peers(junk_server, healthy):
         socks.append(sock)
     assert_healthy(junk_server, healthy)
     for i, sock in enumerate(socks):
-        data = read_until_eof(sock)
-        size, action, seq = struct.unpack_from(">IHH", data)
+        action, seq, _ = whole_packets(read_until_eof(sock))[0]
         assert (action, seq) == (9, i + 1)
     # the same on WebSocket
     ws = junk_server.raw_ws().handshake()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import threading
 import time
 
@@ -19,6 +18,7 @@ from tests.support.servers import durable_store_on_a_test_link
 
 from tests.support import client as test_client
 from tests.support.client import ZimClient, error_code, unique
+from zim.client import take_tcp_packet, tcp_header, tcp_packet
 
 DM_SIZE = 65_000            # a DM filling a default 64 KiB packet (with its JSON around it)
 DM_COUNT = 100
@@ -288,7 +288,7 @@ def test_a_link_carries_packets_far_over_the_old_4mib_cap():
     assert reactor.reply(link, 9, 4, body)      # queued now, written by the loop
 
     def peer() -> None:
-        theirs.sendall(struct.pack(">IHH", 8 + len(body), 7, 3) + body)
+        theirs.sendall(tcp_packet(7, 3, body))
         echoed.append(_read_exactly(theirs, 8 + len(body)))
 
     def stop_when_done() -> None:
@@ -304,7 +304,7 @@ def test_a_link_carries_packets_far_over_the_old_4mib_cap():
     stopper.join(15)
     assert not closed, "the link was closed"
     assert [(a, s, len(b)) for a, s, b in got] == [(7, 3, len(body))] and got[0][2] == body
-    assert echoed == [struct.pack(">IHH", 8 + len(body), 9, 4) + body]
+    assert echoed == [tcp_packet(9, 4, body)]
     assert reactor.link_max_packet >= 64 * MiB
     reactor.close_all()
     theirs.close()
@@ -322,8 +322,8 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("frame", [
-    struct.pack(">IHH", 0x7FFF0000, 1, 2) + b"x" * 64,     # over any link cap: too large
-    struct.pack(">IHH", 4, 1, 2),                           # a length below the header: broken
+    tcp_header(0x7FFF0000, 1, 2) + b"x" * 64,       # over any link cap: too large
+    tcp_header(4, 1, 2),                            # a length below the header: broken
 ], ids=["too-large", "broken"])
 def test_a_bad_frame_on_a_link_closes_it_without_writing_into_it(frame):
     """A link never gets a client's ``too_large`` answer (or anything else) for a
@@ -340,7 +340,7 @@ def test_a_bad_frame_on_a_link_closes_it_without_writing_into_it(frame):
                       on_link_closed=on_closed)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     link = reactor.adopt_link(ours.detach())
-    good = struct.pack(">IHH", 8 + 5, 1, 1) + b"hello"
+    good = tcp_packet(1, 1, b"hello")
     theirs.sendall(good + frame)
     started = time.monotonic()
     _run_reactor(reactor, timeout=3.0)
@@ -432,7 +432,7 @@ def test_writer_refuses_an_answer_over_the_link_limit_alone(tmp_path):
                 (OP_USER_MESSAGE, orjson.dumps([1, 2, _message("later", 10**15 + 9)])),
                 (OP_MAILBOX, orjson.dumps([2, 1]))]
         answers = writer.apply(ops)
-        statuses = [struct.unpack(">H", answer[6:8])[0] for answer in answers]
+        statuses = [take_tcp_packet(bytearray(answer))[1] for answer in answers]     # the seq field
         assert statuses == [OK] * 7 + [REFUSED, OK, OK]
         assert all(len(answer) <= 100_000 for answer in answers)
         assert not writer.failed

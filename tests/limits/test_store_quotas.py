@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import struct
 
 import orjson
 import pytest
@@ -30,6 +29,7 @@ import pytest
 from tests.limits.quota_helpers import BIG, message, stored_size
 from tests.support.servers import durable_store_on_a_test_link
 from tests.protocol.test_tokens_lifetime import OLD_SCHEMA
+from zim.client import take_tcp_packet
 
 from zim.storage.store import (
     DEFAULT_MAX_CHANNELS_PER_USER, DEFAULT_MAX_MAILBOX, DEFAULT_MAX_MAILBOX_BYTES, NO_QUOTAS, MemoryStore,
@@ -238,11 +238,12 @@ def test_writer_answers_limit_for_the_refused_operation_alone(tmp_path):
         ops += [(OP_USER_MESSAGE, orjson.dumps([3, 1, message(10 + i, sender=3)])) for i in range(2)]
         ops += [(OP_HISTORY, orjson.dumps(["user", [1, 2], None, 100]))]
         answers = writer.apply(ops)
-        statuses = [struct.unpack(">H", answer[6:8])[0] for answer in answers]
+        packets = [take_tcp_packet(bytearray(answer)) for answer in answers]
+        statuses = [seq for _, seq, _ in packets]
         assert statuses == [OK] * 5 + [LIMIT, OK, OK, OK]
-        assert orjson.loads(answers[5][8:])["code"] == "mailbox_full"
-        assert [orjson.loads(answer[8:]) for answer in answers[6:8]] == [1, 2]
-        assert [m["seq"] for m in orjson.loads(answers[8][8:])[0]] == [1, 2]
+        assert orjson.loads(packets[5][2])["code"] == "mailbox_full"
+        assert [orjson.loads(body) for _, _, body in packets[6:8]] == [1, 2]
+        assert [m["seq"] for m in orjson.loads(packets[8][2])[0]] == [1, 2]
         assert not writer.failed
     finally:
         store.close()

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from tests.support.client import unique
 from zim import _codec as server_codec
 from zim.client import (OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, ProtocolError, TcpDecoder,
-                        WsDecoder, ZimError, apply_mask, check_ws_upgrade, connect, decode_body, encode_body,
-                        new_ws_key, parse_frame, split_frames, split_tcp, split_ws, take_tcp_packet, tcp_packet,
-                        ws_accept, ws_close, ws_frame, ws_message, ws_packet, ws_upgrade_accepted,
-                        ws_upgrade_request)
+                        WsDecoder, ZimError, apply_mask, check_ws_upgrade, close_payload, connect, decode_body,
+                        encode_body, new_ws_key, parse_frame, parse_ws_message, split_frames, split_tcp, split_ws,
+                        take_tcp_packet, tcp_header, tcp_packet, ws_accept, ws_close, ws_close_payload, ws_frame,
+                        ws_header, ws_message, ws_packet, ws_upgrade_accepted, ws_upgrade_request)
 
 actions = st.integers(0, 0xFFFF)
 seqs = st.integers(0, 0xFFFF)
@@ -77,6 +77,22 @@ def test_tcp_packet_layout():
     assert tcp_packet(9, 2) == b"\x00\x00\x00\x08\x00\x09\x00\x02"
 
 
+def test_tcp_header_takes_any_fields_unchecked():
+    """What a correct client never sends, for tests and tools: lengths that lie."""
+    assert tcp_header(3, 9, 2) == b"\x00\x00\x00\x03\x00\x09\x00\x02"
+    assert tcp_header(0xFFFFFFFF, -1, 0x10001) == b"\xff\xff\xff\xff\xff\xff\x00\x01"   # 16 bits each
+    assert tcp_header(8 + 2, 9, 1) + b"{}" == tcp_packet(9, 1, b"{}")
+    with pytest.raises(struct.error):
+        tcp_header(1 << 32, 9, 1)
+
+
+def test_parse_ws_message_inverts_ws_message():
+    assert parse_ws_message(b"\x00\x09\xff\xfe{}") == (9, 0xFFFE, b"{}")
+    assert parse_ws_message(bytearray(ws_message(1, 2, {"a": 1}))) == (1, 2, b'{"a":1}')
+    with pytest.raises(ProtocolError):
+        parse_ws_message(b"\x00\x09\x00")
+
+
 def test_a_partial_tcp_packet_waits():
     buffer = bytearray(tcp_packet(9, 1, b"{}") + tcp_packet(9, 2, b"{}")[:9])
     assert split_tcp(buffer) == [(9, 1, b"{}")]
@@ -85,7 +101,7 @@ def test_a_partial_tcp_packet_waits():
 
 @pytest.mark.parametrize("length", [0, 7, 101])
 def test_a_bad_tcp_length_is_an_error(length):
-    stream = bytearray(tcp_packet(9, 1, b"{}") + length.to_bytes(4, "big") + b"\x00\x09\x00\x02" + b"x" * 200)
+    stream = bytearray(tcp_packet(9, 1, b"{}") + tcp_header(length, 9, 2) + b"x" * 200)
     with pytest.raises(ProtocolError, match=f"length {length} "):
         split_tcp(stream, max_packet=100)
     assert stream.startswith(tcp_packet(9, 1, b"{}"))      # left as it was
@@ -201,6 +217,22 @@ def test_a_bad_server_frame_is_an_error(frame):
 def test_a_bad_server_message_is_an_error(stream):
     with pytest.raises(ProtocolError):
         WsDecoder(max_packet=100).feed(stream)
+
+
+def test_ws_header_declares_any_length_unchecked():
+    assert ws_header(OP_BINARY, 5) == b"\x82\x85"
+    assert ws_header(OP_CLOSE, 2, mask=False) == b"\x88\x02"
+    assert ws_header(OP_BINARY, 1 << 33) == b"\x82\xff\x00\x00\x00\x02\x00\x00\x00\x00"
+    assert ws_header(OP_BINARY, 1 << 63, length_bytes=8) == b"\x82\xff\x80" + b"\x00" * 7   # the top bit set
+    assert ws_header(OP_BINARY, 4, length_bytes=2, fin=False, rsv=4) == b"\x42\xfe\x00\x04"  # non-minimal
+    key = b"\x01\x02\x03\x04"
+    assert ws_header(OP_BINARY, 4) + key + apply_mask(b"ping", key) == ws_frame(OP_BINARY, b"ping", key=key)
+
+
+def test_ws_close_payload_takes_any_code_and_reason():
+    assert ws_close_payload(1000, b"bye") == b"\x03\xe8bye"
+    assert ws_close_payload(5000, b"\xff\xfe") == b"\x13\x88\xff\xfe"     # invalid code, not UTF-8
+    assert close_payload(ws_close_payload(1001)) == (1001, "")
 
 
 def test_ws_close_frame():

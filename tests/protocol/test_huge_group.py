@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import time
 from collections import Counter
 
@@ -23,12 +22,12 @@ import pytest
 from tests.support.servers import ServerProcess
 from tests.server.test_workers import port_owners, worker_processes
 from tests.support.client import TcpClient, WsClient, ZimClient, tcp_packet, unique
+from zim.client import split_tcp
 
 WORKERS = 4
 MEMBERS = 2000
 LOGIN, SUBSCRIBE, SEND_CHANNEL, UNSUBSCRIBE = 1, 3, 4, 6
 PUSH_CHANNEL = 102
-HEADER = struct.Struct(">IhH")
 TIMEOUT = 15.0
 
 
@@ -88,15 +87,7 @@ class Crowd:
             assert data, f"the server closed member fd {fd}"
             buf = self.inbuf[fd]
             buf += data
-            offset = 0
-            while len(buf) - offset >= HEADER.size:
-                length, action, seq = HEADER.unpack_from(buf, offset)
-                if len(buf) - offset < length:
-                    break
-                body = orjson.loads(bytes(buf[offset + HEADER.size:offset + length]) or b"{}")
-                self.packets[fd].append((action, seq, body))
-                offset += length
-            del buf[:offset]
+            self.packets[fd] += [(action, seq, orjson.loads(body or b"{}")) for action, seq, body in split_tcp(buf)]
 
     def wait_until(self, done, what: str, timeout: float = TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import threading
 import time
 
 import pytest
 
 from tests.support.client import Closed, error_code, tcp_packet, unique
+from zim.client import split_tcp, tcp_header
 
 MAX_PACKET = 65536      # the server's default
 
@@ -30,14 +30,9 @@ def read_packets_until_eof(sock: socket.socket, timeout: float = 5.0) -> list[tu
         if not chunk:
             break
         buf += chunk
-    packets = []
-    while buf:
-        assert len(buf) >= 8, f"trailing bytes {buf!r}"
-        length, action, seq = struct.unpack_from(">IHH", buf)
-        assert 8 <= length <= len(buf), f"truncated packet {buf[:40]!r}"
-        body = buf[8:length]
-        packets.append((action, seq, json.loads(body) if body else {}))
-        buf = buf[length:]
+    buffer = bytearray(buf)
+    packets = [(action, seq, json.loads(body) if body else {}) for action, seq, body in split_tcp(buffer)]
+    assert not buffer, f"truncated packet {bytes(buffer[:40])!r}"
     return packets
 
 
@@ -64,7 +59,7 @@ def test_too_large_answered_then_closed(server):
 def test_too_large_from_header_alone(server):
     """A length far over the limit is refused at once: the server never waits for the body."""
     sock = server.raw_tcp()
-    sock.sendall(struct.pack(">IHH", 100 * 1024 * 1024, 2, 4321))
+    sock.sendall(tcp_header(100 * 1024 * 1024, 2, 4321))
     packets = read_packets_until_eof(sock)
     assert [(a, s, error_code(b)) for a, s, b in packets] == [(2, 4321, "too_large")]
 
@@ -73,7 +68,7 @@ def test_too_large_response_not_lost_to_a_reset(server):
     """The client keeps sending the oversized body; the server must drain, not reset."""
     sock = server.raw_tcp(timeout=10)
     total = 3 * 1024 * 1024
-    sock.sendall(struct.pack(">IHH", total, 3, 99))
+    sock.sendall(tcp_header(total, 3, 99))
     sent = {"bytes": 0, "error": None}
 
     def stream_body() -> None:
@@ -127,23 +122,19 @@ def test_response_wire_format(server):
     """Raw bytes: length counts the whole packet, action and seq echoed, body UTF-8 JSON."""
     sock = server.raw_tcp()
     sock.sendall(tcp_packet(0xFFFF, 0xFFFE, b"") + tcp_packet(9, 0x1234, b""))
-    buf = b""
+    buffer = bytearray()
+    packets = []
     sock.settimeout(5)
-    while len(buf) < 16:
+    while len(packets) < 2:
         chunk = sock.recv(65536)
         assert chunk, "EOF"
-        buf += chunk
-    length, action, seq = struct.unpack_from(">IHH", buf)
+        buffer += chunk
+        packets += split_tcp(buffer)
+    (action, seq, body), (action2, seq2, body2) = packets
     assert (action, seq) == (0xFFFF, 0xFFFE)
-    while len(buf) < length + 8:
-        buf += sock.recv(65536)
-    assert json.loads(buf[8:length].decode("utf-8"))["error"]["code"] == "unknown_action"
-    rest = buf[length:]
-    length2, action2, seq2 = struct.unpack_from(">IHH", rest)
-    while len(rest) < length2:
-        rest += sock.recv(65536)
+    assert json.loads(body.decode("utf-8"))["error"]["code"] == "unknown_action"
     assert (action2, seq2) == (9, 0x1234)
-    assert isinstance(json.loads(rest[8:length2])["time"], int)
+    assert isinstance(json.loads(body2)["time"], int)
 
 
 def test_eof_after_request_still_answered(server):

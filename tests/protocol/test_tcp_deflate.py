@@ -9,7 +9,6 @@ properties at the end.
 from __future__ import annotations
 
 import socket
-import struct
 import zlib
 
 import pytest
@@ -322,13 +321,13 @@ def test_short_bodies_go_plain_at_the_default_floor():
 def test_the_splitter_inflates_and_refuses_what_does_not():
     body = b'{"content":"' + prose(500).encode() + b'"}'
     packed = deflate_tcp_body(body)
-    stream = bytearray(struct.pack(">IHH", 8 + len(packed), 102, SEQ_DEFLATED | 7) + packed
+    stream = bytearray(tcp_packet(102, SEQ_DEFLATED | 7, packed)
                        + tcp_packet(9, 3, b"{}"))
     assert split_tcp(bytearray(stream), inflate=True) == [(102, 7, body), (9, 3, b"{}")]
     assert split_tcp(bytearray(stream))[0] == (102, SEQ_DEFLATED | 7, packed)     # not asked: as it came
     for bad in (b"\xff" * 20, packed[:-3], packed + b"x", zlib.compress(body)):
         with pytest.raises(ProtocolError):
-            split_tcp(bytearray(struct.pack(">IHH", 8 + len(bad), 102, SEQ_DEFLATED) + bad), inflate=True)
+            split_tcp(bytearray(tcp_packet(102, SEQ_DEFLATED, bad)), inflate=True)
     bomb = zlib.compressobj(9, zlib.DEFLATED, -15)
     bomb = bomb.compress(b"\0" * (1 << 22)) + bomb.flush()
     with pytest.raises(ProtocolError, match="past"):

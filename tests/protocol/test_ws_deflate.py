@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import struct
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 import tests.core.test_reactor_broadcast as broadcast_harness
 from zim._codec import WsDecoder, deflate_message, encode_ws_deflated, negotiate_deflate
+from zim.client import parse_ws_message
 from tests.support.client import RawWs, WsClient, decode_body, error_code, parse_server_frame, unique, ws_frame, ws_message
 
 AGREED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
@@ -70,8 +70,8 @@ def read_message(ws: RawWs) -> tuple[int, int, int, dict]:
     assert rsv in (0, RSV1), rsv
     if rsv:
         payload = inflate(payload)
-    action, seq = struct.unpack_from(">HH", payload)
-    return rsv, action, seq, decode_body(payload[4:])
+    action, seq, body = parse_ws_message(payload)
+    return rsv, action, seq, decode_body(body)
 
 
 def send_compressed(ws: RawWs, action: int, seq: int, body: dict | bytes) -> None:
@@ -443,7 +443,7 @@ def test_negotiate_never_fails_and_answers_only_what_it_may(junk):
                       st.integers(0, 5000).map(lambda n: prose(n, n).encode())))
 def test_deflate_message_round_trip(action, seq, body):
     payload = deflate_message(action, seq, body)
-    message = struct.pack(">HH", action, seq) + body
+    message = ws_message(action, seq, body)
     if payload is None:         # short, or not made smaller: goes out as it is
         assert len(message) < 64 or len(compress(message)) >= len(message) - 16
         return

@@ -11,6 +11,7 @@ import zlib
 import pytest
 
 from tests.support.client import RawWs, error_code, unique, ws_accept, ws_frame, ws_message
+from zim.client import OP_BINARY, apply_mask, parse_ws_message, ws_close_payload, ws_header
 
 BIG_MAX_PACKET = 200_000
 
@@ -118,7 +119,7 @@ def test_permessage_deflate_offer(server):
         assert opcode == 2
         if rsv & 4:
             payload = zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
-        assert struct.unpack_from(">HH", payload) == (9, 4)
+        assert parse_ws_message(payload)[:2] == (9, 4)
     else:
         assert extensions == "", extensions
         ws.send(heartbeat_frame(4))
@@ -133,7 +134,7 @@ def test_server_frames_unmasked_binary(server):
     ws.send_packet(1, 1, {"name": unique("raw")})
     fin, rsv, opcode, payload = ws.read_frame()    # read_frame asserts the mask bit is clear
     assert fin and rsv == 0 and opcode == 2
-    assert struct.unpack_from(">HH", payload) == (1, 1)
+    assert parse_ws_message(payload)[:2] == (1, 1)
 
 
 def test_fragmented_message_reassembled(server):
@@ -167,7 +168,7 @@ def test_ping_answered_with_same_payload(server, payload):
 
 
 @pytest.mark.parametrize("close_payload,code", [
-    (struct.pack(">H", 1000) + b"bye", 1000), (struct.pack(">H", 1001), 1001), (b"", None),
+    (ws_close_payload(1000, b"bye"), 1000), (ws_close_payload(1001), 1001), (b"", None),
 ])
 def test_close_handshake_echoed(server, close_payload, code):
     ws = server.raw_ws().handshake()
@@ -209,7 +210,7 @@ PROTOCOL_ERRORS = {
     "fragments_totalling_3": ws_frame(2, b"\x00", fin=False) + ws_frame(0, b"\x09\x00"),
     "nonminimal_16bit_length": ws_frame(2, ws_message(9, 2, {}), length_bytes=2),
     "nonminimal_64bit_length": ws_frame(2, ws_message(9, 2, {}), length_bytes=8),
-    "64bit_length_msb": b"\x82\xff\x80" + b"\x00" * 7 + b"\x00\x00\x00\x00",
+    "64bit_length_msb": ws_header(OP_BINARY, 1 << 63, length_bytes=8) + b"\x00\x00\x00\x00",   # + zero key
 }
 
 
@@ -235,9 +236,8 @@ def test_too_large_then_1009(server):
 def test_too_large_declared_length_without_body(server):
     ws = server.raw_ws().handshake()
     key = b"\x01\x02\x03\x04"
-    head = b"\x82\xff" + (1 << 33).to_bytes(8, "big") + key
-    first = bytes(b ^ key[i] for i, b in enumerate(struct.pack(">HH", 5, 55)))
-    ws.send(head + first)
+    head = ws_header(OP_BINARY, 1 << 33) + key
+    ws.send(head + apply_mask(ws_message(5, 55), key))      # the packet head, then nothing
     action, seq, body = ws.read_packet()
     assert (action, seq, error_code(body)) == (5, 55, "too_large")
     expect_close(ws, 1009)
@@ -317,13 +317,13 @@ def test_abrupt_disconnect_mid_frame_harmless(server):
 def test_close_with_invalid_code_is_1002(server, code):
     """RFC 6455 7.4: 1005/1006 and unassigned codes must not appear in a close frame."""
     ws = server.raw_ws().handshake()
-    ws.send(ws_frame(8, struct.pack(">H", code)))
+    ws.send(ws_frame(8, ws_close_payload(code)))
     expect_close(ws, 1002)
 
 
 def test_close_with_invalid_utf8_reason(server):
     ws = server.raw_ws().handshake()
-    ws.send(ws_frame(8, struct.pack(">H", 1000) + b"\xff\xfe"))
+    ws.send(ws_frame(8, ws_close_payload(1000, b"\xff\xfe")))
     got, _ = ws.read_close()
     assert got in (1002, 1007)
     assert ws.expect_eof() == b""

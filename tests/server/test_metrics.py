@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support import prometheus as prometheus_servers
 from tests.support.servers import HOST, free_port
 from tests.support.client import unique
+from zim.client import tcp_header
 
 prometheus = prometheus_servers.prometheus
 
@@ -102,9 +102,9 @@ def test_counters_follow_requests_errors_pushes_and_closes(start_server, workers
     assert stranger.error(2, {"receiverId": a["id"], "content": "x"}) == "not_logged_in"
     # one connection sends a packet over --max-packet, another breaks the framing
     big = srv.raw_tcp()
-    big.sendall(struct.pack(">IHH", 2048, 2, 5) + b"x" * 2040)
+    big.sendall(tcp_header(2048, 2, 5) + b"x" * 2040)    # whole, but over --max-packet
     broken = srv.raw_tcp()
-    broken.sendall(struct.pack(">IHH", 3, 1, 1))
+    broken.sendall(tcp_header(3, 1, 1))
     for sock in (big, broken):
         sock.settimeout(5)
         while sock.recv(4096):          # the answer (too_large), then the server's half-close

@@ -5,10 +5,10 @@ import base64
 import os
 import selectors
 import socket
-import struct
 import time
 
-from tests.support.client import RawWs, decode_body, error_code, parse_server_frame, tcp_packet, unique, ws_frame, ws_message
+from tests.support.client import RawWs, decode_body, error_code, tcp_packet, unique, ws_frame, ws_message
+from zim.client import OP_BINARY, split_tcp, split_ws
 
 CONNECTIONS = 2000          # 3 in 20 of them WebSocket, the rest TCP
 TIME_LIMIT = 60.0
@@ -50,24 +50,14 @@ class Peer:
             assert self.buf.startswith(b"HTTP/1.1 101"), bytes(self.buf[:60])
             del self.buf[:end + 4]
             self.upgraded = True
-        while True:
-            if self.kind == "tcp":
-                if len(self.buf) < 8:
-                    return
-                length, action, seq = struct.unpack_from(">IHH", self.buf)
-                if len(self.buf) < length:
-                    return
-                body = bytes(self.buf[8:length])
-                del self.buf[:length]
-            else:
-                parsed = parse_server_frame(self.buf)
-                if parsed is None:
-                    return
-                consumed, _, _, opcode, payload = parsed
-                del self.buf[:consumed]
-                assert opcode == 2, f"unexpected frame opcode {opcode}"
-                action, seq = struct.unpack_from(">HH", payload)
-                body = payload[4:]
+        if self.kind == "tcp":
+            packets = split_tcp(self.buf)
+        else:
+            packets = []
+            for opcode, action, seq, body in split_ws(self.buf):
+                assert opcode == OP_BINARY, f"unexpected frame opcode {opcode}"
+                packets.append((action, seq, body))
+        for action, seq, body in packets:
             self.packets.append((action, seq, decode_body(body)))
 
 

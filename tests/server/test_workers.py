@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 from collections import Counter, defaultdict
@@ -25,6 +24,7 @@ import pytest
 from tests.support.servers import ServerProcess
 from tests.support.client import (Closed, RawWs, TcpClient, WsClient, ZimClient, error_code, tcp_packet,
                        unique, ws_frame, ws_message)
+from zim.client import split_tcp
 
 WORKERS = 4
 WORKER_FLAGS = ("--workers", str(WORKERS), "--channel-rate", "0")     # bursts on purpose
@@ -516,22 +516,18 @@ def read_tcp_packets(sock: socket.socket, responses: int, timeout: float = 5.0) 
     buf = bytearray()
     packets: list[tuple[int, int, dict]] = []
     while sum(1 for _, seq, _ in packets if seq) < responses:
-        while len(buf) < 4 or len(buf) < struct.unpack_from(">I", buf)[0]:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out; packets so far: {packets}")
-            sock.settimeout(remaining)
-            try:
-                chunk = sock.recv(1 << 16)
-            except socket.timeout:
-                raise AssertionError(f"timed out; packets so far: {packets}") from None
-            if not chunk:
-                raise AssertionError(f"EOF; packets so far: {packets}")
-            buf += chunk
-        length = struct.unpack_from(">I", buf)[0]
-        action, seq = struct.unpack_from(">HH", buf, 4)
-        packets.append((action, seq, json.loads(bytes(buf[8:length]) or b"{}")))
-        del buf[:length]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out; packets so far: {packets}")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(1 << 16)
+        except socket.timeout:
+            raise AssertionError(f"timed out; packets so far: {packets}") from None
+        if not chunk:
+            raise AssertionError(f"EOF; packets so far: {packets}")
+        buf += chunk
+        packets += [(action, seq, json.loads(body or b"{}")) for action, seq, body in split_tcp(buf)]
     return packets
 
 

@@ -166,8 +166,7 @@ class WsClient(ZimClient):
         assert isinstance(message, bytes), f"server sent a text message: {message[:100]!r}"
         assert len(message) >= 4, f"server message shorter than 4 bytes: {message!r}"
         assert len(message) + 4 < SERVER_PACKET_LIMIT, f"server packet of {len(message) + 4} bytes"
-        action, seq = client.PACKET_HEAD.unpack_from(message)
-        return action, seq, message[4:]
+        return client.parse_ws_message(message)
 
     def close(self) -> None:
         try:
@@ -257,8 +256,8 @@ class RawWs:
         """The next binary message as (action, seq, body); other frames are an error."""
         fin, rsv, opcode, payload = self.read_frame(timeout)
         assert fin and opcode == 2 and rsv == 0, f"expected a binary message, got opcode {opcode} {payload[:60]!r}"
-        action, seq = client.PACKET_HEAD.unpack_from(payload)
-        return action, seq, decode_body(payload[4:])
+        action, seq, body = client.parse_ws_message(payload)
+        return action, seq, decode_body(body)
 
     def read_close(self, timeout: float | None = None) -> tuple[int | None, list[tuple[int, bytes]]]:
         """Read until a close frame: (its code or None, frames seen before it).

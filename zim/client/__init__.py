@@ -50,9 +50,9 @@ from zim.client.codec import (DEFAULT_MAX_PACKET, OP_BINARY, OP_CLOSE, OP_CONTIN
                               PACKET_HEAD, PACKET_HEAD_SIZE, TCP_HEADER, TCP_HEADER_SIZE, WS_GUID, Body, Packet,
                               ProtocolError, TcpDecoder, WsDecoder, apply_mask, check_ws_upgrade, close_payload,
                               SEQ_DEFLATED, decode_body, encode_body, inflate_body, login_body, login_compress,
-                              mask_key, new_ws_key, parse_frame, parse_http_head, server_address,
-                              split_frames, split_tcp, split_ws, take_tcp_packet, tcp_packet, ws_accept, ws_close,
-                              ws_frame, ws_message, ws_packet, ws_upgrade_accepted, ws_upgrade_request)
+                              mask_key, new_ws_key, parse_frame, parse_http_head, parse_ws_message, server_address,
+                              split_frames, split_tcp, split_ws, take_tcp_packet, tcp_header, tcp_packet, ws_accept,
+                              ws_close, ws_close_payload, ws_frame, ws_header, ws_message, ws_packet, ws_upgrade_accepted, ws_upgrade_request)
 
 __all__ = [
     "AsyncClient", "Push", "connect_async",
@@ -61,7 +61,7 @@ __all__ = [
     "PACKET_HEAD", "PACKET_HEAD_SIZE", "TCP_HEADER", "TCP_HEADER_SIZE", "WS_GUID", "Body", "Packet",
     "ProtocolError", "TcpDecoder", "WsDecoder", "apply_mask", "check_ws_upgrade", "close_payload",
     "SEQ_DEFLATED", "decode_body", "encode_body", "inflate_body", "login_body", "login_compress", "mask_key",
-    "new_ws_key", "parse_frame", "parse_http_head", "server_address",
-    "split_frames", "split_tcp", "split_ws", "take_tcp_packet", "tcp_packet", "ws_accept", "ws_close",
-    "ws_frame", "ws_message", "ws_packet", "ws_upgrade_accepted", "ws_upgrade_request",
+    "new_ws_key", "parse_frame", "parse_http_head", "parse_ws_message", "server_address",
+    "split_frames", "split_tcp", "split_ws", "take_tcp_packet", "tcp_header", "tcp_packet", "ws_accept",
+    "ws_close", "ws_close_payload", "ws_frame", "ws_header", "ws_message", "ws_packet", "ws_upgrade_accepted", "ws_upgrade_request",
 ]

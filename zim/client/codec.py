@@ -3,13 +3,15 @@
 - **Bodies**: a JSON object, UTF-8 (``encode_body``, ``decode_body``).
 - **TCP**: every packet is ``length(4) action(2) seq(2) body``, big-endian, the
   length counting the whole packet (``tcp_packet``; ``split_tcp`` and
-  ``TcpDecoder`` take whole packets out of the bytes read). A client that asked
+  ``TcpDecoder`` take whole packets out of the bytes read; ``tcp_header`` builds
+  a head from any fields, unchecked, for tests and tools). A client that asked
   for compression at login (``login_compress``) gets packets with seq bit 15
   set whose body is raw DEFLATE: the splitters given ``inflate=True`` return
   them inflated, with the real seq (``inflate_body``).
 - **WebSocket**: one binary message per packet carrying ``action(2) seq(2) body``
-  (``ws_message``). A client masks its frames (``ws_frame``, ``ws_packet``,
-  ``ws_close``); the server's frames are unmasked (``parse_frame``,
+  (``ws_message``, read back by ``parse_ws_message``). A client masks its frames
+  (``ws_frame``, ``ws_packet``, ``ws_close``; ``ws_header`` and
+  ``ws_close_payload`` build unchecked parts, for tests and tools); the server's frames are unmasked (``parse_frame``,
   ``split_frames``, ``split_ws``, ``WsDecoder``). The opening handshake:
   ``new_ws_key``, ``ws_upgrade_request``, ``check_ws_upgrade``.
 
@@ -116,6 +118,14 @@ def tcp_packet(action: int, seq: int, body: Body = None) -> bytes:
     return TCP_HEADER.pack(TCP_HEADER_SIZE + len(body), action, seq) + body
 
 
+def tcp_header(length: int, action: int, seq: int) -> bytes:
+    """A TCP packet head with exactly these fields and no checks: for tests and tools
+    that send what a correct client never would (a length below 8 or far over the
+    limit, a head without its body). ``action`` and ``seq`` are taken as 16 bits
+    (-1 is 65535); ``length`` must fit in 32."""
+    return TCP_HEADER.pack(length, action & 0xFFFF, seq & 0xFFFF)
+
+
 def inflate_body(data: bytes, max_size: int = DEFAULT_MAX_PACKET) -> bytes:
     """The body of a compressed server packet (seq bit 15 set): one raw DEFLATE
     stream (RFC 1951) ending in its final block, inflated on its own (no context
@@ -207,6 +217,15 @@ def ws_message(action: int, seq: int, body: Body = None) -> bytes:
         return PACKET_HEAD.pack(action, seq) + encode_body(body)
 
 
+def parse_ws_message(message: bytes | bytearray) -> Packet:
+    """(action, seq, body) of one binary WebSocket message (the inverse of
+    ``ws_message``); ProtocolError if it is shorter than its 4-byte head."""
+    if len(message) < PACKET_HEAD_SIZE:
+        raise ProtocolError(f"message shorter than 4 bytes: {bytes(message)!r}")
+    action, seq = PACKET_HEAD.unpack_from(message)
+    return action, seq, bytes(message[PACKET_HEAD_SIZE:])
+
+
 def apply_mask(payload: bytes, key: bytes) -> bytes:
     """``payload`` XOR the 4-byte ``key`` repeated (masking and unmasking are the same)."""
     size = len(payload)
@@ -232,6 +251,17 @@ def mask_key() -> bytes:
     return _key_pool[_key_offset - 4:_key_offset]
 
 
+def ws_header(opcode: int, length: int, fin: bool = True, rsv: int = 0, mask: bool = True,
+              length_bytes: int | None = None) -> bytes:
+    """A frame's first bytes up to its masking key (not included), declaring
+    ``length`` payload bytes, with no checks: for tests and tools that send what a
+    correct client never would (a length with no payload behind it, a length with
+    its top bit set, a non-minimal encoding forced by ``length_bytes`` 0, 2 or 8).
+    ``mask=False`` clears the mask bit (a server's frame head)."""
+    first = (0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)
+    return _frame_head(first, length, 0x80 if mask else 0, length_bytes)
+
+
 def _frame_head(first: int, size: int, mask_bit: int, length_bytes: int | None = None) -> bytes:
     """A frame's first bytes up to its masking key: FIN/RSV/opcode, mask bit and length."""
     if length_bytes is None:
@@ -252,8 +282,7 @@ def ws_frame(opcode: int, payload: bytes = b"", fin: bool = True, mask: bool = T
     8 extended length bytes (a non-minimal encoding when more than needed), a
     fragmented or oversized control frame.
     """
-    first = (0x80 if fin else 0) | (rsv & 7) << 4 | (opcode & 0x0F)
-    head = _frame_head(first, len(payload), 0x80 if mask else 0, length_bytes)
+    head = ws_header(opcode, len(payload), fin, rsv, mask, length_bytes)
     if not mask:
         return head + payload
     if key is None:
@@ -270,7 +299,14 @@ def ws_packet(action: int, seq: int, body: Body = None) -> bytes:
 
 def ws_close(code: int = CLOSE_NORMAL, reason: str = "") -> bytes:
     """A masked close frame with ``code`` and a UTF-8 ``reason`` (at most 123 bytes)."""
-    return ws_frame(OP_CLOSE, _U16.pack(code) + reason.encode()[:123])
+    return ws_frame(OP_CLOSE, ws_close_payload(code, reason.encode()[:123]))
+
+
+def ws_close_payload(code: int, reason: bytes = b"") -> bytes:
+    """A close frame's payload: ``code`` (2 bytes) then ``reason`` as given, with no
+    checks (tests send invalid codes and reasons that are not UTF-8); the inverse
+    of ``close_payload``."""
+    return _U16.pack(code) + reason
 
 
 def _scan(buffer: bytes | bytearray, offset: int, most: int, as_packets: bool) -> tuple[list, int]:
