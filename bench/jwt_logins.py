@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import selectors
 import socket
 import statistics
@@ -115,7 +116,7 @@ def bench_algorithm(algorithm: str, args, directory: str) -> dict:
     server = Server(workers=1, extra_args=["--store", "memory", "--jwt-key", key_path])
     process = server.start()
     try:
-        base = int.from_bytes(os.urandom(4), "big") << 20
+        base = secrets.randbits(32) << 20
         users = [base + i for i in range(1, args.users + 1)]
 
         def a_jwt(user: int) -> dict:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ LOGIN, SUBSCRIBE, SEND_CHANNEL = 1, 3, 4
 
 def user_number() -> str:
     """A fresh decimal user id (the application's numbering)."""
-    return str(int.from_bytes(os.urandom(7), "big") + 1)
+    return str(secrets.randbits(56) + 1)
 
 
 def token(key, algorithm: str = "HS256", headers: dict | None = None, **claims) -> str:
