@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from tests.support import redis_servers
 from tests.support.redis_servers import after, requires_redis_server, run_in_loop
 from zim._core import Reactor
-from zim.nodes.link import BACKOFF_JITTER, RedisLink, backoff_delay, jittered
+from zim.backoff import BACKOFF_JITTER, backoff_delay, jittered
+from zim.nodes.link import RedisLink
 from zim.pending import Pending
 
 redis_server = redis_servers.redis_server

@@ -47,6 +47,7 @@ import hiredis
 from redis.crc import key_slot
 
 from zim._core import Reactor, Timer
+from zim.backoff import FIRST_BACKOFF, MAX_BACKOFF, backoff_delay, jittered
 from zim.pending import Pending
 
 log = logging.getLogger("zim.nodes")
@@ -55,11 +56,6 @@ Command = Sequence[Any]     # ("SET", "key", b"value"): str, bytes, int or float
 
 DOWN, CONNECTING, UP, CLOSED = "down", "connecting", "up", "closed"
 
-FIRST_BACKOFF = 0.05        # seconds before the first reconnect
-MAX_BACKOFF = 2.0           # the cap: a restarted Redis is found within this much
-# Each delay is shortened by up to this fraction, at random: the links of many
-# nodes that lost a restarted Redis together do not all come back in the same instant.
-BACKOFF_JITTER = 0.25
 REPLY_TIMEOUT = 5.0         # seconds without any reply while calls wait: the link is dead
 READ_SIZE = 256 * 1024
 
@@ -78,20 +74,6 @@ def parse_redis_url(url: str) -> dict[str, Any]:
     return {"host": parsed.get("host", "127.0.0.1"), "port": int(parsed.get("port", 6379)),
             "db": int(parsed.get("db", 0)), "password": parsed.get("password"),
             "username": parsed.get("username")}
-
-
-def backoff_delay(failures: int, first: float = FIRST_BACKOFF, cap: float = MAX_BACKOFF) -> float:
-    """Seconds to wait before reconnecting after ``failures`` failed attempts in a
-    row (1 or more): ``first`` doubled at each further failure, at most ``cap``."""
-    if failures < 1:
-        raise ValueError("failures counts from 1")
-    # min() on the exponent first: 2.0 ** 10_000 would overflow
-    return min(cap, first * 2.0 ** min(failures - 1, 64))
-
-
-def jittered(delay: float, draw: float) -> float:
-    """``delay`` shortened by ``draw`` (0 <= draw < 1) times BACKOFF_JITTER of itself."""
-    return delay * (1.0 - BACKOFF_JITTER * draw)
 
 
 class PipelineResult(Pending):

@@ -1,0 +1,368 @@
+"""The connection to PostgreSQL, served by the reactor without a thread.
+
+``PgLink`` drives libpq through psycopg's low-level ``psycopg.pq.PGconn`` in
+non-blocking mode: the connection is made with ``connect_start``/
+``connect_poll``, then put in pipeline mode, so many transactions may be on the
+wire at once without waiting for each other's answers. libpq (C) speaks the
+protocol; this module only decides when to read and write, from the loop, the
+way zim.nodes.link serves Redis.
+
+- ``transaction([(sql, params), ...])`` sends the statements followed by a
+  Sync: PostgreSQL runs everything up to a Sync as one implicit transaction,
+  so either all of them are committed or none. It returns a
+  ``zim.pending.Pending`` settled from the loop, in the order of the calls:
+  ``ok=True`` with one list of rows per statement (each row a tuple of the
+  values' text as bytes, None for NULL) once PostgreSQL has committed;
+  ``ok=False`` with a reason (str) if PostgreSQL refused a statement (the
+  transaction was rolled back) or the connection was lost before the answer
+  (it may have been committed or not: callers retry, and what they write is
+  idempotent). Nothing is ever dropped without its Pending saying so.
+- Parameters are text (str, int, float, bytes, None), typed by the SQL
+  (``$1::bigint``); results come back in text format.
+- At most ``max_waiting`` transactions wait at once; one more fails at once
+  (``"archive link full"``), the caller's queue keeps its messages.
+- A lost connection (closed, reset, or no answer for ``reply_timeout`` seconds
+  while transactions wait, or a connect that does not finish in that time)
+  fails what waits on it; while down, new calls fail at once; the link
+  reconnects by itself after ``backoff_delay(failures)`` seconds. Calls made
+  while connecting are sent once it is up.
+- The reactor watches one descriptor: an epoll set of the link's own holding
+  libpq's socket (edge-triggered, in and out), as RedisLink does. libpq may
+  replace its socket while connecting (another address of the host): the set
+  follows it.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import select
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+from psycopg import OperationalError, pq
+
+from zim._core import Reactor, Timer
+from zim.backoff import FIRST_BACKOFF, MAX_BACKOFF, backoff_delay, jittered
+from zim.pending import Pending
+
+log = logging.getLogger("zim.archive")
+
+DOWN, CONNECTING, UP, CLOSED = "down", "connecting", "up", "closed"
+REPLY_TIMEOUT = 10.0        # seconds without any answer while transactions wait: the link is dead
+MAX_WAITING = 64            # transactions sent or queued at once
+
+Statement = tuple[str, Sequence[Any]]
+_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_ROWS = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
+
+
+def check_dsn(dsn: str) -> str:
+    """``dsn`` if libpq can parse it (a ``postgresql://`` URI or ``key=value`` pairs);
+    ValueError saying why not otherwise. Reachability is the link's business."""
+    if not isinstance(dsn, str) or not dsn:
+        raise ValueError("the archive needs a PostgreSQL DSN, e.g. postgresql://user@host:5432/zim")
+    try:
+        pq.Conninfo.parse(dsn.encode())
+    except OperationalError as exc:
+        raise ValueError(f"bad PostgreSQL DSN {dsn!r}: {str(exc).strip()}") from None
+    return dsn
+
+
+def as_param(value: Any) -> bytes | None:
+    """A parameter's text, as PostgreSQL reads it."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if isinstance(value, (str, int, float)):
+        return str(value).encode()
+    raise TypeError(f"a statement parameter is str, int, float, bool, bytes or None, not {type(value).__name__}")
+
+
+class Transaction(Pending):
+    """Statements sent as one implicit transaction, and their results as they come."""
+
+    __slots__ = ("statements", "results", "error")
+
+    def __init__(self, statements: list[tuple[bytes, list[bytes | None]]]) -> None:
+        super().__init__()
+        self.statements = statements
+        self.results: list[list[tuple]] = []
+        self.error: str | None = None
+
+
+class PgLink:
+    """A connection to PostgreSQL served by ``reactor``; see the module docstring.
+
+    ``state`` is ``"connecting"``, ``"up"``, ``"down"`` (waiting to reconnect)
+    or ``"closed"``; ``on_state(state)``, if given, learns every change to
+    ``"up"`` or ``"down"``. A DSN libpq cannot parse raises ValueError here.
+    """
+
+    def __init__(self, reactor: Reactor, dsn: str, *, reply_timeout: float = REPLY_TIMEOUT,
+                 first_backoff: float = FIRST_BACKOFF, max_backoff: float = MAX_BACKOFF,
+                 max_waiting: int = MAX_WAITING, on_state: Callable[[str], None] | None = None) -> None:
+        self.dsn = check_dsn(dsn)
+        self.reactor = reactor
+        self.reply_timeout = reply_timeout
+        self.first_backoff = first_backoff
+        self.max_backoff = max_backoff
+        self.max_waiting = max_waiting
+        self.on_state = on_state
+        self.state = DOWN
+        self.failures = 0               # failed attempts since the link was last up
+        self.connections = 0            # connections made so far (1 + reconnects)
+        self.last_error = ""            # why the link last went down
+        self._conn: pq.PGconn | None = None
+        self._fd = -1                   # libpq's socket, as registered in the poller
+        self._queued: deque[Transaction] = deque()      # made while connecting
+        self._sent: deque[Transaction] = deque()        # on the wire, oldest first
+        self._answers = 0               # results read so far (the stall check's progress)
+        self._answers_at_check = 0
+        self._stalled_for = 0.0
+        self._poller = select.epoll()
+        self._alarm: Timer | None = None
+        try:
+            reactor.watch(self._poller.fileno(), self._on_ready)
+            self._alarm = reactor.timer(self._on_alarm)
+        except BaseException:
+            self.close()
+            raise
+        self._connect()
+
+    # -- calls -------------------------------------------------------------------
+    def transaction(self, statements: Sequence[Statement]) -> Pending:
+        """Run ``statements`` (``(sql, params)`` pairs) as one transaction; see the module docstring."""
+        if not statements:
+            raise ValueError("an empty transaction (it would have nothing to settle in order with)")
+        encoded = [(sql.encode(), [as_param(value) for value in params]) for sql, params in statements]
+        work = Transaction(encoded)
+        if self.state is not UP and self.state is not CONNECTING:
+            work.settle(False, f"archive link {self.state}: {self.last_error}")
+        elif self.waiting >= self.max_waiting:
+            work.settle(False, f"archive link full ({self.max_waiting} transactions waiting)")
+        elif self.state is CONNECTING:
+            self._queued.append(work)
+        else:
+            self._send(work)
+            self._flush()
+        return work
+
+    @property
+    def waiting(self) -> int:
+        """Transactions sent (or queued) and not answered yet."""
+        return len(self._queued) + len(self._sent)
+
+    def close(self) -> None:
+        """Drop the connection for good: waiting transactions fail, later ones fail at once."""
+        if self.state is CLOSED:
+            return
+        self._drop_connection()
+        self.state = CLOSED
+        self.last_error = "closed"
+        if self._alarm is not None:
+            self._alarm.close()
+        self.reactor.unwatch(self._poller.fileno())
+        self._poller.close()
+        self._fail_waiting("archive link closed")
+
+    # -- connecting ----------------------------------------------------------------
+    def _connect(self) -> None:
+        self.state = CONNECTING
+        self._stalled_for = 0.0
+        conn = self._conn = pq.PGconn.connect_start(self.dsn.encode())
+        conn.notice_handler = _ignore_notice
+        if conn.status == pq.ConnStatus.BAD:
+            self._lost(f"cannot connect: {_error_of(conn)}")
+            return
+        self._arm_stall_check()
+        self._poll_connect()
+
+    def _poll_connect(self) -> None:
+        conn = self._conn
+        while True:
+            status = conn.connect_poll()
+            if status == pq.PollingStatus.FAILED:
+                self._lost(f"cannot connect: {_error_of(conn)}")
+                return
+            self._follow_socket(conn.socket)
+            if status == pq.PollingStatus.OK:
+                break
+            # libpq waits to read or write: if the socket can already, the edge that
+            # said so has passed (edge-triggered), so ask again now; else its next edge calls
+            wanted = select.POLLIN if status == pq.PollingStatus.READING else select.POLLOUT
+            if not _ready_now(conn.socket, wanted):
+                return
+        conn.nonblocking = 1
+        conn.enter_pipeline_mode()
+        self.state = UP
+        self.connections += 1
+        if self.failures:
+            log.info("archive reachable again after %d failed attempts", self.failures)
+        self.failures = 0
+        queued, self._queued = self._queued, deque()
+        for work in queued:
+            self._send(work)
+        self._flush()
+        if self.on_state is not None and self.state is UP:
+            self.on_state(UP)
+
+    def _follow_socket(self, fd: int) -> None:
+        if fd == self._fd:
+            return
+        if self._fd >= 0:
+            try:
+                self._poller.unregister(self._fd)
+            except OSError:
+                pass        # libpq closed it already
+        self._poller.register(fd, _EVENTS)
+        self._fd = fd
+
+    # -- the wire ----------------------------------------------------------------------
+    def _send(self, work: Transaction) -> None:
+        conn = self._conn
+        try:
+            for sql, params in work.statements:
+                conn.send_query_params(sql, params)
+            conn.pipeline_sync()
+        except OperationalError as exc:
+            self._sent.append(work)
+            self._lost(f"send failed: {str(exc).strip()}")
+            return
+        self._sent.append(work)
+
+    def _flush(self) -> None:
+        if self.state is not UP:
+            return
+        try:
+            self._conn.flush()      # 1: more to send; the socket's next out-edge flushes again
+        except OperationalError as exc:
+            self._lost(f"send failed: {str(exc).strip()}")
+
+    def _on_ready(self) -> None:
+        """The link's epoll set is readable: the socket connected, has answers,
+        has room again, or broke."""
+        self._poller.poll(0)        # empty the set's ready list (edge-triggered items)
+        if self.state is CONNECTING:
+            self._poll_connect()
+        elif self.state is UP:
+            self._read()
+            self._flush()
+
+    def _read(self) -> None:
+        conn = self._conn
+        try:
+            conn.consume_input()
+        except OperationalError as exc:
+            self._lost(f"receive failed: {str(exc).strip()}")
+            return
+        sent = self._sent
+        gaps = 0
+        while self._conn is conn and not conn.is_busy():
+            result = conn.get_result()
+            if result is None:      # the end of one statement's results, or nothing more
+                gaps += 1
+                if gaps > 1 or not sent:
+                    return
+                continue
+            gaps = 0
+            self._answers += 1
+            if not sent:
+                self._lost(f"an answer no transaction waits for ({result.status.name})")
+                return
+            work = sent[0]
+            status = result.status
+            if status == pq.ExecStatus.PIPELINE_SYNC:
+                sent.popleft()
+                if work.error is None:
+                    work.settle(True, work.results)
+                else:
+                    work.settle(False, work.error)
+            elif status in _ROWS:
+                work.results.append(_rows(result))
+            elif status == pq.ExecStatus.PIPELINE_ABORTED:
+                pass        # after an error: skipped, rolled back with it
+            else:
+                if work.error is None:
+                    work.error = result.get_error_message().strip() or f"PostgreSQL answered {status.name}"
+        if conn.status == pq.ConnStatus.BAD:
+            self._lost(f"connection broken: {_error_of(conn)}")
+
+    # -- failures and deadlines -----------------------------------------------------------
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if self._fd >= 0:
+            try:
+                self._poller.unregister(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        if conn is not None:
+            conn.finish()
+
+    def _lost(self, reason: str) -> None:
+        """The connection is unusable: fail what waits on it, retry later."""
+        was_up = self.state is UP
+        self._drop_connection()
+        self.state = DOWN
+        self.last_error = reason
+        self.failures += 1
+        delay = jittered(backoff_delay(self.failures, self.first_backoff, self.max_backoff), random.random())
+        if was_up or self.failures == 1:
+            log.warning("archive: %s; %d transactions fail; reconnecting", reason, self.waiting)
+        else:
+            log.debug("archive: %s; next attempt in %.2f s", reason, delay)
+        self._alarm.set(time.monotonic_ns() + int(delay * 1e9))
+        if was_up and self.on_state is not None:
+            self.on_state(DOWN)
+        self._fail_waiting(f"archive link lost: {reason}")
+
+    def _fail_waiting(self, reason: str) -> None:
+        # taken first: a callback may call again (and fail at once, the link being down)
+        waiting = [*self._sent, *self._queued]
+        self._sent, self._queued = deque(), deque()
+        for work in waiting:
+            work.settle(False, reason)
+
+    def _arm_stall_check(self) -> None:
+        self._alarm.set(time.monotonic_ns() + int(self._stall_step() * 1e9))
+
+    def _stall_step(self) -> float:
+        return max(0.01, self.reply_timeout / 4)
+
+    def _on_alarm(self) -> None:
+        if self.state is DOWN:
+            self._connect()
+            return
+        if self.state is CLOSED:
+            return
+        if self.state is CONNECTING or (self._sent and self._answers == self._answers_at_check):
+            self._stalled_for += self._stall_step()
+        else:
+            self._stalled_for = 0.0
+        self._answers_at_check = self._answers
+        if self._stalled_for >= self.reply_timeout:
+            self._lost(f"no answer for {self.reply_timeout:g} s")
+            return
+        self._arm_stall_check()
+
+
+def _ready_now(fd: int, events: int) -> bool:
+    probe = select.poll()
+    probe.register(fd, events)
+    return bool(probe.poll(0))
+
+
+def _rows(result: pq.PGresult) -> list[tuple]:
+    columns = range(result.nfields)
+    return [tuple(result.get_value(row, column) for column in columns) for row in range(result.ntuples)]
+
+
+def _error_of(conn: pq.PGconn) -> str:
+    return conn.get_error_message().strip() or "unknown error"
+
+
+def _ignore_notice(result: pq.PGresult) -> None:
+    # "relation ... already exists, skipping" from CREATE TABLE IF NOT EXISTS: expected
+    pass

@@ -1,0 +1,188 @@
+"""The archive's tables in PostgreSQL, and their versioned migrations.
+
+``migrate(dsn)`` brings a database to ``SCHEMA_VERSION``: the table
+``zim_schema`` holds the version applied; each newer migration runs once, in a
+transaction of its own, under an advisory lock (nodes starting together
+migrate one after the other; the second finds nothing left to do). A database
+whose version is newer than this code's is refused (``SchemaTooNew``): old code
+must not write into tables it does not know. Migrations run blocking, at
+startup, before the loop serves anyone.
+
+Version 1:
+
+- ``messages``: one row per message, partitioned by RANGE of its id (a
+  Snowflake id grows with its creation time, zim.ids, so a range of ids is a
+  range of time): one partition per calendar month (UTC), created on demand by
+  the writer before a batch needs it (``partition_ddl``). The primary key is the
+  id, so upserting a message again is a no-op. ``conversation`` is
+  ``conversation_key(kind, key)``; reads go by the index (conversation, seq).
+  ``body`` is the message's JSON as the store holds it (type ``json``: its text
+  kept as written).
+- ``users`` (id, name, token epoch), ``memberships`` (channel, user, push flag)
+  and ``conversations`` (each conversation's highest seq): what the archive
+  needs to be read back after a cache loses its data.
+
+User ids are 64-bit unsigned (zim.storage.store.MAX_USER_ID), more than
+``bigint`` holds: they are ``numeric(20)``. Message ids are 63-bit (``bigint``).
+"""
+from __future__ import annotations
+
+import calendar
+import datetime
+from typing import Iterable
+
+from zim.ids import EPOCH_MS, TIME_SHIFT
+from zim.storage.store import CHANNEL, USER, HistoryKind, pair_key
+
+# 64-bit key of pg_advisory_xact_lock: "zim sche" in ASCII
+MIGRATION_LOCK = 0x7A696D2073636865 - (1 << 63)
+MAX_MESSAGE_ID = (1 << 63) - 1
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: messages by month, users, memberships, seq counters
+    (
+        """CREATE TABLE messages (
+               id bigint NOT NULL,
+               conversation text NOT NULL,
+               seq bigint NOT NULL,
+               body json NOT NULL,
+               PRIMARY KEY (id)
+           ) PARTITION BY RANGE (id)""",
+        "CREATE INDEX messages_by_conversation ON messages (conversation, seq)",
+        """CREATE TABLE users (
+               id numeric(20) PRIMARY KEY,
+               name text NOT NULL,
+               token_epoch bigint NOT NULL DEFAULT 0
+           )""",
+        """CREATE TABLE memberships (
+               channel text NOT NULL,
+               user_id numeric(20) NOT NULL,
+               push boolean NOT NULL,
+               PRIMARY KEY (channel, user_id)
+           )""",
+        "CREATE INDEX memberships_by_user ON memberships (user_id)",
+        """CREATE TABLE conversations (
+               conversation text PRIMARY KEY,
+               seq bigint NOT NULL
+           )""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer zim than this one."""
+
+
+class ArchiveError(RuntimeError):
+    """PostgreSQL refused a statement, or could not be reached (its message says which)."""
+
+
+def conversation_key(kind: HistoryKind, key: str | tuple[int, int]) -> str:
+    """The ``conversation`` column of a channel (``c:NAME``) or of a pair of users
+    (``u:LOW:HIGH``, the same from either side)."""
+    if kind == CHANNEL:
+        if not isinstance(key, str):
+            raise ValueError(f"a channel's key is its name, not {key!r}")
+        return "c:" + key
+    if kind == USER:
+        low, high = pair_key(*key)  # type: ignore[misc]
+        return f"u:{low}:{high}"
+    raise ValueError(f"unknown history kind {kind!r}")
+
+
+# -- monthly partitions ------------------------------------------------------------
+
+def month_of(message_id: int) -> tuple[int, int]:
+    """(year, month) in UTC of the millisecond a Snowflake id was made in."""
+    if not 0 <= message_id <= MAX_MESSAGE_ID:
+        raise ValueError(f"a message id is a 63-bit Snowflake, not {message_id}")
+    moment = datetime.datetime.fromtimestamp(((message_id >> TIME_SHIFT) + EPOCH_MS) / 1000,
+                                             datetime.timezone.utc)
+    return moment.year, moment.month
+
+
+def _first_id_of(year: int, month: int) -> int:
+    """The smallest Snowflake id made in that month (0 before zim's epoch)."""
+    start_ms = calendar.timegm((year, month, 1, 0, 0, 0)) * 1000
+    return max(0, start_ms - EPOCH_MS) << TIME_SHIFT
+
+
+def partition_name(year: int, month: int) -> str:
+    return f"messages_{year:04d}_{month:02d}"
+
+
+def partition_ddl(year: int, month: int) -> str:
+    """The statement creating the month's partition if it does not exist yet."""
+    following = (year + 1, 1) if month == 12 else (year, month + 1)
+    return (f"CREATE TABLE IF NOT EXISTS {partition_name(year, month)} PARTITION OF messages "
+            f"FOR VALUES FROM ({_first_id_of(year, month)}) TO ({_first_id_of(*following)})")
+
+
+def months_of(message_ids: Iterable[int]) -> set[tuple[int, int]]:
+    return {month_of(message_id) for message_id in message_ids}
+
+
+# -- migrations ----------------------------------------------------------------------
+
+def migrate(dsn: str) -> int:
+    """Bring the database at ``dsn`` to SCHEMA_VERSION (blocking); returns the
+    version it had before. ``SchemaTooNew`` if it is newer than this code,
+    ``ArchiveError`` if PostgreSQL cannot be reached or refuses a statement (the
+    failed migration is rolled back whole)."""
+    from psycopg import pq
+    conn = pq.PGconn.connect(dsn.encode())
+    try:
+        if conn.status != pq.ConnStatus.OK:
+            raise ArchiveError(f"cannot connect to the archive: {conn.get_error_message().strip()}")
+        found = None
+        while True:
+            _execute(conn, "BEGIN")
+            try:
+                _execute(conn, f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                _execute(conn, "CREATE TABLE IF NOT EXISTS zim_schema (version integer NOT NULL)")
+                rows = _execute(conn, "SELECT version FROM zim_schema")
+                if not rows:
+                    _execute(conn, "INSERT INTO zim_schema (version) VALUES (0)")
+                version = int(rows[0][0]) if rows else 0
+                found = version if found is None else found
+                if version > SCHEMA_VERSION:
+                    raise SchemaTooNew(f"the archive's schema is version {version}, newer than this "
+                                       f"zim's ({SCHEMA_VERSION}): upgrade zim before using this database")
+                if version == SCHEMA_VERSION:
+                    _execute(conn, "COMMIT")
+                    return found
+                for statement in MIGRATIONS[version]:
+                    _execute(conn, statement)
+                _execute(conn, f"UPDATE zim_schema SET version = {version + 1}")
+                _execute(conn, "COMMIT")
+            except BaseException:
+                conn.exec_(b"ROLLBACK")
+                raise
+    finally:
+        conn.finish()
+
+
+def schema_version(dsn: str) -> int:
+    """The version applied to the database (0: none), blocking."""
+    from psycopg import pq
+    conn = pq.PGconn.connect(dsn.encode())
+    try:
+        if conn.status != pq.ConnStatus.OK:
+            raise ArchiveError(f"cannot connect to the archive: {conn.get_error_message().strip()}")
+        if not _execute(conn, "SELECT to_regclass('zim_schema')")[0][0]:
+            return 0
+        rows = _execute(conn, "SELECT version FROM zim_schema")
+        return int(rows[0][0]) if rows else 0
+    finally:
+        conn.finish()
+
+
+def _execute(conn, sql: str) -> list[tuple]:
+    from psycopg import pq
+    result = conn.exec_(sql.encode())
+    if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        raise ArchiveError(f"{sql.split()[0]} failed: {result.get_error_message().strip()}")
+    return [tuple(None if value is None else value.decode() for value in
+                  (result.get_value(row, col) for col in range(result.nfields)))
+            for row in range(result.ntuples)]
