@@ -108,6 +108,36 @@ def test_paging_is_store_history_paging(dsn, count, pages):
         assert outcome == (True, memory.history("user", (low, high), before, limit)), (before, limit)
 
 
+
+def test_big_batches_streamed_four_at_a_time_all_commit(dsn, postgres_server):
+    """Batches of 1,000 messages, four on the wire at once, each commit sending
+    the next from its callback (as a writer will): more than the socket buffers
+    hold either way, so libpq reads answers while it sends; none may be left in
+    its buffer without a wake-up to come (it would stall until the reply timeout,
+    10 s, past this test's limit)."""
+    room = f"room{next(_names)}"
+    batches = [[("channel", room, message(1000 * number + offset, content="x" * 200)) for offset in range(1, 1001)]
+               for number in range(16)]
+    outcomes = []
+
+    def script(archive):
+        queue = iter(batches)
+
+        def committed(_first, _second, ok, value) -> None:
+            outcomes.append((ok, value))
+            following = next(queue, None)
+            if following is not None:
+                archive.archive_messages(following).wait(committed, None, None)
+
+        for batch in itertools.islice(queue, 4):
+            archive.archive_messages(batch).wait(committed, None, None)
+        yield lambda: len(outcomes) == len(batches)
+
+    in_loop(dsn, script, timeout=8.0)
+    assert outcomes == [(True, 1000)] * len(batches)
+    assert postgres_server.execute(f"SELECT count(*) FROM messages WHERE conversation = 'c:{room}'",
+                                   "archive") == [("16000",)]
+
 def test_users_memberships_and_seq_counters_are_read_back(dsn):
     user = (1 << 64) - 1 - next(_names)       # the largest ids fit (numeric(20))
     outcomes = {}
@@ -231,3 +261,21 @@ def test_a_batch_across_months_creates_its_partitions(dsn, postgres_server):
     assert outcome == [(True, 2)]
     assert postgres_server.execute(f"SELECT tableoid::regclass::text FROM messages WHERE conversation = 'c:{room}' "
                                    f"ORDER BY seq", "archive") == [("messages_2031_12",), ("messages_2032_01",)]
+
+
+def test_answers_bigger_than_one_read_are_all_read(dsn):
+    """Answers of hundreds of thousands of small rows arrive faster than one read
+    takes them (libpq reads 16 KiB at a time): the link reads on until the socket
+    is empty (its edge-triggered wake-up comes once), or the rest would wait for
+    the reply timeout (10 s, past this test's limit)."""
+    answers = []
+
+    def script(archive):
+        reads = [archive.link.transaction([("SELECT generate_series(1, $1::int)", (rows,))])
+                 for rows in (200_000, 50_000, 300_000, 100_000)]
+        yield settled(*reads)
+        answers.extend(read.outcome for read in reads)
+
+    in_loop(dsn, script, timeout=8.0)
+    assert [(ok, len(value[0]), value[0][-1]) for ok, value in answers] == [
+        (True, rows, (str(rows).encode(),)) for rows in (200_000, 50_000, 300_000, 100_000)]

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.support import REPO_ROOT
+from zim.testing.postgres import postgres_bin_dir
 
 ROOT = REPO_ROOT
 
@@ -27,6 +28,10 @@ ROOT = REPO_ROOT
     pytest.param("redis_link.py", ["--ops", "300", "--runs", "1", "--depths", "1,16"],
                  marks=pytest.mark.skipif(shutil.which("redis-server") is None,
                                           reason="redis-server is not installed (CI installs it)")),
+    pytest.param("archive.py", ["--messages", "300", "--runs", "1", "--batches", "1,100", "--depths", "1,4",
+                                "--reads", "20"],
+                 marks=pytest.mark.skipif(postgres_bin_dir() is None,
+                                          reason="PostgreSQL is not installed (CI installs it)")),
     ("million.py", ["--connections", "3000", "--workers", "2", "--processes", "2", "--hold", "3",
                     "--probe-sample", "100"]),
 ])

@@ -116,6 +116,7 @@ class PgLink:
         self.last_error = ""            # why the link last went down
         self._conn: pq.PGconn | None = None
         self._fd = -1                   # libpq's socket, as registered in the poller
+        self._handling = False          # in _pump: calls only queue in libpq, the pump sends them
         self._queued: deque[Transaction] = deque()      # made while connecting
         self._sent: deque[Transaction] = deque()        # on the wire, oldest first
         self._answers = 0               # results read so far (the stall check's progress)
@@ -146,7 +147,8 @@ class PgLink:
             self._queued.append(work)
         else:
             self._send(work)
-            self._flush()
+            if not self._handling:      # else the wake-up being handled sends it at its end
+                self._pump()
         return work
 
     @property
@@ -204,7 +206,7 @@ class PgLink:
         queued, self._queued = self._queued, deque()
         for work in queued:
             self._send(work)
-        self._flush()
+        self._pump()
         if self.on_state is not None and self.state is UP:
             self.on_state(UP)
 
@@ -230,15 +232,8 @@ class PgLink:
             self._sent.append(work)
             self._lost(f"send failed: {str(exc).strip()}")
             return
+        work.statements = []        # in libpq's buffer now: ours goes
         self._sent.append(work)
-
-    def _flush(self) -> None:
-        if self.state is not UP:
-            return
-        try:
-            self._conn.flush()      # 1: more to send; the socket's next out-edge flushes again
-        except OperationalError as exc:
-            self._lost(f"send failed: {str(exc).strip()}")
 
     def _on_ready(self) -> None:
         """The link's epoll set is readable: the socket connected, has answers,
@@ -246,31 +241,48 @@ class PgLink:
         self._poller.poll(0)        # empty the set's ready list (edge-triggered items)
         if self.state is CONNECTING:
             self._poll_connect()
-        elif self.state is UP:
-            self._read()
-            self._flush()
+        elif self.state is UP and not self._handling:
+            self._pump()
 
-    def _read(self) -> None:
+    def _pump(self) -> None:
+        """Send what libpq holds, read what the socket holds, settle what is answered,
+        until a pass finds nothing more. Both edges are one-shot (edge-triggered), and
+        libpq reads the socket by itself while it sends (so that neither side waits on
+        the other's full buffer): answers may wait in libpq's buffer, or the socket,
+        with no edge to come, so a wake-up ends only when neither holds any."""
         conn = self._conn
+        self._handling = True
         try:
-            conn.consume_input()
+            while self._conn is conn:
+                conn.flush()        # 1: more to send; the socket's next out-edge comes for it
+                readable = _ready_now(self._fd, select.POLLIN)
+                if readable:
+                    conn.consume_input()
+                if not self._settle_answers(conn) and not readable:
+                    break
         except OperationalError as exc:
-            self._lost(f"receive failed: {str(exc).strip()}")
-            return
+            if self._conn is conn:
+                self._lost(f"connection broken: {str(exc).strip()}")
+        finally:
+            self._handling = False
+
+    def _settle_answers(self, conn: pq.PGconn) -> int:
+        """Settle the transactions libpq has whole answers for; returns how many results it read."""
         sent = self._sent
-        gaps = 0
+        read = gaps = 0
         while self._conn is conn and not conn.is_busy():
             result = conn.get_result()
             if result is None:      # the end of one statement's results, or nothing more
                 gaps += 1
                 if gaps > 1 or not sent:
-                    return
+                    break
                 continue
+            read += 1
             gaps = 0
             self._answers += 1
             if not sent:
                 self._lost(f"an answer no transaction waits for ({result.status.name})")
-                return
+                return read
             work = sent[0]
             status = result.status
             if status == pq.ExecStatus.PIPELINE_SYNC:
@@ -286,8 +298,9 @@ class PgLink:
             else:
                 if work.error is None:
                     work.error = result.get_error_message().strip() or f"PostgreSQL answered {status.name}"
-        if conn.status == pq.ConnStatus.BAD:
+        if self._conn is conn and conn.status == pq.ConnStatus.BAD:
             self._lost(f"connection broken: {_error_of(conn)}")
+        return read
 
     # -- failures and deadlines -----------------------------------------------------------
     def _drop_connection(self) -> None:

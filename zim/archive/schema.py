@@ -137,25 +137,25 @@ def migrate(dsn: str) -> int:
             raise ArchiveError(f"cannot connect to the archive: {conn.get_error_message().strip()}")
         found = None
         while True:
-            _execute(conn, "BEGIN")
+            execute_blocking(conn, "BEGIN")
             try:
-                _execute(conn, f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
-                _execute(conn, "CREATE TABLE IF NOT EXISTS zim_schema (version integer NOT NULL)")
-                rows = _execute(conn, "SELECT version FROM zim_schema")
+                execute_blocking(conn, f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                execute_blocking(conn, "CREATE TABLE IF NOT EXISTS zim_schema (version integer NOT NULL)")
+                rows = execute_blocking(conn, "SELECT version FROM zim_schema")
                 if not rows:
-                    _execute(conn, "INSERT INTO zim_schema (version) VALUES (0)")
+                    execute_blocking(conn, "INSERT INTO zim_schema (version) VALUES (0)")
                 version = int(rows[0][0]) if rows else 0
                 found = version if found is None else found
                 if version > SCHEMA_VERSION:
                     raise SchemaTooNew(f"the archive's schema is version {version}, newer than this "
                                        f"zim's ({SCHEMA_VERSION}): upgrade zim before using this database")
                 if version == SCHEMA_VERSION:
-                    _execute(conn, "COMMIT")
+                    execute_blocking(conn, "COMMIT")
                     return found
                 for statement in MIGRATIONS[version]:
-                    _execute(conn, statement)
-                _execute(conn, f"UPDATE zim_schema SET version = {version + 1}")
-                _execute(conn, "COMMIT")
+                    execute_blocking(conn, statement)
+                execute_blocking(conn, f"UPDATE zim_schema SET version = {version + 1}")
+                execute_blocking(conn, "COMMIT")
             except BaseException:
                 conn.exec_(b"ROLLBACK")
                 raise
@@ -170,15 +170,15 @@ def schema_version(dsn: str) -> int:
     try:
         if conn.status != pq.ConnStatus.OK:
             raise ArchiveError(f"cannot connect to the archive: {conn.get_error_message().strip()}")
-        if not _execute(conn, "SELECT to_regclass('zim_schema')")[0][0]:
+        if not execute_blocking(conn, "SELECT to_regclass('zim_schema')")[0][0]:
             return 0
-        rows = _execute(conn, "SELECT version FROM zim_schema")
+        rows = execute_blocking(conn, "SELECT version FROM zim_schema")
         return int(rows[0][0]) if rows else 0
     finally:
         conn.finish()
 
 
-def _execute(conn, sql: str) -> list[tuple]:
+def execute_blocking(conn, sql: str) -> list[tuple]:
     from psycopg import pq
     result = conn.exec_(sql.encode())
     if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):

@@ -132,16 +132,13 @@ class LocalPostgres:
     def execute(self, sql: str, database: str = "postgres") -> list[tuple]:
         """Run ``sql`` (blocking, autocommit) and return its rows as text tuples."""
         from psycopg import pq
+
+        from zim.archive.schema import execute_blocking
         conn = pq.PGconn.connect(self.dsn(database).encode())
         try:
             if conn.status != pq.ConnStatus.OK:
                 raise RuntimeError(conn.get_error_message())
-            result = conn.exec_(sql.encode())
-            if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
-                raise RuntimeError(f"{sql!r}: {result.get_error_message()}")
-            return [tuple(None if value is None else value.decode() for value in
-                          (result.get_value(row, col) for col in range(result.nfields)))
-                    for row in range(result.ntuples)]
+            return execute_blocking(conn, sql)
         finally:
             conn.finish()
 
