@@ -29,7 +29,13 @@ way zim.nodes.link serves Redis.
 - The reactor watches one descriptor: an epoll set of the link's own holding
   libpq's socket (edge-triggered, in and out), as RedisLink does. libpq may
   replace its socket while connecting (another address of the host): the set
-  follows it.
+  follows it. An edge comes once, and libpq reads at most its buffer (16 KiB
+  at first) per read, and reads by itself while it sends: so each wake-up
+  (``_pump``) sends, reads and settles until neither the socket nor libpq's
+  buffer holds an answer.
+- No thread: libpq does the protocol in C and the loop only moves bytes
+  (``bench/archive.py``: a few µs of this process's CPU per archived message
+  in batches of 100 or more).
 """
 from __future__ import annotations
 
