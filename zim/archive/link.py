@@ -211,8 +211,12 @@ class PgLink:
         self.failures = 0
         queued, self._queued = self._queued, deque()
         for work in queued:
-            self._send(work)
-        self._pump()
+            if self.state is UP:
+                self._send(work)
+            else:       # a send failed: the link is down, this one fails too
+                work.settle(False, f"archive link lost: {self.last_error}")
+        if self.state is UP:
+            self._pump()
         if self.on_state is not None and self.state is UP:
             self.on_state(UP)
 
