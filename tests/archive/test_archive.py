@@ -178,6 +178,8 @@ def test_bad_input_is_refused_before_it_is_sent(dsn):
 
 def test_an_unreachable_archive_fails_calls_with_the_reason():
     reactor = Reactor(65536, lambda *packet: None)
+    with pytest.raises(ValueError, match="bad PostgreSQL DSN"):
+        PgLink(reactor, "host=127.0.0.1 port")
     link = PgLink(reactor, f"postgresql://zim@127.0.0.1:{free_loopback_port()}/postgres", **QUICK)
     seen = []
 
