@@ -40,21 +40,18 @@ way zim.nodes.link serves Redis.
 from __future__ import annotations
 
 import logging
-import random
 import select
-import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
 from psycopg import OperationalError, pq
 
-from zim._core import Reactor, Timer
-from zim.backoff import FIRST_BACKOFF, MAX_BACKOFF, backoff_delay, jittered
+from zim._core import Reactor
+from zim.backoff import FIRST_BACKOFF, MAX_BACKOFF
 from zim.pending import Pending
+from zim.servicelink import CONNECTING, UP, ServiceLink
 
-log = logging.getLogger("zim.archive")
 
-DOWN, CONNECTING, UP, CLOSED = "down", "connecting", "up", "closed"
 REPLY_TIMEOUT = 10.0        # seconds without any answer while transactions wait: the link is dead
 MAX_WAITING = 64            # transactions sent or queued at once
 
@@ -98,7 +95,7 @@ class Transaction(Pending):
         self.error: str | None = None
 
 
-class PgLink:
+class PgLink(ServiceLink):
     """A connection to PostgreSQL served by ``reactor``; see the module docstring.
 
     ``state`` is ``"connecting"``, ``"up"``, ``"down"`` (waiting to reconnect)
@@ -106,37 +103,22 @@ class PgLink:
     ``"up"`` or ``"down"``. A DSN libpq cannot parse raises ValueError here.
     """
 
+    kind = "archive"
+    waiting_noun = "transactions"
+    log = logging.getLogger("zim.archive")
+
     def __init__(self, reactor: Reactor, dsn: str, *, reply_timeout: float = REPLY_TIMEOUT,
                  first_backoff: float = FIRST_BACKOFF, max_backoff: float = MAX_BACKOFF,
                  max_waiting: int = MAX_WAITING, on_state: Callable[[str], None] | None = None) -> None:
         self.dsn = check_dsn(dsn)
-        self.reactor = reactor
-        self.reply_timeout = reply_timeout
-        self.first_backoff = first_backoff
-        self.max_backoff = max_backoff
         self.max_waiting = max_waiting
-        self.on_state = on_state
-        self.state = DOWN
-        self.failures = 0               # failed attempts since the link was last up
-        self.connections = 0            # connections made so far (1 + reconnects)
-        self.last_error = ""            # why the link last went down
         self._conn: pq.PGconn | None = None
         self._fd = -1                   # libpq's socket, as registered in the poller
         self._handling = False          # in _pump: calls only queue in libpq, the pump sends them
         self._queued: deque[Transaction] = deque()      # made while connecting
         self._sent: deque[Transaction] = deque()        # on the wire, oldest first
-        self._answers = 0               # results read so far (the stall check's progress)
-        self._answers_at_check = 0
-        self._stalled_for = 0.0
-        self._poller = select.epoll()
-        self._alarm: Timer | None = None
-        try:
-            reactor.watch(self._poller.fileno(), self._on_ready)
-            self._alarm = reactor.timer(self._on_alarm)
-        except BaseException:
-            self.close()
-            raise
-        self._connect()
+        super().__init__(reactor, reply_timeout=reply_timeout, first_backoff=first_backoff,
+                         max_backoff=max_backoff, on_state=on_state)
 
     # -- calls -------------------------------------------------------------------
     def transaction(self, statements: Sequence[Statement]) -> Pending:
@@ -162,23 +144,12 @@ class PgLink:
         """Transactions sent (or queued) and not answered yet."""
         return len(self._queued) + len(self._sent)
 
-    def close(self) -> None:
-        """Drop the connection for good: waiting transactions fail, later ones fail at once."""
-        if self.state is CLOSED:
-            return
-        self._drop_connection()
-        self.state = CLOSED
-        self.last_error = "closed"
-        if self._alarm is not None:
-            self._alarm.close()
-        self.reactor.unwatch(self._poller.fileno())
-        self._poller.close()
-        self._fail_waiting("archive link closed")
+    def _awaiting_answers(self) -> bool:
+        return bool(self._sent)
 
     # -- connecting ----------------------------------------------------------------
     def _connect(self) -> None:
-        self.state = CONNECTING
-        self._stalled_for = 0.0
+        self._start_connecting()
         conn = self._conn = pq.PGconn.connect_start(self.dsn.encode())
         conn.notice_handler = _ignore_notice
         if conn.status == pq.ConnStatus.BAD:
@@ -204,11 +175,7 @@ class PgLink:
                 return
         conn.nonblocking = 1
         conn.enter_pipeline_mode()
-        self.state = UP
-        self.connections += 1
-        if self.failures:
-            log.info("archive reachable again after %d failed attempts", self.failures)
-        self.failures = 0
+        self._became_up()
         queued, self._queued = self._queued, deque()
         for work in queued:
             if self.state is UP:
@@ -324,51 +291,12 @@ class PgLink:
         if conn is not None:
             conn.finish()
 
-    def _lost(self, reason: str) -> None:
-        """The connection is unusable: fail what waits on it, retry later."""
-        was_up = self.state is UP
-        self._drop_connection()
-        self.state = DOWN
-        self.last_error = reason
-        self.failures += 1
-        delay = jittered(backoff_delay(self.failures, self.first_backoff, self.max_backoff), random.random())
-        if was_up or self.failures == 1:
-            log.warning("archive: %s; %d transactions fail; reconnecting", reason, self.waiting)
-        else:
-            log.debug("archive: %s; next attempt in %.2f s", reason, delay)
-        self._alarm.set(time.monotonic_ns() + int(delay * 1e9))
-        if was_up and self.on_state is not None:
-            self.on_state(DOWN)
-        self._fail_waiting(f"archive link lost: {reason}")
-
     def _fail_waiting(self, reason: str) -> None:
         # taken first: a callback may call again (and fail at once, the link being down)
         waiting = [*self._sent, *self._queued]
         self._sent, self._queued = deque(), deque()
         for work in waiting:
             work.settle(False, reason)
-
-    def _arm_stall_check(self) -> None:
-        self._alarm.set(time.monotonic_ns() + int(self._stall_step() * 1e9))
-
-    def _stall_step(self) -> float:
-        return max(0.01, self.reply_timeout / 4)
-
-    def _on_alarm(self) -> None:
-        if self.state is DOWN:
-            self._connect()
-            return
-        if self.state is CLOSED:
-            return
-        if self.state is CONNECTING or (self._sent and self._answers == self._answers_at_check):
-            self._stalled_for += self._stall_step()
-        else:
-            self._stalled_for = 0.0
-        self._answers_at_check = self._answers
-        if self._stalled_for >= self.reply_timeout:
-            self._lost(f"no answer for {self.reply_timeout:g} s")
-            return
-        self._arm_stall_check()
 
 
 def _ready_now(fd: int, events: int) -> bool:

@@ -36,8 +36,9 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from zim._core import Reactor, Timer
 from zim.nodes import schema
-from zim.nodes.link import DOWN, UP, RedisLink, SubscriberLink, as_bytes, parse_redis_url
+from zim.nodes.link import RedisLink, SubscriberLink, as_bytes, parse_redis_url
 from zim.pending import Pending
+from zim.servicelink import DOWN, UP
 
 log = logging.getLogger("zim.nodes")
 

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import random
 import select
 import socket
-import time
 from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
@@ -47,14 +45,14 @@ import hiredis
 from redis.crc import key_slot
 
 from zim._core import Reactor, Timer
-from zim.backoff import FIRST_BACKOFF, MAX_BACKOFF, backoff_delay, jittered
+from zim.backoff import FIRST_BACKOFF, MAX_BACKOFF
 from zim.pending import Pending
+from zim.servicelink import CONNECTING, UP, ServiceLink
 
 log = logging.getLogger("zim.nodes")
 
 Command = Sequence[Any]     # ("SET", "key", b"value"): str, bytes, int or float each
 
-DOWN, CONNECTING, UP, CLOSED = "down", "connecting", "up", "closed"
 
 REPLY_TIMEOUT = 5.0         # seconds without any reply while calls wait: the link is dead
 READ_SIZE = 256 * 1024
@@ -108,7 +106,7 @@ class _Handshake(Pending):
             self.link._up()
 
 
-class RedisLink:
+class RedisLink(ServiceLink):
     """A connection to one Redis, served by ``reactor``; see the module docstring.
 
     It starts connecting at once; ``state`` is ``"connecting"``, ``"up"`` (Redis
@@ -121,22 +119,17 @@ class RedisLink:
     confirmations and messages); without it such a reply is a protocol error.
     """
 
+    kind = "redis"
+    log = logging.getLogger("zim.nodes")
+
     def __init__(self, reactor: Reactor, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
                  password: str | None = None, username: str | None = None, *,
                  reply_timeout: float = REPLY_TIMEOUT, first_backoff: float = FIRST_BACKOFF,
                  max_backoff: float = MAX_BACKOFF,
                  on_state: Callable[[str], None] | None = None,
                  on_push: Callable[[Any], None] | None = None) -> None:
-        self.reactor = reactor
         self.address = (host, port)
-        self.reply_timeout = reply_timeout
-        self.first_backoff = first_backoff
-        self.max_backoff = max_backoff
-        self.on_state = on_state
         self.on_push = on_push
-        self.state = DOWN
-        self.failures = 0               # failed attempts since the link was last up
-        self.connections = 0            # connections made so far (1 + reconnects)
         self._handshake = self._handshake_commands(db, username, password)
         self._sock: socket.socket | None = None
         self._connected = False         # the socket is connected: bytes may be sent
@@ -144,18 +137,8 @@ class RedisLink:
         self._waiting: deque[Pending] = deque()     # sent or queued, oldest first
         self._out = bytearray()         # packed commands the socket has not taken
         self._handling = False          # in a wake-up: hold sends until its end
-        self._replies = 0               # replies read so far (the stall check's progress)
-        self._replies_at_check = 0
-        self._stalled_for = 0.0
-        self._poller = select.epoll()
-        self._alarm: Timer | None = None
-        try:
-            reactor.watch(self._poller.fileno(), self._on_ready)
-            self._alarm = reactor.timer(self._on_alarm)
-        except BaseException:
-            self.close()
-            raise
-        self._connect()
+        super().__init__(reactor, reply_timeout=reply_timeout, first_backoff=first_backoff,
+                         max_backoff=max_backoff, on_state=on_state)
 
     @classmethod
     def from_url(cls, reactor: Reactor, url: str, **options: Any) -> "RedisLink":
@@ -202,22 +185,22 @@ class RedisLink:
         """Calls sent (or queued) and not answered yet."""
         return len(self._waiting)
 
-    def close(self) -> None:
-        """Drop the connection for good: waiting calls fail, later ones fail at once."""
-        if self.state is CLOSED:
-            return
-        self._drop_socket()
-        self.state = CLOSED
-        if self._alarm is not None:
-            self._alarm.close()
-        self.reactor.unwatch(self._poller.fileno())
-        self._poller.close()
-        self._fail_waiting("redis link closed")
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.address[0]}:{self.address[1]}"
+
+    def _awaiting_answers(self) -> bool:
+        return bool(self._waiting)
+
+    def _fail_waiting(self, reason: str) -> None:
+        # taken first: a callback may call again (and fail at once, the link being down)
+        waiting, self._waiting = self._waiting, deque()
+        for pending in waiting:
+            pending.settle(False, reason)
 
     # -- the socket ------------------------------------------------------------
     def _connect(self) -> None:
-        self.state = CONNECTING
-        self._stalled_for = 0.0
+        self._start_connecting()
         try:
             sock = socket.getaddrinfo(*self.address, type=socket.SOCK_STREAM)[0]
             family, kind, proto, _, address = sock
@@ -285,11 +268,7 @@ class RedisLink:
             self._flush()
 
     def _up(self) -> None:
-        self.state = UP
-        self.connections += 1
-        if self.failures:
-            log.info("redis %s:%d reachable again after %d failed attempts", *self.address, self.failures)
-        self.failures = 0
+        self._became_up()
         if self.on_state is not None:
             self.on_state(UP)
 
@@ -313,7 +292,7 @@ class RedisLink:
                     reply = reader.gets()
                     if reply is _MORE:
                         break
-                    self._replies += 1
+                    self._answers += 1
                     if waiting:
                         self._settle_oldest(waiting, reply)
                     elif self.on_push is not None:
@@ -349,7 +328,7 @@ class RedisLink:
             oldest.settle(True, reply)
 
     # -- failures and deadlines ---------------------------------------------------
-    def _drop_socket(self) -> None:
+    def _drop_connection(self) -> None:
         sock, self._sock = self._sock, None
         self._connected = False
         if sock is not None:
@@ -360,54 +339,6 @@ class RedisLink:
             sock.close()
         self._out.clear()
         self._reader = hiredis.Reader(notEnoughData=_MORE)
-
-    def _lost(self, reason: str) -> None:
-        """The connection is unusable: fail what waits on it, retry later."""
-        was_up = self.state is UP
-        self._drop_socket()
-        self.state = DOWN
-        self.failures += 1
-        delay = backoff_delay(self.failures, self.first_backoff, self.max_backoff)
-        delay = jittered(delay, random.random())
-        if was_up or self.failures == 1:
-            log.warning("redis %s:%d: %s; %d calls fail; reconnecting", *self.address, reason,
-                        len(self._waiting))
-        else:
-            log.debug("redis %s:%d: %s; next attempt in %.2f s", *self.address, reason, delay)
-        self._alarm.set(time.monotonic_ns() + int(delay * 1e9))
-        if was_up and self.on_state is not None:
-            self.on_state(DOWN)
-        self._fail_waiting(f"redis link lost: {reason}")
-
-    def _fail_waiting(self, reason: str) -> None:
-        # taken first: a callback may call again (and fail at once, the link being down)
-        waiting, self._waiting = self._waiting, deque()
-        for pending in waiting:
-            pending.settle(False, reason)
-
-    def _arm_stall_check(self) -> None:
-        self._alarm.set(time.monotonic_ns() + int(self._stall_step() * 1e9))
-
-    def _stall_step(self) -> float:
-        return max(0.01, self.reply_timeout / 4)
-
-    def _on_alarm(self) -> None:
-        if self.state is DOWN:
-            self._connect()
-            return
-        if self.state is CLOSED:
-            return
-        # Connecting, or calls waiting, and no reply since the last check: stalled.
-        if self.state is CONNECTING or (self._waiting and self._replies == self._replies_at_check):
-            self._stalled_for += self._stall_step()
-        else:
-            self._stalled_for = 0.0
-        self._replies_at_check = self._replies
-        if self._stalled_for >= self.reply_timeout:
-            self._lost(f"no answer for {self.reply_timeout:g} s")
-            return
-        self._arm_stall_check()
-
 
 # ---------------------------------------------------------------- subscribed mode
 
@@ -547,8 +478,8 @@ class SubscriberLink(RedisLink):
         self._send_by_slot("SSUBSCRIBE", list(self.wanted))
         super()._up()
 
-    def _drop_socket(self) -> None:
-        super()._drop_socket()
+    def _drop_connection(self) -> None:
+        super()._drop_connection()
         self._sent.clear()
         self.confirmed.clear()
         self._leaving.clear()
