@@ -7,6 +7,7 @@ import time
 
 import pytest
 from tests.api.helpers import ApiClient, api_flags, channel_path, logged_in, user_path, wait_for_port
+from tests.support import wait_for
 from tests.support.node_servers import backend_fixture
 from tests.support.redis_servers import requires_redis_server
 from tests.support.client import unique
@@ -33,13 +34,6 @@ def nodes(backend, start_module_server, tmp_path_factory):
         api.close()
 
 
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.02)
-
-
 def test_a_publish_on_node_a_reaches_members_on_node_b(nodes):
     (a, api_a), (b, api_b) = nodes
     on_a, on_b = logged_in(a), logged_in(b)
@@ -48,7 +42,8 @@ def test_a_publish_on_node_a_reaches_members_on_node_b(nodes):
     api_b.ok("POST", "/api/v1/channels", {"name": channel, "members": [on_b[0].user_id, on_a[0].user_id]},
              status=201)
     # node A learns of a membership made on B over the feed, a moment later: its user then follows
-    wait_until(lambda: api_a.ok("GET", "/api/v1/stats")["followedChannels"] == followed + 1)
+    assert wait_for(lambda: api_a.ok("GET", "/api/v1/stats")["followedChannels"] == followed + 1, 5.0), \
+        "node A never followed the channel made on node B"
     stored = api_a.ok("POST", channel_path(channel, "messages"), {"content": "to every node"})
     for client in on_a + on_b:
         action, pushed = client.recv_push()

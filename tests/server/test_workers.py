@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import psutil
 import pytest
 
+from tests.support import wait_for
 from tests.support.servers import ServerProcess
 from tests.support.client import (Closed, RawWs, TcpClient, WsClient, ZimClient, error_code, tcp_packet,
                        unique, ws_frame, ws_message)
@@ -96,16 +97,6 @@ def workers_of(server: ServerProcess, clients: Sequence[Conn | socket.socket]) -
         assert port in owners, f"client port {port} is on no worker of {sorted(set(owners.values()))}"
         result.append(owners[port])
     return result
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------
