@@ -36,6 +36,8 @@ import orjson
 import psutil
 
 from zim import limits as L
+from zim.archive.config import (ARCHIVE_KINDS, DEFAULT_ARCHIVE_BATCH, DEFAULT_ARCHIVE_KINDS, MAX_ARCHIVE_BATCH, check_dsn,
+                                parse_archive_kinds)
 from zim.demo import reactor_pages
 from zim._core import Reactor
 from zim.limits import ClientLimits, check_count, check_rate
@@ -183,6 +185,18 @@ def _on(text: str) -> bool:
 
 
 # ---------------------------------------------------------------- checks of values
+
+def _check_archive_dsn(value: Any) -> str | None:
+    return None if value is None else check_dsn(value)
+
+
+def _check_archive_kinds(value: Any) -> str:
+    return parse_archive_kinds(value) if isinstance(value, str) else _not_kinds(value)
+
+
+def _not_kinds(value: Any) -> str:
+    raise ValueError(f"archive_kinds is a comma-separated list of {', '.join(ARCHIVE_KINDS)}, not {value!r}")
+
 
 def _check_int(name: str, low: int, high: int, what: str = "") -> Callable[[Any], int]:
     def check(value: Any) -> int:
@@ -498,6 +512,20 @@ OPTIONS: tuple[Option, ...] = (
            help="redis://HOST:PORT/DB: be one node of a zim service sharing this Redis (or "
                 "Redis Cluster) for users, messages, mailboxes, presence and pushes; --data "
                 "and --store are then not used (docs/redis.md)"),
+    Option("archive", "--archive", None, metavar="DSN", parse=_flag_value(check_dsn),
+           check=_check_archive_dsn,
+           help="postgresql://USER@HOST:PORT/DB: keep the kinds of --archive-kinds for good in "
+                "PostgreSQL, a second tier behind Redis (on nodes) or SQLite (a single server); "
+                "give HOST as an address (libpq resolves names blocking). Default off (docs/storage.md)"),
+    Option("archive_kinds", "--archive-kinds", DEFAULT_ARCHIVE_KINDS, metavar="KINDS",
+           parse=_flag_value(parse_archive_kinds), check=_check_archive_kinds,
+           help="which conversations --archive keeps: a comma-separated list of private, "
+                "channel (small channels) and large (large channels) (default private). Users, "
+                "memberships and every conversation's seq are kept whatever the kinds"),
+    Option("archive_batch", "--archive-batch", DEFAULT_ARCHIVE_BATCH, metavar="N",
+           parse=bounded_int(1, MAX_ARCHIVE_BATCH), check=_check_int("archive_batch", 1, MAX_ARCHIVE_BATCH),
+           help=f"messages written to the archive in one PostgreSQL transaction, at most "
+                f"(default {DEFAULT_ARCHIVE_BATCH})"),
     Option("metrics", "--metrics", None, metavar="HOST:PORT", parse=address_text, flag_default="off",
            from_flag=_off_is_none, check=_check_address("metrics"),
            help="serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP on "

@@ -25,6 +25,7 @@ from zim import datadir, tokens
 from zim.access import JwtLogins
 from zim._core import PEER_KEY_MASK, PEER_MARK, PEER_WS
 from zim.api import ServerApi, read_api_key
+from zim.archive.stats import ARCHIVE_FAMILIES
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, Groups, LocalFabric
 from zim.handler import DEFERRED, STORE_FAILED, Ctx, Error, error_body
@@ -501,7 +502,11 @@ class Server:
         if self.node is not None:
             for master, up in self.node.redis.masters_up().items():
                 values[("zim_redis_link_up", master)] = int(up)
-        return families + families_from_counts(APP_FAMILIES, values)
+        families += families_from_counts(APP_FAMILIES, values)
+        archive_stats = getattr(self.store, "archive_stats", None)     # set when --archive is on
+        if archive_stats is not None:
+            families += families_from_counts(ARCHIVE_FAMILIES, archive_stats.figures())
+        return families
 
     def log_ceiling(self, serving_processes: int) -> None:
         """Say at start how many connections the open-files limit lets the server hold, and

@@ -7,7 +7,7 @@ import pytest
 
 from tests.support import postgres_servers
 from tests.support.postgres_servers import requires_postgres
-from zim.archive.link import check_dsn
+from zim.archive.config import check_dsn
 from zim.archive.schema import (SCHEMA_VERSION, ArchiveError, SchemaTooNew, conversation_key, migrate, month_of,
                                 partition_ddl, schema_version)
 from zim.ids import EPOCH_MS, TIME_SHIFT
@@ -31,6 +31,19 @@ def test_migrate_from_empty_then_again_is_a_no_op(postgres_server, fresh_databas
     assert migrate(dsn) == SCHEMA_VERSION        # nothing left to do
     assert postgres_server.execute(TABLES, database) == tables
     assert postgres_server.execute("SELECT count(*) FROM zim_schema", database) == [("1",)]
+
+
+def test_an_older_database_is_upgraded_keeping_its_rows(postgres_server, fresh_database):
+    dsn = fresh_database()
+    database = dsn.rsplit("/", 1)[1]
+    assert migrate(dsn, target=1) == 0
+    assert schema_version(dsn) == 1
+    postgres_server.execute("INSERT INTO users (id, name) VALUES (7, 'ann')", database)
+    assert migrate(dsn) == 1
+    assert schema_version(dsn) == SCHEMA_VERSION
+    assert postgres_server.execute("SELECT id, name FROM users", database) == [("7", "ann")]
+    tables = {t for (t,) in postgres_server.execute(TABLES, database)}
+    assert {"channels", "grants", "settings"} <= tables
 
 
 def test_a_database_newer_than_the_code_is_refused(postgres_server, fresh_database):

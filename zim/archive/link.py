@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 from psycopg import OperationalError, pq
 
 from zim._core import Reactor
+from zim.archive.config import check_dsn
 from zim.backoff import FIRST_BACKOFF, MAX_BACKOFF
 from zim.pending import Pending
 from zim.servicelink import CONNECTING, UP, ServiceLink
@@ -58,18 +59,6 @@ MAX_WAITING = 64            # transactions sent or queued at once
 Statement = tuple[str, Sequence[Any]]
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _ROWS = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
-
-
-def check_dsn(dsn: str) -> str:
-    """``dsn`` if libpq can parse it (a ``postgresql://`` URI or ``key=value`` pairs);
-    ValueError saying why not otherwise. Reachability is the link's business."""
-    if not isinstance(dsn, str) or not dsn:
-        raise ValueError("the archive needs a PostgreSQL DSN, e.g. postgresql://user@host:5432/zim")
-    try:
-        pq.Conninfo.parse(dsn.encode())
-    except OperationalError as exc:
-        raise ValueError(f"bad PostgreSQL DSN {dsn!r}: {str(exc).strip()}") from None
-    return dsn
 
 
 def as_param(value: Any) -> bytes | None:

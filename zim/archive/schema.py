@@ -22,6 +22,13 @@ Version 1:
   and ``conversations`` (each conversation's highest seq): what the archive
   needs to be read back after a cache loses its data.
 
+Version 2:
+
+- ``channels`` (name, private flag) and ``grants`` (channel, user, may invite):
+  a private channel stays private after a cache lost its data;
+- ``settings`` (name, value): the service's shared values that must outlive
+  Redis, such as the token secret (else every token stops verifying).
+
 User ids are 64-bit unsigned (zim.storage.store.MAX_USER_ID), more than
 ``bigint`` holds: they are ``numeric(20)``. Message ids are 63-bit (``bigint``).
 """
@@ -64,6 +71,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE conversations (
                conversation text PRIMARY KEY,
                seq bigint NOT NULL
+           )""",
+    ),
+    # 2: what else a cache that lost its data is filled from: channels (and
+    # whether private), grants, and the service's settings (the token secret)
+    (
+        """CREATE TABLE channels (
+               name text PRIMARY KEY,
+               private boolean NOT NULL
+           )""",
+        """CREATE TABLE grants (
+               channel text NOT NULL,
+               user_id numeric(20) NOT NULL,
+               can_invite boolean NOT NULL,
+               PRIMARY KEY (channel, user_id)
+           )""",
+        "CREATE INDEX grants_by_user ON grants (user_id)",
+        """CREATE TABLE settings (
+               name text PRIMARY KEY,
+               value bytea NOT NULL
            )""",
     ),
 )
@@ -125,9 +151,9 @@ def months_of(message_ids: Iterable[int]) -> set[tuple[int, int]]:
 
 # -- migrations ----------------------------------------------------------------------
 
-def migrate(dsn: str) -> int:
-    """Bring the database at ``dsn`` to SCHEMA_VERSION (blocking); returns the
-    version it had before. ``SchemaTooNew`` if it is newer than this code,
+def migrate(dsn: str, target: int = SCHEMA_VERSION) -> int:
+    """Bring the database at ``dsn`` to ``target`` (SCHEMA_VERSION unless a test
+    wants an older one; blocking); returns the version it had before. ``SchemaTooNew`` if it is newer than this code,
     ``ArchiveError`` if PostgreSQL cannot be reached or refuses a statement (the
     failed migration is rolled back whole)."""
     from psycopg import pq
@@ -149,7 +175,7 @@ def migrate(dsn: str) -> int:
                 if version > SCHEMA_VERSION:
                     raise SchemaTooNew(f"the archive's schema is version {version}, newer than this "
                                        f"zim's ({SCHEMA_VERSION}): upgrade zim before using this database")
-                if version == SCHEMA_VERSION:
+                if version >= target:
                     execute_blocking(conn, "COMMIT")
                     return found
                 for statement in MIGRATIONS[version]:
