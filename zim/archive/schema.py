@@ -212,3 +212,36 @@ def execute_blocking(conn, sql: str) -> list[tuple]:
     return [tuple(None if value is None else value.decode() for value in
                   (result.get_value(row, col) for col in range(result.nfields)))
             for row in range(result.ntuples)]
+
+
+# -- the service's settings, read at start ------------------------------------------------
+
+def shared_settings(dsn: str, offered: dict[str, bytes]) -> dict[str, bytes]:
+    """The values of ``offered``'s settings as the archive holds them (blocking, at
+    a node's start): each one absent is stored as offered (INSERT ... ON CONFLICT
+    DO NOTHING), then all are read back, so nodes starting together agree on the
+    first writer's values. ``ArchiveError`` if PostgreSQL cannot say."""
+    from psycopg import pq
+    conn = pq.PGconn.connect(dsn.encode())
+    try:
+        if conn.status != pq.ConnStatus.OK:
+            raise ArchiveError(f"cannot connect to the archive: {conn.get_error_message().strip()}")
+        found = {}
+        for name, value in offered.items():
+            _execute_binary(conn, b"INSERT INTO settings (name, value) VALUES ($1::text, $2::bytea) "
+                                  b"ON CONFLICT (name) DO NOTHING", [name.encode(), value])
+            found[name] = bytes(_execute_binary(conn, b"SELECT value FROM settings WHERE name = $1::text",
+                                                [name.encode()])[0][0])
+        return found
+    finally:
+        conn.finish()
+
+
+def _execute_binary(conn, sql: bytes, params: list[bytes]) -> list[tuple]:
+    """One statement with text and bytea parameters, all sent and read back as
+    binary (a bytea's bytes as they are, a text's UTF-8)."""
+    from psycopg import pq
+    result = conn.exec_params(sql, params, param_formats=[1] * len(params), result_format=1)
+    if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        raise ArchiveError(f"{sql.split()[0].decode()} failed: {result.get_error_message().strip()}")
+    return [tuple(result.get_value(row, col) for col in range(result.nfields)) for row in range(result.ntuples)]

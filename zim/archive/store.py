@@ -19,7 +19,7 @@ sends it again.
   and whether older ones exist.
 - ``highest_seq(kind, key)``: the conversation's seq counter (0: none).
 - ``save_user``/``user``, ``save_membership``/``remove_membership``/
-  ``memberships_of``: what a cache that lost its data is filled from.
+  ``memberships_of``, ``channel``: what a cache that lost its data is filled from.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import orjson
 from zim.archive.link import PgLink
 from zim.archive.schema import conversation_key, months_of, partition_ddl
 from zim.pending import Pending
-from zim.storage.store import ChannelKey, HistoryKind, Message, PairKey
+from zim.storage.store import CHANNEL, ChannelKey, HistoryKind, Message, PairKey
 
 ArchivedMessage = tuple[HistoryKind, Union[ChannelKey, PairKey], Message]
 NO_BOUND = (1 << 63) - 1    # "before_seq" when the caller gives none
@@ -123,6 +123,21 @@ class Archive:
                                 "ORDER BY channel", (user_id,))]).wait(_membership_rows, result, None)
         return result
 
+    # -- reads and restores for a cache that lost its data ----------------------------------
+    def channel(self, name: str) -> Pending:
+        """Settles with what a cache needs to restore a channel, in one transaction:
+        ``(private, seq, grants, members)`` (``grants`` ``[(user id, can_invite)]``,
+        ``members`` ``[(user id, push)]``, seq the highest archived), or None when
+        the archive has no such channel."""
+        result = Pending()
+        self.link.transaction([
+            ("SELECT private FROM channels WHERE name = $1", (name,)),
+            ("SELECT seq FROM conversations WHERE conversation = $1", (conversation_key(CHANNEL, name),)),
+            ("SELECT user_id, can_invite FROM grants WHERE channel = $1", (name,)),
+            ("SELECT user_id, push FROM memberships WHERE channel = $1", (name,)),
+        ]).wait(_channel_rows, result, None)
+        return result
+
     # -- plumbing --------------------------------------------------------------------------
     def _write(self, sql: str, params: tuple) -> Pending:
         result = Pending()
@@ -178,6 +193,19 @@ def _membership_rows(result: Pending, _: None, ok: bool, value: Any) -> None:
         result.settle(False, value)
         return
     result.settle(True, [(channel.decode(), push == b"t") for channel, push in value[0]])
+
+
+def _channel_rows(result: Pending, _: None, ok: bool, value: Any) -> None:
+    if not ok:
+        result.settle(False, value)
+        return
+    flag, seq, grants, members = value
+    if not flag:
+        result.settle(True, None)
+        return
+    result.settle(True, (flag[0][0] == b"t", int(seq[0][0]) if seq else 0,
+                         [(int(user), invite == b"t") for user, invite in grants],
+                         [(int(user), push == b"t") for user, push in members]))
 
 
 def _written(result: Pending, _: None, ok: bool, value: Any) -> None:

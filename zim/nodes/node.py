@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from zim.archive import config as archive_config
+from zim.archive.schema import migrate, shared_settings
 from zim.datadir import check_file_directory
 from zim.ids import MAX_WORKER
 from zim.nodes import schema
@@ -49,6 +51,8 @@ log = logging.getLogger("zim.nodes")
 NODE_LIFETIME_MS = 10_000          # a node silent this long is dead: its users are elsewhere
 WORKER_CLAIM_MS = 60_000           # a worker id is held this long past the last beat
 FEED_CHANNEL = f"{schema.PREFIX}:{{feed}}"     # memberships and names changed by any node
+SECRET_SETTING = "token-secret"             # the archive's settings (with --archive): what outlives Redis
+TOKENS_V2_SETTING = "tokens-v2-since"
 SECRET_BYTES = 32
 
 
@@ -73,13 +77,18 @@ class Node:
     """One node: see the module docstring. ``Node(url)`` does the start's
     blocking part; ``attach(reactor, ...)`` the rest, once the reactor exists."""
 
-    def __init__(self, url: str, retention: Retention = Retention(), secret_file: str | None = None) -> None:
+    def __init__(self, url: str, retention: Retention = Retention(), secret_file: str | None = None,
+                 archive: str | None = None, archive_kinds: str = archive_config.DEFAULT_ARCHIVE_KINDS) -> None:
         self.address = parse_redis_url(url)     # ValueError for what the links could not use
         file_secret = None
         if secret_file is not None:             # read first: a bad file stops the node before Redis
             check_file_directory(secret_file, "secret file")
             file_secret = read_secret_file(secret_file, "secret file")
         self.url = url
+        self.archive_dsn = archive
+        self.archive_kinds = archive_config.archive_kinds(archive_kinds)
+        if archive is not None:
+            migrate(archive)        # blocking, before anyone is served
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{now_ms()}"
         # cluster or not, the slot map, the scripts on every master (RuntimeError
         # after START_TIMEOUT); ``attach`` opens the links on what it found
@@ -88,13 +97,18 @@ class Node:
         try:
             if file_secret is not None:
                 self.secret = file_secret
+            elif archive is not None:
+                self.secret = client.get(schema.SECRET_KEY) or os.urandom(SECRET_BYTES)    # offered to the archive
             else:
                 log.warning("the token secret is the Redis key %s: whoever can read this Redis (or its "
                             "backups) can log in as every user. Give every node the same private file "
                             "instead: --secret-file PATH (docs/redis.md)", schema.SECRET_KEY)
                 self.secret = self._shared_secret(client)
+            if archive is not None:     # it outlives Redis: the archive's settings say which it is
+                self.secret, self.tokens_v2_since = self._archived_settings(client, file_secret is None)
             self._check_secret_id(client)
-            self.tokens_v2_since = self._tokens_v2_since(client)
+            if archive is None:
+                self.tokens_v2_since = self._tokens_v2_since(client)
             self.worker_id = self._claim_worker_id(client)
         finally:
             client.close()
@@ -115,6 +129,35 @@ class Node:
         if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
             raise RuntimeError(f"{schema.SECRET_KEY} in redis is not a {SECRET_BYTES}-byte secret")
         return secret
+
+    def _archived_settings(self, client: Any, secret_in_redis: bool) -> tuple[bytes, int]:
+        """The token secret (without --secret-file) and ``tokens-v2-since`` as the
+        archive holds them: a Redis that lost its data (its secret remade just
+        now) takes them back, so the tokens issued before still verify. The first
+        node offers Redis's (INSERT ... ON CONFLICT DO NOTHING, then read back)."""
+        if secret_in_redis:
+            log.warning("the token secret is the Redis key %s, kept in the archive's settings too: whoever can "
+                        "read this Redis or this PostgreSQL (or their backups) can log in as every user. Give "
+                        "every node the same private file instead: --secret-file PATH (docs/redis.md)",
+                        schema.SECRET_KEY)
+        offered = {TOKENS_V2_SETTING: str(self._tokens_v2_since(client)).encode()}
+        if secret_in_redis:
+            offered[SECRET_SETTING] = self.secret
+        found = shared_settings(self.archive_dsn, offered)
+        secret = self.secret
+        if secret_in_redis:
+            secret = found[SECRET_SETTING]
+            for command in schema.secret_steps(secret):     # SET NX, then GET: the one Redis holds
+                held = client.execute_command(*command)
+            if held != secret:
+                raise RuntimeError(
+                    f"the token secret in redis ({schema.SECRET_KEY}) differs from the archive's (its "
+                    f"settings table, {SECRET_SETTING!r}): the archive's is the one every token was signed "
+                    f"with. To change the secret on purpose, which logs every user out, stop every node and "
+                    f"delete both (and {schema.SECRET_ID_KEY})")
+        since = int(found[TOKENS_V2_SETTING])
+        client.execute_command("SET", schema.TOKENS_V2_KEY, since)
+        return secret, since
 
     def _check_secret_id(self, client: Any) -> None:
         """Every node must sign with the same secret: the first one records its
@@ -160,12 +203,25 @@ class Node:
             self.redis = redis = ClusterRedis(reactor, self.address, self.slot_ranges)
         redis.on_message = self._on_message
         self.store.redis = redis
+        if self.archive_dsn is not None:
+            self._attach_archive(reactor)
         self.fabric = NodeFabric(fabric, groups, self)
         redis.subscribe(FEED_CHANNEL)
         redis.subscribe(self.inbox.decode())
         self.beat()
         log.info("zim node %s (worker id %d) on %s", self.node_id, self.worker_id, self.url)
         return self.fabric
+
+    def _attach_archive(self, reactor: "Reactor") -> None:
+        """The archive's link and calls, on the store (a stand-in for the write
+        side's wiring, which also runs the archiver)."""
+        from zim.archive.link import PgLink
+        from zim.archive.stats import ArchiveStats
+        from zim.archive.store import Archive
+        store = self.store
+        store.archive = Archive(PgLink(reactor, self.archive_dsn))
+        store.archive_kinds = self.archive_kinds
+        store.archive_stats = ArchiveStats()
 
     def beat(self) -> None:
         """Every second: say this node is alive, and learn which nodes are not."""

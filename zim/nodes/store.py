@@ -35,7 +35,9 @@ import logging
 import time
 from typing import Any, Callable, Iterable, Union
 
-from zim.nodes import schema
+from zim.nodes import refill, schema
+from zim.nodes.steps import after, both, shared
+from zim.nodes.tiers import may_archive_channels, tiered_history
 from zim.pending import Pending, gather
 from zim.storage.retention import Retention
 from zim.storage.store import (
@@ -49,72 +51,6 @@ Change = dict       # a change-feed entry: {"k": kind, ...}; see RedisStore.appl
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def after(pending: Pending, step: Callable[[Any], Any]) -> Pending:
-    """A Pending for ``step(value)`` once ``pending`` succeeds: ``step`` returns the
-    value, or another Pending to wait on. A failure (or an exception in ``step``)
-    settles it with ok=False; a StoreRefusal that ``step`` raises is the value then."""
-    result = Pending()
-    pending.wait(_run_step, result, step)
-    return result
-
-
-def _run_step(result: Pending, step: Callable[[Any], Any], ok: bool, value: Any) -> None:
-    if not ok:
-        result.settle(False, value)
-        return
-    try:
-        value = step(value)
-    except StoreRefusal as refusal:     # a quota: nothing was stored, the client is told why
-        result.settle(False, refusal)
-        return
-    except Exception as exc:  # noqa: BLE001 -- a bad reply must fail the call, not the loop
-        log.exception("a Redis reply could not be used")
-        result.settle(False, f"bad reply from redis: {exc}")
-        return
-    if isinstance(value, Pending):
-        value.wait(_relay, result, None)
-    else:
-        result.settle(True, value)
-
-
-def _relay(result: Pending, _: None, ok: bool, value: Any) -> None:
-    result.settle(ok, value)
-
-
-class Shared(Pending):
-    """A Pending that several may wait on (a plain one has one waiter)."""
-
-    __slots__ = ("_others",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._others: list[tuple] = []
-
-    def wait(self, callback: Callable[[Any, Any, bool, Any], None], first: Any, second: Any) -> None:
-        if self.outcome is None and self._callback is not None:
-            self._others.append((callback, first, second))
-            return
-        super().wait(callback, first, second)
-
-    def settle(self, ok: bool, value: Any) -> None:
-        others, self._others = self._others, []
-        super().settle(ok, value)
-        self.outcome = (ok, value)      # whoever waits later learns it at once
-        for callback, first, second in others:
-            callback(first, second, ok, value)
-
-
-def shared(pending: Pending) -> Shared:
-    result = Shared()
-    pending.wait(_relay, result, None)
-    return result
-
-
-def both(first: Pending, second: Pending) -> Pending:
-    """A Pending for ``second``'s value once both succeeded (the first failure otherwise)."""
-    return after(first, lambda _: second)
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -138,6 +74,10 @@ class RedisStore:
         self.cache.set_quotas(NO_QUOTAS)             # the quotas are Redis's to enforce
         self.quotas = Quotas()
         self._user_writes: dict[int, Pending] = {}   # a user's record write not yet answered
+        # the archive tier (--archive): set by zim.nodes.node.Node, None without it
+        self.archive: Any = None
+        self.archive_kinds: frozenset[str] = frozenset()
+        self.archive_stats: Any = None
 
     def set_quotas(self, quotas: Quotas) -> None:
         """The limits every node of a service should share (zim.storage.store.Quotas)."""
@@ -174,6 +114,14 @@ class RedisStore:
         is cached already (users are never deleted)."""
         if self.cache.user_exists(user_id):
             return None
+        read = self._read_user(user_id)
+        if self.archive is None:
+            return read
+        # Redis may have lost it: the archive says (zim.nodes.refill)
+        return after(read, lambda known: known or after(refill.restore_user(self, user_id),
+                                                        lambda epoch: epoch is not None and self._read_user(user_id)))
+
+    def _read_user(self, user_id: int) -> Pending:
         keys = schema.user_keys(user_id)
         return after(self.redis.pipeline([("HGET", keys.user, "name"), ("HGETALL", keys.channels)]),
                      lambda replies: self._learn_user(user_id, *replies))
@@ -185,9 +133,19 @@ class RedisStore:
 
     def confirm_token_epoch(self, user_id: int) -> Pending:
         """The user's epoch as Redis holds it (a revocation on another node counts
-        at once), into the cache too."""
-        return after(self.redis.call(*schema.token_epoch_command(user_id)),
-                     lambda reply: self._learn_epoch(user_id, int(reply or 0), exact=True))
+        at once), into the cache too. With the archive, a user Redis lost is
+        restored first: its archived epoch counts (zim.nodes.refill)."""
+        if self.archive is None:
+            return after(self.redis.call(*schema.token_epoch_command(user_id)),
+                         lambda reply: self._learn_epoch(user_id, int(reply or 0), exact=True))
+        read = self.redis.call("HMGET", schema.user_keys(user_id).user, "name", "epoch")
+        return after(read, lambda reply: self._epoch_or_restore(user_id, *reply))
+
+    def _epoch_or_restore(self, user_id: int, name: Any, epoch: Any) -> Any:
+        if name is not None:
+            return self._learn_epoch(user_id, int(epoch or 0), exact=True)
+        return after(refill.restore_user(self, user_id),
+                     lambda restored: self._learn_epoch(user_id, restored or 0, exact=True))
 
     def _learn_epoch(self, user_id: int, epoch: int, exact: bool = False) -> int:
         """Into the cache: Redis's value as read (``exact``), or a newer one heard of."""
@@ -230,8 +188,16 @@ class RedisStore:
     def confirm_member(self, channel: str, user_id: int) -> Pending:
         """Read whether the channel exists and the user's membership from Redis into the cache."""
         keys = schema.channel_keys(channel)
-        return after(self.redis.pipeline([("EXISTS", keys.seq), ("HGET", keys.members, user_id)]),
-                     lambda replies: self._learn_member(channel, user_id, *replies))
+        read = self._with_channel(channel, lambda: self.redis.pipeline([("EXISTS", keys.seq),
+                                                                        ("HGET", keys.members, user_id)]))
+        return after(read, lambda replies: self._learn_member(channel, user_id, *replies))
+
+    def _with_channel(self, channel: str, command: Callable[[], Pending]) -> Pending:
+        """``command()``'s Pending; with the archive, once a channel Redis lost is
+        restored (zim.nodes.refill), so that its "no such channel" is true."""
+        if self.archive is None:
+            return command()
+        return after(refill.ensure_channel(self, channel), lambda _: command())
 
     def _learn_member(self, channel: str, user_id: int, exists: int, push: bytes | None) -> bool:
         cache = self.cache
@@ -252,7 +218,8 @@ class RedisStore:
         cache = self.cache
         existed, old = cache.channel_exists(channel), cache.membership(channel, user_id)
         cache.subscribe(channel, user_id, push)
-        joined = self.redis.call(*schema.channel_join_command(channel, user_id, push, public_only=not existed))
+        join = schema.channel_join_command(channel, user_id, push, public_only=not existed)
+        joined = self._with_channel(channel, lambda: self.redis.call(*join))
         done = shared(after(joined, lambda reply: self._joined(channel, user_id, push, reply)))
         done.wait(self._member_written, (channel, user_id, existed, old), {"k": "member", "c": channel,
                                                                           "u": user_id, "p": int(push)})
@@ -309,7 +276,7 @@ class RedisStore:
     def delete_channel(self, channel: str) -> Pending:
         """A Pending of the former members' ids (None: no such channel); the
         other nodes drop it from their caches over the feed (kind "drop")."""
-        deleted = self.redis.call(*schema.channel_delete_command(channel))
+        deleted = self._with_channel(channel, lambda: self.redis.call(*schema.channel_delete_command(channel)))
         return after(deleted, lambda reply: self._channel_deleted(channel, reply))
 
     def _channel_deleted(self, channel: str, reply: Any) -> Any:
@@ -351,7 +318,8 @@ class RedisStore:
         return self._make_channel(channel, creator, private, claim)
 
     def _make_channel(self, channel: str, creator: int | None, private: bool, claim: int) -> Pending:
-        made = self.redis.call(*schema.channel_make_command(channel, creator, private))
+        made = self._with_channel(channel, lambda: self.redis.call(*schema.channel_make_command(channel, creator,
+                                                                                                 private)))
         return after(made, lambda reply: self._made(channel, creator, private, claim, int(reply)))
 
     def _made(self, channel: str, creator: int | None, private: bool, claim: int, made: int) -> Any:
@@ -378,8 +346,8 @@ class RedisStore:
         round trip to the channel's slot: whether the channel exists and is
         private, the user's membership and grant. (The cache may have learnt of
         a channel without its flag: every join of a non-member asks.)"""
-        return after(self.redis.pipeline(schema.channel_join_reads(channel, user_id)),
-                     lambda replies: self._learn_join(channel, user_id, *replies))
+        read = self._with_channel(channel, lambda: self.redis.pipeline(schema.channel_join_reads(channel, user_id)))
+        return after(read, lambda replies: self._learn_join(channel, user_id, *replies))
 
     def _learn_join(self, channel: str, user_id: int, exists: Any, private: Any, push: Any, grant: Any) -> bool:
         cache = self.cache
@@ -395,7 +363,8 @@ class RedisStore:
 
     def _read_privacy(self, channel: str) -> Pending:
         commands = schema.channel_join_reads(channel, 0)[:2]
-        return after(self.redis.pipeline(commands), lambda replies: self._learn_privacy(channel, *replies))
+        return after(self._with_channel(channel, lambda: self.redis.pipeline(commands)),
+                     lambda replies: self._learn_privacy(channel, *replies))
 
     def _learn_privacy(self, channel: str, exists: Any, private: Any) -> bool:
         if int(exists):
@@ -422,8 +391,8 @@ class RedisStore:
 
     def confirm_grant(self, channel: str, user_id: int) -> Pending:
         """Read the user's grant from Redis into the cache (a "no" may be stale)."""
-        return after(self.redis.call(*schema.grant_of_command(channel, user_id)),
-                     lambda reply: self._cache_grant(channel, user_id, None if reply is None else reply == b"1"))
+        read = self._with_channel(channel, lambda: self.redis.call(*schema.grant_of_command(channel, user_id)))
+        return after(read, lambda reply: self._cache_grant(channel, user_id, None if reply is None else reply == b"1"))
 
     def _cache_grant(self, channel: str, user_id: int, can_invite: bool | None) -> None:
         if self.cache.channel_exists(channel):      # else read when needed (confirm_grant)
@@ -518,6 +487,8 @@ class RedisStore:
             keys = schema.pair_keys(*key)  # type: ignore[misc]
         else:
             raise ValueError(f"unknown history kind {kind!r}")
+        if self.archive is not None and (kind != CHANNEL or may_archive_channels(self.archive_kinds)):
+            return tiered_history(self, kind, key, keys, before_seq, limit)
         return after(self.redis.call(*schema.history_command(keys, before_seq, limit)),
                      lambda reply: schema.parse_history(reply, limit))
 
