@@ -7,6 +7,8 @@ says so. ``RedisStore`` asks here whenever Redis lacks a user or a channel:
 - ``restore_user``: the user's name and token epoch (the epoch never goes
   back, so a revoked token stays revoked), its channel index, and each of its
   channels (``ensure_channel``);
+- ``restore_conversation``: a user pair's seq counter (and ``archived``), when a
+  history read finds none;
 - ``ensure_channel``: a channel Redis does not have is restored whole when
   the archive knows it: its seq (goes on from where it was, never from 1) and
   ``archived`` watermark, its private flag, grants and members, in one script
@@ -54,7 +56,13 @@ for i = 4, grants_end, 2 do redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) 
 for i = grants_end + 1, #ARGV, 2 do redis.call('HSETNX', KEYS[5], ARGV[i], ARGV[i + 1]) end
 return 1
 """)
-RESTORE_SCRIPTS = (RESTORE_USER, RESTORE_CHANNEL)
+# KEYS: seq, archived. ARGV: the archived seq. A pair's seq counter, if Redis has none.
+RESTORE_SEQ = schema.Script("restore_seq", """
+if tonumber(ARGV[1]) > 0 and redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('SET', KEYS[2], ARGV[1], 'NX')
+end
+return 1
+""")
 
 
 def restore_user(store: Any, user_id: int) -> Pending:
@@ -76,6 +84,15 @@ def _restore_user(store: Any, user_id: int, record: Any, memberships: list) -> P
                                            for channel, push in memberships]))
     steps += [ensure_channel(store, channel) for channel, _ in memberships]
     return after(gather(steps), lambda replies: int(replies[0]))
+
+
+def restore_conversation(store: Any, kind: str, key: Any, keys: schema.ConversationKeys) -> Pending:
+    """A conversation's seq (and ``archived``) from the archive when Redis lost
+    them; a channel is restored whole (``ensure_channel``)."""
+    if keys.members is not None:
+        return ensure_channel(store, key)
+    command = lambda seq: store.redis.call(*RESTORE_SEQ.command((keys.seq, archive_keys(keys).archived), [seq]))  # noqa: E731
+    return after(store.archive.highest_seq(kind, key), command)
 
 
 def ensure_channel(store: Any, channel: str) -> Pending:

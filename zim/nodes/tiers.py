@@ -8,7 +8,9 @@ seq < ``before_seq``, the newest of those, oldest first, and whether older ones
 exist), whichever tiers it comes from:
 
 1. the log page (``XREVRANGE``), with ``GET seq`` (and ``HLEN members`` for a
-   channel) in the same round trip to the conversation's slot. The page is
+   channel) in the same round trip to the conversation's slot (no ``seq``:
+   Redis lost the conversation; it is restored from the archive first,
+   zim.nodes.refill, and the page read again). The page is
    complete when the log gave ``limit + 1`` entries, or reached seq 1, or the
    conversation has no message (seq 0);
 2. else the part below comes from ``cold`` (zim.nodes.archive_schema): only the
@@ -29,7 +31,7 @@ from typing import Any, Union
 
 import orjson
 
-from zim.nodes import schema
+from zim.nodes import refill, schema
 from zim.nodes.archive_schema import archive_keys
 from zim.pending import Pending
 from zim.storage.retention import DAY_MS, Retention, Tier
@@ -58,19 +60,30 @@ def tiered_history(store: Any, kind: HistoryKind, key: Union[ChannelKey, PairKey
                    keys: schema.ConversationKeys, before_seq: int | None, limit: int) -> Pending:
     """A page across the tiers (see the module docstring); ``store`` is the
     node's RedisStore, with ``archive``, ``archive_kinds`` and ``archive_stats`` set."""
-    limit = max(0, limit)
-    commands = [schema.history_command(keys, before_seq, limit), ("GET", keys.seq)]
+    result = Pending()
+    _read_log(result, _Read(store, kind, key, keys, before_seq, max(0, limit)))
+    return result
+
+
+def _read_log(result: Pending, read: _Read) -> None:
+    keys = read.keys
+    commands = [schema.history_command(keys, read.before_seq, read.limit), ("GET", keys.seq)]
     if keys.members is not None:
         commands.append(("HLEN", keys.members))
-    result = Pending()
-    store.redis.pipeline(commands).wait(_logged, result, _Read(store, kind, key, keys, before_seq, limit))
-    return result
+    read.store.redis.pipeline(commands).wait(_logged, result, read)
+
+
+def _restored(result: Pending, read: _Read, ok: bool, value: Any) -> None:
+    if not ok:
+        result.settle(False, f"archive: {value}")
+        return
+    _read_log(result, read)
 
 
 class _Read:
     """One page being read across the tiers: what each step needs of the one before."""
 
-    __slots__ = ("store", "kind", "key", "keys", "before_seq", "limit", "messages", "tier")
+    __slots__ = ("store", "kind", "key", "keys", "before_seq", "limit", "messages", "tier", "restored")
 
     def __init__(self, store: Any, kind: HistoryKind, key: Any, keys: schema.ConversationKeys,
                  before_seq: int | None, limit: int) -> None:
@@ -78,6 +91,7 @@ class _Read:
         self.before_seq, self.limit = before_seq, limit
         self.messages: list[Message] = []       # newest first, as the tiers give them
         self.tier: Tier | None = None
+        self.restored = False                   # the seq counter was asked of the archive
 
     def lowest(self) -> int | None:
         return self.messages[-1]["seq"] if self.messages else None
@@ -102,9 +116,16 @@ def _logged(result: Pending, read: _Read, ok: bool, replies: Any) -> None:
     except Exception as exc:  # noqa: BLE001 -- a bad reply fails the page, not the loop
         result.settle(False, f"bad reply from redis: {exc}")
         return
+    if seq is None and read.tier is not None and not read.restored:
+        # Redis lost the conversation's seq (and whatever else): the archive says
+        # where it was, and the page is read again
+        read.restored = True
+        refill.restore_conversation(store, read.kind, read.key, read.keys).wait(_restored, result, read)
+        return
     read.messages = oldest_first[::-1]
     lowest = read.lowest()
-    if read.tier is None or has_more or lowest == 1 or seq == b"0" or not read.wanted():
+    # (a log page of exactly ``limit`` still asks below it: whether older ones exist)
+    if read.tier is None or has_more or lowest == 1 or seq == b"0":
         result.settle(True, (oldest_first, has_more))
         return
     # the part below the log: below the lowest it gave, else below before_seq
