@@ -14,6 +14,10 @@ handlers (the single process, or the router of ``--workers N``) a node:
   ``RedisStore`` over it, the ``NodeFabric`` wrapped around the process's own
   fabric, and its pub/sub channels: its inbox, the change feed, and the
   channels its users follow;
+- with ``--archive DSN`` (``archive``): the archive's schema migrated at the
+  start (a PostgreSQL unreachable then is only a warning: the archiver migrates
+  once its link is up), and on the loop the ``zim.nodes.archiving.Archiver``
+  with its link; the store gets ``archive``, ``archive_kinds``, ``archive_stats``;
 - every second: a beat in ``zim:nodes`` (a deadline ``NODE_LIFETIME_MS`` ahead)
   and the list of nodes whose deadline has passed: their presence fields are
   ignored, and swept away (each dead node's set of users, taken by batches with
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from zim.archive.config import archive_kinds as parse_kinds
 from zim.datadir import check_file_directory
 from zim.ids import MAX_WORKER
 from zim.nodes import schema
@@ -50,6 +55,7 @@ NODE_LIFETIME_MS = 10_000          # a node silent this long is dead: its users 
 WORKER_CLAIM_MS = 60_000           # a worker id is held this long past the last beat
 FEED_CHANNEL = f"{schema.PREFIX}:{{feed}}"     # memberships and names changed by any node
 SECRET_BYTES = 32
+ARCHIVE_CONNECT_TIMEOUT = 2        # seconds the start waits for PostgreSQL (--archive) before going on
 
 
 def worker_key(worker_id: int) -> str:
@@ -73,7 +79,8 @@ class Node:
     """One node: see the module docstring. ``Node(url)`` does the start's
     blocking part; ``attach(reactor, ...)`` the rest, once the reactor exists."""
 
-    def __init__(self, url: str, retention: Retention = Retention(), secret_file: str | None = None) -> None:
+    def __init__(self, url: str, retention: Retention = Retention(), secret_file: str | None = None,
+                 archive: str | None = None, archive_kinds: str = "private", archive_batch: int = 1000) -> None:
         self.address = parse_redis_url(url)     # ValueError for what the links could not use
         file_secret = None
         if secret_file is not None:             # read first: a bad file stops the node before Redis
@@ -99,6 +106,12 @@ class Node:
         finally:
             client.close()
         self.store = RedisStore(retention, on_change=self.publish_change)
+        self.archive_dsn = archive
+        self.archive_batch = archive_batch
+        self.archiver: Any = None
+        if archive is not None:
+            self.store.archive_kinds = parse_kinds(archive_kinds)
+            self.archive_migrated = self._migrate_archive(archive)
         self.redis: Any = None
         self.fabric: NodeFabric | None = None
         self.groups: "Groups | None" = None
@@ -108,6 +121,19 @@ class Node:
         self.inbox = inbox_channel(self.node_id).encode()
 
     # -- the blocking start -------------------------------------------------------
+    @staticmethod
+    def _migrate_archive(dsn: str) -> bool:
+        """The archive's schema, if PostgreSQL answers within seconds; else a warning
+        (the node serves without it, the archiver migrates later)."""
+        from zim.archive.schema import ArchiveError, migrate, with_connect_timeout
+        try:
+            migrate(with_connect_timeout(dsn, ARCHIVE_CONNECT_TIMEOUT))
+        except ArchiveError as exc:
+            log.warning("the archive is unreachable at the start (%s): serving without it until it is; "
+                        "its lag grows meanwhile", exc)
+            return False
+        return True
+
     @staticmethod
     def _shared_secret(client: Any) -> bytes:
         for command in schema.secret_steps(os.urandom(SECRET_BYTES)):
@@ -160,6 +186,12 @@ class Node:
             self.redis = redis = ClusterRedis(reactor, self.address, self.slot_ranges)
         redis.on_message = self._on_message
         self.store.redis = redis
+        if self.archive_dsn is not None:
+            from zim.nodes.archiving import Archiver    # here: psycopg is the archive extra's
+            store = self.store
+            self.archiver = archiver = Archiver(reactor, redis, self.archive_dsn, self.node_id, store.retention,
+                                                store.archive_kinds, self.archive_batch, self.archive_migrated)
+            store.archive, store.archive_stats = archiver.archive, archiver.stats
         self.fabric = NodeFabric(fabric, groups, self)
         redis.subscribe(FEED_CHANNEL)
         redis.subscribe(self.inbox.decode())
@@ -208,6 +240,8 @@ class Node:
     def close(self) -> None:
         """Leave: the node's beat goes (its users' presence fields then count as
         dead), and the connections close."""
+        if self.archiver is not None:
+            self.archiver.close()
         if self.redis is not None:
             self.redis.call("ZADD", schema.NODES_KEY, 0, self.node_id)
             self.redis.close()
