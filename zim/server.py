@@ -137,8 +137,8 @@ class Server:
         from zim.nodes.node import Node     # here: the redis extra may not be installed
 
         options = self.options
-        self.node = node = Node(options.redis, options.retention, options.secret_file,
-                                options.archive, options.archive_kinds)
+        self.node = node = Node(options.redis, options.retention, options.secret_file, archive=options.archive,
+                                archive_kinds=options.archive_kinds, archive_batch=options.archive_batch)
         self.store = node.store
         self.secret = node.secret
         self.tokens_v1_until = node.tokens_v2_since + self.token_ttl_ms

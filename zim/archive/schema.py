@@ -189,6 +189,31 @@ def migrate(dsn: str, target: int = SCHEMA_VERSION) -> int:
         conn.finish()
 
 
+def migration_block(target: int = SCHEMA_VERSION) -> str:
+    """``migrate`` as one statement (a PL/pgSQL ``DO`` block), for a link on the
+    loop that may not block: the same lock, version check and migrations, each
+    applied only if the version applied is below it. Raises in PostgreSQL (the
+    transaction rolled back) if the schema is newer than this code's."""
+    steps = "\n".join(
+        f"IF applied < {version + 1} THEN " + " ".join(f"EXECUTE $m${sql}$m$;" for sql in statements) + " END IF;"
+        for version, statements in enumerate(MIGRATIONS[:target]))
+    return (f"DO $zim$ DECLARE applied integer; BEGIN\n"
+            f"PERFORM pg_advisory_xact_lock({MIGRATION_LOCK});\n"
+            "CREATE TABLE IF NOT EXISTS zim_schema (version integer NOT NULL);\n"
+            "SELECT version INTO applied FROM zim_schema;\n"
+            "IF applied IS NULL THEN INSERT INTO zim_schema (version) VALUES (0); applied := 0; END IF;\n"
+            f"IF applied > {SCHEMA_VERSION} THEN RAISE EXCEPTION 'the archive schema is version %, newer than "
+            f"this zim''s ({SCHEMA_VERSION})', applied; END IF;\n"
+            f"{steps}\nUPDATE zim_schema SET version = greatest(version, {target});\nEND $zim$")
+
+
+def with_connect_timeout(dsn: str, seconds: int) -> str:
+    """``dsn`` with libpq's connect_timeout added (a URI or key=value pairs)."""
+    if "://" in dsn:
+        return f"{dsn}{'&' if '?' in dsn else '?'}connect_timeout={seconds}"
+    return f"{dsn} connect_timeout={seconds}"
+
+
 def schema_version(dsn: str) -> int:
     """The version applied to the database (0: none), blocking."""
     from psycopg import pq

@@ -20,6 +20,11 @@ sends it again.
 - ``highest_seq(kind, key)``: the conversation's seq counter (0: none).
 - ``save_user``/``user``, ``save_membership``/``remove_membership``/
   ``memberships_of``, ``channel``: what a cache that lost its data is filled from.
+- ``archive_changes(changes)``: a node archiver's pass (``Changes``: messages,
+  seq counters, users, memberships, channels, grants and their removals) in one
+  transaction, idempotent; settles with the number of messages newly stored.
+- ``restore_point(kind, key)``: what a cache that lost a conversation's seq
+  restores it from: ``(seq, known, private)``.
 """
 from __future__ import annotations
 
@@ -43,8 +48,53 @@ _RAISE_SEQ = (
     "INSERT INTO conversations (conversation, seq) "
     "SELECT m->>0, max((m->>1)::bigint) FROM json_array_elements($1::json) AS m GROUP BY 1 "
     "ON CONFLICT (conversation) DO UPDATE SET seq = greatest(conversations.seq, excluded.seq)")
+_RESTORE_POINT = (
+    "SELECT (SELECT seq FROM conversations WHERE conversation = $1), "
+    "(SELECT private FROM channels WHERE name = $2)")
+# a pass's rows, each statement on a JSON array of rows (one parameter, any number of rows)
+_ROWS = "json_array_elements($1::json) AS r"
+_DELETE_CHANNELS = tuple(
+    (f"DELETE FROM {table} WHERE {column} IN (SELECT json_array_elements_text($1::json){suffix})")
+    for table, column, suffix in (("messages", "conversation", " AS c"), ("conversations", "conversation", ""),
+                                  ("memberships", "channel", ""), ("grants", "channel", ""),
+                                  ("channels", "name", "")))
+_SAVE_USERS = (f"INSERT INTO users (id, name, token_epoch) SELECT (r->>0)::numeric, r->>1, (r->>2)::bigint "
+               f"FROM {_ROWS} ON CONFLICT (id) DO UPDATE SET name = excluded.name, "
+               "token_epoch = greatest(users.token_epoch, excluded.token_epoch)")
+_SAVE_CHANNELS = (f"INSERT INTO channels (name, private) SELECT r->>0, (r->>1)::boolean FROM {_ROWS} "
+                  "ON CONFLICT (name) DO UPDATE SET private = excluded.private")
+_SAVE_MEMBERSHIPS = (f"INSERT INTO memberships (channel, user_id, push) SELECT r->>0, (r->>1)::numeric, "
+                     f"(r->>2)::boolean FROM {_ROWS} ON CONFLICT (channel, user_id) DO UPDATE SET push = excluded.push")
+_REMOVE_MEMBERSHIPS = (f"DELETE FROM memberships m USING {_ROWS} "
+                       "WHERE m.channel = r->>0 AND m.user_id = (r->>1)::numeric")
+_SAVE_GRANTS = (f"INSERT INTO grants (channel, user_id, can_invite) SELECT r->>0, (r->>1)::numeric, "
+                f"(r->>2)::boolean FROM {_ROWS} ON CONFLICT (channel, user_id) DO UPDATE "
+                "SET can_invite = excluded.can_invite")
+_REMOVE_GRANTS = f"DELETE FROM grants g USING {_ROWS} WHERE g.channel = r->>0 AND g.user_id = (r->>1)::numeric"
 _PAGE = ("SELECT body FROM messages WHERE conversation = $1 AND seq < $2::bigint "
          "ORDER BY seq DESC LIMIT $3::bigint")
+
+
+class Changes:
+    """What one pass of a node's archiver writes (``Archive.archive_changes``).
+    Rows are plain tuples; user ids may be strings or ints (numeric(20) takes either)."""
+
+    __slots__ = ("messages", "seqs", "users", "channels", "memberships", "left", "grants", "revoked",
+                 "deleted")
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, Message]] = []       # (conversation key, message with seq)
+        self.seqs: dict[str, int] = {}                      # conversation key -> seq counter
+        self.users: list[tuple[int, str, int]] = []         # (id, name, token epoch)
+        self.channels: dict[str, bool] = {}                 # name -> private
+        self.memberships: list[tuple[str, int, bool]] = []  # (channel, user id, push)
+        self.left: list[tuple[str, int]] = []               # (channel, user id)
+        self.grants: list[tuple[str, int, bool]] = []       # (channel, user id, can invite)
+        self.revoked: list[tuple[str, int]] = []            # (channel, user id)
+        self.deleted: list[str] = []                        # channels gone, with all of theirs
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, name) for name in self.__slots__)
 
 
 class Archive:
@@ -74,6 +124,42 @@ class Archive:
         statements.append((_RAISE_SEQ, (orjson.dumps(list(counters.items())),)))
         result = Pending()
         self.link.transaction(statements).wait(_archived, (self, result), months)
+        return result
+
+    def archive_changes(self, changes: Changes) -> Pending:
+        """One transaction with everything of ``changes`` (see ``Changes``): deletions
+        first, then upserts; settles with the number of messages newly stored."""
+        statements: list[tuple[str, tuple]] = []
+        if changes.deleted:
+            names = orjson.dumps(changes.deleted)
+            conversations = orjson.dumps(["c:" + name for name in changes.deleted])
+            statements += [(sql, (conversations if index < 2 else names,))
+                           for index, sql in enumerate(_DELETE_CHANNELS)]
+        rows = [(_message_id(message.get("id")), conversation, message["seq"], message)
+                for conversation, message in changes.messages]
+        months = months_of(row[0] for row in rows)
+        statements += [(partition_ddl(*month), ()) for month in sorted(months - self._months)]
+        upsert = len(statements)
+        statements.append((_UPSERT_MESSAGES, (orjson.dumps(rows),)))
+        for sql, found in ((_RAISE_SEQ, list(changes.seqs.items())), (_SAVE_USERS, changes.users),
+                           (_SAVE_CHANNELS, list(changes.channels.items())),
+                           (_SAVE_MEMBERSHIPS, changes.memberships), (_REMOVE_MEMBERSHIPS, changes.left),
+                           (_SAVE_GRANTS, changes.grants), (_REMOVE_GRANTS, changes.revoked)):
+            if found:
+                statements.append((sql, (orjson.dumps(found, default=str),)))
+        result = Pending()
+        self.link.transaction(statements).wait(_changes_archived, (self, result), (months, upsert))
+        return result
+
+    def restore_point(self, kind: HistoryKind, key: Union[ChannelKey, PairKey]) -> Pending:
+        """Settles with ``(seq, known, private)``: the conversation's seq counter (0:
+        none), whether the archive knows it (a pair always counts as known: it
+        needs no creation), and a channel's private flag."""
+        conversation = conversation_key(kind, key)
+        result = Pending()
+        name = key if isinstance(key, str) else ""
+        self.link.transaction([(_RESTORE_POINT, (conversation, name))]).wait(
+            _restore_row, result, not isinstance(key, str))
         return result
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
@@ -168,6 +254,25 @@ def _archived(shared: tuple, months: set, ok: bool, value: Any) -> None:
         return
     archive._months |= months
     result.settle(True, len(value[-2]))      # the rows the upsert returned: the new ones
+
+
+def _changes_archived(shared: tuple, how: tuple, ok: bool, value: Any) -> None:
+    archive, result = shared
+    if not ok:
+        result.settle(False, value)
+        return
+    months, upsert = how
+    archive._months |= months
+    result.settle(True, len(value[upsert]))
+
+
+def _restore_row(result: Pending, pair: bool, ok: bool, value: Any) -> None:
+    if not ok:
+        result.settle(False, value)
+        return
+    seq, private = value[0][0]
+    known = pair or seq is not None or private is not None
+    result.settle(True, (int(seq or 0), known, private == b"t"))
 
 
 def _paged(result: Pending, limit: int, ok: bool, value: Any) -> None:

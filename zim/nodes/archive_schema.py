@@ -1,7 +1,7 @@
 """The Redis side of the archive tier (``--archive`` on nodes): key names and entries.
 
 Builds keys and names only; the scripts and commands of the write side
-(``zim.nodes.archiving``) and of the read side (``zim.nodes.tiers``) are built
+(``zim.nodes.archive_scripts``, ``zim.nodes.archiving``) and of the read side (``zim.nodes.tiers``) are built
 from these. docs/redis.md, "The archive tier", explains the layout.
 
 Per conversation (in the conversation's hash slot, next to ``seq`` and ``log``
@@ -17,7 +17,11 @@ of ``zim.nodes.schema``):
 Change tracking, in ``ARCHIVE_SHARDS`` shards of their own hash slots
 (``{arch:N}``): what changed in Redis and is not in PostgreSQL yet, by
 *entry* (``conversation_entry``, ``user_entry``, ``membership_entry``,
-``grant_entry``):
+``leave_entry``, ``grant_entry``, ``revoked_grant_entry``,
+``deleted_channel_entry``). An entry names what changed and its intent; the
+archiver reads Redis's state when it takes the entry and writes it only if
+Redis agrees with the intent (a joined membership Redis has, a removed one it
+has not...), so a Redis that lost data never deletes anything in PostgreSQL:
 
 - ``changed``: sorted set, entry -> version (from the shard's ``clock``, so a
   change made while an archiver works on an entry gives it a newer version,
@@ -89,24 +93,41 @@ def membership_entry(channel: str, user_id: int) -> str:
     return f"j:{user_id}:{channel}"
 
 
+def leave_entry(channel: str, user_id: int) -> str:
+    """A membership removed: ``l:ID:CHANNEL`` (deleted in PostgreSQL only if Redis has none)."""
+    return f"l:{user_id}:{channel}"
+
+
 def grant_entry(channel: str, user_id: int) -> str:
-    """One grant of a private channel (or its removal): ``g:ID:CHANNEL``."""
+    """One grant of a private channel given or changed: ``g:ID:CHANNEL``."""
     return f"g:{user_id}:{channel}"
+
+
+def revoked_grant_entry(channel: str, user_id: int) -> str:
+    """A grant revoked: ``r:ID:CHANNEL`` (deleted in PostgreSQL only if Redis has none)."""
+    return f"r:{user_id}:{channel}"
+
+
+def deleted_channel_entry(channel: str) -> str:
+    """A channel deleted: ``x:NAME`` (its rows go from PostgreSQL only if Redis has no
+    such channel: not made again meanwhile)."""
+    return f"x:{channel}"
 
 
 def parse_entry(entry: str) -> tuple[str, object]:
     """``(kind, what)``: ``("c", name)``, ``("u", (low, high))``, ``("m", user id)``,
-    ``("j", (user id, channel))``, ``("g", (user id, channel))``; ValueError otherwise."""
+    ``("x", name)``, and ``(kind, (user id, channel))`` for ``j``, ``l``, ``g``, ``r``;
+    ValueError otherwise."""
     kind, _, rest = entry.partition(":")
     try:
-        if kind == "c" and rest:
+        if kind in ("c", "x") and rest:
             return kind, rest
         if kind == "u":
             low, high = rest.split(":")
             return kind, (int(low), int(high))
         if kind == "m":
             return kind, int(rest)
-        if kind in ("j", "g"):
+        if kind in ("j", "l", "g", "r"):
             user, _, channel = rest.partition(":")
             if channel:
                 return kind, (int(user), channel)

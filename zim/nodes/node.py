@@ -14,6 +14,10 @@ handlers (the single process, or the router of ``--workers N``) a node:
   ``RedisStore`` over it, the ``NodeFabric`` wrapped around the process's own
   fabric, and its pub/sub channels: its inbox, the change feed, and the
   channels its users follow;
+- with ``--archive DSN`` (``archive``): the archive's schema migrated at the
+  start (a PostgreSQL unreachable then is only a warning: the archiver migrates
+  once its link is up), and on the loop the ``zim.nodes.archiving.Archiver``
+  with its link; the store gets ``archive``, ``archive_kinds``, ``archive_stats``;
 - every second: a beat in ``zim:nodes`` (a deadline ``NODE_LIFETIME_MS`` ahead)
   and the list of nodes whose deadline has passed: their presence fields are
   ignored, and swept away (each dead node's set of users, taken by batches with
@@ -29,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from zim.archive import config as archive_config
-from zim.archive.schema import migrate, shared_settings
+from zim.archive.config import archive_kinds as parse_kinds
+from zim.archive.schema import shared_settings
 from zim.datadir import check_file_directory
 from zim.ids import MAX_WORKER
 from zim.nodes import schema
@@ -54,6 +58,7 @@ FEED_CHANNEL = f"{schema.PREFIX}:{{feed}}"     # memberships and names changed b
 SECRET_SETTING = "token-secret"             # the archive's settings (with --archive): what outlives Redis
 TOKENS_V2_SETTING = "tokens-v2-since"
 SECRET_BYTES = 32
+ARCHIVE_CONNECT_TIMEOUT = 2        # seconds the start waits for PostgreSQL (--archive) before going on
 
 
 def worker_key(worker_id: int) -> str:
@@ -78,7 +83,7 @@ class Node:
     blocking part; ``attach(reactor, ...)`` the rest, once the reactor exists."""
 
     def __init__(self, url: str, retention: Retention = Retention(), secret_file: str | None = None,
-                 archive: str | None = None, archive_kinds: str = archive_config.DEFAULT_ARCHIVE_KINDS) -> None:
+                 archive: str | None = None, archive_kinds: str = "private", archive_batch: int = 1000) -> None:
         self.address = parse_redis_url(url)     # ValueError for what the links could not use
         file_secret = None
         if secret_file is not None:             # read first: a bad file stops the node before Redis
@@ -86,9 +91,9 @@ class Node:
             file_secret = read_secret_file(secret_file, "secret file")
         self.url = url
         self.archive_dsn = archive
-        self.archive_kinds = archive_config.archive_kinds(archive_kinds)
-        if archive is not None:
-            migrate(archive)        # blocking, before anyone is served
+        self.archive_batch = archive_batch
+        self.archiver: Any = None
+        self.archive_migrated = archive is not None and self._migrate_archive(archive)
         self.node_id = f"{socket.gethostname()}-{os.getpid()}-{now_ms()}"
         # cluster or not, the slot map, the scripts on every master (RuntimeError
         # after START_TIMEOUT); ``attach`` opens the links on what it found
@@ -98,21 +103,22 @@ class Node:
             if file_secret is not None:
                 self.secret = file_secret
             elif archive is not None:
-                self.secret = client.get(schema.SECRET_KEY) or os.urandom(SECRET_BYTES)    # offered to the archive
+                self.secret = self._secret_offered(client)
             else:
                 log.warning("the token secret is the Redis key %s: whoever can read this Redis (or its "
                             "backups) can log in as every user. Give every node the same private file "
                             "instead: --secret-file PATH (docs/redis.md)", schema.SECRET_KEY)
                 self.secret = self._shared_secret(client)
-            if archive is not None:     # it outlives Redis: the archive's settings say which it is
+            self.tokens_v2_since = self._tokens_v2_since(client)
+            if self.archive_migrated:   # they outlive Redis: the archive's settings say which they are
                 self.secret, self.tokens_v2_since = self._archived_settings(client, file_secret is None)
             self._check_secret_id(client)
-            if archive is None:
-                self.tokens_v2_since = self._tokens_v2_since(client)
             self.worker_id = self._claim_worker_id(client)
         finally:
             client.close()
         self.store = RedisStore(retention, on_change=self.publish_change)
+        if archive is not None:
+            self.store.archive_kinds = parse_kinds(archive_kinds)
         self.redis: Any = None
         self.fabric: NodeFabric | None = None
         self.groups: "Groups | None" = None
@@ -123,12 +129,40 @@ class Node:
 
     # -- the blocking start -------------------------------------------------------
     @staticmethod
+    def _migrate_archive(dsn: str) -> bool:
+        """The archive's schema, if PostgreSQL answers within seconds; else a warning
+        (the node serves without it, the archiver migrates later)."""
+        from zim.archive.schema import ArchiveError, migrate, with_connect_timeout
+        try:
+            migrate(with_connect_timeout(dsn, ARCHIVE_CONNECT_TIMEOUT))
+        except ArchiveError as exc:
+            log.warning("the archive is unreachable at the start (%s): serving without it until it is; "
+                        "its lag grows meanwhile", exc)
+            return False
+        return True
+
+    @staticmethod
     def _shared_secret(client: Any) -> bytes:
         for command in schema.secret_steps(os.urandom(SECRET_BYTES)):
             secret = client.execute_command(*command)
         if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
             raise RuntimeError(f"{schema.SECRET_KEY} in redis is not a {SECRET_BYTES}-byte secret")
         return secret
+
+    def _secret_offered(self, client: Any) -> bytes:
+        """With --archive and no --secret-file: Redis's secret, to offer the archive
+        (a new one if Redis has none). The archive unreachable, Redis's is used
+        as it is; with neither, the node refuses to start: a new secret would
+        log every user out if the archive holds one."""
+        secret = client.get(schema.SECRET_KEY)
+        if secret is not None:
+            if not self.archive_migrated:
+                log.warning("the archive is unreachable: signing with the token secret Redis holds")
+            return secret
+        if not self.archive_migrated:
+            raise RuntimeError(f"Redis has no token secret ({schema.SECRET_KEY}) and the archive, which "
+                               f"keeps it, is unreachable: start the node once PostgreSQL answers")
+        return os.urandom(SECRET_BYTES)
 
     def _archived_settings(self, client: Any, secret_in_redis: bool) -> tuple[bytes, int]:
         """The token secret (without --secret-file) and ``tokens-v2-since`` as the
@@ -140,7 +174,7 @@ class Node:
                         "read this Redis or this PostgreSQL (or their backups) can log in as every user. Give "
                         "every node the same private file instead: --secret-file PATH (docs/redis.md)",
                         schema.SECRET_KEY)
-        offered = {TOKENS_V2_SETTING: str(self._tokens_v2_since(client)).encode()}
+        offered = {TOKENS_V2_SETTING: str(self.tokens_v2_since).encode()}
         if secret_in_redis:
             offered[SECRET_SETTING] = self.secret
         found = shared_settings(self.archive_dsn, offered)
@@ -204,24 +238,17 @@ class Node:
         redis.on_message = self._on_message
         self.store.redis = redis
         if self.archive_dsn is not None:
-            self._attach_archive(reactor)
+            from zim.nodes.archiving import Archiver    # here: psycopg is the archive extra's
+            store = self.store
+            self.archiver = archiver = Archiver(reactor, redis, self.archive_dsn, self.node_id, store.retention,
+                                                store.archive_kinds, self.archive_batch, self.archive_migrated)
+            store.archive, store.archive_stats = archiver.archive, archiver.stats
         self.fabric = NodeFabric(fabric, groups, self)
         redis.subscribe(FEED_CHANNEL)
         redis.subscribe(self.inbox.decode())
         self.beat()
         log.info("zim node %s (worker id %d) on %s", self.node_id, self.worker_id, self.url)
         return self.fabric
-
-    def _attach_archive(self, reactor: "Reactor") -> None:
-        """The archive's link and calls, on the store (a stand-in for the write
-        side's wiring, which also runs the archiver)."""
-        from zim.archive.link import PgLink
-        from zim.archive.stats import ArchiveStats
-        from zim.archive.store import Archive
-        store = self.store
-        store.archive = Archive(PgLink(reactor, self.archive_dsn))
-        store.archive_kinds = self.archive_kinds
-        store.archive_stats = ArchiveStats()
 
     def beat(self) -> None:
         """Every second: say this node is alive, and learn which nodes are not."""
@@ -264,6 +291,8 @@ class Node:
     def close(self) -> None:
         """Leave: the node's beat goes (its users' presence fields then count as
         dead), and the connections close."""
+        if self.archiver is not None:
+            self.archiver.close()
         if self.redis is not None:
             self.redis.call("ZADD", schema.NODES_KEY, 0, self.node_id)
             self.redis.close()

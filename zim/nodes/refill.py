@@ -7,8 +7,9 @@ says so. ``RedisStore`` asks here whenever Redis lacks a user or a channel:
 - ``restore_user``: the user's name and token epoch (the epoch never goes
   back, so a revoked token stays revoked), its channel index, and each of its
   channels (``ensure_channel``);
-- ``restore_conversation``: a user pair's seq counter (and ``archived``), when a
-  history read finds none;
+- ``restore_conversation``: a conversation whose seq Redis lost (an append
+  answered ``NEEDS_SEQ``, a history read found none): a channel through
+  ``ensure_channel``, a user pair's seq (zim.nodes.archiving);
 - ``ensure_channel``: a channel Redis does not have is restored whole when
   the archive knows it: its seq (goes on from where it was, never from 1) and
   ``archived`` watermark, its private flag, grants and members, in one script
@@ -28,9 +29,11 @@ from __future__ import annotations
 from typing import Any
 
 from zim.nodes import schema
+from zim.nodes.archiving import restore_conversation as restore_pair
 from zim.nodes.archive_schema import archive_keys
 from zim.nodes.steps import after
 from zim.pending import Pending, gather
+from zim.storage.store import CHANNEL
 
 # KEYS: user. ARGV: name, archived epoch. The name if Redis has none; the epoch
 # raised to the archived one (never lowered: a revocation made since stays).
@@ -56,15 +59,6 @@ for i = 4, grants_end, 2 do redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) 
 for i = grants_end + 1, #ARGV, 2 do redis.call('HSETNX', KEYS[5], ARGV[i], ARGV[i + 1]) end
 return 1
 """)
-# KEYS: seq, archived. ARGV: the archived seq. A pair's seq counter, if Redis has none.
-RESTORE_SEQ = schema.Script("restore_seq", """
-if tonumber(ARGV[1]) > 0 and redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  redis.call('SET', KEYS[2], ARGV[1], 'NX')
-end
-return 1
-""")
-
-
 def restore_user(store: Any, user_id: int) -> Pending:
     """Settles with the user's token epoch once restored from the archive, or None
     if the archive does not know the user either."""
@@ -86,13 +80,14 @@ def _restore_user(store: Any, user_id: int, record: Any, memberships: list) -> P
     return after(gather(steps), lambda replies: int(replies[0]))
 
 
-def restore_conversation(store: Any, kind: str, key: Any, keys: schema.ConversationKeys) -> Pending:
-    """A conversation's seq (and ``archived``) from the archive when Redis lost
-    them; a channel is restored whole (``ensure_channel``)."""
-    if keys.members is not None:
+def restore_conversation(store: Any, kind: str, key: Any) -> Pending:
+    """A conversation whose seq Redis lost, back from the archive: a channel whole
+    (``ensure_channel``), a user pair's seq and ``archived``
+    (zim.nodes.archiving.restore_conversation). Settles True, or False when the
+    archive does not know it."""
+    if kind == CHANNEL:
         return ensure_channel(store, key)
-    command = lambda seq: store.redis.call(*RESTORE_SEQ.command((keys.seq, archive_keys(keys).archived), [seq]))  # noqa: E731
-    return after(store.archive.highest_seq(kind, key), command)
+    return restore_pair(store.redis, store.archive, kind, key)
 
 
 def ensure_channel(store: Any, channel: str) -> Pending:

@@ -28,6 +28,13 @@ the receiver's mailbox (refused: ``mailbox_full``, and nothing is stored), a
 subscribe that creates a channel first claims one of the user's channel
 creations (refused: ``too_many_channels``); see zim.nodes.schema and
 docs/redis.md. A refusal settles the call with ``StoreRefusal``.
+
+With ``--archive`` (``archive`` set: zim.nodes.node wires it) every change the
+archive must keep is *marked* for the archiver (zim.nodes.archiving) once Redis
+holds it, and the call settles only after the mark is recorded too; appends use
+``APPEND_KEPT``, which answers ``NEEDS_SEQ`` for a conversation whose seq Redis
+lost: it is restored from PostgreSQL first (``restore_conversation``), then
+appended again. Without ``--archive`` nothing of this is sent.
 """
 from __future__ import annotations
 
@@ -35,13 +42,17 @@ import logging
 import time
 from typing import Any, Callable, Iterable, Union
 
-from zim.nodes import refill, schema
+from zim.archive.schema import conversation_key
+from zim.nodes import archive_schema, refill, schema
+from zim.nodes.archive_schema import archive_keys
+from zim.nodes.archive_scripts import NEEDS_SEQ, append_kept_command, mark_command
 from zim.nodes.steps import after, both, shared
 from zim.nodes.tiers import may_archive_channels, tiered_history
 from zim.pending import Pending, gather
 from zim.storage.retention import Retention
 from zim.storage.store import (
     CHANNEL, NO_QUOTAS, USER, ChannelKey, HistoryKind, MemoryStore, Message, PairKey, Quotas, StoreRefusal,
+    pair_key,
 )
 
 log = logging.getLogger("zim.nodes")
@@ -74,7 +85,8 @@ class RedisStore:
         self.cache.set_quotas(NO_QUOTAS)             # the quotas are Redis's to enforce
         self.quotas = Quotas()
         self._user_writes: dict[int, Pending] = {}   # a user's record write not yet answered
-        # the archive tier (--archive): set by zim.nodes.node.Node, None without it
+        # the archive tier (--archive; set by zim.nodes.node.Node): the zim.archive.store.Archive,
+        # the kinds it keeps (zim.archive.config.ARCHIVE_KINDS) and its figures (metrics)
         self.archive: Any = None
         self.archive_kinds: frozenset[str] = frozenset()
         self.archive_stats: Any = None
@@ -86,7 +98,7 @@ class RedisStore:
     # -- users ---------------------------------------------------------------
     def create_user(self, user_id: int, name: str) -> Pending:
         self.cache.create_user(user_id, name)
-        return self._write_user(user_id, name)
+        return self._marked(self._write_user(user_id, name), archive_schema.user_entry(user_id))
 
     def user_exists(self, user_id: int) -> bool:
         return self.cache.user_exists(user_id)
@@ -97,7 +109,7 @@ class RedisStore:
     def set_user_name(self, user_id: int, name: str) -> Pending:
         self.cache.set_user_name(user_id, name)
         self._publish({"k": "name", "u": user_id, "name": name})
-        return self._write_user(user_id, name)
+        return self._marked(self._write_user(user_id, name), archive_schema.user_entry(user_id))
 
     def _write_user(self, user_id: int, name: str) -> Pending:
         written = shared(self.redis.call(*schema.user_record_command(user_id, name)))
@@ -157,8 +169,9 @@ class RedisStore:
     def revoke_tokens(self, user_id: int) -> Pending:
         """Bump the epoch in Redis (HINCRBY); once Redis has it, the cache takes it
         and the feed tells the other nodes (which close the user's connections)."""
-        return after(self.redis.call(*schema.revoke_tokens_command(user_id)),
-                     lambda reply: self._revoked(user_id, int(reply)))
+        revoked = after(self.redis.call(*schema.revoke_tokens_command(user_id)),
+                        lambda reply: self._revoked(user_id, int(reply)))
+        return self._marked(revoked, archive_schema.user_entry(user_id))
 
     def _revoked(self, user_id: int, epoch: int) -> int:
         self._learn_epoch(user_id, epoch)
@@ -223,7 +236,7 @@ class RedisStore:
         done = shared(after(joined, lambda reply: self._joined(channel, user_id, push, reply)))
         done.wait(self._member_written, (channel, user_id, existed, old), {"k": "member", "c": channel,
                                                                           "u": user_id, "p": int(push)})
-        return after(done, lambda _: None)
+        return self._marked(after(done, lambda _: None), archive_schema.membership_entry(channel, user_id))
 
     def _joined(self, channel: str, user_id: int, push: bool, reply: Any) -> Pending:
         if int(reply) == schema.FOUND_PRIVATE:
@@ -261,7 +274,8 @@ class RedisStore:
         done = shared(after(self.redis.call(*first), lambda _: self.redis.call(*second)))
         done.wait(self._member_written, (channel, user_id, True, old),
                   {"k": "member", "c": channel, "u": user_id, "p": None})
-        return after(done, lambda removed: bool(removed))
+        return self._marked(after(done, lambda removed: bool(removed)),
+                            archive_schema.leave_entry(channel, user_id))
 
     def channel_count(self) -> int:
         """The channels this node knows of (its cache: not every channel of the service)."""
@@ -277,7 +291,11 @@ class RedisStore:
         """A Pending of the former members' ids (None: no such channel); the
         other nodes drop it from their caches over the feed (kind "drop")."""
         deleted = self._with_channel(channel, lambda: self.redis.call(*schema.channel_delete_command(channel)))
-        return after(deleted, lambda reply: self._channel_deleted(channel, reply))
+        if self.archive is not None:    # a channel made again under this name starts unarchived
+            forgotten = archive_keys(schema.channel_keys(channel))
+            deleted = _then(deleted, self.redis.call("DEL", *forgotten))
+        return self._marked(after(deleted, lambda reply: self._channel_deleted(channel, reply)),
+                            archive_schema.deleted_channel_entry(channel))
 
     def _channel_deleted(self, channel: str, reply: Any) -> Any:
         self.cache.delete_channel(channel)
@@ -326,7 +344,10 @@ class RedisStore:
         if made:
             self._learn_channel(channel, bool(private), creator)
             self._publish({"k": "channel", "c": channel, "pv": int(bool(private)), "u": creator})
-            return True
+            entries = [archive_schema.conversation_entry(conversation_key(CHANNEL, channel))]
+            if private and creator is not None:     # CHANNEL_MAKE granted the creator the invite right
+                entries.append(archive_schema.grant_entry(channel, creator))
+            return self._marked(True, *entries)
         read = self.confirm_join(channel, creator) if creator is not None else self._read_privacy(channel)
         if claim == schema.CLAIMED and creator is not None:
             read = both(self.redis.call(*schema.unclaim_command(creator, channel)), read)
@@ -377,14 +398,15 @@ class RedisStore:
         done = shared(self.redis.call(*schema.grant_command(channel, user_id, can_invite)))
         done.wait(self._grant_written, (channel, user_id, old),
                   {"k": "grant", "c": channel, "u": user_id, "i": int(bool(can_invite))})
-        return after(done, lambda _: None)
+        return self._marked(after(done, lambda _: None), archive_schema.grant_entry(channel, user_id))
 
     def revoke_grant(self, channel: str, user_id: int) -> Pending:
         old = self.cache.grant_of(channel, user_id)
         self._cache_grant(channel, user_id, None)
         done = shared(self.redis.call(*schema.revoke_grant_command(channel, user_id)))
         done.wait(self._grant_written, (channel, user_id, old), {"k": "grant", "c": channel, "u": user_id, "i": None})
-        return after(done, lambda removed: bool(int(removed)))
+        return self._marked(after(done, lambda removed: bool(int(removed))),
+                            archive_schema.revoked_grant_entry(channel, user_id))
 
     def grant_of(self, channel: str, user_id: int) -> bool | None:
         return self.cache.grant_of(channel, user_id)
@@ -438,8 +460,12 @@ class RedisStore:
 
     # -- messages --------------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> Pending:
-        command = schema.append_channel_command(channel, msg, now_ms(), self.retention)
-        return after(self.redis.call(*command), lambda seq: _set_seq(msg, seq))
+        if self.archive is None:
+            command = schema.append_channel_command(channel, msg, now_ms(), self.retention)
+            return after(self.redis.call(*command), lambda seq: _set_seq(msg, seq))
+        appended = self._append_kept(CHANNEL, channel, schema.channel_keys(channel), msg)
+        return self._marked(after(appended, lambda seq: _set_seq(msg, seq)),
+                            archive_schema.conversation_entry(conversation_key(CHANNEL, channel)))
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> Pending:
         """Room held in the receiver's mailbox first (a full one refuses: StoreRefusal
@@ -462,22 +488,62 @@ class RedisStore:
         return self._append_direct(sender_id, receiver_id, msg, hold)
 
     def _append_direct(self, sender_id: int, receiver_id: int, msg: Message, hold: str) -> Pending:
-        command = schema.append_pair_command(sender_id, receiver_id, msg, now_ms(), self.retention)
-        appended = self.redis.call(*command)
+        if self.archive is None:
+            command = schema.append_pair_command(sender_id, receiver_id, msg, now_ms(), self.retention)
+            appended = self.redis.call(*command)
+        else:
+            pair = pair_key(sender_id, receiver_id)
+            appended = self._append_kept(USER, pair, schema.pair_keys(*pair), msg)
         if hold:
             relayed = Pending()
             appended.wait(self._release_if_failed, relayed, (receiver_id, hold))
             appended = relayed
-        return after(appended, lambda seq: self._to_mailbox(receiver_id, msg, seq, hold))
+        return after(appended, lambda seq: self._to_mailbox(receiver_id, msg, seq, hold, sender_id))
 
     def _release_if_failed(self, result: Pending, held: tuple[int, str], ok: bool, value: Any) -> None:
         if not ok:      # the room goes back now (else when the hold's deadline passes)
             self.redis.call(*schema.mailbox_release_command(*held))
         result.settle(ok, value)
 
-    def _to_mailbox(self, receiver_id: int, msg: Message, seq: int, hold: str = "") -> Pending:
+    def _to_mailbox(self, receiver_id: int, msg: Message, seq: int, hold: str, sender_id: int) -> Pending:
         _set_seq(msg, seq)
-        return after(self.redis.call(*schema.mailbox_add_command(receiver_id, msg, hold)), lambda _: seq)
+        added = self.redis.call(*schema.mailbox_add_command(receiver_id, msg, hold))
+        if self.archive is not None:    # the mark with the mailbox step: no round trip more
+            entry = archive_schema.conversation_entry(conversation_key(USER, (sender_id, receiver_id)))
+            added = gather([added, self._mark(entry)])
+        return after(added, lambda _: seq)
+
+    # -- the archive tier (--archive) --------------------------------------------
+    def _append_kept(self, kind: HistoryKind, key: Any, keys: schema.ConversationKeys, msg: Message) -> Pending:
+        """APPEND_KEPT; on NEEDS_SEQ the conversation's seq is restored from the archive
+        first and the append sent again (once). Settles with the seq."""
+        command = append_kept_command(keys, msg, now_ms(), self.retention, self.archive_kinds)
+        return after(self.redis.call(*command), lambda seq: self._restore_if_needed(kind, key, command, seq))
+
+    def _restore_if_needed(self, kind: HistoryKind, key: Any, command: tuple, seq: Any) -> Any:
+        if int(seq) != NEEDS_SEQ:
+            return int(seq)
+        restored = refill.restore_conversation(self, kind, key)
+        return after(restored, lambda known: self._append_restored(kind, key, command, known))
+
+    def _append_restored(self, kind: HistoryKind, key: Any, command: tuple, known: bool) -> Pending:
+        if not known:
+            raise StoreRefusal("not_found", f"no channel {key} (not in the archive either)")
+        return after(self.redis.call(*command), _checked_seq)
+
+    def _mark(self, *entries: str) -> Pending:
+        now = now_ms()
+        marks = [self.redis.call(*mark_command(entry, now)) for entry in entries]
+        return marks[0] if len(marks) == 1 else gather(marks)
+
+    def _marked(self, result: Any, *entries: str) -> Any:
+        """``result`` (a Pending or a value), settled only once ``entries`` are marked for
+        the archiver too (after it succeeded); ``result`` itself without --archive."""
+        if self.archive is None:
+            return result
+        if not isinstance(result, Pending):
+            return after(self._mark(*entries), lambda _: result)
+        return after(result, lambda value: after(self._mark(*entries), lambda _: value))
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> Pending:
@@ -509,6 +575,17 @@ class RedisStore:
 
 def _found_private(channel: str) -> StoreRefusal:
     return StoreRefusal("forbidden", f"{channel} is a private channel (made a moment ago on another node)")
+
+
+def _checked_seq(seq: Any) -> int:
+    if int(seq) == NEEDS_SEQ:       # lost again between the restore and the append
+        raise RuntimeError("the conversation's seq is missing in redis again: retry")
+    return int(seq)
+
+
+def _then(first: Pending, second: Pending) -> Pending:
+    """``first``'s value once both succeeded."""
+    return after(second, lambda _: first)
 
 
 def _set_seq(msg: Message, seq: int) -> int:

@@ -120,7 +120,7 @@ def _logged(result: Pending, read: _Read, ok: bool, replies: Any) -> None:
         # Redis lost the conversation's seq (and whatever else): the archive says
         # where it was, and the page is read again
         read.restored = True
-        refill.restore_conversation(store, read.kind, read.key, read.keys).wait(_restored, result, read)
+        refill.restore_conversation(store, read.kind, read.key).wait(_restored, result, read)
         return
     read.messages = oldest_first[::-1]
     lowest = read.lowest()
