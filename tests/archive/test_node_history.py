@@ -4,44 +4,30 @@ tiers is the same as paging in Redis, reading old pages loads them into
 ``cold`` so that the next read does not touch PostgreSQL, and a PostgreSQL that
 is down fails the page rather than cut it short.
 
-Real node processes, a real redis-server and a real PostgreSQL (one of each for
-the module). The archive's rows are written with tests.support.archive_rows
-from what the test read while Redis held everything.
+Real node processes (whose archiver writes PostgreSQL), a real redis-server
+and a real PostgreSQL (one of each for the module); each test starts from an
+empty Redis (no shard lease of an earlier test's nodes).
 """
 from __future__ import annotations
 
 import time
 
 import pytest
-import redis
 
-from tests.server.test_metrics import Scraper
-from tests.support import postgres_servers, wait_for
-from tests.support.archive_rows import archive_channel, archive_messages
-from tests.support.clusters import require
+from tests.support import archive_nodes, postgres_servers, wait_for
+from tests.support.archive_nodes import caught_up, start_node
 from tests.support.postgres_servers import requires_postgres
 from tests.support.redis_servers import requires_redis_server
-from tests.support.servers import free_port
 from tests.support.client import unique
 
 from zim.archive.schema import migrate
 from zim.nodes import schema
 from zim.nodes.archive_schema import archive_keys
-from zim.testing.redis import LocalRedis
 
 pytestmark = [requires_postgres, requires_redis_server]
 postgres_server = postgres_servers.postgres_server
+redis_server, redis_db = archive_nodes.redis_server, archive_nodes.redis_db
 READS = "zim_archive_reads_total"
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    require("redis-server")
-    server = LocalRedis().start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +35,6 @@ def dsn(postgres_server) -> str:
     found = postgres_server.create_database("node_history")
     migrate(found)
     return found
-
-
-@pytest.fixture(scope="module")
-def redis_db(redis_server):
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
-
-
-def start_node(start_server, redis_server, dsn, *flags: str):
-    return start_server(["--redis", redis_server.url, "--archive", dsn, "--channel-rate", "0",
-                         "--user-rate", "0", "--read-rate", "0", *flags])
 
 
 def pair(node):
@@ -112,12 +86,12 @@ def check_whole(pages: list, count: int) -> None:
 
 
 def test_private_history_stays_whole_after_the_ttl(start_server, redis_server, redis_db, dsn):
-    node = start_node(start_server, redis_server, dsn, "--retain-private", "3s:0")
+    node, scraper = start_node(start_server, redis_server, dsn, "--retain-private", "2s:0")
     alice, bob = pair(node)
     send(alice, bob, 30)
-    before = everything_in_redis(alice, userId=bob.user_id)
+    before = everything_in_redis(alice, userId=bob.user_id)     # none expires before it is archived
     assert len(before) == 30
-    archive_messages(dsn, before, pair=(alice.user_id, bob.user_id))
+    caught_up(scraper, redis_db, schema.pair_keys(alice.user_id, bob.user_id))
     log = schema.pair_keys(alice.user_id, bob.user_id).log
     assert wait_for(lambda: not redis_db.exists(log), 15), "the log expires"
     send(alice, bob, 3)     # the newest in Redis, the rest in PostgreSQL only
@@ -128,15 +102,14 @@ def test_private_history_stays_whole_after_the_ttl(start_server, redis_server, r
 
 
 def test_private_history_stays_whole_past_the_cap(start_server, redis_server, redis_db, dsn):
-    node = start_node(start_server, redis_server, dsn, "--retain-private", "30d:5")
+    node, scraper = start_node(start_server, redis_server, dsn, "--retain-private", "30d:5")
     alice, bob = pair(node)
-    seen: dict[int, dict] = {}
-    for _ in range(4):      # the log holds 5: read it after every 5 sends
-        send(alice, bob, 5)
-        seen.update((m["seq"], m) for m in everything_in_redis(alice, userId=bob.user_id))
-    everything = [seen[seq] for seq in sorted(seen)]
+    send(alice, bob, 19)
+    before = everything_in_redis(alice, userId=bob.user_id)     # none is trimmed before it is archived
+    caught_up(scraper, redis_db, schema.pair_keys(alice.user_id, bob.user_id))
+    send(alice, bob, 1)     # trims the log to its cap, now that the rest is archived
+    everything = before + alice.ok(5, {"userId": bob.user_id, "limit": 1})["messages"]
     assert len(everything) == 20 and redis_db.xlen(schema.pair_keys(alice.user_id, bob.user_id).log) == 5
-    archive_messages(dsn, everything, pair=(alice.user_id, bob.user_id))
     for limit in (3, 5, 8):     # pages that end inside the log, at its edge, across it
         pages = read_pages(bob, limit, userId=alice.user_id)
         assert pages == expected_pages(everything, limit)
@@ -145,10 +118,7 @@ def test_private_history_stays_whole_past_the_cap(start_server, redis_server, re
 
 def test_after_flushall_history_comes_back_and_old_pages_are_read_once(
         start_server, redis_server, redis_db, dsn, postgres_server):
-    metrics = free_port()
-    node = start_node(start_server, redis_server, dsn, "--archive-kinds", "private,channel",
-                      "--metrics", f"127.0.0.1:{metrics}")
-    scraper = Scraper(metrics)
+    node, scraper = start_node(start_server, redis_server, dsn, "--archive-kinds", "private,channel")
     alice, bob = pair(node)
     send(alice, bob, 25)
     channel = unique("room")
@@ -157,9 +127,7 @@ def test_after_flushall_history_comes_back_and_old_pages_are_read_once(
         alice.ok(4, {"channel": channel, "content": f"c{number}"})
     dms, posts = everything_in_redis(alice, userId=bob.user_id), everything_in_redis(alice, channel=channel)
     before_flush = read_pages(bob, 6, userId=alice.user_id)
-    archive_messages(dsn, dms, pair=(alice.user_id, bob.user_id))
-    archive_messages(dsn, posts, channel=channel)
-    archive_channel(dsn, channel, private=False)
+    caught_up(scraper, redis_db, schema.pair_keys(alice.user_id, bob.user_id), schema.channel_keys(channel))
     redis_db.flushall()
 
     reads = scraper.value(READS)

@@ -5,39 +5,27 @@ channel still refuses a user without a grant, seq goes on from where it was,
 and a PostgreSQL that is down fails the call rather than let "unknown" pass
 for "new".
 
-Real node processes, a real redis-server and a real PostgreSQL (one of each for
-the module); the archive's rows are written with tests.support.archive_rows
-from what the test did while Redis held everything.
+Real node processes (whose archiver writes PostgreSQL), a real redis-server
+and a real PostgreSQL (one of each for the module).
 """
 from __future__ import annotations
 
 import time
 
 import pytest
-import redis
 
-from tests.support import postgres_servers
-from tests.support.archive_rows import archive_channel, archive_messages, archive_user
+from tests.support import archive_nodes, postgres_servers
+from tests.support.archive_nodes import caught_up, start_node
 from tests.support.client import unique
-from tests.support.clusters import require
 from tests.support.postgres_servers import requires_postgres
 from tests.support.redis_servers import requires_redis_server
 
 from zim.archive.schema import migrate
-from zim.testing.redis import LocalRedis
+from zim.nodes import schema
 
 pytestmark = [requires_postgres, requires_redis_server]
 postgres_server = postgres_servers.postgres_server
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    require("redis-server")
-    server = LocalRedis().start()
-    try:
-        yield server
-    finally:
-        server.close()
+redis_server, redis_db = archive_nodes.redis_server, archive_nodes.redis_db
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +35,8 @@ def dsn(postgres_server) -> str:
     return found
 
 
-def start_node(start_server, redis_server, dsn):
-    return start_server(["--redis", redis_server.url, "--archive", dsn, "--archive-kinds", "private,channel",
-                         "--channel-rate", "0", "--user-rate", "0"])
+def archive_node(start_server, redis_server, dsn):
+    return start_node(start_server, redis_server, dsn, "--archive-kinds", "private,channel")
 
 
 def user(node, name: str | None = None, token: str | None = None):
@@ -58,13 +45,8 @@ def user(node, name: str | None = None, token: str | None = None):
     return client
 
 
-def archive_users(dsn: str, *users_and_channels) -> None:
-    for client, epoch, channels in users_and_channels:
-        archive_user(dsn, client.user_id, client.name, epoch, channels)
-
-
-def test_after_flushall_tokens_channels_and_seq_come_back(start_server, redis_server, dsn, postgres_server):
-    first = start_node(start_server, redis_server, dsn)
+def test_after_flushall_tokens_channels_and_seq_come_back(start_server, redis_server, redis_db, dsn, postgres_server):
+    first, scraper = archive_node(start_server, redis_server, dsn)
     alice, bob, carol, erin = (user(first, unique(name)) for name in ("alice", "bob", "carol", "erin"))
     secret_room, open_room = unique("secret"), unique("open")
     alice.ok(3, {"name": secret_room, "private": True})
@@ -72,21 +54,15 @@ def test_after_flushall_tokens_channels_and_seq_come_back(start_server, redis_se
     bob.ok(3, {"name": secret_room})
     for member in (alice, carol):
         member.ok(3, {"name": open_room})
-    dms = [alice.ok(2, {"receiverId": bob.user_id, "content": f"d{n}"}) for n in range(3)]
-    posts = [alice.ok(4, {"channel": secret_room, "content": f"p{n}"}) for n in range(4)]
     revoked_token = carol.token
     carol_token = carol.ok(11)["token"]         # log out everywhere: epoch 1
-    # what the archiver keeps (tests.support.archive_rows)
-    archive_users(dsn, (alice, 0, [secret_room, open_room]), (bob, 0, [secret_room]), (carol, 1, [open_room]),
-                  (erin, 0, []))
-    archive_channel(dsn, secret_room, True, [(alice.user_id, True), (bob.user_id, False)])
-    archive_channel(dsn, open_room, False)
-    archive_messages(dsn, alice.ok(5, {"userId": bob.user_id})["messages"], pair=(alice.user_id, bob.user_id))
-    archive_messages(dsn, alice.ok(5, {"channel": secret_room})["messages"], channel=secret_room)
-    redis.Redis.from_url(redis_server.url).flushall()
+    dms = [alice.ok(2, {"receiverId": bob.user_id, "content": f"d{n}"}) for n in range(3)]
+    posts = [alice.ok(4, {"channel": secret_room, "content": f"p{n}"}) for n in range(4)]
+    caught_up(scraper, redis_db, schema.pair_keys(alice.user_id, bob.user_id), schema.channel_keys(secret_room))
+    redis_db.flushall()
 
     # a node started now takes the token secret from the archive: the tokens verify
-    second = start_node(start_server, redis_server, dsn)
+    second, _ = archive_node(start_server, redis_server, dsn)
     alice2 = user(second, alice.name, token=alice.token)
     bob2 = user(second, bob.name, token=bob.token)
     assert (alice2.user_id, bob2.user_id) == (alice.user_id, bob.user_id)
