@@ -148,6 +148,7 @@ def test_after_flushall_history_comes_back_and_old_pages_are_read_once(
     redis_db.delete(cold)
     postgres_server.kill()
     try:
+        assert wait_for(lambda: not postgres_server.accepts_connections(), 10), "PostgreSQL is down"
         assert bob.error(5, {"userId": alice.user_id, "limit": 6}, timeout=30) == "internal"
     finally:
         postgres_server.restart(down_for=0)

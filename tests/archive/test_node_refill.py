@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.support import archive_nodes, postgres_servers
+from tests.support import archive_nodes, postgres_servers, wait_for
 from tests.support.archive_nodes import caught_up, start_node
 from tests.support.client import unique
 from tests.support.postgres_servers import requires_postgres
@@ -72,6 +72,8 @@ def test_after_flushall_tokens_channels_and_seq_come_back(start_server, redis_se
     # their channels are still theirs, the private one still private, seq goes on
     assert [m["content"] for m in bob2.ok(5, {"channel": secret_room})["messages"]] == [f"p{n}" for n in range(4)]
     assert alice2.ok(4, {"channel": secret_room, "content": "again"})["seq"] == posts[-1]["seq"] + 1
+    action, pushed = bob2.recv_push()       # bob's connection follows his channels from its login
+    assert (action, pushed["channel"], pushed["content"]) == (102, secret_room, "again")
     assert user(second).error(3, {"name": secret_room}) == "forbidden"
     assert user(second).ok(3, {"name": open_room}) == {}
     assert alice2.ok(2, {"receiverId": bob.user_id, "content": "again"})["seq"] == dms[-1]["seq"] + 1
@@ -79,6 +81,7 @@ def test_after_flushall_tokens_channels_and_seq_come_back(start_server, redis_se
     # PostgreSQL down: a user Redis lost cannot be told from a new one: the call fails
     postgres_server.kill()
     try:
+        assert wait_for(lambda: not postgres_server.accepts_connections(), 10), "PostgreSQL is down"
         assert second.tcp_client().error(1, {"name": erin.name, "token": erin.token}, timeout=30) == "internal"
     finally:
         postgres_server.restart(down_for=0)
