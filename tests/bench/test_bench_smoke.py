@@ -32,6 +32,9 @@ ROOT = REPO_ROOT
                                 "--reads", "20"],
                  marks=pytest.mark.skipif(postgres_bin_dir() is None,
                                           reason="PostgreSQL is not installed (CI installs it)")),
+    pytest.param("history_tiers.py", ["--messages", "120", "--reads", "10", "--runs", "1"],
+                 marks=pytest.mark.skipif(postgres_bin_dir() is None or shutil.which("redis-server") is None,
+                                          reason="PostgreSQL or redis-server is not installed (CI installs them)")),
     ("million.py", ["--connections", "3000", "--workers", "2", "--processes", "2", "--hold", "3",
                     "--probe-sample", "100"]),
 ])
