@@ -20,6 +20,7 @@ import pytest
 from tests.server.test_metrics import Scraper
 from tests.storage.test_storage_durable import Sender
 from tests.support import postgres_servers, wait_for
+from tests.api.helpers import ApiClient, api_flags, channel_path, wait_for_port
 from tests.support.client import unique
 from tests.support.node_servers import backend_fixture
 from tests.support.postgres_servers import requires_postgres
@@ -80,9 +81,11 @@ def logged_in(node, name: str | None = None):
 
 
 def test_what_two_nodes_acknowledge_reaches_postgresql(start_server, backend, redis, postgres_server,
-                                                      fresh_database):
+                                                      fresh_database, tmp_path):
     dsn = fresh_database()
-    a, b = (start_node(start_server, backend, dsn, "--archive-kinds", "private,channel") for _ in range(2))
+    api, port = api_flags(tmp_path)
+    a, b = (start_node(start_server, backend, dsn, "--archive-kinds", "private,channel", *flags)
+            for flags in (api, ()))
     alice, bob = logged_in(a, "alice"), logged_in(b, "bob")
     channel = unique("room")
     alice.ok(3, {"name": channel})
@@ -123,6 +126,19 @@ def test_what_two_nodes_acknowledge_reaches_postgresql(start_server, backend, re
     assert (secret, alice.user_id) in grants and (secret, bob.user_id) in grants
     alice.ok(6, {"name": secret})
     assert rows(postgres_server, dsn, "SELECT count(*) FROM grants WHERE user_id = " + alice.user_id) == [("1",)]
+
+    # Redis loses everything: a channel's seq comes back from PostgreSQL, and goes on
+    redis.flushall()
+    assert alice.ok(4, {"channel": channel, "content": "after the loss"})["seq"] == 11
+    assert redis.get(schema.channel_keys(channel).seq) == b"11"
+    # a deleted channel leaves nothing of its own in PostgreSQL
+    wait_for_port(port)
+    ApiClient(port).ok("DELETE", channel_path(channel))
+    eventually(lambda: not rows(postgres_server, dsn, "SELECT 1 FROM messages WHERE conversation = 'c:"
+                                + channel + "' UNION ALL SELECT 1 FROM channels WHERE name = '" + channel + "'"),
+               "the channel's rows deleted")
+    assert rows(postgres_server, dsn, "SELECT count(*) FROM memberships WHERE channel = '" + channel + "'") == [("0",)]
+    assert set(rows(postgres_server, dsn, "SELECT conversation FROM conversations")) == {(pair,), (f"c:{secret}",)}
 
 
 def test_redis_trims_nothing_unarchived_while_postgresql_is_down(start_server, backend, redis):
@@ -220,3 +236,26 @@ def test_a_node_killed_mid_batch_leaves_its_entries_to_another(start_server, bac
     assert time.monotonic() - killed_at < 10 + 8
     keys = schema.channel_keys(channel)
     eventually(lambda: redis.get(archive_keys(keys).archived) == b"20" == redis.get(keys.seq), "the watermark", 5)
+
+
+def test_a_change_made_during_a_pass_is_archived_by_the_next(start_server, backend, redis, postgres_server,
+                                                              fresh_database):
+    import psycopg
+
+    dsn = fresh_database()
+    node = start_node(start_server, backend, dsn)
+    alice, bob = logged_in(node), logged_in(node)
+    sent = [alice.ok(2, {"receiverId": bob.user_id, "content": "first"})["id"]]
+    eventually(lambda: set(archived_ids(postgres_server, dsn)) == set(sent), "the first message archived")
+    with psycopg.connect(dsn) as blocker:
+        # the archiver's next transaction waits on this lock: its pass read the conversation
+        # at seq 2, and the third message marks it again meanwhile
+        blocker.execute("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+        sent.append(alice.ok(2, {"receiverId": bob.user_id, "content": "second"})["id"])
+        time.sleep(0.5)
+        sent.append(alice.ok(2, {"receiverId": bob.user_id, "content": "third"})["id"])
+        time.sleep(0.5)
+    eventually(lambda: set(archived_ids(postgres_server, dsn)) == set(sent), "the change made during the pass")
+    # Redis loses everything: the pair's seq comes back from PostgreSQL, never from 1
+    redis.flushall()
+    assert alice.ok(2, {"receiverId": bob.user_id, "content": "after the loss"})["seq"] == 4
