@@ -155,6 +155,7 @@ class RedisStore:
         self.archive: Any = None
         self.archive_kinds: frozenset[str] = frozenset()
         self.archive_stats: Any = None
+        self._restoring: dict[Any, Shared] = {}     # conversation -> its seq's restore under way
 
     def set_quotas(self, quotas: Quotas) -> None:
         """The limits every node of a service should share (zim.storage.store.Quotas)."""
@@ -559,7 +560,11 @@ class RedisStore:
     def _restore_if_needed(self, kind: HistoryKind, key: Any, command: tuple, seq: Any) -> Any:
         if int(seq) != NEEDS_SEQ:
             return int(seq)
-        restored = restore_conversation(self.redis, self.archive, kind, key)
+        restoring = self._restoring
+        restored = restoring.get(key)
+        if restored is None:        # the first of the appends that found the seq missing reads it
+            restoring[key] = restored = shared(restore_conversation(self.redis, self.archive, kind, key))
+            restored.wait(_forget_restore, restoring, key)
         return after(restored, lambda known: self._append_restored(kind, key, command, known))
 
     def _append_restored(self, kind: HistoryKind, key: Any, command: tuple, known: bool) -> Pending:
@@ -609,6 +614,10 @@ class RedisStore:
 
 def _found_private(channel: str) -> StoreRefusal:
     return StoreRefusal("forbidden", f"{channel} is a private channel (made a moment ago on another node)")
+
+
+def _forget_restore(restoring: dict, key: Any, ok: bool, value: Any) -> None:
+    restoring.pop(key, None)
 
 
 def _checked_seq(seq: Any) -> int:
