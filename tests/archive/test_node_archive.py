@@ -20,6 +20,7 @@ import pytest
 from tests.server.test_metrics import Scraper
 from tests.storage.test_storage_durable import Sender
 from tests.support import postgres_servers, wait_for
+from tests.api.helpers import ApiClient, api_flags, channel_path, wait_for_port
 from tests.support.client import unique
 from tests.support.node_servers import backend_fixture
 from tests.support.postgres_servers import requires_postgres
@@ -80,9 +81,11 @@ def logged_in(node, name: str | None = None):
 
 
 def test_what_two_nodes_acknowledge_reaches_postgresql(start_server, backend, redis, postgres_server,
-                                                      fresh_database):
+                                                      fresh_database, tmp_path):
     dsn = fresh_database()
-    a, b = (start_node(start_server, backend, dsn, "--archive-kinds", "private,channel") for _ in range(2))
+    api, port = api_flags(tmp_path)
+    a, b = (start_node(start_server, backend, dsn, "--archive-kinds", "private,channel", *flags)
+            for flags in (api, ()))
     alice, bob = logged_in(a, "alice"), logged_in(b, "bob")
     channel = unique("room")
     alice.ok(3, {"name": channel})
@@ -123,3 +126,154 @@ def test_what_two_nodes_acknowledge_reaches_postgresql(start_server, backend, re
     assert (secret, alice.user_id) in grants and (secret, bob.user_id) in grants
     alice.ok(6, {"name": secret})
     assert rows(postgres_server, dsn, "SELECT count(*) FROM grants WHERE user_id = " + alice.user_id) == [("1",)]
+
+    # Redis loses everything: a channel's seq comes back from PostgreSQL, and goes on
+    redis.flushall()
+    assert alice.ok(4, {"channel": channel, "content": "after the loss"})["seq"] == 11
+    assert redis.get(schema.channel_keys(channel).seq) == b"11"
+    # a deleted channel leaves nothing of its own in PostgreSQL
+    wait_for_port(port)
+    ApiClient(port).ok("DELETE", channel_path(channel))
+    eventually(lambda: not rows(postgres_server, dsn, "SELECT 1 FROM messages WHERE conversation = 'c:"
+                                + channel + "' UNION ALL SELECT 1 FROM channels WHERE name = '" + channel + "'"),
+               "the channel's rows deleted")
+    assert rows(postgres_server, dsn, "SELECT count(*) FROM memberships WHERE channel = '" + channel + "'") == [("0",)]
+    assert set(rows(postgres_server, dsn, "SELECT conversation FROM conversations")) == {(pair,), (f"c:{secret}",)}
+
+
+def test_redis_trims_nothing_unarchived_while_postgresql_is_down(start_server, backend, redis):
+    postgres = LocalPostgres().start()
+    try:
+        dsn = postgres.create_database("late")
+        postgres.kill()         # down before the node starts: it serves, and migrates once it is up
+        metrics = free_port()
+        # a batch smaller than the backlog: the conversation takes several passes
+        node = start_node(start_server, backend, dsn, "--retain-private", "2s:3", "--archive-batch", "4",
+                          metrics=metrics)
+        alice, bob = logged_in(node), logged_in(node)
+        # a conversation's first message needs its seq from PostgreSQL (the archive may hold
+        # one Redis lost): refused, nothing stored, while PostgreSQL is down
+        assert alice.error(2, {"receiverId": bob.user_id, "content": "first"}) == "internal"
+        postgres.start()
+        eventually(lambda: "error" not in alice.call(2, {"receiverId": bob.user_id, "content": "m0"}),
+                   "the first message once PostgreSQL is up (the schema migrated by the node)")
+        eventually(lambda: len(archived_ids(postgres, dsn)) == 1, "the first message archived")
+        postgres.kill()
+        sent = [bob.ok(5, {"userId": alice.user_id})["messages"][0]["id"]]
+        sent += [alice.ok(2, {"receiverId": bob.user_id, "content": f"m{i}"})["id"] for i in range(1, 10)]
+        log = schema.pair_keys(int(alice.user_id), int(bob.user_id)).log
+        scraper = Scraper(metrics)
+        eventually(lambda: scraper.value("zim_archive_lag_seconds") > 5.5, "the lag grows", 10)
+        # past the TTL (2 s) and the cap (3): everything is still in Redis, and no TTL on the log
+        # (the first one, archived, went with the TTL)
+        assert redis.xlen(log) == 9 and redis.pttl(log) == -1
+        assert [m["id"] for m in bob.ok(5, {"userId": alice.user_id, "limit": 50})["messages"]] == sent[1:]
+        assert scraper.value("zim_archive_link_up") == 0 and scraper.value("zim_archive_pending") >= 1
+        eventually(lambda: "archive lag" in node.stderr(), "the lag in the log", 5)
+        postgres.start()
+        eventually(lambda: set(archived_ids(postgres, dsn)) == set(sent), "the backlog archived")
+        eventually(lambda: scraper.value("zim_archive_lag_seconds") == 0, "the lag back to 0", 5)
+        assert scraper.value("zim_archive_link_up") == 1 and scraper.value("zim_archive_messages_total") == 10
+        # everything archived: the cap and the TTL apply again
+        eventually(lambda: redis.xlen(log) == 0, "the log trimmed and expired", 5)
+        assert "archive lag drained" in node.stderr()
+    finally:
+        postgres.close()
+
+
+def test_postgresql_killed_under_load_loses_nothing_acknowledged(start_server, backend, redis, postgres_server,
+                                                                  fresh_database):
+    dsn = fresh_database()
+    nodes = [start_node(start_server, backend, dsn, "--archive-kinds", "private,channel") for _ in range(2)]
+    channel = unique("load")
+    senders = []
+    for i in range(4):
+        node = nodes[i % 2]
+        receiver = logged_in(nodes[1 - i % 2])
+        sender = logged_in(node)
+        sender.ok(3, {"name": channel, "push": False})
+        sender.ok(2, {"receiverId": receiver.user_id, "content": "first"})    # the pair's seq, from PostgreSQL
+        senders.append(Sender(sender, receiver.user_id, channel))
+    for sender in senders:
+        sender.start()
+    time.sleep(1.0)
+    postgres_server.kill()
+    time.sleep(1.5)
+    postgres_server.start()
+    time.sleep(0.5)
+    for sender in senders:
+        sender.stop.set()
+    for sender in senders:
+        sender.join(15)
+        assert not sender.is_alive() and not sender.errors, sender.errors[:5]
+    acked = {message_id: seq for sender in senders for message_id, seq in
+             {**sender.acked_dms, **sender.acked_channel}.items()}
+    assert len(acked) > 100
+    eventually(lambda: set(acked) <= set(archived_ids(postgres_server, dsn)), "every acknowledged message archived",
+               30)
+    archived = archived_ids(postgres_server, dsn)      # each id once (asserted), with its seq
+    assert all(archived[message_id][1] == seq for message_id, seq in acked.items())
+    seqs = sorted(seq for conversation, seq in archived.values() if conversation == f"c:{channel}")
+    assert seqs == list(range(1, len(seqs) + 1))        # gap-free: nothing acknowledged went missing
+
+
+def test_a_node_killed_mid_batch_leaves_its_entries_to_another(start_server, backend, redis, postgres_server,
+                                                               fresh_database):
+    dsn = fresh_database()
+    first = start_node(start_server, backend, dsn, "--archive-kinds", "private,channel")
+    channel = unique("orphan")
+    alice = logged_in(first)
+    alice.ok(3, {"name": channel})
+    postgres_server.kill()          # its entries pile up under its leases
+    sent = {alice.ok(4, {"channel": channel, "content": f"m{i}"})["id"] for i in range(20)}
+    assert redis.exists(*(f"zim:{{arch:{shard}}}:lease" for shard in range(8))) >= 1
+    first.kill()
+    postgres_server.start()
+    killed_at = time.monotonic()
+    # a new node id: it takes the shards once the dead node's leases have run out
+    start_node(start_server, backend, dsn, "--archive-kinds", "private,channel")
+    eventually(lambda: sent <= set(archived_ids(postgres_server, dsn)), "the dead node's backlog archived", 25)
+    assert time.monotonic() - killed_at < 10 + 8
+    keys = schema.channel_keys(channel)
+    eventually(lambda: redis.get(archive_keys(keys).archived) == b"20" == redis.get(keys.seq), "the watermark", 5)
+
+
+def test_a_change_made_during_a_pass_is_archived_by_the_next(start_server, backend, redis, postgres_server,
+                                                              fresh_database):
+    import psycopg
+
+    dsn = fresh_database()
+    node = start_node(start_server, backend, dsn)
+    alice, bob = logged_in(node), logged_in(node)
+    sent = [alice.ok(2, {"receiverId": bob.user_id, "content": "first"})["id"]]
+    eventually(lambda: set(archived_ids(postgres_server, dsn)) == set(sent), "the first message archived")
+    with psycopg.connect(dsn) as blocker:
+        # the archiver's next transaction waits on this lock: its pass read the conversation
+        # at seq 2, and the third message marks it again meanwhile
+        blocker.execute("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+        sent.append(alice.ok(2, {"receiverId": bob.user_id, "content": "second"})["id"])
+        time.sleep(0.5)
+        sent.append(alice.ok(2, {"receiverId": bob.user_id, "content": "third"})["id"])
+        time.sleep(0.5)
+    eventually(lambda: set(archived_ids(postgres_server, dsn)) == set(sent), "the change made during the pass")
+    # Redis loses everything: the pair's seq comes back from PostgreSQL, never from 1
+    redis.flushall()
+    assert alice.ok(2, {"receiverId": bob.user_id, "content": "after the loss"})["seq"] == 4
+
+
+def test_the_migration_block_does_what_migrate_does(postgres_server, fresh_database):
+    """What a node's archiver runs on its link when PostgreSQL was down at its start."""
+    from zim.archive.schema import SCHEMA_VERSION, migrate, migration_block, schema_version
+
+    dsn = fresh_database()
+    database = dsn.rsplit("/", 1)[1]
+    migrate(dsn, target=1)
+    postgres_server.execute("INSERT INTO users (id, name) VALUES (7, 'kept')", database)
+    for _ in range(2):      # an older schema is brought up to date, then nothing is left to do
+        postgres_server.execute(migration_block(), database)
+        assert schema_version(dsn) == SCHEMA_VERSION
+    assert rows(postgres_server, dsn, "SELECT name FROM users") == [("kept",)]
+    assert rows(postgres_server, dsn, "SELECT count(*) FROM channels") == [("0",)]
+    postgres_server.execute(f"UPDATE zim_schema SET version = {SCHEMA_VERSION + 1}", database)
+    with pytest.raises(Exception, match="newer than this zim"):
+        postgres_server.execute(migration_block(), database)

@@ -84,6 +84,7 @@ NOT_LEASED_RETRY = 1.0      # seconds before asking again for a shard another no
 MAX_PASS_BACKOFF = 2.0      # seconds between passes that fail (PostgreSQL or Redis down): well within LEASE_MS
 LAG_LOG_AFTER = 5.0         # seconds of lag before the log says so ...
 LAG_LOG_EVERY = 10.0        # ... and again this often while it lasts
+LINK_MAX_WAITING = 1024     # transactions on the link at once: the passes (8 at most) and the seq restores
 
 
 class _Shard:
@@ -131,7 +132,7 @@ class Archiver:
         self.migrated = migrated
         self.migrating = False
         self.stats = ArchiveStats()
-        self.link = PgLink(reactor, dsn, on_state=self._link_state)
+        self.link = PgLink(reactor, dsn, on_state=self._link_state, max_waiting=LINK_MAX_WAITING)
         self.archive = Archive(self.link)
         self.shards = [_Shard(index) for index in range(ARCHIVE_SHARDS)]
         self._lag_logged_at: float | None = None    # when the log last spoke of the lag (None: not lagging)

@@ -46,7 +46,7 @@ from zim.archive.schema import conversation_key
 from zim.nodes import archive_schema, refill, schema
 from zim.nodes.archive_schema import archive_keys
 from zim.nodes.archive_scripts import NEEDS_SEQ, append_kept_command, mark_command
-from zim.nodes.steps import after, both, shared
+from zim.nodes.steps import Shared, after, both, shared
 from zim.nodes.tiers import may_archive_channels, tiered_history
 from zim.pending import Pending, gather
 from zim.storage.retention import Retention
@@ -90,6 +90,7 @@ class RedisStore:
         self.archive: Any = None
         self.archive_kinds: frozenset[str] = frozenset()
         self.archive_stats: Any = None
+        self._restoring: dict[Any, Shared] = {}     # conversation -> its seq's restore under way
 
     def set_quotas(self, quotas: Quotas) -> None:
         """The limits every node of a service should share (zim.storage.store.Quotas)."""
@@ -523,8 +524,20 @@ class RedisStore:
     def _restore_if_needed(self, kind: HistoryKind, key: Any, command: tuple, seq: Any) -> Any:
         if int(seq) != NEEDS_SEQ:
             return int(seq)
-        restored = refill.restore_conversation(self, kind, key)
+        restored = self.restore_conversation(kind, key)
         return after(restored, lambda known: self._append_restored(kind, key, command, known))
+
+    def restore_conversation(self, kind: HistoryKind, key: Any) -> Pending:
+        """A conversation whose seq Redis lost, back from the archive
+        (zim.nodes.refill.restore_conversation): settles True, or False if the
+        archive does not know it. Callers that find it missing at once share one
+        restore (one read of PostgreSQL)."""
+        restoring = self._restoring
+        restored = restoring.get(key)
+        if restored is None:
+            restoring[key] = restored = shared(refill.restore_conversation(self, kind, key))
+            restored.wait(_forget_restore, restoring, key)
+        return restored
 
     def _append_restored(self, kind: HistoryKind, key: Any, command: tuple, known: bool) -> Pending:
         if not known:
@@ -575,6 +588,10 @@ class RedisStore:
 
 def _found_private(channel: str) -> StoreRefusal:
     return StoreRefusal("forbidden", f"{channel} is a private channel (made a moment ago on another node)")
+
+
+def _forget_restore(restoring: dict, key: Any, ok: bool, value: Any) -> None:
+    restoring.pop(key, None)
 
 
 def _checked_seq(seq: Any) -> int:

@@ -10,7 +10,7 @@ exist), whichever tiers it comes from:
 1. the log page (``XREVRANGE``), with ``GET seq`` (and ``HLEN members`` for a
    channel) in the same round trip to the conversation's slot (no ``seq``:
    Redis lost the conversation; it is restored from the archive first,
-   zim.nodes.refill, and the page read again). The page is
+   ``RedisStore.restore_conversation``, and the page read again). The page is
    complete when the log gave ``limit + 1`` entries, or reached seq 1, or the
    conversation has no message (seq 0);
 2. else the part below comes from ``cold`` (zim.nodes.archive_schema): only the
@@ -31,7 +31,7 @@ from typing import Any, Union
 
 import orjson
 
-from zim.nodes import refill, schema
+from zim.nodes import schema
 from zim.nodes.archive_schema import archive_keys
 from zim.pending import Pending
 from zim.storage.retention import DAY_MS, Retention, Tier
@@ -120,7 +120,7 @@ def _logged(result: Pending, read: _Read, ok: bool, replies: Any) -> None:
         # Redis lost the conversation's seq (and whatever else): the archive says
         # where it was, and the page is read again
         read.restored = True
-        refill.restore_conversation(store, read.kind, read.key).wait(_restored, result, read)
+        store.restore_conversation(read.kind, read.key).wait(_restored, result, read)
         return
     read.messages = oldest_first[::-1]
     lowest = read.lowest()
