@@ -91,7 +91,7 @@ def run(args, info: dict) -> int:
         dsn = postgres.create_database("bench")
         migrate(dsn)
         redis_db = redis_py.Redis(host=redis_server.host, port=redis_server.port)
-        with benchlib.Server(redis=redis_server.url, extra_args=["--archive", dsn]) as node:
+        with benchlib.Server(redis=redis_server.url, extra_args=["--archive", dsn, "--read-rate", "0"]) as node:
             node.start()
             runs = [one_run(node, redis_db, args, number) for number in range(args.runs)]
         redis_db.close()

@@ -92,3 +92,9 @@ def test_after_flushall_tokens_channels_and_seq_come_back(start_server, redis_se
             break
         time.sleep(0.3)
     assert answer.get("id") == str(erin.user_id), answer
+
+    # Redis signing with another secret than the archive's: a node refuses to start
+    redis_db.set(schema.SECRET_KEY, b"x" * 32)
+    redis_db.delete(schema.SECRET_ID_KEY)
+    with pytest.raises(AssertionError, match="differs from the archive's"):
+        archive_node(start_server, redis_server, dsn)

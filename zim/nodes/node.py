@@ -151,18 +151,20 @@ class Node:
 
     def _secret_offered(self, client: Any) -> bytes:
         """With --archive and no --secret-file: Redis's secret, to offer the archive
-        (a new one if Redis has none). The archive unreachable, Redis's is used
-        as it is; with neither, the node refuses to start: a new secret would
-        log every user out if the archive holds one."""
+        (a new one if Redis has none). The archive unreachable: the one Redis holds,
+        else a new one (the node serves; tokens signed before a Redis data loss
+        then fail until the operator resolves it: ``_archived_settings`` refuses
+        to start a node while Redis and the archive hold different secrets)."""
         secret = client.get(schema.SECRET_KEY)
         if secret is not None:
-            if not self.archive_migrated:
-                log.warning("the archive is unreachable: signing with the token secret Redis holds")
             return secret
-        if not self.archive_migrated:
-            raise RuntimeError(f"Redis has no token secret ({schema.SECRET_KEY}) and the archive, which "
-                               f"keeps it, is unreachable: start the node once PostgreSQL answers")
-        return os.urandom(SECRET_BYTES)
+        if self.archive_migrated:
+            return os.urandom(SECRET_BYTES)
+        log.warning("Redis has no token secret (%s) and the archive, which keeps it, is unreachable: "
+                    "signing with a new one. If Redis lost its data, the tokens issued before will not "
+                    "verify, and nodes started later will refuse to start until one of the two secrets "
+                    "is removed (docs/redis.md)", schema.SECRET_KEY)
+        return self._shared_secret(client)
 
     def _archived_settings(self, client: Any, secret_in_redis: bool) -> tuple[bytes, int]:
         """The token secret (without --secret-file) and ``tokens-v2-since`` as the
@@ -186,9 +188,10 @@ class Node:
             if held != secret:
                 raise RuntimeError(
                     f"the token secret in redis ({schema.SECRET_KEY}) differs from the archive's (its "
-                    f"settings table, {SECRET_SETTING!r}): the archive's is the one every token was signed "
-                    f"with. To change the secret on purpose, which logs every user out, stop every node and "
-                    f"delete both (and {schema.SECRET_ID_KEY})")
+                    f"settings table, {SECRET_SETTING!r}), so the tokens of one would fail on nodes of the "
+                    f"other. To keep the one the running nodes sign with: DELETE FROM settings WHERE name = "
+                    f"'{SECRET_SETTING}'; to take the archive's back (the running nodes' tokens then fail): "
+                    f"stop every node and delete {schema.SECRET_KEY} and {schema.SECRET_ID_KEY} in Redis")
         since = int(found[TOKENS_V2_SETTING])
         client.execute_command("SET", schema.TOKENS_V2_KEY, since)
         return secret, since
