@@ -124,15 +124,20 @@ end
 return reply
 """)
 
-# KEYS: changed, since. ARGV: entry, version, entry, version... Each entry goes
-# only if its version is still the one the archiver read (a newer change stays).
+# KEYS: changed, since. ARGV: taken ms, then entry, version, entry, version...
+# Each entry goes only if its version is still the one the archiver read. One
+# changed since stays, its ``since`` moved up to the moment the pass took it:
+# what it held before then is archived (else a conversation that never stops
+# changing would show the lag of its first change for ever).
 DONE = Script("archive_done", """
 local done = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     redis.call('ZREM', KEYS[1], ARGV[i])
     redis.call('ZREM', KEYS[2], ARGV[i])
     done = done + 1
+  else
+    redis.call('ZADD', KEYS[2], 'XX', 'GT', ARGV[1], ARGV[i])
   end
 end
 return done
@@ -213,12 +218,13 @@ def parse_take(reply: Any) -> tuple[int, list[tuple[str, int, bytes]]] | None:
     return int(reply[0]), taken
 
 
-def done_command(shard: int, done: Iterable[tuple[str, bytes]]) -> Command | None:
+def done_command(shard: int, done: Iterable[tuple[str, bytes]], taken_ms: int) -> Command | None:
+    """DONE for the entries a pass archived whole, as read (``taken_ms``: when it took them)."""
     args = [value for entry, version in done for value in (entry, version)]
     if not args:
         return None
     keys = shard_keys(shard)
-    return DONE.command((keys.changed, keys.since), args)
+    return DONE.command((keys.changed, keys.since), [taken_ms, *args])
 
 
 def read_conversation_command(keys: ConversationKeys, channel: str | None, count: int) -> Command:

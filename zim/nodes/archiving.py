@@ -90,7 +90,7 @@ LINK_MAX_WAITING = 1024     # transactions on the link at once: the passes (8 at
 class _Shard:
     """One shard's passes on this node."""
 
-    __slots__ = ("index", "busy", "due", "failures", "held", "pending", "oldest_ms")
+    __slots__ = ("index", "busy", "due", "failures", "held", "pending", "oldest_ms", "taken_ms")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -100,6 +100,7 @@ class _Shard:
         self.held = False           # this node holds the lease
         self.pending = 0            # entries in the shard, as the last pass read
         self.oldest_ms: int | None = None   # the oldest entry's ``since``
+        self.taken_ms = 0           # when the pass in flight took its entries (Unix ms)
 
 
 class Archiver:
@@ -193,6 +194,7 @@ class Archiver:
     # -- a pass ----------------------------------------------------------------------------
     def _pass(self, shard: _Shard) -> None:
         shard.busy = True
+        shard.taken_ms = now_ms()
         command = take_command(shard.index, self.node_id, LEASE_MS, PASS_ENTRIES)
         self.redis.call(*command).wait(self._taken, shard, None)
 
@@ -318,7 +320,7 @@ class Archiver:
             self._failed(shard, "redis", value)
             return
         done, full = how
-        command = done_command(shard.index, done)
+        command = done_command(shard.index, done, shard.taken_ms)
         if command is None:
             self._finished(shard, full, True, None)
         else:
