@@ -147,10 +147,8 @@ class Archiver:
     # -- the loop's part ---------------------------------------------------------------
     def _link_state(self, state: str) -> None:
         self.stats.link_up = state == "up"
-        if state == "up":
-            log.info("archive link up (%s)", self.link.dsn)
-        else:
-            log.warning("archive link down: %s", self.link.last_error)
+        if state == "up":       # (the link itself logs going down, and coming back after failures)
+            log.info("archive link up")
 
     def _run(self) -> None:
         """Every IDLE_PASS: the passes that are due, the figures, the log of the lag."""
