@@ -45,14 +45,22 @@ local function trim_kept(log, seq, archived, ttl, cap, now, kept, scan)
   end
   if ttl > 0 then
     local horizon = now - ttl
-    local keep = nil
-    for _, entry in ipairs(redis.call('XRANGE', log, '-', '+', 'COUNT', scan)) do
+    local function stays(entry)
       local s, created = string.match(entry[1], '^(%d+)-(%d+)$')
-      keep = tonumber(s)
-      if tonumber(created) >= horizon or (limit and keep >= limit) then break end
-      keep = keep + 1
+      return tonumber(created) >= horizon or (limit and tonumber(s) >= limit), tonumber(s)
     end
-    if keep then redis.call('XTRIM', log, 'MINID', string.format('%d', keep)) end
+    -- the head alone first: a live log's head stays, and reading ``scan`` entries costs
+    local head = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
+    if head and not stays(head) then
+      local keep = nil
+      for _, entry in ipairs(redis.call('XRANGE', log, '-', '+', 'COUNT', scan)) do
+        local stop, s = stays(entry)
+        keep = s
+        if stop then break end
+        keep = keep + 1
+      end
+      redis.call('XTRIM', log, 'MINID', string.format('%d', keep))
+    end
     if limit and archived < seq then redis.call('PERSIST', log) else redis.call('PEXPIRE', log, ttl) end
   end
 end

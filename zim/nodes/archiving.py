@@ -19,13 +19,13 @@ import orjson
 from zim.archive.store import Archive, Changes
 from zim.archive.stats import ArchiveStats
 from zim.nodes import schema
-from zim.nodes.archive_schema import ARCHIVE_SHARDS, archive_keys, parse_entry, shard_keys
+from zim.nodes.archive_schema import ARCHIVE_SHARDS, archive_keys, parse_entry
 from zim.nodes.archive_scripts import (
     archived_command, done_command, parse_take, read_conversation_command, take_command,
 )
 from zim.pending import Pending, gather
 from zim.storage.retention import Retention
-from zim.storage.store import CHANNEL, USER, ChannelKey, HistoryKind, PairKey
+from zim.storage.store import CHANNEL, ChannelKey, HistoryKind, PairKey
 
 log = logging.getLogger("zim.archive")
 
