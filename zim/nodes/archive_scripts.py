@@ -45,14 +45,22 @@ local function trim_kept(log, seq, archived, ttl, cap, now, kept, scan)
   end
   if ttl > 0 then
     local horizon = now - ttl
-    local keep = nil
-    for _, entry in ipairs(redis.call('XRANGE', log, '-', '+', 'COUNT', scan)) do
+    local function stays(entry)
       local s, created = string.match(entry[1], '^(%d+)-(%d+)$')
-      keep = tonumber(s)
-      if tonumber(created) >= horizon or (limit and keep >= limit) then break end
-      keep = keep + 1
+      return tonumber(created) >= horizon or (limit and tonumber(s) >= limit), tonumber(s)
     end
-    if keep then redis.call('XTRIM', log, 'MINID', string.format('%d', keep)) end
+    -- the head alone first: a live log's head stays, and reading ``scan`` entries costs
+    local head = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)[1]
+    if head and not stays(head) then
+      local keep = nil
+      for _, entry in ipairs(redis.call('XRANGE', log, '-', '+', 'COUNT', scan)) do
+        local stop, s = stays(entry)
+        keep = s
+        if stop then break end
+        keep = keep + 1
+      end
+      redis.call('XTRIM', log, 'MINID', string.format('%d', keep))
+    end
     if limit and archived < seq then redis.call('PERSIST', log) else redis.call('PEXPIRE', log, ttl) end
   end
 end
@@ -124,15 +132,20 @@ end
 return reply
 """)
 
-# KEYS: changed, since. ARGV: entry, version, entry, version... Each entry goes
-# only if its version is still the one the archiver read (a newer change stays).
+# KEYS: changed, since. ARGV: taken ms, then entry, version, entry, version...
+# Each entry goes only if its version is still the one the archiver read. One
+# changed since stays, its ``since`` moved up to the moment the pass took it:
+# what it held before then is archived (else a conversation that never stops
+# changing would show the lag of its first change for ever).
 DONE = Script("archive_done", """
 local done = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     redis.call('ZREM', KEYS[1], ARGV[i])
     redis.call('ZREM', KEYS[2], ARGV[i])
     done = done + 1
+  else
+    redis.call('ZADD', KEYS[2], 'XX', 'GT', ARGV[1], ARGV[i])
   end
 end
 return done
@@ -213,12 +226,13 @@ def parse_take(reply: Any) -> tuple[int, list[tuple[str, int, bytes]]] | None:
     return int(reply[0]), taken
 
 
-def done_command(shard: int, done: Iterable[tuple[str, bytes]]) -> Command | None:
+def done_command(shard: int, done: Iterable[tuple[str, bytes]], taken_ms: int) -> Command | None:
+    """DONE for the entries a pass archived whole, as read (``taken_ms``: when it took them)."""
     args = [value for entry, version in done for value in (entry, version)]
     if not args:
         return None
     keys = shard_keys(shard)
-    return DONE.command((keys.changed, keys.since), args)
+    return DONE.command((keys.changed, keys.since), [taken_ms, *args])
 
 
 def read_conversation_command(keys: ConversationKeys, channel: str | None, count: int) -> Command:

@@ -19,13 +19,13 @@ import orjson
 from zim.archive.store import Archive, Changes
 from zim.archive.stats import ArchiveStats
 from zim.nodes import schema
-from zim.nodes.archive_schema import ARCHIVE_SHARDS, archive_keys, parse_entry, shard_keys
+from zim.nodes.archive_schema import ARCHIVE_SHARDS, archive_keys, parse_entry
 from zim.nodes.archive_scripts import (
     archived_command, done_command, parse_take, read_conversation_command, take_command,
 )
 from zim.pending import Pending, gather
 from zim.storage.retention import Retention
-from zim.storage.store import CHANNEL, USER, ChannelKey, HistoryKind, PairKey
+from zim.storage.store import CHANNEL, ChannelKey, HistoryKind, PairKey
 
 log = logging.getLogger("zim.archive")
 
@@ -90,7 +90,7 @@ LINK_MAX_WAITING = 1024     # transactions on the link at once: the passes (8 at
 class _Shard:
     """One shard's passes on this node."""
 
-    __slots__ = ("index", "busy", "due", "failures", "held", "pending", "oldest_ms")
+    __slots__ = ("index", "busy", "due", "failures", "held", "pending", "oldest_ms", "taken_ms")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -100,6 +100,7 @@ class _Shard:
         self.held = False           # this node holds the lease
         self.pending = 0            # entries in the shard, as the last pass read
         self.oldest_ms: int | None = None   # the oldest entry's ``since``
+        self.taken_ms = 0           # when the pass in flight took its entries (Unix ms)
 
 
 class Archiver:
@@ -146,10 +147,8 @@ class Archiver:
     # -- the loop's part ---------------------------------------------------------------
     def _link_state(self, state: str) -> None:
         self.stats.link_up = state == "up"
-        if state == "up":
-            log.info("archive link up (%s)", self.link.dsn)
-        else:
-            log.warning("archive link down: %s", self.link.last_error)
+        if state == "up":       # (the link itself logs going down, and coming back after failures)
+            log.info("archive link up")
 
     def _run(self) -> None:
         """Every IDLE_PASS: the passes that are due, the figures, the log of the lag."""
@@ -193,6 +192,7 @@ class Archiver:
     # -- a pass ----------------------------------------------------------------------------
     def _pass(self, shard: _Shard) -> None:
         shard.busy = True
+        shard.taken_ms = now_ms()
         command = take_command(shard.index, self.node_id, LEASE_MS, PASS_ENTRIES)
         self.redis.call(*command).wait(self._taken, shard, None)
 
@@ -318,7 +318,7 @@ class Archiver:
             self._failed(shard, "redis", value)
             return
         done, full = how
-        command = done_command(shard.index, done)
+        command = done_command(shard.index, done, shard.taken_ms)
         if command is None:
             self._finished(shard, full, True, None)
         else:

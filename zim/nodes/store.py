@@ -91,6 +91,8 @@ class RedisStore:
         self.archive_kinds: frozenset[str] = frozenset()
         self.archive_stats: Any = None
         self._restoring: dict[Any, Shared] = {}     # conversation -> its seq's restore under way
+        self._marks_due: dict[str, Shared] = {}     # conversation entries to mark at the next loop pass
+        self._mark_timer: Any = None
 
     def set_quotas(self, quotas: Quotas) -> None:
         """The limits every node of a service should share (zim.storage.store.Quotas)."""
@@ -465,8 +467,8 @@ class RedisStore:
             command = schema.append_channel_command(channel, msg, now_ms(), self.retention)
             return after(self.redis.call(*command), lambda seq: _set_seq(msg, seq))
         appended = self._append_kept(CHANNEL, channel, schema.channel_keys(channel), msg)
-        return self._marked(after(appended, lambda seq: _set_seq(msg, seq)),
-                            archive_schema.conversation_entry(conversation_key(CHANNEL, channel)))
+        entry = archive_schema.conversation_entry(conversation_key(CHANNEL, channel))
+        return after(appended, lambda seq: after(self._mark_soon(entry), lambda _: _set_seq(msg, seq)))
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> Pending:
         """Room held in the receiver's mailbox first (a full one refuses: StoreRefusal
@@ -511,7 +513,7 @@ class RedisStore:
         added = self.redis.call(*schema.mailbox_add_command(receiver_id, msg, hold))
         if self.archive is not None:    # the mark with the mailbox step: no round trip more
             entry = archive_schema.conversation_entry(conversation_key(USER, (sender_id, receiver_id)))
-            added = gather([added, self._mark(entry)])
+            added = gather([added, self._mark_soon(entry)])
         return after(added, lambda _: seq)
 
     # -- the archive tier (--archive) --------------------------------------------
@@ -548,6 +550,26 @@ class RedisStore:
         now = now_ms()
         marks = [self.redis.call(*mark_command(entry, now)) for entry in entries]
         return marks[0] if len(marks) == 1 else gather(marks)
+
+    def _mark_soon(self, entry: str) -> Pending:
+        """A conversation's mark, sent at the loop's next pass with every other mark of it
+        asked for in this one: one MARK for a busy conversation's many messages. Each asker's
+        append was answered before it asked, so the MARK runs after all of them in Redis."""
+        due = self._marks_due
+        mark = due.get(entry)
+        if mark is None:
+            due[entry] = mark = Shared()
+            if self._mark_timer is None:
+                self._mark_timer = self.redis.reactor.timer(self._send_marks)
+            if len(due) == 1:
+                self._mark_timer.set(0)     # a deadline passed already: the next pass
+        return mark
+
+    def _send_marks(self) -> None:
+        due, self._marks_due = self._marks_due, {}
+        now = now_ms()
+        for entry, mark in due.items():
+            self.redis.call(*mark_command(entry, now)).wait(_relay, mark, None)
 
     def _marked(self, result: Any, *entries: str) -> Any:
         """``result`` (a Pending or a value), settled only once ``entries`` are marked for
