@@ -33,12 +33,13 @@ def _run_step(result: Pending, step: Callable[[Any], Any], ok: bool, value: Any)
         result.settle(False, f"bad reply from redis: {exc}")
         return
     if isinstance(value, Pending):
-        value.wait(_relay, result, None)
+        value.wait(relay, result, None)
     else:
         result.settle(True, value)
 
 
-def _relay(result: Pending, _: None, ok: bool, value: Any) -> None:
+def relay(result: Pending, _: None, ok: bool, value: Any) -> None:
+    """A ``wait`` callback settling ``result`` as the awaited Pending settled."""
     result.settle(ok, value)
 
 
@@ -67,7 +68,7 @@ class Shared(Pending):
 
 def shared(pending: Pending) -> Shared:
     result = Shared()
-    pending.wait(_relay, result, None)
+    pending.wait(relay, result, None)
     return result
 
 

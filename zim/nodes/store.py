@@ -46,7 +46,7 @@ from zim.archive.schema import conversation_key
 from zim.nodes import archive_schema, refill, schema
 from zim.nodes.archive_schema import archive_keys
 from zim.nodes.archive_scripts import NEEDS_SEQ, append_kept_command, mark_command
-from zim.nodes.steps import Shared, after, both, shared
+from zim.nodes.steps import Shared, after, both, relay, shared
 from zim.nodes.tiers import may_archive_channels, tiered_history
 from zim.pending import Pending, gather
 from zim.storage.retention import Retention
@@ -569,7 +569,7 @@ class RedisStore:
         due, self._marks_due = self._marks_due, {}
         now = now_ms()
         for entry, mark in due.items():
-            self.redis.call(*mark_command(entry, now)).wait(_relay, mark, None)
+            self.redis.call(*mark_command(entry, now)).wait(relay, mark, None)
 
     def _marked(self, result: Any, *entries: str) -> Any:
         """``result`` (a Pending or a value), settled only once ``entries`` are marked for
