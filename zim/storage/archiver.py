@@ -54,7 +54,6 @@ from zim.storage.writer import OP_ARCHIVE_DONE, OP_ARCHIVE_PEEK, OP_HISTORY_SPAN
 
 if TYPE_CHECKING:
     from zim._core import Reactor
-    from zim.storage.durable import DurableStore
 
 log = logging.getLogger("zim.archive")
 
@@ -65,9 +64,10 @@ LAG_LOG_EVERY = 10.0            # ... the log says so this often
 
 
 class SQLiteArchiver:
-    """The archive of one ``DurableStore``; see the module docstring."""
+    """The archive of one ``DurableStore`` (``store``: it calls the store's writer
+    and reads its in-memory channels); see the module docstring."""
 
-    def __init__(self, store: DurableStore, dsn: str, kinds: frozenset[str], batch: int) -> None:
+    def __init__(self, store: Any, dsn: str, kinds: frozenset[str], batch: int) -> None:
         self.store = store
         self.dsn = dsn
         self.kinds = kinds
