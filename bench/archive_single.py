@@ -113,11 +113,6 @@ def one_server(args, postgres: LocalPostgres | None, run: int) -> dict:
     return row
 
 
-def median(rows: list[dict], key: str) -> float | None:
-    values = [row[key] for row in rows if row.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def run(args, info: dict) -> int:
     plain, archived = [], []
     with LocalPostgres() as postgres:
@@ -130,11 +125,11 @@ def run(args, info: dict) -> int:
             sys.stdout.flush()
     result = {"bench": "archive_single", "ok": True, "machine": info, "runs": {"without": plain, "with": archived}}
     for key in ("per_second", "per_cpu_second", "p50_ms", "p99_ms"):
-        result[f"without_{key}"] = median(plain, key)
-        result[f"with_{key}"] = median(archived, key)
+        result[f"without_{key}"] = store_bench.median(plain, key)
+        result[f"with_{key}"] = store_bench.median(archived, key)
     for key in ("archived_per_second", "lag_at_end_s", "drain_s", "sustained_lag_p50_s",
                 "sustained_lag_max_s", "sustained_pending_max"):
-        result[key] = median(archived, key)
+        result[key] = store_bench.median(archived, key)
     ratio = result["with_per_cpu_second"] / result["without_per_cpu_second"]
     print(f"RESULT archive_single: DMs/s {result['without_per_second']:,.0f} without, "
           f"{result['with_per_second']:,.0f} with --archive; per server-CPU-s "
@@ -151,16 +146,8 @@ def run(args, info: dict) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--senders", type=int, default=8)
-    parser.add_argument("--messages", type=int, default=40_000, help="per saturated run, all senders")
-    parser.add_argument("--window", type=int, default=64, help="messages in flight per sender (saturated)")
-    parser.add_argument("--rate", type=float, default=3_000, help="DMs a second of the sustained run")
-    parser.add_argument("--rate-seconds", type=float, default=5.0)
+    store_bench.add_load_arguments(parser, messages=40_000, rate=3_000, rate_seconds=5.0)
     parser.add_argument("--batch", type=int, default=1000, help="--archive-batch")
-    parser.add_argument("--content-size", type=int, default=100)
-    parser.add_argument("--client-processes", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--run-timeout", type=float, default=120.0)
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     return benchlib.run_main("archive_single", "zim --archive behind SQLite: DM cost, archive throughput and lag",
                              args, run)

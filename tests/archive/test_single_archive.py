@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 
 import pytest
+from psycopg import pq
 
 from tests.support import postgres_servers, wait_for
 from tests.support.client import unique
 from tests.support.postgres_servers import requires_postgres
-from tests.support.servers import HOST, free_port
+from tests.support.servers import HOST, free_port, server_env
 
 pytestmark = requires_postgres
 postgres_server = postgres_servers.postgres_server
@@ -173,7 +176,6 @@ def test_kill_9_while_a_batch_is_in_flight_archives_every_message_once(start_ser
     assert wait_for(lambda: len(archived(postgres_server, database)) == 1, 10)
     # PostgreSQL holds the next batch (a lock on the table) until the server is gone;
     # then it commits it: SQLite never heard, so the restarted server sends it again
-    from psycopg import pq
     blocker = pq.PGconn.connect(dsn.encode())
     try:
         for sql in (b"BEGIN", b"LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"):
@@ -199,11 +201,7 @@ def test_kill_9_while_a_batch_is_in_flight_archives_every_message_once(start_ser
     again.tcp_client().login(unique("after"))
 
 
-def test_archive_with_the_memory_store_is_refused(start_server, postgres_server, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.support.servers import server_env
+def test_archive_with_the_memory_store_is_refused(postgres_server, tmp_path):
     result = subprocess.run([sys.executable, "-m", "zim", "--store", "memory", "--data", str(tmp_path),
                              "--archive", postgres_server.dsn()], capture_output=True, text=True,
                             timeout=30, env=server_env())
@@ -216,3 +214,23 @@ def _postgres_back_up(postgres_server):
     yield
     if postgres_server.process is None or postgres_server.process.poll() is not None:
         postgres_server.start()
+
+
+def test_a_peek_at_the_archive_queue_is_bounded_by_bytes(tmp_path):
+    """The writer's answer stays under the link's packet limit whatever --archive-batch says."""
+    from zim.storage.sqlite import PAGE_BYTES, SQLiteStore
+    store = SQLiteStore(str(tmp_path / "zim.db"))
+    try:
+        store.set_archiving(True, False)
+        store.create_user(1, "a")
+        store.create_user(2, "b")
+        for number in range(40):
+            store.append_user_message(1, 2, {"id": str(1000 + number), "content": "x" * 60_000})
+        rows, pending, _ = store.archive_peek(1000)
+        assert pending == 40
+        assert 2 <= len(rows) < 40 and sum(len(row[2]["content"]) for row in rows[:-1]) <= PAGE_BYTES
+        assert [row[2]["seq"] for row in rows] == list(range(1, len(rows) + 1))
+        store.archive_done(rows[-1][0])
+        assert store.archive_peek(0)[1] == 40 - len(rows)
+    finally:
+        store.close()

@@ -39,6 +39,7 @@ import datetime
 from typing import Iterable
 
 from zim.ids import EPOCH_MS, TIME_SHIFT
+from zim.pending import Pending
 from zim.storage.store import CHANNEL, USER, HistoryKind, pair_key
 
 # 64-bit key of pg_advisory_xact_lock: "zim sche" in ASCII
@@ -224,14 +225,13 @@ _READ_VERSION = (
 )
 
 
-def migrate_on_link(link, target: int = SCHEMA_VERSION) -> "Pending":
+def migrate_on_link(link, target: int = SCHEMA_VERSION) -> Pending:
     """``migrate``'s work over a ``zim.archive.link.PgLink``, without blocking the
     loop: one transaction reads the version, one more applies each migration
     (with its version, under the advisory lock). Settles with the version found
     before, or fails with the reason (a newer schema than this code's, PostgreSQL
     refusing or unreachable: call again later; a migration another process
     applied in between fails here and is found done the next time)."""
-    from zim.pending import Pending
     result = Pending()
     link.transaction(_READ_VERSION).wait(_version_read, (link, result, target), None)
     return result

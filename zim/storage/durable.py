@@ -20,6 +20,10 @@ a subscribe past the limit settles at once with ``StoreRefusal``
 the writer with the channel. The mailbox quota is the writer's (it is atomic
 with the batch): it gets the limits as arguments, and a refused direct message
 is answered LIMIT, which settles its call with ``StoreRefusal`` (``mailbox_full``).
+
+With ``--archive`` (``use_archive``), a ``zim.storage.archiver.SQLiteArchiver``
+writes the messages of the archived kinds behind to PostgreSQL, and answers the
+history of those conversations from SQLite and, below it, from PostgreSQL.
 """
 from __future__ import annotations
 

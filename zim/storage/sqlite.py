@@ -583,14 +583,23 @@ class SQLiteStore:
 
     # -- the archive's queue (zim.storage.archiver) ------------------------------
     def archive_peek(self, limit: int) -> list:
-        """The queue's ``limit`` oldest rows as ``[pos, conv, message or None]``
+        """The queue's ``limit`` oldest rows (fewer once their messages pass
+        PAGE_BYTES) as ``[pos, conv, message or None]``
         (None: the message is gone, deleted with its channel or pruned while
         archiving was off), then how many rows wait and the ``created_at`` (Unix
         ms) of the oldest message waiting (0: none)."""
         conn = self._connection()
-        rows = [[pos, conv, None if body is None else orjson.loads(body)] for pos, conv, body in conn.execute(
-            "SELECT q.pos, q.conv, m.body FROM archive_queue AS q LEFT JOIN messages AS m "
-            "ON m.conv = q.conv AND m.seq = q.seq ORDER BY q.pos LIMIT ?", (max(0, limit),))]
+        rows: list[list] = []
+        total = 0
+        cursor = conn.execute("SELECT q.pos, q.conv, m.body FROM archive_queue AS q LEFT JOIN messages AS m "
+                              "ON m.conv = q.conv AND m.seq = q.seq ORDER BY q.pos LIMIT ?", (max(0, limit),))
+        for pos, conv, body in cursor:
+            if body is not None:
+                if total > PAGE_BYTES and rows:
+                    break           # the answer stays far below the link's packet limit
+                total += len(body)
+            rows.append([pos, conv, None if body is None else orjson.loads(body)])
+        cursor.close()
         low, high = conn.execute("SELECT min(pos), max(pos) FROM archive_queue").fetchone()
         oldest = 0
         if low is not None:
