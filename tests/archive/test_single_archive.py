@@ -95,12 +95,18 @@ def send_dms(alice, bob, count: int, ack: bool = True) -> list[dict]:
 def test_dms_and_channel_messages_reach_postgresql_once_with_their_seq(start_server, postgres_server):
     database, dsn = new_database(postgres_server)
     srv = start_server(["--workers", "2", "--archive", dsn, "--archive-kinds", "private,channel",
-                        "--archive-batch", "7"])
+                        "--archive-batch", "7", "--large-channel", "3"])
     alice, bob = dm_pair(srv)
     dms = send_dms(alice, bob, 30, ack=False)
-    channel = unique("arch")
-    alice.ok(3, {"name": channel})
+    channel, large = unique("arch"), unique("large")
+    for client in (alice, bob):
+        client.ok(3, {"name": channel, "push": False})
+    carol = srv.tcp_client()
+    carol.login(unique("carol"))
+    for client in (alice, bob, carol):     # 3 members: large, a kind not archived here
+        client.ok(3, {"name": large, "push": False})
     posts = [alice.ok(4, {"channel": channel, "content": f"c{i}"}) for i in range(20)]
+    alice.ok(4, {"channel": large, "content": "not archived"})
     expected = sorted([(int(m["id"]), pair_conv(alice.user_id, bob.user_id), m["seq"]) for m in dms] +
                       [(int(m["id"]), f"c:{channel}", m["seq"]) for m in posts])
     assert wait_for(lambda: len(archived(postgres_server, database)) >= len(expected), 15)
@@ -114,6 +120,9 @@ def test_history_pruned_from_sqlite_is_read_from_postgresql_the_same(start_serve
     database, dsn = new_database(postgres_server)
     srv = start_server(["--workers", "1", "--archive", dsn, "--retain-private", "2s:3", "--prune-every", "1"])
     alice, bob = dm_pair(srv)
+    channel = unique("kept")
+    alice.ok(3, {"name": channel})
+    alice.ok(4, {"channel": channel, "content": "a channel: not archived by default"})
     send_dms(alice, bob, 23)
     conv = pair_conv(alice.user_id, bob.user_id)
     before = {limit: all_pages(alice, limit, userId=bob.user_id) for limit in (5, 100)}

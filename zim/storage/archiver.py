@@ -178,8 +178,8 @@ class SQLiteArchiver:
 
     def channel_kind(self, channel: str) -> str:
         """``"large"`` or ``"channel"`` by the member count, as retention decides the tier."""
-        members = len(self.store.meta.channel_members(channel))
-        return "large" if members >= self.store.retention.large_members else "channel"
+        large = self.store.meta.member_count(channel) >= self.store.retention.large_members
+        return "large" if large else "channel"
 
     def archives(self, kind: HistoryKind, key: Union[ChannelKey, PairKey]) -> bool:
         """Whether this conversation's messages are archived (so its history may be read there)."""
