@@ -113,6 +113,10 @@ def one_server(args, postgres: LocalPostgres | None, run: int) -> dict:
     return row
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
 def run(args, info: dict) -> int:
     plain, archived = [], []
     with LocalPostgres() as postgres:
@@ -130,13 +134,16 @@ def run(args, info: dict) -> int:
     for key in ("archived_per_second", "lag_at_end_s", "drain_s", "sustained_lag_p50_s",
                 "sustained_lag_max_s", "sustained_pending_max"):
         result[key] = store_bench.median(archived, key)
-    ratio = result["with_per_cpu_second"] / result["without_per_cpu_second"]
+    with_cpu, without_cpu = result["with_per_cpu_second"], result["without_per_cpu_second"]
+    # a tiny run may use less CPU than psutil can see: no per-CPU figure then
+    result["cpu_ratio"] = with_cpu / without_cpu if with_cpu and without_cpu else None
     print(f"RESULT archive_single: DMs/s {result['without_per_second']:,.0f} without, "
           f"{result['with_per_second']:,.0f} with --archive; per server-CPU-s "
-          f"{result['without_per_cpu_second']:,.0f} vs {result['with_per_cpu_second']:,.0f} ({ratio:.2f}); "
-          f"archive {result['archived_per_second']:,.0f} msgs/s, lag at the end {result['lag_at_end_s']:.2f} s, "
-          f"drained in {result['drain_s']:.2f} s; at {args.rate:,.0f}/s lag p50 "
-          f"{result['sustained_lag_p50_s']:.2f} s max {result['sustained_lag_max_s']:.2f} s "
+          f"{store_bench._count(without_cpu)} vs {store_bench._count(with_cpu)} "
+          f"(ratio {'n/a' if result['cpu_ratio'] is None else format(result['cpu_ratio'], '.2f')}); "
+          f"archive {result['archived_per_second']:,.0f} msgs/s, lag at the end {_seconds(result['lag_at_end_s'])}, "
+          f"drained in {_seconds(result['drain_s'])}; at {args.rate:,.0f}/s lag p50 "
+          f"{_seconds(result['sustained_lag_p50_s'])} max {_seconds(result['sustained_lag_max_s'])} "
           f"(medians of {args.runs})")
     if args.json:
         benchlib.print_json(result)
