@@ -82,6 +82,7 @@ class SQLiteArchiver:
         self._migrating = False
         self._busy = False              # a peek, a PostgreSQL batch or its confirmation in flight
         self._armed = False             # the gather timer is set
+        self._again = False             # a message came while busy, after the peek was sent
         self._failing = False           # the last batch failed (logged once until one passes)
         self._lag_logged_at = 0.0
 
@@ -126,10 +127,16 @@ class SQLiteArchiver:
 
     # -- the write-behind ---------------------------------------------------------------
     def poke(self) -> None:
-        """A message of an archived kind went to the writer: archive it soon."""
-        if not self._armed and not self._busy and self._timer is not None:
+        """A message of an archived kind went to the writer: archive it soon (while
+        PostgreSQL cannot take it, the tick keeps the figures)."""
+        if self._busy:
+            self._again = True
+        elif not self._armed and self._ready():
             self._armed = True
             self._timer.set(time.monotonic_ns() + GATHER_NS)
+
+    def _ready(self) -> bool:
+        return self.migrated and self.link is not None and self.link.state is UP
 
     def tick(self) -> None:
         """Once a second: refresh the figures (and retry after a failure), log a lag."""
@@ -152,9 +159,9 @@ class SQLiteArchiver:
         self._armed = False
         if self._busy:
             return
-        ready = self.migrated and self.link is not None and self.link.state is UP
         self._busy = True
-        self.store._call(OP_ARCHIVE_PEEK, [self.batch if ready else 0]).wait(_peeked, self, None)
+        self._again = False             # this peek sees every message sent to the writer so far
+        self.store._call(OP_ARCHIVE_PEEK, [self.batch if self._ready() else 0]).wait(_peeked, self, None)
 
     def _batch_of(self, rows: list) -> list[tuple]:
         """The rows of archived kinds, as ``Archive.archive_messages`` takes them."""
@@ -223,6 +230,8 @@ def _peeked(archiver: SQLiteArchiver, _: None, ok: bool, value: Any) -> None:
     stats.lag_seconds = max(0, wall_clock_ms() - oldest_ms) / 1000 if pending and oldest_ms else 0.0
     if not rows:
         archiver._busy = False
+        if archiver._again:
+            archiver.poke()
         return
     upto = rows[-1][0]
     batch = archiver._batch_of(rows)
