@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 from psycopg import pq
 
+from tests.api.helpers import ApiClient, api_flags, channel_path, wait_for_port
 from tests.support import postgres_servers, wait_for
 from tests.support.client import unique
 from tests.support.postgres_servers import requires_postgres
@@ -92,10 +93,11 @@ def send_dms(alice, bob, count: int, ack: bool = True) -> list[dict]:
     return sent
 
 
-def test_dms_and_channel_messages_reach_postgresql_once_with_their_seq(start_server, postgres_server):
+def test_dms_and_channel_messages_reach_postgresql_once_with_their_seq(start_server, postgres_server, tmp_path):
     database, dsn = new_database(postgres_server)
+    flags, api_port = api_flags(tmp_path)
     srv = start_server(["--workers", "2", "--archive", dsn, "--archive-kinds", "private,channel",
-                        "--archive-batch", "7", "--large-channel", "3"])
+                        "--archive-batch", "7", "--large-channel", "3", *flags])
     alice, bob = dm_pair(srv)
     dms = send_dms(alice, bob, 30, ack=False)
     channel, large = unique("arch"), unique("large")
@@ -114,11 +116,21 @@ def test_dms_and_channel_messages_reach_postgresql_once_with_their_seq(start_ser
     assert archived(postgres_server, database) == expected
     counters = dict(postgres_server.execute("SELECT conversation, seq FROM conversations", database))
     assert counters == {pair_conv(alice.user_id, bob.user_id): "30", f"c:{channel}": "20"}
+    # the channel deleted and made again: the archive forgets the old one, keeps the new
+    wait_for_port(api_port)
+    ApiClient(api_port).ok("DELETE", channel_path(channel))
+    alice.ok(3, {"name": channel})
+    again = [alice.ok(4, {"channel": channel, "content": f"again {i}"}) for i in range(2)]
+    expected = [row for row in expected if row[1] != f"c:{channel}"]
+    expected = sorted(expected + [(int(m["id"]), f"c:{channel}", m["seq"]) for m in again])
+    assert wait_for(lambda: archived(postgres_server, database) == expected, 10), archived(postgres_server, database)
+    counters = dict(postgres_server.execute("SELECT conversation, seq FROM conversations", database))
+    assert counters[f"c:{channel}"] == "2"
 
 
 def test_history_pruned_from_sqlite_is_read_from_postgresql_the_same(start_server, postgres_server):
     database, dsn = new_database(postgres_server)
-    srv = start_server(["--workers", "1", "--archive", dsn, "--retain-private", "2s:3", "--prune-every", "1"])
+    srv = start_server(["--workers", "2", "--archive", dsn, "--retain-private", "2s:3", "--prune-every", "1"])
     alice, bob = dm_pair(srv)
     channel = unique("kept")
     alice.ok(3, {"name": channel})
@@ -237,8 +249,8 @@ def test_a_peek_at_the_archive_queue_is_bounded_by_bytes(tmp_path):
             store.append_user_message(1, 2, {"id": str(1000 + number), "content": "x" * 60_000})
         rows, pending, _ = store.archive_peek(1000)
         assert pending == 40
-        assert 2 <= len(rows) < 40 and sum(len(row[2]["content"]) for row in rows[:-1]) <= PAGE_BYTES
-        assert [row[2]["seq"] for row in rows] == list(range(1, len(rows) + 1))
+        assert 2 <= len(rows) < 40 and sum(len(row[3]["content"]) for row in rows[:-1]) <= PAGE_BYTES
+        assert [row[3]["seq"] for row in rows] == list(range(1, len(rows) + 1))
         store.archive_done(rows[-1][0])
         assert store.archive_peek(0)[1] == 40 - len(rows)
     finally:

@@ -61,6 +61,7 @@ MIGRATE_CONNECT_TIMEOUT = 2     # seconds the start may wait for PostgreSQL
 GATHER_NS = 5_000_000           # a first message waits 5 ms for others to share its batch
 LAG_LOG_OVER = 5.0              # seconds of lag past which ...
 LAG_LOG_EVERY = 10.0            # ... the log says so this often
+MIGRATION_LOG_EVERY = 60        # failed migrations (one a second) per log line
 
 
 class SQLiteArchiver:
@@ -80,6 +81,7 @@ class SQLiteArchiver:
         self._timer = None
         self.migrated = False
         self._migrating = False
+        self._migration_failures = 0    # in a row (retried every tick while the link is up)
         self._busy = False              # a peek, a PostgreSQL batch or its confirmation in flight
         self._armed = False             # the gather timer is set
         self._again = False             # a message came while busy, after the peek was sent
@@ -167,7 +169,7 @@ class SQLiteArchiver:
         """The rows of archived kinds, as ``Archive.archive_messages`` takes them."""
         batch = []
         kinds = {}
-        for _, conv, message in rows:
+        for _, conv, _, message in rows:
             if message is None:
                 continue                # gone from SQLite (its channel deleted): nothing to keep
             if conv[0] == "u":
@@ -214,10 +216,14 @@ def _migrated(archiver: SQLiteArchiver, _: None, ok: bool, value: Any) -> None:
     archiver._migrating = False
     if ok:
         archiver.migrated = True
+        archiver._migration_failures = 0
         log.info("archive migrated (it had schema version %s)", value)
         archiver.poke()
-    else:
-        log.warning("archive migration failed: %s; tried again while the link is up", value)
+        return
+    archiver._migration_failures += 1
+    if archiver._migration_failures % MIGRATION_LOG_EVERY == 1:     # the first, then once a minute
+        log.warning("archive migration failed (%d times): %s; tried again every second while the link "
+                    "is up", archiver._migration_failures, value)
 
 
 def _peeked(archiver: SQLiteArchiver, _: None, ok: bool, value: Any) -> None:
@@ -233,6 +239,14 @@ def _peeked(archiver: SQLiteArchiver, _: None, ok: bool, value: Any) -> None:
         if archiver._again:
             archiver.poke()
         return
+    tombstone = next((index for index, row in enumerate(rows) if row[2] == 0), None)
+    if tombstone == 0:
+        # a deleted channel: PostgreSQL forgets it, after every message queued before
+        # (archived by now) and before any of a channel made again under its name
+        archiver.archive.forget_conversation(CHANNEL, rows[0][1][2:]).wait(_archived, archiver, rows[0][0])
+        return
+    if tombstone is not None:
+        rows = rows[:tombstone]
     upto = rows[-1][0]
     batch = archiver._batch_of(rows)
     if batch:
@@ -253,7 +267,7 @@ def _archived(archiver: SQLiteArchiver, upto: int, ok: bool, value: Any) -> None
     if archiver._failing:
         archiver._failing = False
         log.info("archive batches pass again")
-    stats.messages += value
+    stats.messages += value or 0        # (a forgotten channel settles with None)
     archiver._confirm(upto)
 
 

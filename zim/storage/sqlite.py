@@ -57,6 +57,13 @@ PAGE_OVERHEAD = 64                  # = zim.im._PAGE_OVERHEAD: {"messages":[...]
 SEQ_CACHE_MAX = 100_000       # conversations whose last seq the writer remembers between batches
 
 
+def _write_delete_archived_channel(cur: sqlite3.Cursor, channel: str) -> list[int] | None:
+    members = write_delete_channel(cur, channel)
+    if members is not None:
+        cur.execute("INSERT INTO archive_queue(conv, seq) VALUES (?, 0)", (channel_conv(channel),))
+    return members
+
+
 def _write_archive_done(cur: sqlite3.Cursor, upto: int) -> None:
     cur.execute("DELETE FROM archive_queue WHERE pos <= ?", (upto,))
 
@@ -404,7 +411,10 @@ class SQLiteStore:
         return self._transaction(write_unsubscribe, channel, user_id)
 
     def delete_channel(self, channel: str) -> list[int] | None:
-        members = self._transaction(write_delete_channel, channel)     # buffered messages go in first
+        """With channels archived, a tombstone (seq 0) in ``archive_queue`` tells the
+        archive to forget the channel's messages too, in their order with the others."""
+        write = _write_delete_archived_channel if self._queue_channels else write_delete_channel
+        members = self._transaction(write, channel)     # buffered messages go in first
         self._last_seq.pop(channel_conv(channel), None)                # a new channel of that name: seq 1
         return members
 
@@ -584,21 +594,21 @@ class SQLiteStore:
     # -- the archive's queue (zim.storage.archiver) ------------------------------
     def archive_peek(self, limit: int) -> list:
         """The queue's ``limit`` oldest rows (fewer once their messages pass
-        PAGE_BYTES) as ``[pos, conv, message or None]``
-        (None: the message is gone, deleted with its channel or pruned while
-        archiving was off), then how many rows wait and the ``created_at`` (Unix
+        PAGE_BYTES) as ``[pos, conv, seq, message or None]`` (None: the message
+        is gone, deleted with its channel or pruned while archiving was off; seq
+        0: the channel was deleted, ``delete_channel``), then how many rows wait and the ``created_at`` (Unix
         ms) of the oldest message waiting (0: none)."""
         conn = self._connection()
         rows: list[list] = []
         total = 0
-        cursor = conn.execute("SELECT q.pos, q.conv, m.body FROM archive_queue AS q LEFT JOIN messages AS m "
+        cursor = conn.execute("SELECT q.pos, q.conv, q.seq, m.body FROM archive_queue AS q LEFT JOIN messages AS m "
                               "ON m.conv = q.conv AND m.seq = q.seq ORDER BY q.pos LIMIT ?", (max(0, limit),))
-        for pos, conv, body in cursor:
+        for pos, conv, seq, body in cursor:
             if body is not None:
                 if total > PAGE_BYTES and rows:
                     break           # the answer stays far below the link's packet limit
                 total += len(body)
-            rows.append([pos, conv, None if body is None else orjson.loads(body)])
+            rows.append([pos, conv, seq, None if body is None else orjson.loads(body)])
         cursor.close()
         low, high = conn.execute("SELECT min(pos), max(pos) FROM archive_queue").fetchone()
         oldest = 0

@@ -50,7 +50,8 @@ Schema (version 6; the versions' changes are applied in ``open_database``):
   messages stored and not yet confirmed by PostgreSQL (zim.storage.archiver),
   in the order stored. ``pos`` is AUTOINCREMENT, so it only ever grows (never
   reused once the queue is empty); rows go from the low end once PostgreSQL
-  has committed them, and pruning keeps every message a row names.
+  has committed them, and pruning keeps every message a row names. A row of
+  seq 0 is a deleted channel's tombstone (the archive forgets it too).
 """
 from __future__ import annotations
 
