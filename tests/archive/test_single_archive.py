@@ -186,6 +186,7 @@ def test_postgresql_down_keeps_serving_prunes_nothing_unarchived_then_drains(sta
     assert metric(metrics, "zim_archive_lag_seconds") == 0 and metric(metrics, "zim_archive_link_up") == 1
     assert metric(metrics, "zim_archive_messages_total") == 40
     assert wait_for(lambda: sqlite_seqs(srv.data_dir, conv) == [], 10)     # archived: pruned now
+    assert "archive not migrated at start" in srv.stderr() and "archive migrated" in srv.stderr()
     assert "archive link up" in srv.stderr()
 
 
