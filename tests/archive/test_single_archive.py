@@ -177,7 +177,7 @@ def test_postgresql_down_keeps_serving_prunes_nothing_unarchived_then_drains(sta
         assert sqlite_seqs(srv.data_dir, conv) == list(range(1, 41))
         assert metric(metrics, "zim_archive_link_up") == 0
         assert metric(metrics, "zim_archive_pending") == 40
-        assert metric(metrics, "zim_archive_lag_seconds") >= 1.5
+        assert metric(metrics, "zim_archive_lag_seconds") >= 1.0    # the oldest was sent 2.5 s ago
     finally:
         postgres_server.start()
     assert wait_for(lambda: len(archived(postgres_server, database)) == 40, 20)
@@ -203,9 +203,8 @@ def test_kill_9_while_a_batch_is_in_flight_archives_every_message_once(start_ser
         for sql in (b"BEGIN", b"LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"):
             assert blocker.exec_(sql).status == pq.ExecStatus.COMMAND_OK
         sent += send_dms(alice, bob, 250, ack=False)
-        time.sleep(0.5)
-        assert len(postgres_server.execute(
-            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'", database)) == 1
+        assert wait_for(lambda: len(postgres_server.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'", database)) == 1, 10)
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(10)
         srv.stopped = True
