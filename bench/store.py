@@ -339,20 +339,25 @@ def run(args, info: dict) -> int:
     return 0
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, messages: int, rate: float, rate_seconds: float) -> None:
+    """The flags of the senders' load (saturated and moderate runs), shared with bench/archive_single.py."""
+    parser.add_argument("--messages", type=int, default=messages, help="per saturated run, all senders")
+    parser.add_argument("--window", type=int, default=64, help="requests in flight per sender (saturated)")
+    parser.add_argument("--rate", type=float, default=rate, help="messages/s of a moderate run, all senders")
+    parser.add_argument("--rate-seconds", type=float, default=rate_seconds)
+    parser.add_argument("--content-size", type=int, default=100)
+    parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--run-timeout", type=float, default=120.0)
+    parser.add_argument("--json", action="store_true")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stores", type=lambda t: t.split(","), default=["sqlite", "memory"])
     parser.add_argument("--senders-list", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4, 16])
-    parser.add_argument("--messages", type=int, default=60_000, help="per saturated run, all senders")
-    parser.add_argument("--window", type=int, default=64, help="requests in flight per sender (saturated)")
-    parser.add_argument("--rate", type=float, default=5_000, help="messages/s of a moderate run, all senders")
-    parser.add_argument("--rate-seconds", type=float, default=3.0)
-    parser.add_argument("--content-size", type=int, default=100)
-    parser.add_argument("--client-processes", type=int, default=2)
+    add_load_arguments(parser, messages=60_000, rate=5_000, rate_seconds=3.0)
     parser.add_argument("--engine-messages", type=int, default=200_000)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--run-timeout", type=float, default=120.0)
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     return benchlib.run_main("store", "zim durable store: stored messages/s and send-to-ack latency", args, run)
 

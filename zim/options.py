@@ -595,6 +595,9 @@ class Options:
                              "could ever log in")
         if self.api and not self.api_key_file:
             raise ValueError("--api needs --api-key-file (the key the application's backend sends)")
+        if self.archive is not None and self.redis is None and self.store == "memory":
+            raise ValueError("--archive needs --store sqlite: the archive stands behind the database "
+                             "(--store memory keeps nothing to archive from)")
         if self.max_client_memory and self.max_client_memory < self.max_outbuf:
             raise ValueError(f"--max-client-memory ({self.max_client_memory}) must be 0 (off) or at least "
                              f"--max-outbuf ({self.max_outbuf})")

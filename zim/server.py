@@ -25,6 +25,7 @@ from zim import datadir, tokens
 from zim.access import JwtLogins
 from zim._core import PEER_KEY_MASK, PEER_MARK, PEER_WS
 from zim.api import ServerApi, read_api_key
+from zim.archive.config import archive_kinds
 from zim.archive.stats import ARCHIVE_FAMILIES
 from zim.closelog import CloseLog
 from zim.fabric import Fabric, Groups, LocalFabric
@@ -110,6 +111,12 @@ class Server:
             datadir.check_private_files_in(data, [DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"], "database")
             create_database_file(data)
             store = DurableStore(data, self.options.retention)
+            if self.options.archive is not None:
+                store.use_archive(self.options.archive, archive_kinds(self.options.archive_kinds),
+                                  self.options.archive_batch)
+        elif self.options.archive is not None:
+            raise RuntimeError("--archive stands behind zim's own database: an App with a store "
+                               "of its own cannot use it")
         self.store = store
         since = getattr(store, "tokens_v2_since", None)
         if since is not None and since():

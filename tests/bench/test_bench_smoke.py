@@ -35,6 +35,10 @@ ROOT = REPO_ROOT
     pytest.param("history_tiers.py", ["--messages", "120", "--reads", "10", "--runs", "1"],
                  marks=pytest.mark.skipif(postgres_bin_dir() is None or shutil.which("redis-server") is None,
                                           reason="PostgreSQL or redis-server is not installed (CI installs them)")),
+    pytest.param("archive_single.py", ["--senders", "2", "--messages", "300", "--runs", "1", "--rate", "200",
+                                       "--rate-seconds", "1"],
+                 marks=pytest.mark.skipif(postgres_bin_dir() is None,
+                                          reason="PostgreSQL is not installed (CI installs it)")),
     ("million.py", ["--connections", "3000", "--workers", "2", "--processes", "2", "--hold", "3",
                     "--probe-sample", "100"]),
 ])

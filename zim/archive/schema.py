@@ -39,6 +39,7 @@ import datetime
 from typing import Iterable
 
 from zim.ids import EPOCH_MS, TIME_SHIFT
+from zim.pending import Pending
 from zim.storage.store import CHANNEL, USER, HistoryKind, pair_key
 
 # 64-bit key of pg_advisory_xact_lock: "zim sche" in ASCII
@@ -270,3 +271,49 @@ def _execute_binary(conn, sql: bytes, params: list[bytes]) -> list[tuple]:
     if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
         raise ArchiveError(f"{sql.split()[0].decode()} failed: {result.get_error_message().strip()}")
     return [tuple(result.get_value(row, col) for col in range(result.nfields)) for row in range(result.ntuples)]
+# -- the same, from the loop (a server whose PostgreSQL was down at its start) -------------
+
+_READ_VERSION = (
+    (f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})", ()),
+    ("CREATE TABLE IF NOT EXISTS zim_schema (version integer NOT NULL)", ()),
+    ("INSERT INTO zim_schema (version) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM zim_schema)", ()),
+    ("SELECT version FROM zim_schema", ()),
+)
+
+
+def migrate_on_link(link, target: int = SCHEMA_VERSION) -> Pending:
+    """``migrate``'s work over a ``zim.archive.link.PgLink``, without blocking the
+    loop: one transaction reads the version, one more applies each migration
+    (with its version, under the advisory lock). Settles with the version found
+    before, or fails with the reason (a newer schema than this code's, PostgreSQL
+    refusing or unreachable: call again later; a migration another process
+    applied in between fails here and is found done the next time)."""
+    result = Pending()
+    link.transaction(_READ_VERSION).wait(_version_read, (link, result, target), None)
+    return result
+
+
+def _version_read(shared: tuple, found: int | None, ok: bool, value) -> None:
+    link, result, target = shared
+    if not ok:
+        result.settle(False, value)
+        return
+    version = int(value[-1][0][0])
+    found = version if found is None else found
+    if version > SCHEMA_VERSION:
+        result.settle(False, f"the archive's schema is version {version}, newer than this zim's "
+                             f"({SCHEMA_VERSION}): upgrade zim before using this database")
+    elif version >= target:
+        result.settle(True, found)
+    else:
+        statements = [_READ_VERSION[0], *((sql, ()) for sql in MIGRATIONS[version]),
+                      (f"UPDATE zim_schema SET version = {version + 1} WHERE version = {version}", ())]
+        link.transaction(statements).wait(_migrated_one, shared, found)
+
+
+def _migrated_one(shared: tuple, found: int, ok: bool, value) -> None:
+    link, result, _ = shared
+    if not ok:
+        result.settle(False, value)
+        return
+    link.transaction(_READ_VERSION).wait(_version_read, shared, found)

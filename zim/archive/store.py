@@ -18,6 +18,8 @@ sends it again.
   seq < ``before_seq`` (any, when None), the newest of those, oldest first,
   and whether older ones exist.
 - ``highest_seq(kind, key)``: the conversation's seq counter (0: none).
+- ``forget_conversation(kind, key)``: its messages and counter deleted (a
+  deleted channel).
 - ``save_user``/``user``, ``save_membership``/``remove_membership``/
   ``memberships_of``, ``channel``: what a cache that lost its data is filled from.
 - ``archive_changes(changes)``: a node archiver's pass (``Changes``: messages,
@@ -177,6 +179,16 @@ class Archive:
         """Settles with the conversation's highest archived seq (0: none)."""
         return self._one_value("SELECT seq FROM conversations WHERE conversation = $1",
                                (conversation_key(kind, key),), int, 0)
+
+    def forget_conversation(self, kind: HistoryKind, key: Union[ChannelKey, PairKey]) -> Pending:
+        """Delete the conversation's messages and seq counter (a channel deleted:
+        one made again under its name starts from seq 1). Idempotent."""
+        conversation = conversation_key(kind, key)
+        result = Pending()
+        self.link.transaction([("DELETE FROM messages WHERE conversation = $1", (conversation,)),
+                               ("DELETE FROM conversations WHERE conversation = $1", (conversation,))]).wait(
+            _written, result, None)
+        return result
 
     # -- users and memberships -------------------------------------------------------------
     def save_user(self, user_id: int, name: str, token_epoch: int) -> Pending:

@@ -7,6 +7,8 @@
   every change and message sent to a writer process;
 - ``writer``: that process: group commit into SQLite, answers after the commit;
 - ``sqlite``: ``SQLiteStore``, the SQL (schema, batches, pruning) the writer runs;
+- ``archiver``: with ``--archive``, the messages the writer queued written
+  behind to PostgreSQL, and history below SQLite read from it;
 - ``retention``: the retention tiers (TTL and cap per kind of conversation).
 """
 from zim.storage.retention import Retention, Tier

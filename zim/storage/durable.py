@@ -20,6 +20,10 @@ a subscribe past the limit settles at once with ``StoreRefusal``
 the writer with the channel. The mailbox quota is the writer's (it is atomic
 with the batch): it gets the limits as arguments, and a refused direct message
 is answered LIMIT, which settles its call with ``StoreRefusal`` (``mailbox_full``).
+
+With ``--archive`` (``use_archive``), a ``zim.storage.archiver.SQLiteArchiver``
+writes the messages of the archived kinds behind to PostgreSQL, and answers the
+history of those conversations from SQLite and, below it, from PostgreSQL.
 """
 from __future__ import annotations
 
@@ -121,6 +125,8 @@ class DurableStore:
         self.closed = False
         self.stopping = False                   # the server is stopping: a writer that ends stays down
         self._tokens_v2_since = 0
+        self.archiver = None                    # zim.storage.archiver.SQLiteArchiver (use_archive)
+        self.archive_stats = None               # its figures, exported as metrics when set
         self._newest_id = self._load()
 
     def _load(self) -> int:
@@ -159,6 +165,15 @@ class DurableStore:
         self.quotas = quotas
         self.meta.set_quotas(_channel_quota(quotas))
 
+    def use_archive(self, dsn: str, kinds: frozenset[str], batch: int) -> None:
+        """Keep the messages of ``kinds`` in PostgreSQL too (``--archive``:
+        zim.storage.archiver). Call before ``attach``: the writer learns at its
+        start which messages to queue for it."""
+        from zim.storage.archiver import SQLiteArchiver     # here: the archive extra may not be installed
+
+        self.archiver = SQLiteArchiver(self, dsn, kinds, batch)
+        self.archive_stats = self.archiver.stats
+
     # -- the writer process ----------------------------------------------------
     def attach(self, reactor: Reactor, on_link: Callable[[int], None]) -> None:
         """Start the writer; ``on_link(link)`` learns each new link (packets on it
@@ -166,6 +181,8 @@ class DurableStore:
         self.reactor = reactor
         self.on_link = on_link
         self._spawn()
+        if self.archiver is not None:
+            self.archiver.start(reactor)
 
     def _spawn(self) -> None:
         self.restart_at = 0.0
@@ -175,7 +192,7 @@ class DurableStore:
             "--parent", str(os.getpid()), "--stats-fd", str(self._stats_fd),
             "--link-max-packet", str(self.reactor.link_max_packet),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
-            "--settings", writer_settings(self.retention, self.quotas))
+            "--settings", writer_settings(self.retention, self.quotas, *self._queued_kinds()))
         self.started = time.monotonic()
         try:
             self.process = subprocess.Popen(command, pass_fds=(theirs.fileno(), self._stats_fd))
@@ -187,6 +204,11 @@ class DurableStore:
             theirs.close()
         self.link = self.reactor.adopt_link(ours.detach())
         self.on_link(self.link)
+
+    def _queued_kinds(self) -> tuple[bool, bool]:
+        """Whether the writer queues direct and channel messages for the archive."""
+        archiver = self.archiver
+        return (False, False) if archiver is None else (archiver.queues_private, archiver.queues_channels)
 
     def _restart_later(self, why: str, at_least: float = 0.0) -> None:
         delay = max(at_least, self.backoff.after_exit(time.monotonic() - self.started))
@@ -204,6 +226,8 @@ class DurableStore:
         """Once a second: start the writer again once its back-off delay is over."""
         if self.restart_at and not self.closed and time.monotonic() >= self.restart_at:
             self._respawn()
+        if self.archiver is not None and not self.closed:
+            self.archiver.tick()
 
     @property
     def writer_up(self) -> bool:
@@ -286,6 +310,8 @@ class DurableStore:
 
     def close(self) -> None:
         self.closed = True
+        if self.archiver is not None:
+            self.archiver.close()
         process, self.process = self.process, None
         if self.link and self.reactor is not None:
             self.reactor.close(self.link)
@@ -434,15 +460,23 @@ class DurableStore:
     def append_channel_message(self, channel: str, msg: Message) -> Pending:
         call = self._call(OP_CHANNEL_MESSAGE, [channel, msg])
         call.message = msg
+        if self.archiver is not None and self.archiver.queues_channels:
+            self.archiver.poke()
         return call
 
     def append_user_message(self, sender_id: int, receiver_id: int, msg: Message) -> Pending:
         call = self._call(OP_USER_MESSAGE, [sender_id, receiver_id, msg])
         call.message = msg
+        if self.archiver is not None and self.archiver.queues_private:
+            self.archiver.poke()
         return call
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> Pending:
+        """With the archive, a conversation it keeps is read from SQLite and,
+        below what SQLite kept, from PostgreSQL (zim.storage.archiver)."""
+        if self.archiver is not None and self.archiver.archives(kind, key):
+            return self.archiver.history(kind, key, before_seq, limit)
         return self._call(OP_HISTORY, [kind, key, before_seq, limit])
 
     # -- mailboxes ---------------------------------------------------------

@@ -57,6 +57,17 @@ PAGE_OVERHEAD = 64                  # = zim.im._PAGE_OVERHEAD: {"messages":[...]
 SEQ_CACHE_MAX = 100_000       # conversations whose last seq the writer remembers between batches
 
 
+def _write_delete_archived_channel(cur: sqlite3.Cursor, channel: str) -> list[int] | None:
+    members = write_delete_channel(cur, channel)
+    if members is not None:
+        cur.execute("INSERT INTO archive_queue(conv, seq) VALUES (?, 0)", (channel_conv(channel),))
+    return members
+
+
+def _write_archive_done(cur: sqlite3.Cursor, upto: int) -> None:
+    cur.execute("DELETE FROM archive_queue WHERE pos <= ?", (upto,))
+
+
 def _bounded_page(cursor: sqlite3.Cursor) -> tuple[list[Message], bool]:
     """The messages of a query of bodies, in its order, until they have passed
     PAGE_BYTES with two of them at least; True if rows were left (the rest of
@@ -93,6 +104,9 @@ class SQLiteStore:
         self.quotas = Quotas()
         self._newest_id = 0             # the greatest id seen (stored, or being stored)
         self._stored_newest_id = 0      # meta.newest_id as committed
+        self._queue_private = False     # queue direct messages for the archive (set_archiving)
+        self._queue_channels = False    # ... and channel messages
+        self._archive_rows: list[tuple[str, int]] = []      # (conv, seq) for archive_queue
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -114,6 +128,18 @@ class SQLiteStore:
         creator, but the count of channels a user created is checked by the
         server's store, which has every channel in memory (zim.storage.durable)."""
         self.quotas = quotas
+
+    def set_archiving(self, private: bool, channels: bool) -> None:
+        """From now on, queue the direct (``private``) and channel (``channels``)
+        messages stored for the archive (``archive_queue``), and let pruning keep
+        every message still queued. Both off: nothing is queued, and pruning
+        ignores the queue (what it still names is skipped once archiving is back)."""
+        self._queue_private = private
+        self._queue_channels = channels
+
+    @property
+    def archiving(self) -> bool:
+        return self._queue_private or self._queue_channels
 
     def _transaction(self, write: Callable[..., Any], *args: Any) -> Any:
         """Run one ``write_*`` function in its own transaction, committed on
@@ -193,6 +219,8 @@ class SQLiteStore:
         if type(created_at) is not int or not -SQL_INT_MAX <= created_at <= SQL_INT_MAX:
             created_at = None
         self._message_rows.append((conv, seq, str(msg.get("id")), body, created_at))
+        if self._queue_channels if conv[0] == "c" else self._queue_private:
+            self._archive_rows.append((conv, seq))
         self._last_seq[conv] = seq
         self._dirty[conv] = seq
 
@@ -260,6 +288,9 @@ class SQLiteStore:
             cur.executemany("INSERT INTO messages(conv, seq, id, body, created_at) VALUES (?, ?, ?, ?, ?)",
                             self._message_rows)
             self._message_rows.clear()
+        if self._archive_rows:
+            cur.executemany("INSERT INTO archive_queue(conv, seq) VALUES (?, ?)", self._archive_rows)
+            self._archive_rows.clear()
         if self._mailbox_rows:
             cur.executemany(MAILBOX_INSERT, self._mailbox_rows)
             self._mailbox_rows.clear()
@@ -278,6 +309,7 @@ class SQLiteStore:
         """Undo everything since ``begin_batch``."""
         self._batch = None      # (_newest_id may stay ahead: it only ever moves id generators on)
         self._message_rows.clear()
+        self._archive_rows.clear()
         self._mailbox_rows.clear()
         self._last_seq.clear()
         self._dirty.clear()
@@ -379,7 +411,10 @@ class SQLiteStore:
         return self._transaction(write_unsubscribe, channel, user_id)
 
     def delete_channel(self, channel: str) -> list[int] | None:
-        members = self._transaction(write_delete_channel, channel)     # buffered messages go in first
+        """With channels archived, a tombstone (seq 0) in ``archive_queue`` tells the
+        archive to forget the channel's messages too, in their order with the others."""
+        write = _write_delete_archived_channel if self._queue_channels else write_delete_channel
+        members = self._transaction(write, channel)     # buffered messages go in first
         self._last_seq.pop(channel_conv(channel), None)                # a new channel of that name: seq 1
         return members
 
@@ -446,6 +481,15 @@ class SQLiteStore:
 
     def history(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
                 before_seq: int | None, limit: int) -> tuple[list[Message], bool]:
+        messages, has_more, _, _ = self.history_span(kind, key, before_seq, limit)
+        return messages, has_more
+
+    def history_span(self, kind: HistoryKind, key: Union[ChannelKey, PairKey],
+                     before_seq: int | None, limit: int) -> tuple[list[Message], bool, int, int]:
+        """``history``'s page, and the seqs it stands for (lowest, highest): the
+        page holds every message kept in that range, so seqs missing in there were
+        pruned (the archive has them: zim.storage.archiver); a page cut by
+        PAGE_BYTES stands only for what it holds."""
         if kind == CHANNEL:
             conv = channel_conv(key)  # type: ignore[arg-type]
         elif kind == USER:
@@ -458,13 +502,13 @@ class SQLiteStore:
         end = last_seq if before_seq is None else max(0, min(last_seq, before_seq - 1))
         start = max(0, end - max(limit, 0))
         if end <= start:
-            return [], start > 0
+            return [], start > 0, start + 1, end
         # the newest first, as far as PAGE_BYTES goes; then oldest first
         messages, cut = _bounded_page(self._connection().execute(
             "SELECT body FROM messages WHERE conv = ? AND seq > ? AND seq <= ? ORDER BY seq DESC",
             (conv, start, end)))
         messages.reverse()
-        return messages, start > 0 or cut
+        return messages, start > 0 or cut, messages[0]["seq"] if cut else start + 1, end
 
     # -- mailboxes ---------------------------------------------------------
     def mailbox_pull(self, user_id: int, limit: int) -> list[Message]:
@@ -545,7 +589,40 @@ class SQLiteStore:
         rows deleted and where to go on (None: the pass is complete). A direct
         message still in its receiver's mailbox is kept. ``last_seq`` is never
         touched, so seq goes on from where it was even when everything was pruned."""
-        return self._transaction(write_prune, retention, now_ms, after, row_budget)
+        return self._transaction(write_prune, retention, now_ms, after, row_budget, self.archiving)
+
+    # -- the archive's queue (zim.storage.archiver) ------------------------------
+    def archive_peek(self, limit: int) -> list:
+        """The queue's ``limit`` oldest rows (fewer once their messages pass
+        PAGE_BYTES) as ``[pos, conv, seq, message or None]`` (None: the message
+        is gone, deleted with its channel or pruned while archiving was off; seq
+        0: the channel was deleted, ``delete_channel``), then how many rows wait and the ``created_at`` (Unix
+        ms) of the oldest message waiting (0: none)."""
+        conn = self._connection()
+        rows: list[list] = []
+        total = 0
+        cursor = conn.execute("SELECT q.pos, q.conv, q.seq, m.body FROM archive_queue AS q LEFT JOIN messages AS m "
+                              "ON m.conv = q.conv AND m.seq = q.seq ORDER BY q.pos LIMIT ?", (max(0, limit),))
+        for pos, conv, seq, body in cursor:
+            if body is not None:
+                if total > PAGE_BYTES and rows:
+                    break           # the answer stays far below the link's packet limit
+                total += len(body)
+            rows.append([pos, conv, seq, None if body is None else orjson.loads(body)])
+        cursor.close()
+        low, high = conn.execute("SELECT min(pos), max(pos) FROM archive_queue").fetchone()
+        oldest = 0
+        if low is not None:
+            found = conn.execute(
+                "SELECT m.created_at FROM archive_queue AS q JOIN messages AS m "
+                "ON m.conv = q.conv AND m.seq = q.seq ORDER BY q.pos LIMIT 1").fetchone()
+            oldest = (found[0] or 0) if found else 0
+        # rows leave only from the low end, and pos only grows: the queue is low..high whole
+        return [rows, 0 if low is None else high - low + 1, oldest]
+
+    def archive_done(self, upto: int) -> None:
+        """The archive has committed every queued message up to ``pos`` ``upto``."""
+        self._transaction(_write_archive_done, upto)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

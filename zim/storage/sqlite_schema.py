@@ -16,7 +16,7 @@ database written by a newer zim (a higher version) is refused with a
 RuntimeError; so is a file that is not a database, is corrupt, or cannot be
 opened for writing.
 
-Schema (version 5; the versions' changes are applied in ``open_database``):
+Schema (version 6; the versions' changes are applied in ``open_database``):
 
 - ``users(id, name)``: ids are unsigned 64-bit; SQLite integers are signed, so an
   id >= 2**63 is stored as ``id - 2**64`` (two's complement), here and in
@@ -46,13 +46,19 @@ Schema (version 5; the versions' changes are applied in ``open_database``):
 - Version 5 adds private channels (docs/protocol.md): ``channels.private`` (1:
   joined only with a grant) and ``grants(channel, user_id, can_invite)``, who
   may join a private channel (an invitation, the server API) and may invite.
+- Version 6 adds ``archive_queue(pos, conv, seq)``: with ``--archive``, the
+  messages stored and not yet confirmed by PostgreSQL (zim.storage.archiver),
+  in the order stored. ``pos`` is AUTOINCREMENT, so it only ever grows (never
+  reused once the queue is empty); rows go from the low end once PostgreSQL
+  has committed them, and pruning keeps every message a row names. A row of
+  seq 0 is a deleted channel's tombstone (the archive forgets it too).
 """
 from __future__ import annotations
 
 import sqlite3
 import time
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -139,6 +145,16 @@ CREATE TABLE grants (
 ) WITHOUT ROWID;
 """
 
+# version 6 adds the archive's queue (zim.storage.archiver)
+_SCHEMA_V6 = """
+CREATE TABLE archive_queue (
+    pos  INTEGER PRIMARY KEY AUTOINCREMENT,
+    conv TEXT NOT NULL,
+    seq  INTEGER NOT NULL
+);
+CREATE INDEX archive_queue_by_conv ON archive_queue(conv, seq);
+"""
+
 
 def _run_script(cur: sqlite3.Cursor, script: str) -> None:
     for statement in script.split(";"):
@@ -180,6 +196,8 @@ def open_database(conn: sqlite3.Connection, path: str) -> int:
                 _run_script(cur, _MIGRATE_V4)
         if version < 5:
             _run_script(cur, _SCHEMA_V5)
+        if version < 6:
+            _run_script(cur, _SCHEMA_V6)
         # always write: proves the file is writable now, not at the first send
         cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         cur.execute("SELECT count(*) FROM conversations").fetchone()

@@ -140,7 +140,9 @@ PRUNE_CONVERSATIONS = 256     # conversations looked at per prune call
 
 
 def write_prune(cur: sqlite3.Cursor, retention: Retention, now_ms: int, after: str,
-                row_budget: int) -> tuple[int, str | None]:
+                row_budget: int, keep_queued: bool = False) -> tuple[int, str | None]:
+    """``keep_queued``: keep every message from the conversation's oldest one in
+    ``archive_queue`` on (the archive has not confirmed them yet)."""
     deleted = 0
     done = after                  # the last conversation finished
     rows = cur.execute("SELECT conv, last_seq FROM conversations WHERE conv > ? ORDER BY conv LIMIT ?",
@@ -156,6 +158,10 @@ def write_prune(cur: sqlite3.Cursor, retention: Retention, now_ms: int, after: s
                               "created_at >= ?) ORDER BY seq LIMIT 1",
                               (conv, now_ms - tier.ttl_ms)).fetchone()
             bound = max(bound, row[0] - 1 if row else last_seq)
+        if keep_queued and bound > 0:
+            queued = cur.execute("SELECT min(seq) FROM archive_queue WHERE conv = ?", (conv,)).fetchone()[0]
+            if queued is not None:
+                bound = min(bound, queued - 1)
         first = cur.execute("SELECT min(seq) FROM messages WHERE conv = ?", (conv,)).fetchone()[0] \
             if bound > 0 else None
         if first is not None and first <= bound:

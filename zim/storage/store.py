@@ -435,6 +435,10 @@ class MemoryStore:
         """The ids of the channel's members (none for an unknown channel)."""
         return list(self._members.get(channel, ()))
 
+    def member_count(self, channel: str) -> int:
+        """How many members the channel has (0 for an unknown channel), without listing them."""
+        return len(self._members.get(channel, ()))
+
     def channel_count(self) -> int:
         """How many channels exist."""
         return len(self._members)

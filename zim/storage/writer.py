@@ -59,6 +59,9 @@ log = logging.getLogger("zim.storage.writer")
 OP_TOKEN_EPOCH = 11                   # a user's token generation raised (log out everywhere)
 OP_CREATE_CHANNEL, OP_GRANT, OP_REVOKE_GRANT = 12, 13, 14   # private channels and their grants
 OP_DELETE_CHANNEL = 15                # a channel, its memberships and history deleted (the server API)
+# the archive behind SQLite (zim.storage.archiver): its queue's oldest rows, their
+# confirmation, and a history page with the lowest seq it stands for
+OP_ARCHIVE_PEEK, OP_ARCHIVE_DONE, OP_HISTORY_SPAN = 16, 17, 18
 # Answer statuses (the seq field). FAILED: the batch was rolled back, and every
 # later operation fails too until RESYNC. REFUSED: this operation alone was not
 # done (a request the store refuses, an answer too big for the link); the rest go on.
@@ -77,6 +80,10 @@ def _history(store: SQLiteStore, kind: str, key: Any, before: int | None, limit:
     return [messages, has_more]
 
 
+def _history_span(store: SQLiteStore, kind: str, key: Any, before: int | None, limit: int) -> list:
+    return list(store.history_span(kind, key if kind == CHANNEL else tuple(key), before, limit))
+
+
 OPERATIONS: dict[int, Callable[..., Any]] = {
     OP_CREATE_USER: SQLiteStore.create_user,
     OP_RENAME: SQLiteStore.set_user_name,
@@ -92,6 +99,9 @@ OPERATIONS: dict[int, Callable[..., Any]] = {
     OP_GRANT: SQLiteStore.grant,
     OP_REVOKE_GRANT: SQLiteStore.revoke_grant,
     OP_DELETE_CHANNEL: SQLiteStore.delete_channel,
+    OP_ARCHIVE_PEEK: SQLiteStore.archive_peek,
+    OP_ARCHIVE_DONE: SQLiteStore.archive_done,
+    OP_HISTORY_SPAN: _history_span,
 }
 
 
@@ -276,10 +286,13 @@ def serve(sock: socket.socket, writer: Writer, checkpointer: Checkpointer | None
             writer.prune_step()
 
 
-def writer_settings(retention: Retention, quotas: Quotas) -> str:
-    """The writer's ``--settings``: its retention policy and mailbox quotas, as JSON."""
+def writer_settings(retention: Retention, quotas: Quotas, archive_private: bool = False,
+                    archive_channels: bool = False) -> str:
+    """The writer's ``--settings``: its retention policy, mailbox quotas and which
+    messages it queues for the archive (``SQLiteStore.set_archiving``), as JSON."""
     return orjson.dumps({"retention": retention.as_dict(), "max_mailbox": quotas.max_mailbox,
-                         "max_mailbox_bytes": quotas.max_mailbox_bytes}).decode()
+                         "max_mailbox_bytes": quotas.max_mailbox_bytes,
+                         "archive": [archive_private, archive_channels]}).decode()
 
 
 def from_writer_settings(settings: dict) -> tuple[Retention, Quotas]:
@@ -322,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     store.checkpoint_automatically(False)
     store.set_quotas(quotas)
+    if args.settings:
+        store.set_archiving(*args.settings.get("archive", (False, False)))
     checkpointer = Checkpointer(args.db)
     checkpointer.start()
     try:
