@@ -13,7 +13,7 @@ from tests.support.postgres_servers import requires_postgres
 from tests.support.redis_servers import after, run_in_loop
 from zim._core import Reactor
 from zim.archive.link import PgLink
-from zim.archive.schema import migrate
+from zim.archive.schema import SCHEMA_VERSION, migrate, migrate_on_link, schema_version
 from zim.archive.store import Archive
 from zim.ids import EPOCH_MS, TIME_SHIFT, Snowflake
 from zim.pending import Pending
@@ -281,3 +281,29 @@ def test_answers_bigger_than_one_read_are_all_read(dsn):
     in_loop(dsn, script, timeout=8.0)
     assert [(ok, len(value[0]), value[0][-1]) for ok, value in answers] == [
         (True, rows, (str(rows).encode(),)) for rows in (200_000, 50_000, 300_000, 100_000)]
+
+
+def test_migrate_on_link_does_what_migrate_does(postgres_server):
+    """What a server runs on its link when PostgreSQL was down at its start: an
+    older schema brought up to date keeping its rows, then nothing left to do; a
+    newer schema refused."""
+    fresh = postgres_server.create_database("migrate_on_link")
+    database = fresh.rsplit("/", 1)[1]
+    migrate(fresh, target=1)
+    postgres_server.execute("INSERT INTO users (id, name) VALUES (7, 'kept')", database)
+    outcomes = []
+
+    def run_migration(archive):
+        migrated = migrate_on_link(archive.link)
+        yield settled(migrated)
+        outcomes.append(migrated.outcome)
+
+    in_loop(fresh, run_migration)
+    in_loop(fresh, run_migration)
+    assert outcomes == [(True, 1), (True, SCHEMA_VERSION)]
+    assert schema_version(fresh) == SCHEMA_VERSION
+    assert postgres_server.execute("SELECT name FROM users", database) == [("kept",)]
+    postgres_server.execute(f"UPDATE zim_schema SET version = {SCHEMA_VERSION + 1}", database)
+    in_loop(fresh, run_migration)
+    ok, reason = outcomes[-1]
+    assert not ok and "newer than this zim" in reason

@@ -265,21 +265,3 @@ def test_a_change_made_during_a_pass_is_archived_by_the_next(start_server, backe
     # Redis loses everything: the pair's seq comes back from PostgreSQL, never from 1
     redis.flushall()
     assert alice.ok(2, {"receiverId": bob.user_id, "content": "after the loss"})["seq"] == 4
-
-
-def test_the_migration_block_does_what_migrate_does(postgres_server, fresh_database):
-    """What a node's archiver runs on its link when PostgreSQL was down at its start."""
-    from zim.archive.schema import SCHEMA_VERSION, migrate, migration_block, schema_version
-
-    dsn = fresh_database()
-    database = dsn.rsplit("/", 1)[1]
-    migrate(dsn, target=1)
-    postgres_server.execute("INSERT INTO users (id, name) VALUES (7, 'kept')", database)
-    for _ in range(2):      # an older schema is brought up to date, then nothing is left to do
-        postgres_server.execute(migration_block(), database)
-        assert schema_version(dsn) == SCHEMA_VERSION
-    assert rows(postgres_server, dsn, "SELECT name FROM users") == [("kept",)]
-    assert rows(postgres_server, dsn, "SELECT count(*) FROM channels") == [("0",)]
-    postgres_server.execute(f"UPDATE zim_schema SET version = {SCHEMA_VERSION + 1}", database)
-    with pytest.raises(Exception, match="newer than this zim"):
-        postgres_server.execute(migration_block(), database)

@@ -4,11 +4,12 @@ from __future__ import annotations
 import calendar
 
 import pytest
+from hypothesis import given, strategies as st
 
 from tests.support import postgres_servers
 from tests.support.postgres_servers import requires_postgres
 from zim.archive.config import check_dsn
-from zim.archive.schema import (SCHEMA_VERSION, ArchiveError, SchemaTooNew, conversation_key, migrate, month_of,
+from zim.archive.schema import (SCHEMA_VERSION, months_of, ArchiveError, SchemaTooNew, conversation_key, migrate, month_of,
                                 partition_ddl, schema_version)
 from zim.ids import EPOCH_MS, TIME_SHIFT
 from zim.testing.ports import free_loopback_port
@@ -108,3 +109,11 @@ def test_conversation_keys():
         conversation_key("channel", (1, 2))
     with pytest.raises(ValueError):
         conversation_key("group", "x")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=(1 << 63) - 1), max_size=50),
+       st.lists(st.integers(min_value=-3, max_value=3), max_size=20))
+def test_months_of_many_ids_is_the_month_of_each(ids, steps_around_a_bound):
+    bound = _id_at(2026, 3, 1)      # ids on both sides of a month's first id, next to each other
+    ids = ids + [bound + step for step in steps_around_a_bound]
+    assert months_of(ids) == {month_of(message_id) for message_id in ids}

@@ -141,13 +141,25 @@ def partition_name(year: int, month: int) -> str:
 
 def partition_ddl(year: int, month: int) -> str:
     """The statement creating the month's partition if it does not exist yet."""
-    following = (year + 1, 1) if month == 12 else (year, month + 1)
     return (f"CREATE TABLE IF NOT EXISTS {partition_name(year, month)} PARTITION OF messages "
-            f"FOR VALUES FROM ({_first_id_of(year, month)}) TO ({_first_id_of(*following)})")
+            f"FOR VALUES FROM ({_first_id_of(year, month)}) TO ({_first_id_of(*_following(year, month))})")
 
 
 def months_of(message_ids: Iterable[int]) -> set[tuple[int, int]]:
-    return {month_of(message_id) for message_id in message_ids}
+    """The months of many ids: a date is worked out only for an id outside the
+    last month found (a batch's ids are mostly of one month)."""
+    months: set[tuple[int, int]] = set()
+    low = high = -1
+    for message_id in message_ids:
+        if not low <= message_id < high:
+            month = month_of(message_id)
+            months.add(month)
+            low, high = _first_id_of(*month), _first_id_of(*_following(*month))
+    return months
+
+
+def _following(year: int, month: int) -> tuple[int, int]:
+    return (year + 1, 1) if month == 12 else (year, month + 1)
 
 
 # -- migrations ----------------------------------------------------------------------
@@ -190,29 +202,21 @@ def migrate(dsn: str, target: int = SCHEMA_VERSION) -> int:
         conn.finish()
 
 
-def migration_block(target: int = SCHEMA_VERSION) -> str:
-    """``migrate`` as one statement (a PL/pgSQL ``DO`` block), for a link on the
-    loop that may not block: the same lock, version check and migrations, each
-    applied only if the version applied is below it. Raises in PostgreSQL (the
-    transaction rolled back) if the schema is newer than this code's."""
-    steps = "\n".join(
-        f"IF applied < {version + 1} THEN " + " ".join(f"EXECUTE $m${sql}$m$;" for sql in statements) + " END IF;"
-        for version, statements in enumerate(MIGRATIONS[:target]))
-    return (f"DO $zim$ DECLARE applied integer; BEGIN\n"
-            f"PERFORM pg_advisory_xact_lock({MIGRATION_LOCK});\n"
-            "CREATE TABLE IF NOT EXISTS zim_schema (version integer NOT NULL);\n"
-            "SELECT version INTO applied FROM zim_schema;\n"
-            "IF applied IS NULL THEN INSERT INTO zim_schema (version) VALUES (0); applied := 0; END IF;\n"
-            f"IF applied > {SCHEMA_VERSION} THEN RAISE EXCEPTION 'the archive schema is version %, newer than "
-            f"this zim''s ({SCHEMA_VERSION})', applied; END IF;\n"
-            f"{steps}\nUPDATE zim_schema SET version = greatest(version, {target});\nEND $zim$")
+START_CONNECT_TIMEOUT = 2       # seconds a server's start waits for PostgreSQL before going on without it
 
 
-def with_connect_timeout(dsn: str, seconds: int) -> str:
-    """``dsn`` with libpq's connect_timeout added (a URI or key=value pairs)."""
-    if "://" in dsn:
-        return f"{dsn}{'&' if '?' in dsn else '?'}connect_timeout={seconds}"
-    return f"{dsn} connect_timeout={seconds}"
+def migrate_at_start(dsn: str) -> str | None:
+    """``migrate`` as a server's start runs it: waiting at most
+    START_CONNECT_TIMEOUT seconds for PostgreSQL. None once migrated; the reason
+    (str) if PostgreSQL could not be reached or refused (the server then serves
+    without it and migrates over its link later: ``migrate_on_link``).
+    ``SchemaTooNew`` is raised: the server must not start."""
+    from psycopg.conninfo import make_conninfo
+    try:
+        migrate(make_conninfo(dsn, connect_timeout=START_CONNECT_TIMEOUT))
+    except ArchiveError as exc:
+        return str(exc)
+    return None
 
 
 def schema_version(dsn: str) -> int:
@@ -271,7 +275,9 @@ def _execute_binary(conn, sql: bytes, params: list[bytes]) -> list[tuple]:
     if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
         raise ArchiveError(f"{sql.split()[0].decode()} failed: {result.get_error_message().strip()}")
     return [tuple(result.get_value(row, col) for col in range(result.nfields)) for row in range(result.ntuples)]
-# -- the same, from the loop (a server whose PostgreSQL was down at its start) -------------
+
+
+# -- the migrations from the loop (a server whose PostgreSQL was down at its start) -------------
 
 _READ_VERSION = (
     (f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})", ()),

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import orjson
 
+from zim.archive.schema import migrate_on_link
 from zim.archive.store import Archive, Changes
 from zim.archive.stats import ArchiveStats
 from zim.nodes import schema
@@ -177,9 +178,8 @@ class Archiver:
             log.info("archive lag drained: every change is in PostgreSQL")
 
     def _migrate(self) -> None:
-        from zim.archive.schema import migration_block
         self.migrating = True
-        self.link.transaction([(migration_block(), ())]).wait(self._migrated, None, None)
+        migrate_on_link(self.link).wait(self._migrated, None, None)
 
     def _migrated(self, _: None, __: None, ok: bool, value: Any) -> None:
         self.migrating = False

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from zim.archive.config import archive_kinds as parse_kinds
-from zim.archive.schema import shared_settings
+from zim.archive.schema import migrate_at_start, shared_settings
 from zim.datadir import check_file_directory
 from zim.ids import MAX_WORKER
 from zim.nodes import schema
@@ -58,7 +58,6 @@ FEED_CHANNEL = f"{schema.PREFIX}:{{feed}}"     # memberships and names changed b
 SECRET_SETTING = "token-secret"             # the archive's settings (with --archive): what outlives Redis
 TOKENS_V2_SETTING = "tokens-v2-since"
 SECRET_BYTES = 32
-ARCHIVE_CONNECT_TIMEOUT = 2        # seconds the start waits for PostgreSQL (--archive) before going on
 
 
 def worker_key(worker_id: int) -> str:
@@ -132,14 +131,11 @@ class Node:
     def _migrate_archive(dsn: str) -> bool:
         """The archive's schema, if PostgreSQL answers within seconds; else a warning
         (the node serves without it, the archiver migrates later)."""
-        from zim.archive.schema import ArchiveError, migrate, with_connect_timeout
-        try:
-            migrate(with_connect_timeout(dsn, ARCHIVE_CONNECT_TIMEOUT))
-        except ArchiveError as exc:
+        failure = migrate_at_start(dsn)
+        if failure is not None:
             log.warning("the archive is unreachable at the start (%s): serving without it until it is; "
-                        "its lag grows meanwhile", exc)
-            return False
-        return True
+                        "its lag grows meanwhile", failure)
+        return failure is None
 
     @staticmethod
     def _shared_secret(client: Any) -> bytes:

@@ -40,10 +40,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Union
 
-from psycopg.conninfo import make_conninfo
 
 from zim.archive.link import PgLink
-from zim.archive.schema import ArchiveError, SchemaTooNew, migrate, migrate_on_link
+from zim.archive.schema import migrate_at_start, migrate_on_link
 from zim.archive.stats import ArchiveStats
 from zim.archive.store import Archive
 from zim.ids import wall_clock_ms
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zim.archive")
 
-MIGRATE_CONNECT_TIMEOUT = 2     # seconds the start may wait for PostgreSQL
 GATHER_NS = 5_000_000           # a first message waits 5 ms for others to share its batch
 LAG_LOG_OVER = 5.0              # seconds of lag past which ...
 LAG_LOG_EVERY = 10.0            # ... the log says so this often
@@ -92,13 +90,10 @@ class SQLiteArchiver:
     def start(self, reactor: Reactor) -> None:
         """Migrate (blocking, briefly), then open the link on ``reactor``. A newer
         schema than this code's raises SchemaTooNew: the server must not start."""
-        try:
-            migrate(make_conninfo(self.dsn, connect_timeout=MIGRATE_CONNECT_TIMEOUT))
-            self.migrated = True
-        except SchemaTooNew:
-            raise
-        except ArchiveError as exc:
-            log.warning("archive not migrated at start (%s); messages wait in SQLite until it is", exc)
+        failure = migrate_at_start(self.dsn)
+        self.migrated = failure is None
+        if failure is not None:
+            log.warning("archive not migrated at start (%s); messages wait in SQLite until it is", failure)
         self.link = PgLink(reactor, self.dsn, on_state=self._on_state)
         self.archive = Archive(self.link)
         self._timer = reactor.timer(self._pump)
