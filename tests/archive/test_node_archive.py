@@ -21,6 +21,7 @@ from tests.server.test_metrics import Scraper
 from tests.storage.test_storage_durable import Sender
 from tests.support import postgres_servers, wait_for
 from tests.api.helpers import ApiClient, api_flags, channel_path, wait_for_port
+from tests.support.archive_nodes import emptied_client
 from tests.support.client import unique
 from tests.support.node_servers import backend_fixture
 from tests.support.postgres_servers import requires_postgres
@@ -46,11 +47,7 @@ def backend():
 
 @pytest.fixture
 def redis(backend):
-    import redis as redis_py
-    client = redis_py.Redis.from_url(backend.url)
-    client.flushall()
-    yield client
-    client.close()
+    yield from emptied_client(backend.url)
 
 
 def start_node(start_server, backend, dsn: str, *flags: str, metrics: int | None = None):

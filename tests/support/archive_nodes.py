@@ -31,14 +31,19 @@ def redis_server():
         server.close()
 
 
-@pytest.fixture
-def redis_db(redis_server):
-    """A client of the module's Redis, emptied first."""
+def emptied_client(url: str):
+    """A redis-py client of the Redis at ``url``, emptied first (a fixture's body)."""
     import redis
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(url)
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture
+def redis_db(redis_server):
+    """A client of the module's Redis, emptied first."""
+    yield from emptied_client(redis_server.url)
 
 
 def start_node(start_server, redis_server, dsn: str, *flags: str):
