@@ -143,8 +143,9 @@ def test_a_version_4_database_is_upgraded(tmp_path):
     store.create_user(5, "five")
     store.subscribe("old", 5, True)
     store.close()
-    conn = sqlite3.connect(path)      # back to schema version 4: no private flag, no grants
-    conn.executescript("ALTER TABLE channels DROP COLUMN private; DROP TABLE grants; PRAGMA user_version = 4;")
+    conn = sqlite3.connect(path)      # back to schema version 4: no private flag, no grants (nor version 6's queue)
+    conn.executescript("ALTER TABLE channels DROP COLUMN private; DROP TABLE grants; DROP TABLE archive_queue; "
+                       "PRAGMA user_version = 4;")
     conn.close()
     store = SQLiteStore(path)
     try:

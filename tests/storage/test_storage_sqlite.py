@@ -370,6 +370,28 @@ def test_reopen_after_close_keeps_everything_and_seq_continues(tmp_path):
     store.close()
 
 
+def test_a_version_5_database_is_upgraded_with_the_archive_queue(tmp_path):
+    path = str(tmp_path / "zim.db")
+    store = SQLiteStore(path)
+    setup_users(store)
+    fill(store, 10)
+    store.close()
+    conn = sqlite3.connect(path)      # back to schema version 5: no archive queue
+    conn.executescript("DROP TABLE archive_queue; PRAGMA user_version = 5;")
+    conn.close()
+    store = SQLiteStore(path)
+    try:
+        check_filled(store, 10)
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert conn.execute("SELECT count(*) FROM archive_queue").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
 def test_kill_9_after_commit_loses_nothing(tmp_path):
     path = str(tmp_path / "zim.db")
     child = textwrap.dedent(f"""
