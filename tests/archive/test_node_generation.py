@@ -84,6 +84,9 @@ def test_new_conversations_need_no_postgresql_while_redis_is_intact(start_server
         other_room = unique("room")
         assert carol.ok(3, {"name": other_room}, timeout=10) == {}      # a channel made
         assert carol.ok(4, {"channel": other_room, "content": "hi"}, timeout=10)["seq"] == 1
+        assert bob.ok(3, {"name": room}, timeout=10) == {}              # a channel joined
+        dave = user(node)                                               # a user made
+        assert carol.ok(2, {"receiverId": dave.user_id, "content": "hi"}, timeout=10)["seq"] == 1
         assert scraper.value(RESTORES) == 0
     finally:
         postgres_server.start()
