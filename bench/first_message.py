@@ -19,18 +19,12 @@ Both phases in the same run, on the same node; each figure is the median of
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import benchlib
-from zim.archive.schema import migrate
 from zim.client.blocking import TcpClient
 from zim.nodes.archive_schema import GENERATION_KEY
-from zim.testing.postgres import LocalPostgres
-from zim.testing.redis import LocalRedis
-
-PHASES = ("marker", "postgres")
 
 
 def first_dms(node: benchlib.Server, pairs: int, name: str) -> list[float]:
@@ -64,27 +58,15 @@ def one_run(node: benchlib.Server, redis_db, pairs: int, run: int) -> dict:
         found["postgres"] = first_dms(node, pairs, f"p{run}")
     finally:
         redis_db.set(GENERATION_KEY, marker)
-    result = {}
-    for phase in PHASES:
-        result[f"{phase}_p50_ms"] = benchlib.percentile(found[phase], 0.5) * 1e3
-        result[f"{phase}_p99_ms"] = benchlib.percentile(found[phase], 0.99) * 1e3
-    return result
+    return benchlib.latency_figures(found)
 
 
 def run(args, info: dict) -> int:
-    import redis as redis_py
-    with LocalRedis() as redis_server, LocalPostgres() as postgres:
-        dsn = postgres.create_database("bench")
-        migrate(dsn)
-        redis_db = redis_py.Redis(host=redis_server.host, port=redis_server.port)
+    with benchlib.redis_and_archive() as (redis_server, dsn, redis_db):
         with benchlib.Server(redis=redis_server.url, extra_args=["--archive", dsn]) as node:
             node.start()
             runs = [one_run(node, redis_db, args.pairs, number) for number in range(args.runs)]
-        redis_db.close()
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    for phase in PHASES:
-        print(f"{phase:9s} first DM of a new pair: p50 {median[f'{phase}_p50_ms']:.2f} ms, "
-              f"p99 {median[f'{phase}_p99_ms']:.2f} ms")
+    median = benchlib.median_latencies(runs, "first DM of a new pair")
     print(f"RESULT first_message ok: medians of {args.runs} runs, {args.pairs} new pairs per phase")
     if args.json:
         benchlib.print_json({"bench": "first_message", "ok": True, "machine": info, "pairs": args.pairs,
