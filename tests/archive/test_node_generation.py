@@ -114,6 +114,7 @@ def test_after_flushall_new_conversations_ask_postgresql_again(start_server, red
     # the running node sees the marker gone: the old pair's seq comes from PostgreSQL
     assert alice.ok(2, {"receiverId": bob.user_id, "content": "again"})["seq"] == 4
     assert scraper.value(RESTORES) == 1
+    assert node.stderr().count("no longer holds the archive's generation marker") == 1
     killed(postgres_server)
     try:    # a new pair cannot be told from a lost one: it fails, nothing stored
         assert alice.error(2, {"receiverId": carol.user_id, "content": "new"}, timeout=30) == "internal"
@@ -123,9 +124,10 @@ def test_after_flushall_new_conversations_ask_postgresql_again(start_server, red
 
     # no node sets the marker again: not one started now, nor one started after the
     # archive's row is deleted (the archive knows conversations: Redis may lack some)
-    start_node(start_server, redis_server, dsn)
+    later, _ = start_node(start_server, redis_server, dsn)
     assert redis_db.get(GENERATION_KEY) is None
     assert generation(postgres_server, dsn) == marker
+    assert "it lost its data since the marker was set" in later.stderr()
     postgres_server.execute(f"DELETE FROM settings WHERE name = '{GENERATION_SETTING}'", database(dsn))
     start_node(start_server, redis_server, dsn)
     assert redis_db.get(GENERATION_KEY) is None

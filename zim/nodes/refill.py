@@ -121,7 +121,14 @@ def known_here(store: Any, keys: schema.ConversationKeys) -> Pending:
     nothing since the generation marker was set: it never existed; a pair is
     started at seq 0) or None (only the archive can say)."""
     answer = store.redis.call(*known_here_command(keys, store.generation))
-    return after(answer, lambda reply: None if int(reply) == NEEDS_SEQ else int(reply) == HERE)
+    return after(answer, lambda reply: _known(store, int(reply)))
+
+
+def _known(store: Any, reply: int) -> bool | None:
+    if reply == NEEDS_SEQ:
+        store.generation_lost()
+        return None
+    return reply == HERE
 
 
 def _restore_channel(store: Any, channel: str) -> Pending:

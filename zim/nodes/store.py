@@ -532,6 +532,8 @@ class RedisStore:
     def _restore_if_needed(self, kind: HistoryKind, key: Any, command: tuple, seq: Any) -> Any:
         if int(seq) != NEEDS_SEQ:
             return int(seq)
+        if kind == USER:        # a pair's NEEDS_SEQ with the marker given: the marker is gone
+            self.generation_lost()
         restored = self.restore_conversation(kind, key)
         return after(restored, lambda known: self._append_restored(kind, key, command, known))
 
@@ -546,6 +548,14 @@ class RedisStore:
             restoring[key] = restored = shared(refill.restore_conversation(self, kind, key))
             restored.wait(_forget_restore, restoring, key)
         return restored
+
+    def generation_lost(self) -> None:
+        """Redis no longer holds the generation marker: it lost its data, and no
+        node sets the marker again, so stop offering it (once, said in the log)."""
+        if self.generation is not None:
+            self.generation = None
+            log.warning("Redis no longer holds the archive's generation marker: it lost its data. New "
+                        "conversations need PostgreSQL from now on, and fail while it is down (docs/redis.md)")
 
     def _append_restored(self, kind: HistoryKind, key: Any, command: tuple, known: bool) -> Pending:
         if not known:
