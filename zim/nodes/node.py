@@ -215,8 +215,8 @@ class Node:
             client.set(GENERATION_KEY, value)
             held = value
         if value is None or held != value:
-            why = ("the archive has conversations but no generation marker (they were archived before zim "
-                   "kept one)" if value is None else f"Redis does not hold the archive's generation marker "
+            why = ("the archive has conversations but no generation marker (archived before zim kept one, "
+                   "or its row was deleted)" if value is None else f"Redis does not hold the archive's generation marker "
                    f"({GENERATION_KEY}): it lost its data since the marker was set")
             log.warning("%s. So a conversation Redis lacks may be one it lost: a new conversation's first "
                         "message, and a join that creates a channel, ask PostgreSQL first, and fail while it is "
