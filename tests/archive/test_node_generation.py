@@ -88,6 +88,10 @@ def test_new_conversations_need_no_postgresql_while_redis_is_intact(start_server
         dave = user(node)                                               # a user made
         assert carol.ok(2, {"receiverId": dave.user_id, "content": "hi"}, timeout=10)["seq"] == 1
         assert scraper.value(RESTORES) == 0
+        # a node started now trusts the marker Redis holds (set only once PostgreSQL had it)
+        later, _ = start_node(start_server, redis_server, dsn)
+        erin, frank = user(later), user(later)
+        assert erin.ok(2, {"receiverId": frank.user_id, "content": "new"}, timeout=10)["seq"] == 1
     finally:
         postgres_server.start()
 
