@@ -1,10 +1,12 @@
 """Shared pieces of the zim benchmarks: a real server process, the wire format
 (zim.client's codec), reporting.
 
-Only standard library, zim, orjson and psutil. Every wait here is bounded in time.
+Only standard library, zim, orjson and psutil (redis-py too for the benches of nodes:
+``redis_and_archive``). Every wait here is bounded in time.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -14,6 +16,7 @@ import select
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -479,6 +482,45 @@ def percentile(sorted_values: list[float], fraction: float) -> float | None:
         return None
     rank = math.ceil(fraction * len(sorted_values))  # 1-based
     return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
+
+
+def latency_figures(found: dict[str, list[float]]) -> dict[str, float]:
+    """``NAME_p50_ms`` and ``NAME_p99_ms`` of each sorted list of seconds in ``found``."""
+    figures = {}
+    for name, latencies in found.items():
+        figures[f"{name}_p50_ms"] = percentile(latencies, 0.5) * 1e3
+        figures[f"{name}_p99_ms"] = percentile(latencies, 0.99) * 1e3
+    return figures
+
+
+def median_latencies(runs: list[dict[str, float]], what: str) -> dict[str, float]:
+    """The median of each figure over ``runs`` (``latency_figures``' dicts), and a
+    line printed a name: ``NAME WHAT: p50 ... ms, p99 ... ms``."""
+    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    for name in dict.fromkeys(key.rsplit("_", 2)[0] for key in median):
+        print(f"{name:9s} {what}: p50 {median[f'{name}_p50_ms']:.2f} ms, p99 {median[f'{name}_p99_ms']:.2f} ms")
+    return median
+
+
+@contextlib.contextmanager
+def redis_and_archive():
+    """A redis-server and a PostgreSQL of the bench's own (zim.testing: free
+    loopback ports, temporary directories, removed at the end), the archive's
+    schema migrated: yields ``(redis server, archive DSN, redis-py client)``
+    (redis-py: the benches of nodes need the ``redis`` extra anyway)."""
+    import redis as redis_py
+
+    from zim.archive.schema import migrate
+    from zim.testing.postgres import LocalPostgres
+    from zim.testing.redis import LocalRedis
+    with LocalRedis() as redis_server, LocalPostgres() as postgres:
+        dsn = postgres.create_database("bench")
+        migrate(dsn)
+        client = redis_py.Redis(host=redis_server.host, port=redis_server.port)
+        try:
+            yield redis_server, dsn, client
+        finally:
+            client.close()
 
 
 def run_main(bench: str, title: str, args, run) -> int:

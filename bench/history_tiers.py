@@ -22,20 +22,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
 
 import benchlib
-from zim.archive.schema import migrate
 from zim.client.blocking import TcpClient
 from zim.nodes import schema
 from zim.nodes.archive_schema import archive_keys
-from zim.testing.postgres import LocalPostgres
-from zim.testing.redis import LocalRedis
 
 CATCH_UP_S = 60.0
-TIERS = ("hot", "cold", "postgres")
 
 
 def timed_pages(client: TcpClient, other: str, befores: list[int], page: int, before_each=None) -> list[float]:
@@ -78,27 +73,15 @@ def one_run(node: benchlib.Server, redis_db, args, run: int) -> dict:
     found["cold"] = timed_pages(bob, alice_id, befores, args.page)
     alice.close()
     bob.close()
-    result = {}
-    for tier in TIERS:
-        result[f"{tier}_p50_ms"] = benchlib.percentile(found[tier], 0.5) * 1e3
-        result[f"{tier}_p99_ms"] = benchlib.percentile(found[tier], 0.99) * 1e3
-    return result
+    return benchlib.latency_figures(found)
 
 
 def run(args, info: dict) -> int:
-    import redis as redis_py
-    with LocalRedis() as redis_server, LocalPostgres() as postgres:
-        dsn = postgres.create_database("bench")
-        migrate(dsn)
-        redis_db = redis_py.Redis(host=redis_server.host, port=redis_server.port)
+    with benchlib.redis_and_archive() as (redis_server, dsn, redis_db):
         with benchlib.Server(redis=redis_server.url, extra_args=["--archive", dsn, "--read-rate", "0"]) as node:
             node.start()
             runs = [one_run(node, redis_db, args, number) for number in range(args.runs)]
-        redis_db.close()
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    for tier in TIERS:
-        print(f"{tier:9s} page of {args.page}: p50 {median[f'{tier}_p50_ms']:.2f} ms, "
-              f"p99 {median[f'{tier}_p99_ms']:.2f} ms")
+    median = benchlib.median_latencies(runs, f"page of {args.page}")
     print(f"RESULT history_tiers ok: medians of {args.runs} runs, {args.reads} pages each of {args.messages} DMs")
     if args.json:
         benchlib.print_json({"bench": "history_tiers", "ok": True, "machine": info, "messages": args.messages,

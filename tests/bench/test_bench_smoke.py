@@ -12,6 +12,10 @@ from tests.support import REPO_ROOT
 from zim.testing.postgres import postgres_bin_dir
 
 ROOT = REPO_ROOT
+NEEDS_POSTGRES = pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL is not installed (CI installs it)")
+NEEDS_POSTGRES_AND_REDIS = pytest.mark.skipif(
+    postgres_bin_dir() is None or shutil.which("redis-server") is None,
+    reason="PostgreSQL or redis-server is not installed (CI installs them)")
 
 
 @pytest.mark.parametrize("script, args", [
@@ -29,16 +33,12 @@ ROOT = REPO_ROOT
                  marks=pytest.mark.skipif(shutil.which("redis-server") is None,
                                           reason="redis-server is not installed (CI installs it)")),
     pytest.param("archive.py", ["--messages", "300", "--runs", "1", "--batches", "1,100", "--depths", "1,4",
-                                "--reads", "20"],
-                 marks=pytest.mark.skipif(postgres_bin_dir() is None,
-                                          reason="PostgreSQL is not installed (CI installs it)")),
+                                "--reads", "20"], marks=NEEDS_POSTGRES),
     pytest.param("history_tiers.py", ["--messages", "120", "--reads", "10", "--runs", "1"],
-                 marks=pytest.mark.skipif(postgres_bin_dir() is None or shutil.which("redis-server") is None,
-                                          reason="PostgreSQL or redis-server is not installed (CI installs them)")),
+                 marks=NEEDS_POSTGRES_AND_REDIS),
+    pytest.param("first_message.py", ["--pairs", "20", "--runs", "1"], marks=NEEDS_POSTGRES_AND_REDIS),
     pytest.param("archive_single.py", ["--senders", "2", "--messages", "300", "--runs", "1", "--rate", "200",
-                                       "--rate-seconds", "1"],
-                 marks=pytest.mark.skipif(postgres_bin_dir() is None,
-                                          reason="PostgreSQL is not installed (CI installs it)")),
+                                       "--rate-seconds", "1"], marks=NEEDS_POSTGRES),
     ("million.py", ["--connections", "3000", "--workers", "2", "--processes", "2", "--hold", "3",
                     "--probe-sample", "100"]),
 ])

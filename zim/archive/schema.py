@@ -35,8 +35,9 @@ User ids are 64-bit unsigned (zim.storage.store.MAX_USER_ID), more than
 from __future__ import annotations
 
 import calendar
+import contextlib
 import datetime
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from zim.ids import EPOCH_MS, TIME_SHIFT
 from zim.pending import Pending
@@ -251,11 +252,7 @@ def shared_settings(dsn: str, offered: dict[str, bytes]) -> dict[str, bytes]:
     a node's start): each one absent is stored as offered (INSERT ... ON CONFLICT
     DO NOTHING), then all are read back, so nodes starting together agree on the
     first writer's values. ``ArchiveError`` if PostgreSQL cannot say."""
-    from psycopg import pq
-    conn = pq.PGconn.connect(dsn.encode())
-    try:
-        if conn.status != pq.ConnStatus.OK:
-            raise ArchiveError(f"cannot connect to the archive: {conn.get_error_message().strip()}")
+    with _connected(dsn) as conn:
         found = {}
         for name, value in offered.items():
             _execute_binary(conn, b"INSERT INTO settings (name, value) VALUES ($1::text, $2::bytea) "
@@ -263,6 +260,34 @@ def shared_settings(dsn: str, offered: dict[str, bytes]) -> dict[str, bytes]:
             found[name] = bytes(_execute_binary(conn, b"SELECT value FROM settings WHERE name = $1::text",
                                                 [name.encode()])[0][0])
         return found
+
+
+def first_generation(dsn: str, name: str, offered: bytes) -> tuple[bytes | None, bool]:
+    """The setting ``name`` (a cache's generation marker, blocking, at a node's
+    start): ``(value, offered_stored)``. ``offered`` is stored only if the setting
+    is absent and the archive knows no conversation and no channel yet (a cache
+    could not have lost any of them), in one statement, so nodes starting together
+    agree on the first one's; ``(None, False)`` if absent and not stored.
+    ``ArchiveError`` if PostgreSQL cannot say."""
+    with _connected(dsn) as conn:
+        _execute_binary(conn, b"INSERT INTO settings (name, value) SELECT $1::text, $2::bytea "
+                              b"WHERE NOT EXISTS (SELECT 1 FROM conversations) "
+                              b"AND NOT EXISTS (SELECT 1 FROM channels) ON CONFLICT (name) DO NOTHING",
+                        [name.encode(), offered])
+        rows = _execute_binary(conn, b"SELECT value FROM settings WHERE name = $1::text", [name.encode()])
+        value = bytes(rows[0][0]) if rows else None
+        return value, value == offered
+
+
+@contextlib.contextmanager
+def _connected(dsn: str) -> Iterator:
+    """A blocking libpq connection for the start, finished on leaving."""
+    from psycopg import pq
+    conn = pq.PGconn.connect(dsn.encode())
+    try:
+        if conn.status != pq.ConnStatus.OK:
+            raise ArchiveError(f"cannot connect to the archive: {conn.get_error_message().strip()}")
+        yield conn
     finally:
         conn.finish()
 

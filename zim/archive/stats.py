@@ -14,6 +14,8 @@ ARCHIVE_FAMILIES: tuple[FamilySpec, ...] = (
      "what they held stays queued and is written again.", None),
     ("zim_archive_reads_total", COUNTER, "History pages read from the archive (older than the first tier "
      "holds).", None),
+    ("zim_archive_restores_total", COUNTER, "Conversations a node looked up in the archive because Redis "
+     "had no seq for them (lost, or new while Redis does not hold the archive's generation marker).", None),
 )
 
 
@@ -21,7 +23,7 @@ class ArchiveStats:
     """Plain numbers kept where the archiving happens; ``figures()`` for
     ``zim.metrics.families_from_counts(ARCHIVE_FAMILIES, ...)``."""
 
-    __slots__ = ("link_up", "lag_seconds", "pending", "messages", "failures", "reads")
+    __slots__ = ("link_up", "lag_seconds", "pending", "messages", "failures", "reads", "restores")
 
     def __init__(self) -> None:
         self.link_up = False
@@ -30,8 +32,10 @@ class ArchiveStats:
         self.messages = 0
         self.failures = 0
         self.reads = 0
+        self.restores = 0
 
     def figures(self) -> dict[str, float]:
         return {"zim_archive_link_up": int(self.link_up), "zim_archive_lag_seconds": self.lag_seconds,
                 "zim_archive_pending": self.pending, "zim_archive_messages_total": self.messages,
-                "zim_archive_failures_total": self.failures, "zim_archive_reads_total": self.reads}
+                "zim_archive_failures_total": self.failures, "zim_archive_reads_total": self.reads,
+                "zim_archive_restores_total": self.restores}

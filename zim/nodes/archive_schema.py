@@ -31,6 +31,13 @@ has not...), so a Redis that lost data never deletes anything in PostgreSQL:
 - ``clock``: string, the shard's version counter;
 - ``lease``: string, the id of the node archiving this shard (``SET NX PX``,
   renewed while it works; a dead node's lease runs out and another takes it).
+
+One key for the whole Redis: ``GENERATION_KEY``, the *generation marker*, a
+random token also kept in PostgreSQL's ``settings`` (``GENERATION_SETTING``).
+It is set once, when the archive knows no conversation yet, and never expires:
+while Redis holds the archive's value it has lost nothing since, so a
+conversation without ``seq`` never existed and needs no PostgreSQL read. A
+Redis that lost its data lost the marker too, and no node sets it again.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ from typing import NamedTuple
 from zim.nodes.schema import PREFIX, ConversationKeys
 
 ARCHIVE_SHARDS = 8      # shards of the change tracking: each in its own slot, leased to one node at a time
+GENERATION_KEY = f"{PREFIX}:archive-generation"     # the generation marker (a single Redis only)
+GENERATION_SETTING = "redis-generation"             # its value in the archive's settings table
 
 
 class ArchiveKeys(NamedTuple):

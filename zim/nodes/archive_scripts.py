@@ -10,6 +10,9 @@ docs/redis.md, "The archive tier", explains them.
   (``zim.nodes.archiving.restore_conversation``) and never starts again at 1;
   and in a kind the archive keeps, the cap and the TTL never trim above the
   ``archived`` watermark, and the log gets its TTL only once all of it is archived.
+  On a single Redis a pair's append also takes the generation marker: while
+  Redis holds the archive's, a missing ``seq`` means a new pair (seq 1 at
+  once, no PostgreSQL read); ``KNOWN_HERE`` is the same test for the refill.
 - ``MARK`` records that an entry changed (its shard's ``changed``/``since``/``clock``).
 - ``TAKE`` takes or renews a shard's lease and reads its oldest entries;
   ``READ_CONVERSATION`` reads what of a conversation is not archived yet;
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from zim.nodes.archive_schema import archive_keys, shard_keys, shard_of
+from zim.nodes.archive_schema import GENERATION_KEY, archive_keys, shard_keys, shard_of
 from zim.nodes.schema import ConversationKeys, Script, channel_access_keys, encode_message
 from zim.storage.retention import Retention
 from zim.storage.store import Message
@@ -76,12 +79,19 @@ local function tier(members, first)
 end
 """
 
-# KEYS: seq, log, archived, [members]. ARGV: message, createdAt ms, now ms, then
-# the tier (ttl, cap, large members, large ttl, large cap, kept, large kept).
+# KEYS: seq, log, archived, then members (a channel) or the generation marker (a
+# pair on a single Redis). ARGV: message, createdAt ms, now ms, the tier (ttl, cap,
+# large members, large ttl, large cap, kept, large kept), the marker's expected
+# value ('': none). A missing seq is NEEDS_SEQ, unless the marker is Redis's: then
+# Redis lost nothing since it was set, and the pair is new (it starts at seq 1).
 APPEND_KEPT = Script("append_kept", _TRIM_KEPT + f"""
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local members, generation = KEYS[4], nil
+if ARGV[11] ~= '' then members, generation = nil, KEYS[4] end
+if redis.call('EXISTS', KEYS[1]) == 0 and not (generation and redis.call('GET', generation) == ARGV[11]) then
+  return -1
+end
 local seq = redis.call('INCR', KEYS[1])
-local ttl, cap, kept = tier(KEYS[4], 4)
+local ttl, cap, kept = tier(members, 4)
 redis.call('XADD', KEYS[2], string.format('%d-%s', seq, ARGV[2]), 'm', ARGV[1])
 trim_kept(KEYS[2], seq, tonumber(redis.call('GET', KEYS[3]) or '0'), ttl, cap, tonumber(ARGV[3]), kept, {TTL_SCAN_APPEND})
 return seq
@@ -169,7 +179,23 @@ end
 return {seq, string.format('%d', archived), members, private, entries}
 """)
 
-ARCHIVE_SCRIPTS = (APPEND_KEPT, ARCHIVED, MARK, TAKE, DONE, READ_CONVERSATION)
+# KEYS: seq, archived, generation marker. ARGV: the marker's expected value, '1'
+# for a pair. Whether Redis can answer for a conversation without PostgreSQL:
+# HERE (it has its seq), NEW (no seq, and Redis lost nothing since the marker
+# was set: a pair is started at seq 0, a channel does not exist) or NEEDS_SEQ
+# (the marker is not Redis's: only PostgreSQL knows).
+KNOWN_HERE = Script("archive_known_here", """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[2], 0, 'NX')
+  redis.call('SET', KEYS[1], 0, 'NX')
+end
+return 0
+""")
+HERE, NEW = 1, 0        # KNOWN_HERE's other answers
+
+ARCHIVE_SCRIPTS = (APPEND_KEPT, ARCHIVED, MARK, TAKE, DONE, READ_CONVERSATION, KNOWN_HERE)
 
 
 # ---------------------------------------------------------------- commands
@@ -193,11 +219,25 @@ def conversation_script_keys(keys: ConversationKeys) -> list[str]:
 
 
 def append_kept_command(keys: ConversationKeys, msg: Message, now_ms: int, retention: Retention,
-                        kinds: frozenset[str]) -> Command:
-    """Append a message (APPEND_KEPT); the reply is its seq, or NEEDS_SEQ."""
-    return APPEND_KEPT.command(conversation_script_keys(keys), [
+                        kinds: frozenset[str], generation: bytes | None = None) -> Command:
+    """Append a message (APPEND_KEPT); the reply is its seq, or NEEDS_SEQ.
+    ``generation``: the marker's value the node read at its start, for a pair on
+    a single Redis (a channel, or a cluster, where the marker is in another
+    slot: None)."""
+    script_keys = conversation_script_keys(keys)
+    if generation is not None:
+        if keys.members is not None:
+            raise ValueError("the generation marker is for a pair's append, not a channel's")
+        script_keys.append(GENERATION_KEY)
+    return APPEND_KEPT.command(script_keys, [
         encode_message(msg), int(msg.get("createdAt", now_ms)), now_ms,
-        *tier_args(retention, kinds, keys.members is not None)])
+        *tier_args(retention, kinds, keys.members is not None), generation or ""])
+
+
+def known_here_command(keys: ConversationKeys, generation: bytes) -> Command:
+    """KNOWN_HERE: HERE, NEW (a pair then has seq 0) or NEEDS_SEQ."""
+    return KNOWN_HERE.command((keys.seq, archive_keys(keys).archived, GENERATION_KEY),
+                              [generation, "0" if keys.members is not None else "1"])
 
 
 def archived_command(keys: ConversationKeys, archived: int, now_ms: int, retention: Retention,

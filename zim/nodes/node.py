@@ -16,8 +16,10 @@ handlers (the single process, or the router of ``--workers N``) a node:
   channels its users follow;
 - with ``--archive DSN`` (``archive``): the archive's schema migrated at the
   start (a PostgreSQL unreachable then is only a warning: the archiver migrates
-  once its link is up), and on the loop the ``zim.nodes.archiving.Archiver``
-  with its link; the store gets ``archive``, ``archive_kinds``, ``archive_stats``;
+  once its link is up), the generation marker read (a single Redis: set if the
+  archive knows nothing yet; ``_generation``), and on the loop the
+  ``zim.nodes.archiving.Archiver`` with its link; the store gets ``archive``,
+  ``archive_kinds``, ``archive_stats``, ``generation``;
 - every second: a beat in ``zim:nodes`` (a deadline ``NODE_LIFETIME_MS`` ahead)
   and the list of nodes whose deadline has passed: their presence fields are
   ignored, and swept away (each dead node's set of users, taken by batches with
@@ -34,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from zim.archive.config import archive_kinds as parse_kinds
-from zim.archive.schema import migrate_at_start, shared_settings
+from zim.archive.schema import first_generation, migrate_at_start, shared_settings
 from zim.datadir import check_file_directory
 from zim.ids import MAX_WORKER
 from zim.nodes import schema
+from zim.nodes.archive_schema import GENERATION_KEY, GENERATION_SETTING
 from zim.nodes.client import ClusterRedis, SingleRedis, discover
 from zim.nodes.fabric import NodeFabric, channel_of_push, inbox_channel
 from zim.nodes.link import parse_redis_url
@@ -113,11 +116,14 @@ class Node:
                 self.secret, self.tokens_v2_since = self._archived_settings(client, file_secret is None)
             self._check_secret_id(client)
             self.worker_id = self._claim_worker_id(client)
+            # a cluster keeps the marker in another slot than any conversation: not used there
+            generation = self._generation(client) if archive is not None and self.slot_ranges is None else None
         finally:
             client.close()
         self.store = RedisStore(retention, on_change=self.publish_change)
         if archive is not None:
             self.store.archive_kinds = parse_kinds(archive_kinds)
+            self.store.generation = generation
         self.redis: Any = None
         self.fabric: NodeFabric | None = None
         self.groups: "Groups | None" = None
@@ -191,6 +197,32 @@ class Node:
         since = int(found[TOKENS_V2_SETTING])
         client.execute_command("SET", schema.TOKENS_V2_KEY, since)
         return secret, since
+
+    def _generation(self, client: Any) -> bytes | None:
+        """The generation marker's value if Redis holds the archive's (Redis lost
+        nothing since it was set: a conversation it lacks is new), else None, said
+        in the log. Set here only when the archive knows nothing yet, so never
+        again once Redis lost it (docs/redis.md, "The generation marker")."""
+        held = client.get(GENERATION_KEY)
+        if not self.archive_migrated:
+            # Redis gets the marker only after PostgreSQL stored it: holding one, it lost nothing since
+            if held is None:
+                log.warning("Redis has no generation marker (%s) and the archive is unreachable: new "
+                            "conversations need PostgreSQL and fail until it is back", GENERATION_KEY)
+            return held
+        value, stored = first_generation(self.archive_dsn, GENERATION_SETTING, os.urandom(16).hex().encode())
+        if stored:      # the archive knew nothing: whatever this Redis holds, it lost nothing the archive has
+            client.set(GENERATION_KEY, value)
+            held = value
+        if value is None or held != value:
+            why = ("the archive has conversations but no generation marker (archived before zim kept one, "
+                   "or its row was deleted)" if value is None else f"Redis does not hold the archive's generation marker "
+                   f"({GENERATION_KEY}): it lost its data since the marker was set")
+            log.warning("%s. So a conversation Redis lacks may be one it lost: a new conversation's first "
+                        "message, and a join that creates a channel, ask PostgreSQL first, and fail while it is "
+                        "down. For good: nothing sets the marker again (docs/redis.md)", why)
+            return None
+        return value
 
     def _check_secret_id(self, client: Any) -> None:
         """Every node must sign with the same secret: the first one records its

@@ -16,6 +16,10 @@ says so. ``RedisStore`` asks here whenever Redis lacks a user or a channel:
   that does nothing if the channel exists meanwhile (another node restored
   it, or a newer one was made).
 
+On a single Redis holding the archive's generation marker (``store.generation``,
+zim.nodes.archive_schema) a conversation or channel Redis lacks never existed:
+``known_here`` says so without PostgreSQL, which may then be down.
+
 Every write is idempotent and never overwrites something Redis holds
 (``HSETNX``, ``SET NX``, the epoch only raised), so two nodes restoring at
 once agree. A failure of PostgreSQL fails the call: the handlers answer the
@@ -29,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from zim.nodes import schema
+from zim.nodes.archive_scripts import HERE, NEEDS_SEQ, known_here_command
 from zim.nodes.archiving import restore_conversation as restore_pair
 from zim.nodes.archive_schema import archive_keys
 from zim.nodes.steps import after
@@ -84,21 +89,56 @@ def restore_conversation(store: Any, kind: str, key: Any) -> Pending:
     """A conversation whose seq Redis lost, back from the archive: a channel whole
     (``ensure_channel``), a user pair's seq and ``archived``
     (zim.nodes.archiving.restore_conversation). Settles True, or False when the
-    archive does not know it."""
+    archive does not know it. A Redis holding the generation marker answers
+    alone (``known_here``): a pair it lacks is new (started at seq 0)."""
     if kind == CHANNEL:
         return ensure_channel(store, key)
+    if store.generation is None:
+        return _restore_pair(store, kind, key)
+    known = known_here(store, schema.pair_keys(*key))
+    return after(known, lambda answer: True if answer is not None else _restore_pair(store, kind, key))
+
+
+def _restore_pair(store: Any, kind: str, key: Any) -> Pending:
+    _count_restore(store)
     return restore_pair(store.redis, store.archive, kind, key)
 
 
 def ensure_channel(store: Any, channel: str) -> Pending:
     """Settles True once Redis has the channel (restored from the archive if it
-    was not there), False if neither has it."""
-    exists = store.redis.call("EXISTS", schema.channel_keys(channel).seq)
-    return after(exists, lambda found: True if int(found) else _restore_channel(store, channel))
+    was not there), False if neither has it (or Redis, holding the generation
+    marker, has lost nothing: the archive is not asked)."""
+    keys = schema.channel_keys(channel)
+    if store.generation is None:
+        found = after(store.redis.call("EXISTS", keys.seq), lambda exists: True if int(exists) else None)
+    else:
+        found = known_here(store, keys)
+    return after(found, lambda known: known if known is not None else _restore_channel(store, channel))
+
+
+def known_here(store: Any, keys: schema.ConversationKeys) -> Pending:
+    """Settles True (Redis has the conversation), False (it does not, and has lost
+    nothing since the generation marker was set: it never existed; a pair is
+    started at seq 0) or None (only the archive can say)."""
+    answer = store.redis.call(*known_here_command(keys, store.generation))
+    return after(answer, lambda reply: _known(store, int(reply)))
+
+
+def _known(store: Any, reply: int) -> bool | None:
+    if reply == NEEDS_SEQ:
+        store.generation_lost()
+        return None
+    return reply == HERE
 
 
 def _restore_channel(store: Any, channel: str) -> Pending:
+    _count_restore(store)
     return after(store.archive.channel(channel), lambda found: _write_channel(store, channel, found))
+
+
+def _count_restore(store: Any) -> None:
+    if store.archive_stats is not None:
+        store.archive_stats.restores += 1
 
 
 def _write_channel(store: Any, channel: str, found: Any) -> Pending | bool:

@@ -34,7 +34,9 @@ archive must keep is *marked* for the archiver (zim.nodes.archiving) once Redis
 holds it, and the call settles only after the mark is recorded too; appends use
 ``APPEND_KEPT``, which answers ``NEEDS_SEQ`` for a conversation whose seq Redis
 lost: it is restored from PostgreSQL first (``restore_conversation``), then
-appended again. Without ``--archive`` nothing of this is sent.
+appended again. On a single Redis that holds the archive's generation marker
+(``generation``) a pair without seq is new: its append starts it at once,
+PostgreSQL neither asked nor needed. Without ``--archive`` nothing of this is sent.
 """
 from __future__ import annotations
 
@@ -90,6 +92,9 @@ class RedisStore:
         self.archive: Any = None
         self.archive_kinds: frozenset[str] = frozenset()
         self.archive_stats: Any = None
+        # the generation marker's value while Redis holds the archive's (a single Redis; set by
+        # zim.nodes.node.Node): a missing seq is then a new conversation, no PostgreSQL read
+        self.generation: bytes | None = None
         self._restoring: dict[Any, Shared] = {}     # conversation -> its seq's restore under way
         self._marks_due: dict[str, Shared] = {}     # conversation entries to mark at the next loop pass
         self._mark_timer: Any = None
@@ -520,12 +525,15 @@ class RedisStore:
     def _append_kept(self, kind: HistoryKind, key: Any, keys: schema.ConversationKeys, msg: Message) -> Pending:
         """APPEND_KEPT; on NEEDS_SEQ the conversation's seq is restored from the archive
         first and the append sent again (once). Settles with the seq."""
-        command = append_kept_command(keys, msg, now_ms(), self.retention, self.archive_kinds)
+        generation = self.generation if kind == USER else None
+        command = append_kept_command(keys, msg, now_ms(), self.retention, self.archive_kinds, generation)
         return after(self.redis.call(*command), lambda seq: self._restore_if_needed(kind, key, command, seq))
 
     def _restore_if_needed(self, kind: HistoryKind, key: Any, command: tuple, seq: Any) -> Any:
         if int(seq) != NEEDS_SEQ:
             return int(seq)
+        if kind == USER:        # a pair's NEEDS_SEQ with the marker given: the marker is gone
+            self.generation_lost()
         restored = self.restore_conversation(kind, key)
         return after(restored, lambda known: self._append_restored(kind, key, command, known))
 
@@ -540,6 +548,14 @@ class RedisStore:
             restoring[key] = restored = shared(refill.restore_conversation(self, kind, key))
             restored.wait(_forget_restore, restoring, key)
         return restored
+
+    def generation_lost(self) -> None:
+        """Redis no longer holds the generation marker: it lost its data, and no
+        node sets the marker again, so stop offering it (once, said in the log)."""
+        if self.generation is not None:
+            self.generation = None
+            log.warning("Redis no longer holds the archive's generation marker: it lost its data. New "
+                        "conversations need PostgreSQL from now on, and fail while it is down (docs/redis.md)")
 
     def _append_restored(self, kind: HistoryKind, key: Any, command: tuple, known: bool) -> Pending:
         if not known:
