@@ -54,6 +54,7 @@ cdef struct tables_t:
 
 cdef int tables_init(tables_t* t, size_t initial) noexcept nogil
 cdef void tables_free(tables_t* t) noexcept nogil
+cdef int tables_copy(tables_t* t, tables_t* source) noexcept nogil   # -1: no memory (t empty)
 # for C callers (the broadcast path): a channel's index (-1: none), its members, a user's id
 cdef int64_t tables_channel(tables_t* t, const char* name, size_t length) noexcept nogil
 cdef const uint32_t* tables_members(tables_t* t, uint32_t channel, uint32_t* count) noexcept nogil

@@ -299,6 +299,61 @@ cdef int tables_init(tables_t* t, size_t initial) noexcept nogil:
     return 0 if t.users != NULL and t.channels != NULL else -1
 
 
+cdef void* _duplicate(const void* source, size_t size) noexcept nogil:
+    """A malloc'd copy of size bytes (NULL for none: size 0 or no memory)."""
+    cdef void* copy
+    if source == NULL or size == 0:
+        return NULL
+    copy = malloc(size)
+    if copy != NULL:
+        memcpy(copy, source, size)
+    return copy
+
+
+cdef int tables_copy(tables_t* t, tables_t* source) noexcept nogil:
+    """Make t (initialised, emptied here) an exact copy of source: -1 if memory ran out
+    (t is then empty and valid)."""
+    cdef uint32_t i
+    cdef tab_user_t* us
+    cdef tab_channel_t* ch
+    tables_free(t)
+    t[0] = source[0]
+    t.users = <tab_user_t*>_duplicate(source.users, source.user_capacity * sizeof(tab_user_t))
+    t.channels = <tab_channel_t*>_duplicate(source.channels, source.channel_capacity * sizeof(tab_channel_t))
+    t.user_index.slots = <uint32_t*>_duplicate(source.user_index.slots,
+                                               source.user_index.capacity * sizeof(uint32_t))
+    t.channel_index.slots = <uint32_t*>_duplicate(source.channel_index.slots,
+                                                  source.channel_index.capacity * sizeof(uint32_t))
+    if t.users == NULL or t.channels == NULL or t.user_index.slots == NULL or t.channel_index.slots == NULL:
+        t.user_records = t.channel_records = 0
+        tables_free(t)
+        tables_init(t, 1)
+        return -1
+    for i in range(t.user_records):         # first the pointers all become t's own (or NULL)
+        if t.users[i].id:
+            t.users[i].joined = <tab_entry_t*>_duplicate(source.users[i].joined,
+                                                         source.users[i].capacity * sizeof(tab_entry_t))
+    for i in range(t.channel_records):
+        ch = &t.channels[i]
+        if ch.name != NULL:
+            ch.name = <char*>_duplicate(source.channels[i].name, ch.name_len + 1)
+            ch.members = <uint32_t*>_duplicate(source.channels[i].members, ch.capacity * sizeof(uint32_t))
+    for i in range(t.user_records):         # then any copy that failed empties the whole
+        us = &t.users[i]
+        if us.id and us.joined == NULL:
+            break
+    else:
+        for i in range(t.channel_records):
+            ch = &t.channels[i]
+            if source.channels[i].name != NULL and (ch.name == NULL or ch.capacity and ch.members == NULL):
+                break
+        else:
+            return 0
+    tables_free(t)
+    tables_init(t, 1)
+    return -1
+
+
 cdef void tables_free(tables_t* t) noexcept nogil:
     cdef uint32_t i
     if t.users != NULL:
@@ -365,6 +420,16 @@ cdef class Tables:
         created[0] = True
         return c
 
+    def __copy__(self):
+        """An exact copy (same indexes, same orders), made in C."""
+        cdef Tables other = Tables.__new__(Tables, 1)
+        if tables_copy(&other.t, &self.t) < 0:
+            raise MemoryError()
+        return other
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
     def channel_exists(self, str channel) -> bool:
         return self._channel(channel) >= 0
 
@@ -397,6 +462,7 @@ cdef class Tables:
             former.append(self.t.users[u].id)
             _leave(&self.t, u, <uint32_t>_entry_of(&self.t, u, <uint32_t>c))
         _free_channel(&self.t, <uint32_t>c)
+        former.reverse()            # in the member array's order, as channel_members lists them
         return former
 
     def subscribe(self, str channel, uint64_t user_id, bint push):

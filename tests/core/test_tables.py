@@ -1,6 +1,8 @@
 """The C tables of channels and memberships (zim._tables) against a plain Python model."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -119,6 +121,17 @@ class TablesMatchAModel(RuleBasedStateMachine):
         for undo in reversed(undos):
             undo()
         assert self.content() == before
+
+    @rule()
+    def copied(self) -> None:
+        """A deep copy (MemoryStore's tests copy stores) is exact and independent."""
+        before = self.content()
+        orders = [self.tables.channel_members(name) for name in sorted(self.tables.channel_names())]
+        original, self.tables = self.tables, copy.deepcopy(self.tables)
+        original.subscribe("only-in-the-original", 1, True)
+        original.delete_channel("a")
+        assert self.content() == before
+        assert [self.tables.channel_members(name) for name in sorted(self.tables.channel_names())] == orders
 
     # -- the whole content, compared after every step -----------------------------
     def content(self):
