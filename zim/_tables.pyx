@@ -385,7 +385,8 @@ cdef class Tables:
     ``drop_channel`` (when empty) or ``delete_channel``, members or not; a user is
     held only while it is a member somewhere. Orders are not kept: a leave moves
     the channel's last member into the hole. ``initial`` (a power of two) sizes the
-    first arrays: tests make it tiny to exercise growth.
+    first arrays: tests make it tiny to exercise growth. A channel name is any str
+    (kept as UTF-8, lone surrogates passed through).
     """
     cdef tables_t t
 
@@ -398,11 +399,11 @@ cdef class Tables:
         tables_free(&self.t)
 
     cdef int64_t _channel(self, str channel):
-        cdef bytes name = channel.encode("utf-8")
+        cdef bytes name = channel.encode("utf-8", "surrogatepass")
         return tables_channel(&self.t, name, len(name))
 
     cdef int64_t _intern_channel(self, str channel, bint* created) except -2:
-        cdef bytes name = channel.encode("utf-8")
+        cdef bytes name = channel.encode("utf-8", "surrogatepass")
         cdef size_t length = len(name)
         cdef uint32_t h = _name_hash(name, length)
         cdef size_t slot = _channel_slot(&self.t, name, length, h)
@@ -545,7 +546,7 @@ cdef class Tables:
         return left
 
     cdef str _name(self, uint32_t c):
-        return self.t.channels[c].name[:self.t.channels[c].name_len].decode("utf-8")
+        return self.t.channels[c].name[:self.t.channels[c].name_len].decode("utf-8", "surrogatepass")
 
     def channel_members(self, str channel) -> list:
         """The ids of the channel's members (none for an unknown channel), in no set order."""

@@ -9,8 +9,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from zim._tables import Tables
 
-# few names and ids, so that operations meet; the empty name and non-ASCII ones included
-channels = st.sampled_from(["", "a", "b", "général", "ch-3", "ch-4", "x" * 40, "日本"])
+# few names and ids, so that operations meet; the empty name, non-ASCII ones and a lone surrogate included
+channels = st.sampled_from(["", "a", "b", "général", "ch-3", "ch-4", "x" * 40, "日本", "\ud800lone"])
 users = st.integers(1, 30) | st.sampled_from([2**64 - 1, 2**63, 2**32 + 1])
 
 
