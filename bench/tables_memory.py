@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Memory of memberships: the C tables (zim._tables) against today's dicts (MemoryStore).
+"""Memory of memberships: the C tables (zim._tables) against the dicts MemoryStore held before.
 
 U users (``--users``, default 100,000) each get 12 memberships, in three phases,
 as in issue 18's figures:
@@ -12,10 +12,11 @@ as in issue 18's figures:
 Each kind runs in a fresh child process (this script with ``--child KIND``) that
 builds the phases and reports its RSS growth per phase (psutil, after a
 ``gc.collect()``). ``tables`` drives ``zim._tables.Tables`` and also reports the C
-memory it holds (``memory_bytes()``, malloc's overhead not counted); ``dicts``
-drives ``zim.storage.store.MemoryStore.subscribe`` with its quotas off (the
-channel -> members and user -> channels dicts, as held today). Medians over
-``--runs`` runs (default 3), the kinds alternating.
+memory it holds (``memory_bytes()``, malloc's overhead not counted); ``store``
+drives ``zim.storage.store.MemoryStore.subscribe`` with its quotas off (on the
+tables since issue 18); ``dicts`` fills the two dicts MemoryStore held before
+(channel -> {user id: push}, user id -> {channel: push}). Medians over ``--runs``
+runs (default 3), the kinds alternating.
 
 Example: ``python bench/tables_memory.py --users 100000 --json``
 """
@@ -50,11 +51,18 @@ def child(kind: str, users: int, group: int) -> dict:
         from zim._tables import Tables
         holder = Tables()
         subscribe = holder.subscribe
-    else:
+    elif kind == "store":
         from zim.storage.store import NO_QUOTAS, MemoryStore
         holder = MemoryStore()
         holder.set_quotas(NO_QUOTAS)
         subscribe = holder.subscribe
+    else:
+        members: dict[str, dict[int, bool]] = {}
+        joined: dict[int, dict[str, bool]] = {}
+
+        def subscribe(channel: str, user: int, push: bool) -> None:
+            members.setdefault(channel, {})[user] = push
+            joined.setdefault(user, {})[channel] = push
     process = psutil.Process()
     gc.collect()
     rss = {"start": process.memory_info().rss}
@@ -86,7 +94,7 @@ def per_item(sample: dict, key: str, users: int) -> dict:
 
 
 def run(args, info) -> int:
-    samples: dict[str, list[dict]] = {"tables": [], "dicts": []}
+    samples: dict[str, list[dict]] = {"tables": [], "store": [], "dicts": []}
     for _ in range(args.runs):
         for kind in samples:
             done = subprocess.run([sys.executable, __file__, "--child", kind, "--users", str(args.users),
@@ -94,7 +102,8 @@ def run(args, info) -> int:
             samples[kind].append(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {"bench": "tables_memory", "ok": True, "users": args.users, "group": args.group,
               "runs": args.runs, "machine": info}
-    rows = [("tables RSS", "tables", "rss"), ("tables C memory", "tables", "c_bytes"), ("dicts RSS", "dicts", "rss")]
+    rows = [("tables RSS", "tables", "rss"), ("tables C memory", "tables", "c_bytes"),
+            ("MemoryStore RSS", "store", "rss"), ("dicts RSS", "dicts", "rss")]
     print(f"{'bytes':>18} {'per member':>11} {'per membership':>15} {'per channel':>12} {'user all in':>12}")
     for label, kind, key in rows:
         figures = [per_item(sample, key, args.users) for sample in samples[kind]]
@@ -118,7 +127,7 @@ def main() -> int:
     parser.add_argument("--group", type=int, default=1_000, help="members of each of the 10 group channels")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=("tables", "dicts"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("tables", "store", "dicts"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.users, args.group)))
