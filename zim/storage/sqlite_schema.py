@@ -29,7 +29,8 @@ Schema (version 6; the versions' changes are applied in ``open_database``):
   Version 4 adds ``creator``: the user whose subscribe created it (NULL for
   channels created before).
 - ``members(channel, user_id, push)``: a rowid table so ``user_channels`` lists a
-  user's channels in the order joined (as MemoryStore), via the index on user_id.
+  user's channels in the order joined, via the index on user_id (MemoryStore keeps
+  that order until a leave moves its last channel into the hole: zim._tables).
 - ``conversations(conv, last_seq)``: one row per conversation, ``"c:<name>"`` for a
   channel and ``"u:<min id>:<max id>"`` for a user pair; ``last_seq`` is
   read-incremented in the transaction that inserts the message, so seq is 1, 2,

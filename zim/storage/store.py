@@ -45,6 +45,8 @@ from typing import Iterable, Literal, Protocol, Union, runtime_checkable
 
 import orjson
 
+from zim._tables import Tables
+
 Message = dict
 ChannelKey = str
 PairKey = tuple[int, int]
@@ -340,14 +342,15 @@ class MemoryStore:
     Per-user memory is kept tiny, because every login without a token creates a
     user and an idle logged-in connection must cost only a few hundred bytes in
     all: a user who has only logged in is an id and a name in ``UserNames``
-    (no Python object of its own). Every other per-user structure (memberships,
-    mailbox) is created on first use and dropped when it empties.
+    (no Python object of its own). Channels, their private flag and memberships
+    sit in compact C tables (``zim._tables``: about 12 bytes a membership, no
+    Python object per channel or membership). Every other per-user structure
+    (mailbox) is created on first use and dropped when it empties.
     """
 
     def __init__(self) -> None:
         self._names = UserNames()                              # user id -> name (UTF-8)
-        self._members: dict[str, dict[int, bool]] = {}         # channel -> {user id: push}
-        self._user_channels: dict[int, dict[str, bool]] = {}   # user id -> {channel: push}
+        self._tables = Tables()                                # channels (private flag), memberships
         self._channel_log: dict[str, list[Message]] = {}       # channel -> messages, seq i at [i-1]
         self._pair_log: dict[PairKey, list[Message]] = {}      # user pair -> messages
         self._mailboxes: dict[int, dict[str, Message]] = {}    # user id -> {message id: msg}, oldest first
@@ -355,7 +358,6 @@ class MemoryStore:
         self._epochs: dict[int, int] = {}                      # user id -> token epoch, when not 0 (rare)
         self._creators: dict[str, int] = {}                    # channel -> the user who created it (if known)
         self._created: dict[int, int] = {}                     # user id -> channels it created (not 0)
-        self._private: set[str] = set()                        # the private channels
         self._grants: dict[str, dict[int, bool]] = {}          # private channel -> {user id: can invite}
         self.quotas = Quotas()
 
@@ -401,60 +403,57 @@ class MemoryStore:
 
     # -- channels ----------------------------------------------------------
     def channel_exists(self, channel: str) -> bool:
-        return channel in self._members
+        return self._tables.channel_exists(channel)
 
     def add_channel(self, channel: str, creator: int | None = None, private: bool = False) -> None:
         """Make a channel exist without members (loading a stored one), created by
         ``creator`` (None: not known, as for a channel made before creators were
         recorded; it then counts for nobody). ``private`` marks it private, even
         if it exists already (a cache learning what another node made)."""
+        created = self._tables.add_channel(channel)
         if private:
-            self._private.add(channel)
-        if channel in self._members:
-            return
-        self._members[channel] = {}
-        if creator is not None:
+            self._tables.set_private(channel, True)
+        if created and creator is not None:
             self._add_creator(channel, creator)
 
     def drop_channel(self, channel: str) -> None:
         """Forget a channel that has no members (undo of its creation); it no
         longer counts for its creator."""
-        if not self._members.get(channel, True):
-            del self._members[channel]
-            self._private.discard(channel)
-            self._grants.pop(channel, None)
-            creator = self._creators.pop(channel, None)
-            if creator is not None:
-                left = self._created[creator] - 1
-                if left:
-                    self._created[creator] = left
-                else:
-                    del self._created[creator]
+        if self._tables.drop_channel(channel):
+            self._forget_grants_and_creator(channel)
+
+    def _forget_grants_and_creator(self, channel: str) -> None:
+        self._grants.pop(channel, None)
+        creator = self._creators.pop(channel, None)
+        if creator is not None:
+            left = self._created[creator] - 1
+            if left:
+                self._created[creator] = left
+            else:
+                del self._created[creator]
 
     def channel_members(self, channel: str) -> list[int]:
-        """The ids of the channel's members (none for an unknown channel)."""
-        return list(self._members.get(channel, ()))
+        """The ids of the channel's members (none for an unknown channel); a leave
+        moves the last member into the leaver's place."""
+        return self._tables.channel_members(channel)
 
     def member_count(self, channel: str) -> int:
         """How many members the channel has (0 for an unknown channel), without listing them."""
-        return len(self._members.get(channel, ()))
+        return self._tables.member_count(channel)
 
     def channel_count(self) -> int:
         """How many channels exist."""
-        return len(self._members)
+        return self._tables.channel_count()
 
     def creator_of(self, channel: str) -> int | None:
         """The user whose subscribe created the channel, if known."""
         return self._creators.get(channel)
 
     def delete_channel(self, channel: str) -> list[int] | None:
-        members = self._members.get(channel)
-        if members is None:
+        member_ids = self._tables.delete_channel(channel)
+        if member_ids is None:
             return None
-        member_ids = list(members)
-        for user_id in member_ids:
-            self.unsubscribe(channel, user_id)
-        self.drop_channel(channel)          # no members now: it no longer counts for its creator
+        self._forget_grants_and_creator(channel)    # it no longer counts for its creator
         self._channel_log.pop(channel, None)
         return member_ids
 
@@ -471,42 +470,38 @@ class MemoryStore:
         creates it, the user its creator: refused (``StoreRefusal``
         ``too_many_channels``, nothing changed) past ``max_channels_per_user``.
         With that quota off, creators are not counted."""
-        push = bool(push)
-        members = self._members.get(channel)
-        if members is None:
-            if self.quotas.max_channels_per_user:   # (off: creators are not kept, nothing to count)
-                refusal = self.quotas.channels_refusal(self._created.get(user_id, 0))
-                if refusal is not None:
-                    raise refusal
-                self._add_creator(channel, user_id)
-            members = self._members[channel] = {}
-        members[user_id] = push
-        joined = self._user_channels.get(user_id)
-        if joined is None:
-            joined = self._user_channels[user_id] = {}
-        joined[channel] = push
+        tables = self._tables
+        if self.quotas.max_channels_per_user and not tables.channel_exists(channel):
+            # (quota off: creators are not kept, nothing to count)
+            refusal = self.quotas.channels_refusal(self._created.get(user_id, 0))
+            if refusal is not None:
+                raise refusal
+            tables.subscribe(channel, user_id, push)
+            self._add_creator(channel, user_id)
+            return
+        tables.subscribe(channel, user_id, push)
 
     def create_channel(self, channel: str, creator: int | None, private: bool) -> bool:
         """See ``Store.create_channel``; the quota as for ``subscribe``."""
-        if channel in self._members:
+        if self._tables.channel_exists(channel):
             return False
         if creator is not None and self.quotas.max_channels_per_user:
             refusal = self.quotas.channels_refusal(self._created.get(creator, 0))
             if refusal is not None:
                 raise refusal
             self._add_creator(channel, creator)
-        self._members[channel] = {}
+        self._tables.add_channel(channel)
         if private:
-            self._private.add(channel)
+            self._tables.set_private(channel, True)
             if creator is not None:
                 self.grant(channel, creator, True)
         return True
 
     def channel_private(self, channel: str) -> bool:
-        return channel in self._private
+        return self._tables.private(channel)
 
     def grant(self, channel: str, user_id: int, can_invite: bool) -> None:
-        if channel not in self._members:
+        if not self._tables.channel_exists(channel):
             raise KeyError(f"no channel {channel!r}")
         grants = self._grants.get(channel)
         if grants is None:
@@ -537,26 +532,19 @@ class MemoryStore:
             self.grant(channel, user_id, can_invite)
 
     def unsubscribe(self, channel: str, user_id: int) -> bool:
-        members = self._members.get(channel)
-        if members is None or members.pop(user_id, None) is None:
-            return False
-        joined = self._user_channels[user_id]
-        del joined[channel]
-        if not joined:
-            del self._user_channels[user_id]
-        return True
+        return self._tables.unsubscribe(channel, user_id) is not None
 
     def membership(self, channel: str, user_id: int) -> bool | None:
-        members = self._members.get(channel)
-        return None if members is None else members.get(user_id)
+        return self._tables.membership(channel, user_id)
 
     def user_channels(self, user_id: int) -> list[tuple[str, bool]]:
-        joined = self._user_channels.get(user_id)
-        return list(joined.items()) if joined else []
+        """The user's channels with its push flags: in the order joined, except
+        that a leave moves the user's last joined channel into the left one's place."""
+        return self._tables.user_channels(user_id)
 
     # -- messages ----------------------------------------------------------
     def append_channel_message(self, channel: str, msg: Message) -> int:
-        if channel not in self._members:
+        if not self._tables.channel_exists(channel):
             raise KeyError(f"no channel {channel!r}")
         log = self._channel_log.get(channel)
         if log is None:

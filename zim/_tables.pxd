@@ -1,0 +1,61 @@
+# Compact C tables of users, channels and memberships (issue 18).
+#
+# Users (u64 ids) and channels (UTF-8 names) are interned to dense u32 indexes by
+# open-addressing hashes whose slots hold index + 1 (0: empty); freed indexes are
+# reused. A channel holds a member array of u32 user indexes (push flag in the top
+# bit); a user holds (channel index, position in that member array) pairs, so a
+# membership costs 4 bytes on the channel side and 8 on the user side, and a leave
+# swaps the channel's last member into the hole in O(1) plus a scan of that
+# member's (short) list. A user with no membership is not held at all.
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+cdef enum:
+    TAB_PUSH = 0x80000000u          # member word: push flag
+    TAB_USER_MASK = 0x7FFFFFFFu     # member word: user index
+    TAB_NONE = 0xFFFFFFFFu          # no index (end of a free list)
+    TAB_PRIVATE = 1                 # channel flag
+
+cdef struct tab_entry_t:            # one membership, on the user's side
+    uint32_t channel
+    uint32_t position               # of the user in the channel's member array
+
+cdef struct tab_user_t:
+    uint64_t id                     # 0: a free record
+    tab_entry_t* joined
+    uint32_t count
+    uint32_t capacity               # a free record: the next free index
+
+cdef struct tab_channel_t:
+    char* name                      # NUL-terminated UTF-8; NULL: a free record
+    uint32_t name_len
+    uint32_t hash
+    uint32_t* members               # NULL while empty
+    uint32_t count
+    uint32_t capacity               # a free record: the next free index
+    uint32_t flags
+
+cdef struct tab_index_t:            # open addressing, linear probing, backward-shift delete
+    uint32_t* slots                 # record index + 1; 0: empty
+    size_t capacity                 # a power of two
+    size_t count
+
+cdef struct tables_t:
+    tab_index_t user_index
+    tab_user_t* users
+    uint32_t user_records           # records in use or free
+    uint32_t user_capacity
+    uint32_t user_free
+    tab_index_t channel_index
+    tab_channel_t* channels
+    uint32_t channel_records
+    uint32_t channel_capacity
+    uint32_t channel_free
+    size_t memberships
+
+cdef int tables_init(tables_t* t, size_t initial) noexcept nogil
+cdef void tables_free(tables_t* t) noexcept nogil
+cdef int tables_copy(tables_t* t, tables_t* source) noexcept nogil   # -1: no memory (t empty)
+# for C callers (the broadcast path): a channel's index (-1: none), its members, a user's id
+cdef int64_t tables_channel(tables_t* t, const char* name, size_t length) noexcept nogil
+cdef const uint32_t* tables_members(tables_t* t, uint32_t channel, uint32_t* count) noexcept nogil
+cdef uint64_t tables_user_id(tables_t* t, uint32_t user) noexcept nogil
