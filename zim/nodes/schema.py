@@ -186,16 +186,20 @@ if cap > 0 and seq > cap then
 end
 if ttl > 0 then
   -- drop expired messages from the head, at most 8 per append: more than arrive
-  -- (one), so an active conversation's head keeps up; a quiet one expires whole
+  -- (one), so an active conversation's head keeps up; a quiet one expires whole.
+  -- The head alone is read first: in a live log it has not expired (reading 8 costs)
   local horizon = tonumber(ARGV[3]) - ttl
-  local keep = nil
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 8)) do
-    local s, created = string.match(entry[1], '^(%d+)-(%d+)$')
-    keep = tonumber(s)
-    if tonumber(created) >= horizon then break end
-    keep = keep + 1
+  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  if head and tonumber(string.match(head[1], '^%d+-(%d+)$')) < horizon then
+    local keep = nil
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 8)) do
+      local s, created = string.match(entry[1], '^(%d+)-(%d+)$')
+      keep = tonumber(s)
+      if tonumber(created) >= horizon then break end
+      keep = keep + 1
+    end
+    redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', keep))
   end
-  if keep then redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d', keep)) end
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 return seq
