@@ -346,7 +346,7 @@ class RouterFabric:
                                 user_id, action, payload, exclude_conn)
 
     def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
-        return self._to_workers(self.router.interest.get(group, 0), self.reactor.command_broadcast,
+        return self._to_workers(self.router.interest.get(group), self.reactor.command_broadcast,
                                 group, action, payload, exclude_conn)
 
     def broadcast_except(self, group: int, action: int, payload: bytes,
@@ -359,7 +359,7 @@ class RouterFabric:
             index, local = split_handle(conn)
             by_worker.setdefault(index, {})[local] = body
         sent = 0
-        for index in self.router.workers_in(self.router.interest.get(group, 0)):
+        for index in self.router.workers_in(self.router.interest.get(group)):
             link = self.slots[index].link
             if not link:
                 continue
