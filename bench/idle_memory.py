@@ -397,7 +397,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
         tree = benchlib.ProcessTree(proc)   # the server and its writer process (and workers)
         rss_before = tree.rss()
         each_before = [p.memory_info().rss for p in tree.processes]
-        fds_before = proc.num_fds()
+        fds_before = sum(p.num_fds() for p in tree.processes)     # the workers hold the sockets
         slab_before = benchlib.meminfo_kib("Slab") * 1024
         print(f"baseline: rss {mib(rss_before)}, {fds_before} fds, kernel slab {mib(slab_before)}")
         sys.stdout.flush()
@@ -444,7 +444,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
         growth = [p.memory_info().rss - before for p, before in zip(tree.processes, each_before)]
         print("rss growth by process: " + ", ".join(
             f"{' '.join(p.cmdline()[1:3])} +{mib(g)}" for p, g in zip(tree.processes, growth)))
-        fds_after = proc.num_fds()
+        fds_after = sum(p.num_fds() for p in tree.processes)
         slab_after = benchlib.meminfo_kib("Slab") * 1024
         asked, answered = clients.verify(args.verify, timeout=15.0)
         per_conn = (rss_after - rss_before) / max(1, logged_in)
