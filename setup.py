@@ -8,6 +8,7 @@ extensions = [
     Extension("zim._codec", ["zim/_codec.pyx"], extra_compile_args=_FLAGS, libraries=["z"]),
     Extension("zim._idmap", ["zim/_idmap.pyx"], extra_compile_args=_FLAGS),
     Extension("zim._tables", ["zim/_tables.pyx"], extra_compile_args=_FLAGS),
+    Extension("zim._names", ["zim/_names.pyx"], extra_compile_args=_FLAGS),
     # one extension: zim/_core.pyx includes the concept files of zim/core/ (declared in the
     # .pxd files there and gathered by zim/_core.pxd); C headers are declared in zim/includes/
     Extension("zim._core", ["zim/_core.pyx"], extra_compile_args=_FLAGS),

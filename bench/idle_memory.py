@@ -13,7 +13,21 @@ connection slot, presence, and the store's user record. Kernel memory is not in
 RSS; the growth of ``Slab`` in /proc/meminfo is printed for information (both ends
 of every loopback connection live on this machine, so it counts two sockets).
 
-Example: ``python bench/idle_memory.py --connections 15000 --json``
+With ``--channels-per-user N`` (N >= 1) each user then joins channels through
+the protocol (action 3), one phase at a time, the RSS measured after each (the
+issue-18 measurement of a realistic user):
+
+1. one shared channel (channels of ``--channel-size M`` members; N >= 2);
+2. N - 2 more shared channels, each a different cut of the users into M-member
+   channels;
+3. a new channel of its own (one member).
+
+It reports bytes per member of phase 1 (the shared channels' creation shared by
+their M members), per membership of phase 2, per channel of phase 3, and per
+user all in (the whole RSS growth / K).
+
+Examples: ``python bench/idle_memory.py --connections 15000 --json``;
+``python bench/idle_memory.py --channels-per-user 12 --channel-size 100 --workers 2``
 """
 from __future__ import annotations
 
@@ -34,13 +48,13 @@ IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the source port at connect(), n
 
 CONNECTING, WS_HANDSHAKE, LOGGING_IN, LOGGED_IN = range(4)
 from zim.client import close_payload
-from zim.protocol import LOGIN, PULL as PULL_MAILBOX
+from zim.protocol import LOGIN, PULL as PULL_MAILBOX, SUBSCRIBE
 
 
 class Conn:
     """One client connection's progress through connect → (upgrade) → login."""
 
-    __slots__ = ("sock", "state", "buf", "accept", "index")
+    __slots__ = ("sock", "state", "buf", "accept", "index", "waiting")
 
     def __init__(self, sock: socket.socket, index: int) -> None:
         self.sock = sock
@@ -48,6 +62,7 @@ class Conn:
         self.buf = bytearray()
         self.accept = b""
         self.index = index
+        self.waiting = 0        # answers still due to the current join phase
 
 
 class IdleClients:
@@ -226,6 +241,64 @@ class IdleClients:
                         break
         return len(chosen), answered
 
+    def join_phase(self, names, per_conn: int, deadline: float) -> int:
+        """Each logged-in connection joins the channels ``names(conn.index)`` (its
+        ``per_conn`` requests sent at once), with at most ``inflight`` requests in
+        flight in all (more would measure the peak of a burst, kept by the
+        allocator, rather than what the joins hold); returns how many joins
+        failed (an error answer, a closed connection or the deadline)."""
+        queue = list(self.done)
+        queue.reverse()
+        active: dict[int, Conn] = {}
+        failed = 0
+        most = max(1, self.inflight // max(1, per_conn))     # connections joining at once
+        while (queue or active) and time.monotonic() < deadline:
+            while queue and len(active) < most:
+                conn = queue.pop()
+                packets = [self._packet(SUBSCRIBE, 3 + n, {"name": name})
+                           for n, name in enumerate(names(conn.index))]
+                if not packets:
+                    continue
+                conn.waiting = len(packets)
+                conn.sock.sendall(b"".join(packets))    # a few hundred bytes: fits the buffer
+                fd = conn.sock.fileno()
+                active[fd] = conn
+                self.epoll.register(fd, select.EPOLLIN)
+            for fd, _ in self.epoll.poll(0.2, 4096):
+                conn = active.get(fd)
+                if conn is None:
+                    continue
+                try:
+                    data = conn.sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                try:
+                    if not data:
+                        raise ValueError("closed by the server")
+                    conn.buf += data
+                    for action, seq, body in self._split(conn.buf):
+                        if action == SUBSCRIBE and seq >= 3:
+                            conn.waiting -= 1
+                            if body and b'"error"' in body:
+                                failed += 1
+                                if len(self.failures) < 5:
+                                    self.failures.append(f"join by {conn.index}: {body[:200]!r}")
+                except ValueError as exc:
+                    failed += conn.waiting
+                    conn.waiting = 0
+                    if len(self.failures) < 5:
+                        self.failures.append(f"join by {conn.index}: {exc}")
+                if conn.waiting <= 0:
+                    del active[fd]
+                    self.epoll.unregister(fd)
+        failed += sum(c.waiting for c in active.values()) + sum(
+            len(names(c.index)) for c in queue)
+        for fd in active:
+            self.epoll.unregister(fd)
+        return failed
+
     def close(self) -> None:
         for conn in self.done:
             conn.sock.close()
@@ -245,15 +318,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up connecting and logging in after S seconds (default 120)")
     parser.add_argument("--inflight", type=int, default=1000, metavar="N",
-                        help="connections connecting or logging in at once (default 1000)")
+                        help="logins (then joins) in flight at once (default 1000)")
     parser.add_argument("--sources", type=int, default=1, metavar="N",
                         help="spread client source addresses over 127.0.0.1..N (default 1)")
     parser.add_argument("--verify", type=int, default=100, metavar="N",
                         help="after measuring, check N connections still answer (default 100)")
     parser.add_argument("--server-args", default="", metavar="FLAGS",
                         help="extra zim-server flags, one string (e.g. \"--max-packet 131072\")")
+    parser.add_argument("--channels-per-user", type=int, default=0, metavar="N",
+                        help="after logging in, each user joins N channels: N - 1 shared ones "
+                             "of --channel-size members and one of its own (default 0: none)")
+    parser.add_argument("--channel-size", type=int, default=100, metavar="M",
+                        help="members of each shared channel (default 100)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="zim worker processes (default 1)")
     parser.add_argument("--json", action="store_true", help="print a JSON result as the last line")
     args = parser.parse_args(argv)
+    if args.channels_per_user < 0 or args.channel_size < 1 or args.workers < 1:
+        parser.error("--channels-per-user must be >= 0, --channel-size and --workers >= 1")
     if args.connections < 1:
         parser.error("--connections must be at least 1")
     if not 1 <= args.sources <= 254:
@@ -261,6 +343,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.settle < 0 or args.timeout <= 0 or args.inflight < 1:
         parser.error("--settle must be >= 0, --timeout and --inflight > 0")
     return args
+
+
+def join_phases(args: argparse.Namespace, users: int):
+    """(phase, joins per user, user index -> channel names) of ``--channels-per-user``:
+    one shared channel, the other shared ones (each phase-2 channel a different cut of
+    the users: index shifted before grouping by ``--channel-size``), one of its own."""
+    shared, size = args.channels_per_user - 1, args.channel_size
+    if shared >= 1:
+        yield "first_shared", 1, lambda i: [f"s0-{i // size}"]
+    if shared >= 2:
+        yield "more_shared", shared - 1, lambda i: [
+            f"s{j}-{(i + j * 7919) % users // size}" for j in range(1, shared)]
+    if args.channels_per_user >= 1:
+        yield "own_channel", 1, lambda i: [f"own-{i}"]
+
+
+def channel_figures(args: argparse.Namespace, phases: dict[str, int], users: int) -> dict[str, float]:
+    """Bytes per user (login, all in), per member of the first shared channel, per
+    further membership, per channel of one's own."""
+    if not args.channels_per_user:
+        return {}
+    users = max(1, users)
+    figures = {"login_bytes_per_user": phases["login"] / users}
+    if "first_shared" in phases:
+        figures["first_shared_bytes_per_member"] = phases["first_shared"] / users
+    if "more_shared" in phases:
+        figures["more_shared_bytes_per_membership"] = \
+            phases["more_shared"] / (users * (args.channels_per_user - 2))
+    figures["own_channel_bytes_per_channel"] = phases["own_channel"] / users
+    figures["all_in_bytes_per_user"] = sum(phases.values()) / users
+    return figures
 
 
 def mib(size: float) -> str:
@@ -278,7 +391,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
               f"open-files limit {limit}", file=sys.stderr)
         return 2
     transport = "websocket" if args.ws else "tcp"
-    server = benchlib.Server(extra_args=shlex.split(args.server_args))
+    server = benchlib.Server(extra_args=shlex.split(args.server_args), workers=args.workers)
     clients = None
     try:
         proc = server.start()
@@ -287,7 +400,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
         tree = benchlib.ProcessTree(proc)   # the server and its writer process (and workers)
         rss_before = tree.rss()
         each_before = [p.memory_info().rss for p in tree.processes]
-        fds_before = proc.num_fds()
+        fds_before = sum(p.num_fds() for p in tree.processes)     # the workers hold the sockets
         slab_before = benchlib.meminfo_kib("Slab") * 1024
         print(f"baseline: rss {mib(rss_before)}, {fds_before} fds, kernel slab {mib(slab_before)}")
         sys.stdout.flush()
@@ -305,18 +418,36 @@ def run(args: argparse.Namespace, info: dict) -> int:
             print(f"  failure: {reason}")
         sys.stdout.flush()
 
-        settle_end = time.monotonic() + args.settle
-        while server.alive() and time.monotonic() < settle_end:
-            time.sleep(min(0.5, max(0.0, settle_end - time.monotonic())))
-        if not server.alive():
-            raise RuntimeError(f"the server died:\n{server.log_tail()}")
-        if tree.changed():
-            raise RuntimeError("a server process ended or restarted during the run")
+        def settle() -> int:
+            """Wait ``--settle`` seconds; the tree's RSS then (the same processes)."""
+            settle_end = time.monotonic() + args.settle
+            while server.alive() and time.monotonic() < settle_end:
+                time.sleep(min(0.5, max(0.0, settle_end - time.monotonic())))
+            if not server.alive():
+                raise RuntimeError(f"the server died:\n{server.log_tail()}")
+            if tree.changed():
+                raise RuntimeError("a server process ended or restarted during the run")
+            return tree.rss()
+
+        settled = settle()
+        phases = {"login": settled - rss_before}
+        join_failures = 0
+        for phase, count, names in join_phases(args, logged_in):
+            started = time.monotonic()
+            failed = clients.join_phase(names, count, started + args.timeout)
+            join_failures += failed
+            print(f"{phase}: {count * logged_in - failed}/{count * logged_in} joins in "
+                  f"{time.monotonic() - started:.1f} s, {failed} failed")
+            rss_start, settled = settled, settle()
+            phases[phase] = settled - rss_start
+            sys.stdout.flush()
+        for reason in clients.failures:
+            print(f"  failure: {reason}")
         rss_after = tree.rss()
         growth = [p.memory_info().rss - before for p, before in zip(tree.processes, each_before)]
         print("rss growth by process: " + ", ".join(
             f"{' '.join(p.cmdline()[1:3])} +{mib(g)}" for p, g in zip(tree.processes, growth)))
-        fds_after = proc.num_fds()
+        fds_after = sum(p.num_fds() for p in tree.processes)
         slab_after = benchlib.meminfo_kib("Slab") * 1024
         asked, answered = clients.verify(args.verify, timeout=15.0)
         per_conn = (rss_after - rss_before) / max(1, logged_in)
@@ -326,18 +457,24 @@ def run(args: argparse.Namespace, info: dict) -> int:
               f"kernel slab +{mib(slab_after - slab_before)}")
         print(f"verify: {answered}/{asked} sampled connections answered a pull-mailbox request")
         ok = logged_in == args.connections and answered == asked and \
-            fds_after - fds_before >= logged_in
+            fds_after - fds_before >= logged_in and join_failures == 0
+        figures = channel_figures(args, phases, logged_in)
+        if figures:
+            print("channels: " + ", ".join(f"{name} {value:,.0f} B" for name, value in figures.items()))
         print(f"RESULT idle_memory transport={transport} connections={logged_in} "
               f"bytes_per_connection={per_conn:.0f} "
               f"kernel_slab_bytes_per_connection={slab_per_conn:.0f} (both ends) "
-              f"{'OK' if ok else 'INCOMPLETE'}")
+              f"{'OK' if ok else 'INCOMPLETE'}" + "".join(f" {k}={v:.0f}" for k, v in figures.items()))
         result = {
             "bench": "idle_memory", "ok": ok, "transport": transport,
             "connections_wanted": args.connections, "connections": logged_in,
             "failed": clients.failed, "login_seconds": round(login_seconds, 3),
             "settle_seconds": args.settle,
             "rss_before": rss_before, "rss_after": rss_after,
-            "bytes_per_connection": round(per_conn, 1),
+            "bytes_per_connection": round(per_conn, 1), "workers": args.workers,
+            "channels_per_user": args.channels_per_user, "channel_size": args.channel_size,
+            "join_failures": join_failures, "phase_growth": phases,
+            **{k: round(v, 1) for k, v in figures.items()},
             "server_fds_before": fds_before, "server_fds_after": fds_after,
             "slab_before": slab_before, "slab_after": slab_after,
             "kernel_slab_bytes_per_connection": round(slab_per_conn, 1),

@@ -33,7 +33,9 @@ median of ``--runs`` runs is reported. zim's part is bench/broadcast.py's code.
 each doing what is natural for it (zim: log in as a new user; redis: SUBSCRIBE;
 NATS: CONNECT and SUB; asyncio: SUB), then ``--settle`` seconds of quiet:
 (server RSS after - RSS before) / K. The RSS is summed over the server's process
-tree (zim: the server and its store's writer process).
+tree (zim: the server and its store's writer process). Not the same work: zim's
+connections join no channel, the peers' subscribe to one (bench/idle_memory.py
+``--channels-per-user`` measures zim users in channels).
 
 The clients share the two cores with the servers, so wall rates depend on them;
 deliveries per server-CPU-second much less. A peer whose binary is missing is

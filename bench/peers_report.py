@@ -116,7 +116,11 @@ def write_docs(result: dict, lines: list[str]) -> None:
 process, each doing what is natural for it (zim: log in as a new user; redis:
 SUBSCRIBE; NATS: CONNECT and SUB; asyncio: SUB), then {result['settle']:g} s of quiet:
 (RSS after − RSS before) / connections, the RSS summed over the server's process
-tree. Kernel socket memory is in none of them.
+tree. Kernel socket memory is in none of them. This is not the same work on each
+side: a zim connection only logged in (a user, joined to no channel), while a
+redis, NATS or asyncio connection is subscribed to a channel. A zim user in 12
+channels costs more: `bench/idle_memory.py --channels-per-user 12` measures it
+(README, "Benchmarks").
 """
     text = f"""# zim against its peers
 

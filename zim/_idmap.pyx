@@ -119,6 +119,22 @@ cdef class IdMap:
     def __len__(self):
         return self.m.count
 
+    def __copy__(self):
+        """An independent copy (a store's state kept to compare against, in tests)."""
+        cdef IdMap other = IdMap()
+        cdef size_t i
+        cdef uint64_t* v
+        for i in range(self.m.capacity):
+            if self.m.keys[i]:
+                v = idmap_insert(&other.m, self.m.keys[i], self.m.values[i])
+                if v == NULL:
+                    raise MemoryError()
+                v[0] = self.m.values[i]
+        return other
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
     def get(self, uint64_t key, uint64_t default=0):
         cdef uint64_t* v = idmap_find(&self.m, key)
         return v[0] if v != NULL else default
@@ -171,6 +187,15 @@ cdef class IdMap:
         if v == NULL:
             raise MemoryError() if key else ValueError("id 0 is not allowed")
         v[0] += 1
+
+    def sub_one(self, uint64_t key):
+        """value -= 1; the entry goes at 0 (an absent one stays absent)."""
+        cdef uint64_t* v = idmap_find(&self.m, key)
+        if v != NULL:
+            if v[0] <= 1:
+                idmap_delete(&self.m, key)
+            else:
+                v[0] -= 1
 
     def release(self, bytes keys):
         """value -= 1 for each 8-byte big-endian id in ``keys`` (a worker's list of

@@ -33,6 +33,7 @@ cdef struct tab_channel_t:
     uint32_t count
     uint32_t capacity               # a free record: the next free index
     uint32_t flags
+    uint64_t creator                # the user whose join made it; 0: not known
 
 cdef struct tab_index_t:            # open addressing, linear probing, backward-shift delete
     uint32_t* slots                 # record index + 1; 0: empty

@@ -175,6 +175,7 @@ cdef int64_t _new_channel(tables_t* t, const char* name, size_t length, uint32_t
     t.channels[c].members = NULL
     t.channels[c].count = t.channels[c].capacity = 0
     t.channels[c].flags = 0
+    t.channels[c].creator = 0
     t.channel_index.slots[slot] = c + 1
     t.channel_index.count += 1
     return c
@@ -603,6 +604,20 @@ cdef class Tables:
         """Whether the channel is private (False for an unknown one)."""
         cdef int64_t c = self._channel(channel)
         return c >= 0 and (self.t.channels[c].flags & TAB_PRIVATE) != 0
+
+    def set_creator(self, str channel, uint64_t creator):
+        """Record who created an existing channel (0: not known); KeyError for an unknown one."""
+        cdef int64_t c = self._channel(channel)
+        if c < 0:
+            raise KeyError(f"no channel {channel!r}")
+        self.t.channels[c].creator = creator
+
+    def creator(self, str channel):
+        """Who created the channel: a user id, or None (not known, or no such channel)."""
+        cdef int64_t c = self._channel(channel)
+        if c < 0 or self.t.channels[c].creator == 0:
+            return None
+        return self.t.channels[c].creator
 
     def memory_bytes(self) -> int:
         """The bytes of C memory the tables hold (malloc's own overhead not counted)."""

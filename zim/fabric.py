@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Iterable, Protocol
 
 from zim._core import Reactor
+from zim._names import Names
 
 
 class Fabric(Protocol):
@@ -177,25 +178,22 @@ def unfollow_here(reactor: Reactor, user_id: int, group: int) -> None:
 
 class Groups:
     """This process's channel groups: channel name <-> the group id its fabric knows
-    the channel's members by (1, 2, ...; made on first use, never reused)."""
+    the channel's members by (1, 2, ...; made on first use, never reused). The names
+    are interned in C (``zim._names``): no Python object per channel."""
 
-    __slots__ = ("ids", "names")
+    __slots__ = ("names",)
 
     def __init__(self) -> None:
-        self.ids: dict[str, int] = {}
-        self.names: list[str] = []      # group id - 1 -> channel
+        self.names = Names()            # group id - 1 <-> channel
 
     def get(self, channel: str) -> int | None:
         """The channel's group id, or None if no connection here ever followed it."""
-        return self.ids.get(channel)
+        index = self.names.get(channel)
+        return index + 1 if index >= 0 else None
 
     def id_of(self, channel: str) -> int:
         """The channel's group id, made if it has none yet."""
-        group = self.ids.get(channel)
-        if group is None:
-            group = self.ids[channel] = len(self.ids) + 1
-            self.names.append(channel)
-        return group
+        return self.names.intern(channel) + 1
 
     def name(self, group: int) -> str:
-        return self.names[group - 1]
+        return self.names.name(group - 1)

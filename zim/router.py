@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+from array import array
 from typing import Callable, Iterable
 
 from zim._core import (
@@ -47,6 +48,35 @@ CRASH_LIMIT = 5     # failures at start in a row (Backoff: at once, then 0.5, 1,
 
 def worker_bit(index: int) -> int:
     return 1 << index
+
+
+class Interest:
+    """Channel group -> bitmask of the workers with members that want its pushes: one
+    64-bit word per group id in an array (ids are dense and never reused), no
+    Python object per channel."""
+
+    __slots__ = ("words",)
+
+    def __init__(self) -> None:
+        self.words = array("Q")
+
+    def get(self, group: int) -> int:
+        words = self.words
+        return words[group] if group < len(words) else 0
+
+    def add(self, group: int, bits: int) -> None:
+        words = self.words
+        if group >= len(words):
+            words.frombytes(bytes(8 * (group + 1 - len(words))))   # amortised by array
+        words[group] |= bits
+
+    def clear_bit(self, bit: int) -> None:
+        """A worker is gone: no group is interesting to it any more."""
+        words = self.words
+        keep = ~bit & 0xFFFF_FFFF_FFFF_FFFF
+        for group, word in enumerate(words):
+            if word & bit:
+                words[group] = word & keep
 
 
 class WorkerSlot:
@@ -93,7 +123,7 @@ class Router:
         init_address_table(self.address_table, options.workers)
         self.by_link: dict[int, WorkerSlot] = {}
         self.presence = IdMap()
-        self.interest: dict[int, int] = {}
+        self.interest = Interest()
         self.stopping = False
         self.terminate_pending = False      # SIGTERM came: terminate the workers at the next tick
         self.stop_deadline = 0.0
@@ -180,8 +210,7 @@ class Router:
         bit = worker_bit(slot.index)
         for user_id in self.presence.clear_bits_everywhere(bit):
             self.on_user_gone(user_id)      # held by no other worker: gone from this server
-        for group in list(self.interest):
-            self.interest[group] &= ~bit
+        self.interest.clear_bit(bit)
         self.by_link.pop(slot.link, None)
         self.reactor.close(slot.link)
         slot.link = 0
@@ -307,7 +336,7 @@ class RouterFabric:
         router.presence.set_bits(user_id, bit)
         groups = list(groups)
         for group in groups:
-            router.interest[group] = router.interest.get(group, 0) | bit
+            router.interest.add(group, bit)
         if router.send(index, CMD_BIND, pack_bind(local, user_id, groups)):
             # the worker reports this connection's close, or that it was gone already
             self.slots[index].user_conns.add_one(user_id)
@@ -317,7 +346,7 @@ class RouterFabric:
                                 user_id, action, payload, exclude_conn)
 
     def broadcast(self, group: int, action: int, payload: bytes, exclude_conn: int) -> int:
-        return self._to_workers(self.router.interest.get(group, 0), self.reactor.command_broadcast,
+        return self._to_workers(self.router.interest.get(group), self.reactor.command_broadcast,
                                 group, action, payload, exclude_conn)
 
     def broadcast_except(self, group: int, action: int, payload: bytes,
@@ -330,7 +359,7 @@ class RouterFabric:
             index, local = split_handle(conn)
             by_worker.setdefault(index, {})[local] = body
         sent = 0
-        for index in self.router.workers_in(self.router.interest.get(group, 0)):
+        for index in self.router.workers_in(self.router.interest.get(group)):
             link = self.slots[index].link
             if not link:
                 continue
@@ -358,7 +387,7 @@ class RouterFabric:
     def follow(self, user_id: int, group: int) -> None:
         router = self.router
         bits = router.presence.get(user_id)
-        router.interest[group] = router.interest.get(group, 0) | bits
+        router.interest.add(group, bits)
         for index in router.workers_in(bits):
             router.send(index, CMD_FOLLOW, pack_follow(user_id, group))
 

@@ -21,6 +21,8 @@ NEEDS_POSTGRES_AND_REDIS = pytest.mark.skipif(
 @pytest.mark.parametrize("script, args", [
     ("idle_memory.py", ["--connections", "300", "--settle", "1"]),
     ("idle_memory.py", ["--connections", "300", "--settle", "1", "--ws"]),
+    ("idle_memory.py", ["--connections", "300", "--settle", "1", "--channels-per-user", "4",
+                        "--channel-size", "50", "--workers", "2"]),
     ("tables_memory.py", ["--users", "2000", "--runs", "1"]),
     ("broadcast.py", ["--members", "100", "--messages", "300", "--runs", "1"]),
     ("api_publish.py", ["--members", "100", "--messages", "200", "--runs", "1"]),

@@ -102,7 +102,8 @@ cdef class Groups(Users):
         if check_duplicate and member_index(g, conn) >= 0:
             return False
         if g.length == g.capacity:
-            cap = g.capacity * 2 if g.capacity else 8
+            # start small: most channels have one or two members on a worker
+            cap = g.capacity * 2 if g.capacity else 2
             grown = <uint64_t*>realloc(g.members, cap * sizeof(uint64_t))
             if grown == NULL:
                 raise MemoryError()

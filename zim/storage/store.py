@@ -45,6 +45,7 @@ from typing import Iterable, Literal, Protocol, Union, runtime_checkable
 
 import orjson
 
+from zim._idmap import IdMap
 from zim._tables import Tables
 
 Message = dict
@@ -356,8 +357,7 @@ class MemoryStore:
         self._mailboxes: dict[int, dict[str, Message]] = {}    # user id -> {message id: msg}, oldest first
         self._mailbox_bytes: dict[int, int] = {}               # user id -> bytes of its mailbox (not empty)
         self._epochs: dict[int, int] = {}                      # user id -> token epoch, when not 0 (rare)
-        self._creators: dict[str, int] = {}                    # channel -> the user who created it (if known)
-        self._created: dict[int, int] = {}                     # user id -> channels it created (not 0)
+        self._created = IdMap()                                # user id -> channels it created (not 0)
         self._grants: dict[str, dict[int, bool]] = {}          # private channel -> {user id: can invite}
         self.quotas = Quotas()
 
@@ -419,18 +419,14 @@ class MemoryStore:
     def drop_channel(self, channel: str) -> None:
         """Forget a channel that has no members (undo of its creation); it no
         longer counts for its creator."""
+        creator = self._tables.creator(channel)     # (its record goes with the channel)
         if self._tables.drop_channel(channel):
-            self._forget_grants_and_creator(channel)
+            self._forget_grants_and_creator(channel, creator)
 
-    def _forget_grants_and_creator(self, channel: str) -> None:
+    def _forget_grants_and_creator(self, channel: str, creator: int | None) -> None:
         self._grants.pop(channel, None)
-        creator = self._creators.pop(channel, None)
         if creator is not None:
-            left = self._created[creator] - 1
-            if left:
-                self._created[creator] = left
-            else:
-                del self._created[creator]
+            self._created.sub_one(creator)
 
     def channel_members(self, channel: str) -> list[int]:
         """The ids of the channel's members (none for an unknown channel); a leave
@@ -447,23 +443,25 @@ class MemoryStore:
 
     def creator_of(self, channel: str) -> int | None:
         """The user whose subscribe created the channel, if known."""
-        return self._creators.get(channel)
+        return self._tables.creator(channel)
 
     def delete_channel(self, channel: str) -> list[int] | None:
+        creator = self._tables.creator(channel)
         member_ids = self._tables.delete_channel(channel)
         if member_ids is None:
             return None
-        self._forget_grants_and_creator(channel)    # it no longer counts for its creator
+        self._forget_grants_and_creator(channel, creator)   # it no longer counts for its creator
         self._channel_log.pop(channel, None)
         return member_ids
 
     def _add_creator(self, channel: str, creator: int) -> None:
-        self._creators[channel] = creator
-        self._created[creator] = self._created.get(creator, 0) + 1
+        """(after the channel exists in the tables)"""
+        self._tables.set_creator(channel, creator)
+        self._created.add_one(creator)
 
     def channels_created(self, user_id: int) -> int:
         """How many of the existing channels the user created."""
-        return self._created.get(user_id, 0)
+        return self._created.get(user_id)
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> None:
         """Join, or change the push flag. Joining a channel that does not exist
@@ -473,7 +471,7 @@ class MemoryStore:
         tables = self._tables
         if self.quotas.max_channels_per_user and not tables.channel_exists(channel):
             # (quota off: creators are not kept, nothing to count)
-            refusal = self.quotas.channels_refusal(self._created.get(user_id, 0))
+            refusal = self.quotas.channels_refusal(self._created.get(user_id))
             if refusal is not None:
                 raise refusal
             tables.subscribe(channel, user_id, push)
@@ -486,11 +484,12 @@ class MemoryStore:
         if self._tables.channel_exists(channel):
             return False
         if creator is not None and self.quotas.max_channels_per_user:
-            refusal = self.quotas.channels_refusal(self._created.get(creator, 0))
+            refusal = self.quotas.channels_refusal(self._created.get(creator))
             if refusal is not None:
                 raise refusal
-            self._add_creator(channel, creator)
         self._tables.add_channel(channel)
+        if creator is not None and self.quotas.max_channels_per_user:
+            self._add_creator(channel, creator)
         if private:
             self._tables.set_private(channel, True)
             if creator is not None:
