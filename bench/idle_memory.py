@@ -213,14 +213,9 @@ class IdleClients:
         while waiting and time.monotonic() < deadline:
             for fd, _ in self.epoll.poll(0.2, 4096):
                 conn = waiting.get(fd)
-                if conn is None:
+                data = None if conn is None else _recv(conn)
+                if data is None:
                     continue
-                try:
-                    data = conn.sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
                 if not data:
                     del waiting[fd]
                     self.epoll.unregister(fd)
@@ -266,14 +261,9 @@ class IdleClients:
                 self.epoll.register(fd, select.EPOLLIN)
             for fd, _ in self.epoll.poll(0.2, 4096):
                 conn = active.get(fd)
-                if conn is None:
+                data = None if conn is None else _recv(conn)
+                if data is None:
                     continue
-                try:
-                    data = conn.sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
                 try:
                     if not data:
                         raise ValueError("closed by the server")
@@ -378,6 +368,16 @@ def channel_figures(args: argparse.Namespace, phases: dict[str, int], users: int
 
 def mib(size: float) -> str:
     return f"{size / 2**20:.1f} MiB"
+
+
+def _recv(conn) -> bytes | None:
+    """What a ready connection has: its bytes, b"" once closed (or broken), None if nothing yet."""
+    try:
+        return conn.sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def main(argv: list[str] | None = None) -> int:
