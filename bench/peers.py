@@ -34,8 +34,13 @@ each doing what is natural for it (zim: log in as a new user; redis: SUBSCRIBE;
 NATS: CONNECT and SUB; asyncio: SUB), then ``--settle`` seconds of quiet:
 (server RSS after - RSS before) / K. The RSS is summed over the server's process
 tree (zim: the server and its store's writer process). Not the same work: zim's
-connections join no channel, the peers' subscribe to one (bench/idle_memory.py
-``--channels-per-user`` measures zim users in channels).
+connections join no channel, the peers' subscribe to one. With ``--idle-channels N``
+every side does the same work: each connection subscribes to N channels, N - 1
+shared ones of ``--idle-channel-size`` members and one of its own (the cuts of
+bench/idle_memory.py ``--channels-per-user``; zim logs in, then joins them with
+action 3; redis: one SUBSCRIBE; NATS: SUBs; asyncio: SUB lines), at most 1,000
+subscriptions in flight. ``--idle-runs`` R repeats the idle test on fresh servers
+and reports the median. An empty ``--subscribers-list`` skips the fan-out test.
 
 The clients share the two cores with the servers, so wall rates depend on them;
 deliveries per server-CPU-second much less. A peer whose binary is missing is
@@ -43,7 +48,9 @@ skipped with a line saying so. ``--write-docs`` writes docs/benchmarks.md and
 docs/benchmarks.png (matplotlib).
 
 Example: ``python bench/peers.py --write-docs``;
-small: ``--subscribers-list 50 --messages 20 --idle-connections 100 --settle 1 --runs 1``
+small: ``--subscribers-list 50 --messages 20 --idle-connections 100 --settle 1 --runs 1``;
+idle memory in 12 channels: ``--subscribers-list "" --idle-connections 15000
+--idle-channels 12 --idle-runs 3``
 """
 from __future__ import annotations
 
@@ -148,21 +155,35 @@ def fanout(server: PeerServer, subscribers: int, args) -> dict:
 
 
 def idle(server: PeerServer, connections: int, args) -> dict:
-    """Server RSS growth per idle connection, after ``--settle`` seconds."""
+    """Server RSS growth per idle connection: the median of ``--idle-runs`` runs, each
+    on a fresh server (the median run's figures, and every run's)."""
+    runs = [idle_run(server, connections, args) for _ in range(args.idle_runs)]
+    if len(runs) == 1:
+        return runs[0]
+    middle = sorted(runs, key=lambda r: r["bytes_per_connection"])[len(runs) // 2]
+    return {**middle, "ok": all(r["ok"] for r in runs),
+            "bytes_per_connection": statistics.median(r["bytes_per_connection"] for r in runs),
+            "runs": runs}
+
+
+def idle_run(server: PeerServer, connections: int, args) -> dict:
+    """One fresh server's RSS growth per idle connection, after ``--settle`` seconds."""
     tree = server.start()
     try:
         time.sleep(0.5)     # let the server finish starting before the baseline
         rss_before = tree.rss()
         fds_before = tree.root.num_fds()
-        print(f"== {server.name}: idle memory, {connections:,} connections; server pid "
+        print(f"== {server.name}: idle memory, {connections:,} connections, "
+              f"{args.idle_channels or 'login/one shared'} channel(s) each; server pid "
               f"{tree.root.pid}: {shlex.join(server.command())}; baseline rss "
               f"{rss_before / 2**20:.1f} MiB, {fds_before} fds")
         sys.stdout.flush()
         with benchlib.ClientProcesses() as group:
             started = time.monotonic()
             group.start(idle_process, [(server.name, server.port, connections,
-                                        args.setup_timeout)])
-            _, ready, failures, failed = group.receive_all(args.setup_timeout + 30,
+                                        args.setup_timeout, args.idle_channels,
+                                        args.idle_channel_size)])
+            _, ready, failures, failed, subscriptions = group.receive_all(args.setup_timeout + 30,
                                                            "open its idle connections")[0]
             setup_seconds = time.monotonic() - started
             for reason in failures:
@@ -180,7 +201,8 @@ def idle(server: PeerServer, connections: int, args) -> dict:
         code = server.stop()
     per_connection = (rss_after - rss_before) / max(1, ready)
     # Every connection must still be open at the measurement: the server holds its fd.
-    ok = ready == connections and failed == 0 and fds_after - fds_before >= ready
+    ok = (ready == connections and failed == 0 and fds_after - fds_before >= ready
+          and subscriptions == ready * args.idle_channels)
     print(f"idle: {ready:,}/{connections:,} connections ({failed} failed) "
           f"in {setup_seconds:.1f} s; "
           f"after {args.settle:g} s: rss {rss_after / 2**20:.1f} MiB "
@@ -193,6 +215,7 @@ def idle(server: PeerServer, connections: int, args) -> dict:
         "rss_before": rss_before, "rss_after": rss_after,
         "bytes_per_connection": round(per_connection, 1),
         "server_fds_before": fds_before, "server_fds_after": fds_after,
+        "channels": args.idle_channels, "subscriptions": subscriptions,
         "server_exit_code": code,
     }
 
@@ -219,6 +242,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-connections", type=int, default=19_000, metavar="K",
                         help="idle connections per server, one client process (default 19000; "
                              "0 skips the idle test)")
+    parser.add_argument("--idle-channels", type=int, default=0, metavar="N",
+                        help="each idle connection subscribes to N channels (zim: after logging "
+                             "in, joins through action 3): N - 1 shared ones of "
+                             "--idle-channel-size members and one of its own, as "
+                             "bench/idle_memory.py --channels-per-user (default 0: zim logs in "
+                             "only, the peers subscribe to one channel shared by all)")
+    parser.add_argument("--idle-channel-size", type=int, default=100, metavar="M",
+                        help="members of each shared channel of --idle-channels (default 100)")
+    parser.add_argument("--idle-runs", type=int, default=1, metavar="R",
+                        help="idle runs per server, each on a fresh server; the median is "
+                             "reported (default 1)")
     parser.add_argument("--settle", type=float, default=10.0, metavar="S",
                         help="seconds idle before measuring memory (default 10)")
     parser.add_argument("--setup-timeout", type=float, default=120.0, metavar="S",
@@ -236,9 +270,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.subscriber_counts = [int(n) for n in args.subscribers_list.split(",") if n.strip()]
     except ValueError:
-        parser.error("--subscribers-list takes comma-separated integers, e.g. 1000,10000")
-    if not args.subscriber_counts or min(args.subscriber_counts) < 1:
+        parser.error("--subscribers-list takes comma-separated integers, e.g. 1000,10000 "
+                     "(empty: no fan-out test)")
+    if args.subscriber_counts and min(args.subscriber_counts) < 1:
         parser.error("--subscribers-list needs counts of at least 1")
+    if args.idle_channels < 0 or args.idle_channel_size < 1 or args.idle_runs < 1:
+        parser.error("--idle-channels must be >= 0, --idle-channel-size and --idle-runs >= 1")
     if min(args.window, args.runs, args.per_process) < 1 or args.messages < 0:
         parser.error("--window, --runs and --per-process must be at least 1, --messages >= 0")
     if args.per_process > 19000 or args.idle_connections > 19000 or args.idle_connections < 0:
@@ -260,7 +297,8 @@ def run(args: argparse.Namespace, info: dict) -> int:
     benchlib.raise_open_files(resource.getrlimit(resource.RLIMIT_NOFILE)[1])  # servers inherit it
     loop = asyncio_loop()
     print(f"servers {','.join(args.server_names)}; subscribers {args.subscriber_counts}; "
-          f"{args.runs} run(s); idle connections {args.idle_connections:,}; "
+          f"{args.runs} run(s); idle connections {args.idle_connections:,} "
+          f"({args.idle_channels} channels each, {args.idle_runs} run(s)); "
           f"asyncio server on {loop}")
     sys.stdout.flush()
     result: dict = {
@@ -268,6 +306,8 @@ def run(args: argparse.Namespace, info: dict) -> int:
         "messages": {str(n): messages_for(n, args) for n in args.subscriber_counts},
         "runs": args.runs, "window": args.window, "per_process": args.per_process,
         "idle_connections": args.idle_connections, "settle": args.settle,
+        "idle_channels": args.idle_channels, "idle_channel_size": args.idle_channel_size,
+        "idle_runs": args.idle_runs,
         "payload_bytes": PAYLOAD_SIZE, "machine": info,
         "command": shlex.join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "servers": {},

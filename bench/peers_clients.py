@@ -5,29 +5,36 @@ bench/broadcast.py and bench/idle_memory.py.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import select
 import socket
 import sys
 import time
+from typing import Callable
 
 import benchlib
 import broadcast  # (zim's fan-out: members, publisher, one run)
 import idle_memory  # (zim's idle clients: connect and log in)
 from peers_wire import FIRST_PING_WAIT, QUIET_SECONDS, WIRES, Wire
 
+IDLE_REQUESTS_IN_FLIGHT = 1000  # logins or subscriptions, as bench/idle_memory.py's default
+
 
 # -- subscribers of redis, NATS and asyncio (client processes) -----------------------
-def open_subscribers(wire: Wire, port: int, count: int, inflight: int,
-                     deadline: float) -> tuple[list[socket.socket], list[str]]:
+def open_subscribers(wire: Wire, port: int, count: int, inflight: int, deadline: float,
+                     names: Callable[[int], list[str]] | None = None,
+                     ) -> tuple[list[socket.socket], list[str]]:
     """Connect ``count`` sockets and subscribe each; returns the subscribed ones.
 
-    At most ``inflight`` are connecting or subscribing at once. NATS subscribers
-    then wait for the server's first PING (see ``Wire.first_ping``) and answer it.
+    Each subscribes to the bench channel, or with ``names`` connection i to the
+    channels ``names(i)`` in one request. At most ``inflight`` are connecting or
+    subscribing at once. NATS subscribers then wait for the server's first PING
+    (see ``Wire.first_ping``) and answer it.
     """
     epoll = select.epoll()
-    pending: dict[int, list] = {}       # fd → [socket, what it read, connected]
+    pending: dict[int, list] = {}       # fd → [socket, what it read, connected, channels]
     awaiting_ping: dict[int, list] = {} # fd → [socket, what it read, subscribed at]
     ready: list[socket.socket] = []
     failures: list[str] = []
@@ -71,7 +78,8 @@ def open_subscribers(wire: Wire, port: int, count: int, inflight: int,
     while len(ready) + len(failures) < count and time.monotonic() < deadline:
         while opened < count and len(pending) < inflight:
             sock, code = benchlib.start_connect(epoll, port)
-            pending[sock.fileno()] = [sock, bytearray(), False]
+            channels = None if names is None else [n.encode() for n in names(opened)]
+            pending[sock.fileno()] = [sock, bytearray(), False, channels]
             opened += 1
             if code:
                 fail(sock.fileno(), f"connect: {os.strerror(code)}")
@@ -84,19 +92,23 @@ def open_subscribers(wire: Wire, port: int, count: int, inflight: int,
             entry = pending.get(fd)
             if entry is None:
                 continue
-            sock, buf, connected = entry
+            sock, buf, connected, channels = entry
             if not connected:
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     fail(fd, f"connect: {os.strerror(code)}")
                     continue
-                sock.send(wire.subscribe)       # a few dozen bytes: always fits
+                request = wire.subscribe if channels is None else wire.subscribe_many(channels)
+                if sock.send(request) != len(request):  # a few hundred bytes: always fits
+                    fail(fd, "short send")
+                    continue
                 entry[2] = True
                 epoll.modify(fd, select.EPOLLIN)
                 continue
             if not read(fd, sock, buf):
                 continue
-            if wire.subscribed in buf:
+            if (wire.subscribed in buf if channels is None
+                    else wire.subscribed_many(buf, len(channels))):
                 del pending[fd]
                 if wire.first_ping:
                     awaiting_ping[fd] = [sock, buf, time.monotonic()]
@@ -205,22 +217,46 @@ def subscriber_process(peer: str, port: int, count: int, setup_timeout: float, c
             sock.close()
 
 
-def idle_process(peer: str, port: int, count: int, setup_timeout: float, conn) -> None:
-    """A client process: open ``count`` idle connections (zim: logged in; the others:
-    subscribed), report, and hold them until told to stop."""
+def idle_channel_names(channels: int, size: int, users: int) -> Callable[[int], list[str]]:
+    """Connection i's ``channels`` channel names: bench/idle_memory.py's cuts (N - 1
+    shared channels of ``size`` members, each a different cut, and one of its own)."""
+    shape = argparse.Namespace(channels_per_user=channels, channel_size=size)
+    phases = [names for _, _, names in idle_memory.join_phases(shape, users)]
+    return lambda index: [name for names in phases for name in names(index)]
+
+
+def idle_process(peer: str, port: int, count: int, setup_timeout: float, channels: int,
+                 channel_size: int, conn) -> None:
+    """A client process: open ``count`` idle connections and report, then hold them
+    until told to stop. With ``channels`` 0, zim's log in and the others subscribe to
+    the bench channel; else every connection (zim's once logged in) subscribes to
+    ``channels`` channels (``idle_channel_names``), at most
+    ``IDLE_REQUESTS_IN_FLIGHT`` subscriptions in flight."""
     benchlib.raise_open_files(count + 100)
     deadline = time.monotonic() + setup_timeout
+    names = idle_channel_names(channels, channel_size, count) if channels else None
+    confirmed = 0       # subscriptions the server confirmed (zim: joins answered, no error)
     if peer == "zim":
         clients = idle_memory.IdleClients(port, 0, count, websocket=False, sources=1,
-                                          inflight=1000)
+                                          inflight=IDLE_REQUESTS_IN_FLIGHT)
         clients.run(deadline)
         sockets = [c.sock for c in clients.done]
         failures = clients.failures + ["setup timed out"] * (count - len(sockets) - clients.failed)
         failed = count - len(sockets)
+        if names is not None and sockets:
+            join_failures = clients.join_phase(names, channels, deadline)
+            confirmed = len(sockets) * channels - join_failures
+            if join_failures:
+                failures.append(f"{join_failures} join(s) failed: {clients.failures[-1:]}")
+                failed += -(-join_failures // channels)     # connections short of a join
     else:
-        sockets, failures = open_subscribers(WIRES[peer], port, count, 500, deadline)
+        inflight = 500 if names is None else max(1, IDLE_REQUESTS_IN_FLIGHT // channels)
+        sockets, failures = open_subscribers(WIRES[peer], port, count, inflight, deadline,
+                                             names)
         failed = len(failures)
-    conn.send(("ready", len(sockets), failures[:5], failed))
+        if names is not None:       # open_subscribers keeps only the confirmed ones
+            confirmed = len(sockets) * channels
+    conn.send(("ready", len(sockets), failures[:5], failed, confirmed))
     try:
         conn.poll(900)            # bounded: the parent measures well within this
     finally:

@@ -20,6 +20,12 @@ def millions(value: float | None) -> str:
     return "n/a" if value is None else f"{value / 1e6:.2f} M"
 
 
+def idle_label(result: dict) -> str:
+    """The idle test's size: K connections, and their N channels each (``--idle-channels``)."""
+    channels = result.get("idle_channels", 0)
+    return f"{result['idle_connections']:,}" + (f", {channels} channels each" if channels else "")
+
+
 def table(result: dict) -> list[str]:
     """The markdown table: one row per server."""
     counts = result["subscribers"]
@@ -28,7 +34,7 @@ def table(result: dict) -> list[str]:
         header += [f"{count:,} subs: deliveries / server-CPU-s", f"{count:,} subs: deliveries / s"]
     header += ["loss", "bytes / delivery"]
     if result["idle_connections"]:
-        header.append(f"bytes / idle connection ({result['idle_connections']:,})")
+        header.append(f"bytes / idle connection ({idle_label(result)})")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in result["servers"].items():
         if not entry["available"]:
@@ -98,7 +104,9 @@ def write_docs(result: dict, lines: list[str]) -> None:
             runs_text.append(
                 f"- {name}, idle: {idle_part['connections']:,} connections, RSS "
                 f"{idle_part['rss_before'] / 2**20:.1f} → "
-                f"{idle_part['rss_after'] / 2**20:.1f} MiB")
+                f"{idle_part['rss_after'] / 2**20:.1f} MiB"
+                + ("" if "runs" not in idle_part else "; bytes per connection by run: " + ", ".join(
+                    f"{r['bytes_per_connection']:,.0f}" for r in idle_part["runs"])))
         if entry.get("error"):
             runs_text.append(f"- {name}: FAILED: {entry['error'].splitlines()[0]}")
     versions = "\n".join(f"- {name}: {entry.get('version', '')} — "
@@ -111,7 +119,18 @@ def write_docs(result: dict, lines: list[str]) -> None:
               else "**some runs failed or lost messages: see the Runs section**")
     relative = ratios(result)
     memory_gib = info["memory_bytes"] / 2**30
+    same_work = f"""Every side does the same work: each connection subscribes to
+{result.get('idle_channels')} channels, {result.get('idle_channels', 0) - 1} shared ones of \
+{result.get('idle_channel_size'):,} members (each a different cut of the
+connections) and one of its own, as `bench/idle_memory.py --channels-per-user`
+(zim: log in as a new user, then join each channel with action 3; redis: one
+SUBSCRIBE; NATS: CONNECT and a SUB each; asyncio: a SUB line each), at most 1,000
+subscriptions in flight, then {result['settle']:g} s of quiet: (RSS after − RSS before) /
+connections, the RSS summed over the server's process tree, the median of
+{result.get('idle_runs', 1)} fresh server(s). Kernel socket memory is in none of them.
+"""
     idle_text = "" if not result["idle_connections"] else f"""
+**Idle memory.** {same_work}""" if result.get("idle_channels") else f"""
 **Idle memory.** A fresh server, {result['idle_connections']:,} connections from one client
 process, each doing what is natural for it (zim: log in as a new user; redis:
 SUBSCRIBE; NATS: CONNECT and SUB; asyncio: SUB), then {result['settle']:g} s of quiet:
@@ -223,8 +242,8 @@ def plot(result: dict, path: str) -> None:
                    "deliveries_per_cpu_second") for n in names], 1e6, "{:.2f}")
               for count in result["subscribers"]]
     if result["idle_connections"]:
-        panels.append((f"server bytes per idle connection\n{result['idle_connections']:,} "
-                       "connections (lower is better)",
+        panels.append((f"server bytes per idle connection\n{idle_label(result)} "
+                       "(lower is better)",
                        [(result["servers"][n].get("idle") or {}).get("bytes_per_connection")
                         for n in names], 1, "{:,.0f}"))
     figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4), squeeze=False)

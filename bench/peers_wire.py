@@ -44,6 +44,10 @@ class Wire:
     answer_end: bytes              # the publisher's answers are lines ending so
     ping_acks: bool                # no answer per publish: a PING after every batch
     good_answer: Callable[[int], bytes]   # the answer to one publish, given N subscribers
+    # The idle test's ``--idle-channels``: one request subscribing to several channels,
+    # and whether what a connection read so far says all of ``count`` are subscribed.
+    subscribe_many: Callable[[list[bytes]], bytes]
+    subscribed_many: Callable[[bytearray, int], bool]
 
     def delivery(self, number: int) -> bytes:
         return self.delivery_head + payload(number) + self.delivery_tail
@@ -67,7 +71,10 @@ WIRES = {
         publish_head=b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n" % (
             len(CHANNEL), CHANNEL, PAYLOAD_SIZE),
         publish_tail=b"\r\n", publisher_hello=b"", first_ping=False, answer_end=b"\r\n",
-        ping_acks=False, good_answer=lambda subscribers: b":%d\r\n" % subscribers),
+        ping_acks=False, good_answer=lambda subscribers: b":%d\r\n" % subscribers,
+        # Each channel is confirmed with the connection's subscription count: the last is N.
+        subscribe_many=lambda names: resp_command(b"SUBSCRIBE", *names),
+        subscribed_many=lambda buf, count: buf.endswith(b"\r\n:%d\r\n" % count)),
     # The PING makes the server answer PONG once the CONNECT and SUB are processed.
     # nats-server also PINGs every new client once, about 2 s after it connects (to
     # measure the round trip; later PINGs come every ping_interval, set to 1 h):
@@ -81,12 +88,17 @@ WIRES = {
         publish_head=b"PUB %s %d\r\n" % (CHANNEL, PAYLOAD_SIZE),
         publish_tail=b"\r\n", publisher_hello=NATS_CONNECT, first_ping=True,
         answer_end=b"\r\n", ping_acks=True,
-        good_answer=lambda subscribers: b"PONG\r\n"),
+        good_answer=lambda subscribers: b"PONG\r\n",
+        subscribe_many=lambda names: NATS_CONNECT + b"".join(
+            b"SUB %s %d\r\n" % (name, sid) for sid, name in enumerate(names, 1)) + b"PING\r\n",
+        subscribed_many=lambda buf, count: b"PONG\r\n" in buf),
     # bench/asyncio_server.py's line protocol.
     "asyncio": Wire(
         subscribe=b"SUB %s\n" % CHANNEL, subscribed=b"OK\n",
         delivery_head=b"MSG ", delivery_tail=b"\n",
         publish_head=b"PUB %s " % CHANNEL, publish_tail=b"\n",
         publisher_hello=b"", first_ping=False, answer_end=b"\n", ping_acks=False,
-        good_answer=lambda subscribers: b"OK\n"),
+        good_answer=lambda subscribers: b"OK\n",
+        subscribe_many=lambda names: b"".join(b"SUB %s\n" % name for name in names),
+        subscribed_many=lambda buf, count: buf.count(b"OK\n") >= count),
 }

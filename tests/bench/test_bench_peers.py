@@ -48,3 +48,24 @@ def test_peer_delivers_everything(peers_result: dict, server: str) -> None:
     assert idle["rss_after"] > 0
     # Every idle connection was still open when the memory was read.
     assert idle["server_fds_after"] - idle["server_fds_before"] >= IDLE_CONNECTIONS
+
+
+def test_idle_channels_subscribe_every_connection_to_n_channels() -> None:
+    """``--idle-channels 3``: every server's idle connections each hold 3 subscriptions
+    (zim: joins after the login), no fan-out test; a failed subscription fails the run."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "peers.py"), "--subscribers-list", "",
+         "--idle-connections", "60", "--idle-channels", "3", "--idle-channel-size", "20",
+         "--idle-runs", "1", "--settle", "0.5", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"] is True and result["idle_channels"] == 3, result
+    for server, entry in result["servers"].items():
+        if not entry["available"]:
+            continue
+        assert entry["fanout"] == {}
+        idle = entry["idle"]
+        assert idle["channels"] == 3 and idle["connections"] == 60 and idle["failed"] == 0, server
+        assert idle["subscriptions"] == 60 * 3, server     # confirmed by the server
+        assert idle["server_fds_after"] - idle["server_fds_before"] >= 60
