@@ -18,7 +18,7 @@ import orjson
 
 from zim.archive.schema import migrate_on_link
 from zim.archive.store import Archive, Changes
-from zim.archive.stats import ArchiveStats
+from zim.archive.stats import ArchiveStats, LagLog
 from zim.nodes import schema
 from zim.nodes.archive_schema import ARCHIVE_SHARDS, archive_keys, parse_entry
 from zim.nodes.archive_scripts import (
@@ -83,8 +83,6 @@ PASS_ENTRIES = 100          # entries one pass takes from a shard (oldest first)
 IDLE_PASS = 0.1             # seconds between passes of a shard with nothing more to take
 NOT_LEASED_RETRY = 1.0      # seconds before asking again for a shard another node holds
 MAX_PASS_BACKOFF = 2.0      # seconds between passes that fail (PostgreSQL or Redis down): well within LEASE_MS
-LAG_LOG_AFTER = 5.0         # seconds of lag before the log says so ...
-LAG_LOG_EVERY = 10.0        # ... and again this often while it lasts
 LINK_MAX_WAITING = 1024     # transactions on the link at once: the passes (8 at most) and the seq restores
 
 
@@ -137,7 +135,7 @@ class Archiver:
         self.link = PgLink(reactor, dsn, on_state=self._link_state, max_waiting=LINK_MAX_WAITING)
         self.archive = Archive(self.link)
         self.shards = [_Shard(index) for index in range(ARCHIVE_SHARDS)]
-        self._lag_logged_at: float | None = None    # when the log last spoke of the lag (None: not lagging)
+        self._lag_log = LagLog()
         self._timer = reactor.timer(self._run)
         self._timer.set(time.monotonic_ns())
 
@@ -168,14 +166,8 @@ class Archiver:
         stats = self.stats
         stats.pending = sum(shard.pending for shard in held)
         stats.lag_seconds = 0.0 if oldest is None else max(0.0, (now_ms() - oldest) / 1000)
-        if stats.lag_seconds > LAG_LOG_AFTER:
-            if self._lag_logged_at is None or now - self._lag_logged_at >= LAG_LOG_EVERY:
-                self._lag_logged_at = now
-                link = "PostgreSQL up" if stats.link_up else f"PostgreSQL down: {self.link.last_error}"
-                log.warning("archive lag %.0f s, %d entries pending: %s", stats.lag_seconds, stats.pending, link)
-        elif self._lag_logged_at is not None and stats.pending == 0:
-            self._lag_logged_at = None
-            log.info("archive lag drained: every change is in PostgreSQL")
+        link = "PostgreSQL up" if stats.link_up else f"PostgreSQL down: {self.link.last_error}"
+        self._lag_log.observe(stats, now, "entries pending", link)
 
     def _migrate(self) -> None:
         self.migrating = True

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from zim.archive.link import PgLink
 from zim.archive.schema import migrate_at_start, migrate_on_link
-from zim.archive.stats import ArchiveStats
+from zim.archive.stats import ArchiveStats, LagLog
 from zim.archive.store import Archive
 from zim.ids import wall_clock_ms
 from zim.pending import Pending
@@ -57,8 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("zim.archive")
 
 GATHER_NS = 5_000_000           # a first message waits 5 ms for others to share its batch
-LAG_LOG_OVER = 5.0              # seconds of lag past which ...
-LAG_LOG_EVERY = 10.0            # ... the log says so this often
 MIGRATION_LOG_EVERY = 60        # failed migrations (one a second) per log line
 
 
@@ -84,7 +82,7 @@ class SQLiteArchiver:
         self._armed = False             # the gather timer is set
         self._again = False             # a message came while busy, after the peek was sent
         self._failing = False           # the last batch failed (logged once until one passes)
-        self._lag_logged_at = 0.0
+        self._lag_log = LagLog()
 
     # -- start and stop ---------------------------------------------------------------
     def start(self, reactor: Reactor) -> None:
@@ -143,12 +141,7 @@ class SQLiteArchiver:
             self._migrate()
         if not self._busy:
             self._pump()
-        lag = self.stats.lag_seconds
-        now = time.monotonic()
-        if lag > LAG_LOG_OVER and now - self._lag_logged_at >= LAG_LOG_EVERY:
-            self._lag_logged_at = now
-            log.warning("archive lag %.0f s: %d messages wait (link %s)", lag, self.stats.pending,
-                        self.link.state)
+        self._lag_log.observe(self.stats, time.monotonic(), "messages wait", f"link {self.link.state}")
 
     def _pump(self) -> None:
         """Read the queue's oldest rows (none while PostgreSQL cannot take them: the
