@@ -113,6 +113,8 @@ APP_FAMILIES: tuple[FamilySpec, ...] = (
      "(401: a missing or wrong key).", "status"),
     ("zim_store_writer_restarts_total", COUNTER, "Store writer processes restarted.", None),
     ("zim_worker_restarts_total", COUNTER, "Worker processes restarted.", None),
+    ("zim_store_backlog_pauses_total", COUNTER, "Times the supervisor stopped reading its workers' requests "
+     "because --max-store-backlog store writes were waiting for the writer.", None),
     ("zim_redis_link_up", GAUGE, "1 while both links to this Redis master are up, else 0.", "master"),
 )
 

@@ -57,6 +57,7 @@ DEFAULT_MAX_OUTBUF = 8 * 1024 * 1024    # bytes queued for one connection before
 MIN_OUTBUF = 2 * 1024 * 1024    # above the largest server packet (< 1 MiB) with room to spare
 MAX_OUTBUF = 1024 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT = 128      # requests of one connection waiting for answers before it is not read
+DEFAULT_MAX_STORE_BACKLOG = 2048    # store calls waiting for the writer before the workers are not read
 CLIENT_MEMORY_SHARE = 4         # auto --max-client-memory: a quarter of the machine over the serving processes
 DEFAULT_TOKEN_TTL = 30 * 86400  # seconds a login token is valid (renewed by every login and action 10)
 MAX_TOKEN_TTL = 100 * 365 * 86400
@@ -414,6 +415,11 @@ OPTIONS: tuple[Option, ...] = (
            help="requests of one connection waiting for their answers before the server "
                 "stops reading it; its next requests wait in the kernel (default "
                 f"{DEFAULT_MAX_INFLIGHT})"),
+    Option("max_store_backlog", "--max-store-backlog", DEFAULT_MAX_STORE_BACKLOG, metavar="N", parse=_COUNT,
+           help="store writes waiting for the writer process before the supervisor stops reading "
+                "its workers' requests until half of them are done (with --workers >= 2); the requests "
+                f"wait in the workers and the kernel, not as objects here (default {DEFAULT_MAX_STORE_BACKLOG}; "
+                "0: no limit)"),
     Option("max_client_memory", "--max-client-memory", None, metavar="BYTES", parse=_client_memory,
            flag_default="auto", from_flag=lambda value: None if value == "auto" else value,
            check=_check_client_memory, reactor="memory_budget", worker=True,

@@ -124,6 +124,8 @@ class Router:
         self.by_link: dict[int, WorkerSlot] = {}
         self.presence = IdMap()
         self.interest = Interest()
+        self.intake_paused = False          # the store is behind: the workers' links are not read
+        self.intake_pauses = 0
         self.stopping = False
         self.terminate_pending = False      # SIGTERM came: terminate the workers at the next tick
         self.stop_deadline = 0.0
@@ -163,9 +165,24 @@ class Router:
         theirs.close()
         slot.link = self.reactor.adopt_link(ours.detach())
         self.reactor.set_link_index(slot.link, slot.index)
+        if self.intake_paused:
+            self.reactor.pause_reading(slot.link)
         slot.started = time.monotonic()
         slot.restart_at = 0.0
         self.by_link[slot.link] = slot
+
+    def pause_intake(self, paused: bool) -> None:
+        """Stop (or go back to) reading the workers' links: the store's writer is
+        behind (``--max-store-backlog``). Their requests wait in the workers' link
+        buffers and the kernel meanwhile; each client's own ``--max-inflight`` still
+        holds, so nothing grows without bound."""
+        if paused == self.intake_paused:
+            return
+        self.intake_paused = paused
+        self.intake_pauses += paused
+        for slot in self.slots:
+            if slot.link:
+                (self.reactor.pause_reading if paused else self.reactor.resume_reading)(slot.link)
 
     def _on_sigchld(self, signum, frame) -> None:
         for slot in self.slots:

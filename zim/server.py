@@ -180,6 +180,9 @@ class Server:
             attach = getattr(self.store, "attach", None)
             if attach is not None:
                 attach(reactor, self._set_store_link)   # starts the store's writer process
+            set_backlog = getattr(self.store, "set_backlog", None)
+            if set_backlog is not None and self.router is not None:
+                set_backlog(options.max_store_backlog, self.router.pause_intake)
         self.fabric = fabric
         if self.push_merger is not None:    # with workers, pushes are merged here and fanned out there
             self.push_merger.start(reactor)
@@ -506,6 +509,8 @@ class Server:
         batch_stats = getattr(self.store, "batch_stats", None)
         if batch_stats is not None:
             values["zim_store_writer_restarts_total"] = self.store.restarts
+            if self.router is not None:
+                values["zim_store_backlog_pauses_total"] = self.router.intake_pauses
             families += batch_stats.families()
         if self.node is not None:
             for master, up in self.node.redis.masters_up().items():

@@ -15,12 +15,14 @@ import orjson
 
 from zim.client import (OP_BINARY, ProtocolError, new_ws_key, split_tcp, split_ws, tcp_packet, ws_packet,
                         ws_upgrade_accepted, ws_upgrade_request)
+from zim.connflood.channels import ChannelPlan
 from zim.connflood.options import (AFTER_PROBE, IP_BIND_ADDRESS_NO_PORT, PER_PROCESS_MAX, PROBE_CHANNEL,
                                    PROBE_GRACE, REPORT_EVERY, STAMP_DIGITS)
 from zim.protocol import HEARTBEAT, LOGIN, PUSH_CHANNEL_MESSAGE, SUBSCRIBE
 
 # connection states
-CONNECTING, HANDSHAKING, LOGGING_IN, SUBSCRIBING, READY = range(5)
+CONNECTING, HANDSHAKING, LOGGING_IN, JOINING, SUBSCRIBING, READY = range(6)
+JOIN_SEQ = 10           # seq of a connection's first --channels-per-user join
 
 
 def packet(websocket: bool, action: int, seq: int, body: dict) -> bytes:
@@ -60,10 +62,16 @@ class Flood:
     when told to stop.
     """
 
-    def __init__(self, args, index: int, count: int, sample: int, conn) -> None:
+    def __init__(self, args, index: int, count: int, sample: int, conn, first: int = 0) -> None:
         self.args = args
         self.index = index
         self.count = count
+        self.first = first                  # the user number of our first connection (of all processes')
+        self.plan = (ChannelPlan(args.connections, args.channels_per_user, *args.channel_sizes)
+                     if args.channels_per_user else None)
+        self.joins_left: dict[int, int] = {}    # a JOINING connection: answers still to come
+        self.numbers: dict[int, int] = {}       # a connection not set up yet: its user number
+        self.joins = 0                      # joins answered OK
         self.sample = sample                # how many of ours join the probe channel
         self.conn = conn
         self.epoll = select.epoll()
@@ -88,7 +96,7 @@ class Flood:
     def figures(self) -> dict:
         return {"phase": self.phase, "share": self.count, "opened": self.opened,
                 "tcp_connected": self.tcp_connected, "logins": self.logins, "connected": self.connected,
-                "failed": self.failed, "pending": self.pending, "alive": len(self.socks),
+                "failed": self.failed, "pending": self.pending, "joins": self.joins, "alive": len(self.socks),
                 "errors": dict(self.errors), "closed": dict(self.closed)}
 
     def report(self, kind: str = "progress", *extra) -> None:
@@ -145,6 +153,8 @@ class Flood:
             return
         fd = sock.fileno()
         self.socks[fd] = sock
+        if self.plan is not None:
+            self.numbers[fd] = self.first + number
         self.state[fd] = CONNECTING
         self.pending += 1
         self.epoll.register(fd, select.EPOLLOUT | select.EPOLLIN)
@@ -155,6 +165,8 @@ class Flood:
         sock = self.socks.pop(fd)
         state = self.state.pop(fd)
         self.buffers.pop(fd, None)
+        self.joins_left.pop(fd, None)
+        self.numbers.pop(fd, None)
         if state == READY:
             self.closed[kind] += 1
         else:
@@ -250,13 +262,20 @@ class Flood:
                     self.drop(fd, "login_error")
                     return
                 self.logins += 1
-                if self.subscribed < self.sample:
-                    self.subscribed += 1
-                    self.state[fd] = SUBSCRIBING
-                    if not self.send(fd, sock, packet(self.args.ws, SUBSCRIBE, 2, {"name": PROBE_CHANNEL})):
+                if self.plan is not None:
+                    self._join_channels(fd, sock)
+                elif not self._after_joins(fd, sock):
+                    return
+            elif state == JOINING and action == SUBSCRIBE and seq >= JOIN_SEQ:
+                if body.startswith(b'{"error"'):
+                    self.drop(fd, "join_error")
+                    return
+                self.joins += 1
+                self.joins_left[fd] -= 1
+                if not self.joins_left[fd]:
+                    del self.joins_left[fd]
+                    if not self._after_joins(fd, sock):
                         return
-                else:
-                    self.ready(fd)
             elif state == SUBSCRIBING and action == SUBSCRIBE:
                 if body.startswith(b'{"error"'):
                     self.drop(fd, "subscribe_error")
@@ -268,6 +287,24 @@ class Flood:
                 stamp = body[at:at + STAMP_DIGITS]
                 if at > 10 and stamp.isdigit():
                     self.latencies_ns.append(time.monotonic_ns() - int(stamp))
+
+    def _join_channels(self, fd: int, sock: socket.socket) -> None:
+        """Send all of the user's joins at once (pipelined: one write)."""
+        names = self.plan.names(self.numbers.pop(fd))
+        self.state[fd] = JOINING
+        self.joins_left[fd] = len(names)
+        self.send(fd, sock, b"".join(packet(self.args.ws, SUBSCRIBE, JOIN_SEQ + k, {"name": name})
+                                     for k, name in enumerate(names)))
+
+    def _after_joins(self, fd: int, sock: socket.socket) -> bool:
+        """Logged in (and joined): the probe's sample also joins its channel; False if
+        the connection was dropped."""
+        if self.subscribed < self.sample:
+            self.subscribed += 1
+            self.state[fd] = SUBSCRIBING
+            return self.send(fd, sock, packet(self.args.ws, SUBSCRIBE, 2, {"name": PROBE_CHANNEL}))
+        self.ready(fd)
+        return True
 
     def poll(self, timeout: float) -> None:
         for fd, events in self.epoll.poll(timeout, 4096):
@@ -355,11 +392,11 @@ class Flood:
         self.report("done", self.deliveries, lat[:: max(1, len(lat) // 5000)])
 
 
-def flood_process(args, index: int, count: int, sample: int, conn, inherited: list) -> None:
+def flood_process(args, index: int, count: int, sample: int, conn, inherited: list, first: int = 0) -> None:
     for other in inherited:     # the parent's ends: the parent's exit must reach us as EOF
         other.close()
     try:
-        Flood(args, index, count, sample, conn).run()
+        Flood(args, index, count, sample, conn, first).run()
     except KeyboardInterrupt:
         pass
 

@@ -24,6 +24,17 @@ def fault(text: str) -> tuple[int, int, str]:
     return int(index), int(count), action
 
 
+def channel_sizes(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    try:
+        sizes = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"MIN:MAX members, not {text!r}") from None
+    if not 1 <= sizes[0] <= sizes[1]:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, not {text!r}")
+    return sizes
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="connflood", description=DESCRIPTION)
     parser.add_argument("--host", default="127.0.0.1")
@@ -40,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds a process may take to set up its connections")
     parser.add_argument("--report-timeout", type=float, default=60.0,
                         help="seconds a client process may stay silent (no report) before it counts as hung")
+    parser.add_argument("--channels-per-user", type=int, default=0,
+                        help="channels each connection joins after its login (needs --login)")
+    parser.add_argument("--channel-sizes", type=channel_sizes, default=(50, 5000), metavar="MIN:MAX",
+                        help="members of the smallest and the largest of those channels (default 50:5000)")
     parser.add_argument("--probe", action="store_true", help="measure DM round trips and a broadcast while holding")
     parser.add_argument("--probe-sample", type=int, default=1000)
     parser.add_argument("--probe-round-trips", type=int, default=200)
@@ -53,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("only loopback targets (127.0.0.0/8) are allowed")
     if args.connections < 1 or args.hold < 0 or args.rate < 0 or args.inflight < 1 or args.report_timeout <= 0:
         parser.error("connections and inflight must be >= 1, hold and rate >= 0, report-timeout > 0")
+    if args.channels_per_user < 0 or (args.channels_per_user and not args.login):
+        parser.error("--channels-per-user must be >= 0, and needs --login")
     if not args.processes:
         args.processes = -(-args.connections // PER_PROCESS_MAX)
     if args.processes < 1:

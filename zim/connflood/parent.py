@@ -11,6 +11,7 @@ from collections import Counter
 
 import orjson
 
+from zim.connflood.channels import ChannelPlan
 from zim.connflood.flood import flood_process
 from zim.connflood.options import (AFTER_PROBE, EXIT_FAILED, EXIT_OK, EXIT_UNACCOUNTED, PROBE_GRACE,
                                    parse_args)
@@ -79,14 +80,14 @@ class Collector:
 
 def progress_line(collector: Collector, start: float, report_timeout: float) -> None:
     """connected: set up (logged in with --login); tcp: TCP connects done so far."""
-    total = collector.totals("tcp_connected", "connected", "failed")
+    total = collector.totals("tcp_connected", "connected", "failed", "joins")
     elapsed = time.monotonic() - start
     ended = sum(1 for child in collector.children if child.eof and child.done is None)
     silent = sum(1 for child in collector.children
                  if not child.eof and collector.silent(child, min(5.0, report_timeout)))
     print(f"\rconnected {total['connected']:>9,}  tcp {total['tcp_connected']:>9,}  "
           f"failed {total['failed']:>7,}  {total['connected'] / max(elapsed, 1.0):>8,.0f}/s  "
-          f"{elapsed:6.1f} s" + (f"  {ended} process(es) ended early" if ended else "")
+          f"{elapsed:6.1f} s" + (f"  joins {total['joins']:,}" if total["joins"] else "") + (f"  {ended} process(es) ended early" if ended else "")
           + (f"  {silent} silent" if silent else ""),
           end="", file=sys.stderr, flush=True)
 
@@ -99,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     children: list[Child] = []
     completed = False
     try:
+        first = 0                           # user number of a process's first connection
         for index in range(args.processes):
             ours, theirs = context.Pipe()
             share = base + (index < extra)
             process = context.Process(target=flood_process, daemon=True, args=(
                 args, index, share, sample_base + (index < sample_extra), theirs,
-                [child.pipe for child in children] + [ours]))
+                [child.pipe for child in children] + [ours], first))
+            first += share
             process.start()
             theirs.close()
             children.append(Child(index, share, process, ours))
@@ -216,10 +219,17 @@ def summarize(args, children: list[Child], collector: Collector, connect_seconds
                "errors": dict(errors), "closed": dict(closed), "open_at_end": open_at_end,
                "processes": args.processes, "lost_processes": lost,
                "held_seconds": round(held_seconds, 1), "probe": probe}
+    if args.channels_per_user:
+        summary["channels"] = ChannelPlan(args.connections, args.channels_per_user, *args.channel_sizes).summary()
+        summary["channels"]["joined"] = sum(child.figures.get("joins", 0) for child in children)
     print(f"connected {summary['connected']:,} of {args.connections:,} (logged in {logged_in:,}), failed "
           f"{summary['failed']:,}, unaccounted {unaccounted:,}, in {connect_seconds:.1f} s "
           f"({summary['connect_rate'] or 0:,}/s); errors {dict(errors)}; closed later {dict(closed)}; "
           f"open at the end of the hold: {open_at_end:,}")
+    if "channels" in summary:
+        plan = summary["channels"]
+        print(f"channels: {plan['joined']:,} of {plan['memberships']:,} joins answered, {plan['channels']:,} "
+              f"channels of {plan['sizes'][0]:,} to {plan['sizes'][-1]:,} members")
     for entry in lost:
         print(f"client process {entry['index']} (pid {entry['pid']}, {entry['share']:,} connections) lost: "
               f"{entry['why']}; its last report: {entry['last_report']}")

@@ -101,6 +101,24 @@ cdef class Link(Groups):
                 self._resume(fd)
         return queued
 
+    def pause_reading(self, uint64_t conn):
+        """Read no more requests from a connection (those already read are done; the
+        rest wait in its buffer and the kernel) until ``resume_reading``. For the
+        router's worker links while the store's writer is behind. False if it is gone."""
+        cdef int fd = self._conn_fd(conn)
+        if fd < 0:
+            return False
+        self.conns[fd].flags |= F_PAUSED
+        return True
+
+    def resume_reading(self, uint64_t conn):
+        """Undo ``pause_reading``: what is buffered is read in the next pass."""
+        cdef int fd = self._conn_fd(conn)
+        if fd < 0:
+            return False
+        self._resume(fd)
+        return True
+
     cdef void _answered(self, int fd) noexcept:
         if self.conns[fd].inflight:
             self.conns[fd].inflight -= 1

@@ -113,6 +113,9 @@ class DurableStore:
         self.calls: deque[StoreCall] = deque()  # sent, not answered yet (oldest first)
         self.issued = 0                         # calls sent so far
         self.undone_upto = 0                    # calls up to this number were undone already
+        self.backlog_limit = 0                  # calls waiting before on_backlog(True) (0: none)
+        self.backlogged = False
+        self.on_backlog: Callable[[bool], None] = lambda full: None
         self.reactor: Reactor | None = None
         self.link = 0
         self.on_link: Callable[[int], None] = lambda link: None
@@ -175,6 +178,19 @@ class DurableStore:
         self.archive_stats = self.archiver.stats
 
     # -- the writer process ----------------------------------------------------
+    def set_backlog(self, limit: int, on_backlog: Callable[[bool], None]) -> None:
+        """Call ``on_backlog(True)`` once ``limit`` calls wait for the writer, and
+        ``on_backlog(False)`` once no more than half of that wait: the caller stops
+        taking requests meanwhile, so a burst waits where it costs a few bytes (the
+        workers, the kernel) rather than as calls and undo records here. 0: no limit."""
+        self.backlog_limit = limit
+        self.on_backlog = on_backlog
+
+    def _backlog_drained(self) -> None:
+        if self.backlogged and len(self.calls) <= self.backlog_limit // 2:
+            self.backlogged = False
+            self.on_backlog(False)
+
     def attach(self, reactor: Reactor, on_link: Callable[[int], None]) -> None:
         """Start the writer; ``on_link(link)`` learns each new link (packets on it
         go to ``on_link_packet``, its closing to ``on_link_closed``)."""
@@ -253,6 +269,7 @@ class DurableStore:
         calls = list(self.calls)
         self.calls.clear()
         self._undo(calls)
+        self._backlog_drained()
         for call in calls:
             call.settle(False, "the writer process exited")
         if self.stopping:
@@ -271,6 +288,7 @@ class DurableStore:
             log.error("the writer answered a call never made (op %d)", op)
             return
         call = self.calls.popleft()
+        self._backlog_drained()
         value = orjson.loads(payload) if payload else None
         if status == REFUSED:
             # this call alone was not done: the writer goes on with the others
@@ -303,6 +321,9 @@ class DurableStore:
         call = StoreCall(self.issued, undo)
         if self.link and self.reactor.reply(self.link, op, 0, orjson.dumps(args)):
             self.calls.append(call)
+            if self.backlog_limit and not self.backlogged and len(self.calls) >= self.backlog_limit:
+                self.backlogged = True
+                self.on_backlog(True)
         else:
             self._undo([call])
             call.settle(False, "the writer process is not running")
