@@ -248,6 +248,18 @@ def test_up_to_two_members_live_in_the_channel_record():
     tables.check()
 
 
+def test_a_user_in_20_channels_holds_23_pairs():
+    """Arrays grow by an eighth, filling malloc's chunks: 184 bytes for 20 pairs of 8."""
+    tables = Tables()
+    for index in range(20):
+        tables.add_channel(f"c{index}")
+    before = tables.memory_bytes()
+    for index in range(20):
+        tables.subscribe(f"c{index}", 1, True)
+    assert tables.memory_bytes() - before == 23 * 8     # the channels' one member each is inline
+    tables.check()
+
+
 def test_names_share_an_arena_compacted_when_half_holes():
     """Long and non-ASCII names, most deleted: the survivors keep their names and
     members, the arena gives memory back, and freed names can come back."""

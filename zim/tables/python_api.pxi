@@ -1,9 +1,10 @@
-# -- Python ----------------------------------------------------------------------
+# Included by zim/_tables.pyx: the C tables seen from Python.
 
 cdef class Tables:
     """Channels, their members (user ids, each with a push flag) and each user's
-    channels, in C: about 12 bytes per membership, a few dozen per channel and
-    per member user, and no Python object per user, channel or membership.
+    channels, in C: about 12 bytes per membership, about 50 per channel (a 32-byte
+    record holding up to two members, its name in a shared arena, a hash slot) and
+    a few dozen per member user, and no Python object per user, channel or membership.
 
     A channel exists from ``add_channel`` or its first ``subscribe`` until
     ``drop_channel`` (when empty) or ``delete_channel``, members or not; a user is
@@ -36,7 +37,7 @@ cdef class Tables:
         if self.t.channel_index.slots[slot]:
             return self.t.channel_index.slots[slot] - 1
         if length > 0x7FFFFFFF:
-            raise ValueError("a channel name is at most 2 GiB")
+            raise ValueError("a channel name is at most 2 GiB")     # (all names: 4 GiB)
         if _index_grow(&self.t, &self.t.channel_index) < 0:
             raise MemoryError()
         c = _new_channel(&self.t, name, length, h, _channel_slot(&self.t, name, length, h))
