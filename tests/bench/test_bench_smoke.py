@@ -24,6 +24,7 @@ NEEDS_POSTGRES_AND_REDIS = pytest.mark.skipif(
     ("idle_memory.py", ["--connections", "300", "--settle", "1", "--channels-per-user", "4",
                         "--channel-size", "50", "--workers", "2"]),
     ("tables_memory.py", ["--users", "2000", "--runs", "1"]),
+    ("tables_memory.py", ["--users", "2000", "--runs", "1", "--spread", "5"]),
     ("broadcast.py", ["--members", "100", "--messages", "300", "--runs", "1"]),
     ("api_publish.py", ["--members", "100", "--messages", "200", "--runs", "1"]),
     ("workers.py", ["--members", "200", "--pairs", "20", "--runs", "1"]),

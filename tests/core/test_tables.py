@@ -9,8 +9,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from zim._tables import Tables
 
-# few names and ids, so that operations meet; the empty name, non-ASCII ones and a lone surrogate included
-channels = st.sampled_from(["", "a", "b", "général", "ch-3", "ch-4", "x" * 40, "日本", "\ud800lone"])
+# few names and ids, so that operations meet; the empty name, non-ASCII ones, a lone surrogate
+# and long ones (300 bytes: two-byte lengths in the name arena) included
+LONG_NAMES = ["é" * 150, "名前" * 50]
+channels = st.sampled_from(["", "a", "b", "général", "ch-3", "ch-4", "x" * 40, "日本", "\ud800lone", *LONG_NAMES])
+# a crowd of one-member channels, so that deletions leave holes in the name arena and compact it
+crowd = [f"crowd-{i}" + "ü" * (i % 7) * 20 for i in range(24)]
 users = st.integers(1, 30) | st.sampled_from([2**64 - 1, 2**63, 2**32 + 1])
 
 
@@ -64,6 +68,17 @@ class TablesMatchAModel(RuleBasedStateMachine):
     def many_leave(self, channel: str, step: int) -> None:
         for user in sorted(self.members.get(channel, {}))[::step]:
             assert self.tables.unsubscribe(channel, user) == self.model_unsubscribe(channel, user)
+
+    @rule(user=users, count=st.integers(1, len(crowd)))
+    def crowd_joins(self, user: int, count: int) -> None:
+        for channel in crowd[:count]:
+            assert self.tables.subscribe(channel, user, False) == self.model_subscribe(channel, user, False)
+
+    @rule(step=st.integers(1, 4), start=st.integers(0, 3))
+    def crowd_deleted(self, step: int, start: int) -> None:
+        for channel in crowd[start::step]:
+            deleted = self.tables.delete_channel(channel)
+            assert (None if deleted is None else sorted(deleted)) == self.model_delete(channel)
 
     @rule(channel=channels)
     def add_channel(self, channel: str) -> None:
@@ -210,5 +225,58 @@ def test_a_big_channel_and_a_user_in_many_channels():
     assert sorted(tables.channel_members("big")) == [u for u in range(1, 100_001) if u % 3 != 2]
     for user in range(1, 100_001):
         tables.unsubscribe("big", user)
-    assert tables.memory_bytes() < full - 100_000 * 4 - 99_000 * 32   # member arrays, users
+    assert tables.memory_bytes() < full - 100_000 * 4 - 99_000 * 24   # member words, users' 3-pair arrays
     tables.check()
+
+
+def test_up_to_two_members_live_in_the_channel_record():
+    """No member array until a third member; back in the record when down to two."""
+    tables = Tables()
+    tables.add_channel("c")
+    empty = tables.memory_bytes()
+    tables.subscribe("c", 1, True)
+    tables.subscribe("c", 2, False)
+    two = tables.memory_bytes()
+    assert two == empty + 2 * 24                         # each user's 3-pair array, no member array
+    tables.subscribe("c", 3, True)
+    assert tables.memory_bytes() == two + 24 + 6 * 4     # the third user's pairs, 6 member words
+    assert sorted(tables.channel_members("c")) == [1, 2, 3]
+    assert tables.unsubscribe("c", 1) is True            # 3 moves into 1's place, then all go inline
+    assert tables.memory_bytes() == two
+    assert sorted(tables.channel_members("c")) == [2, 3]
+    assert tables.membership("c", 2) is False and tables.membership("c", 3) is True
+    tables.check()
+
+
+def test_a_user_in_20_channels_holds_23_pairs():
+    """Arrays grow by an eighth, filling malloc's chunks: 184 bytes for 20 pairs of 8."""
+    tables = Tables()
+    for index in range(20):
+        tables.add_channel(f"c{index}")
+    before = tables.memory_bytes()
+    for index in range(20):
+        tables.subscribe(f"c{index}", 1, True)
+    assert tables.memory_bytes() - before == 23 * 8     # the channels' one member each is inline
+    tables.check()
+
+
+def test_names_share_an_arena_compacted_when_half_holes():
+    """Long and non-ASCII names, most deleted: the survivors keep their names and
+    members, the arena gives memory back, and freed names can come back."""
+    tables = Tables(1)
+    names = [f"{i}-" + "名" * (i % 90) for i in range(300)]       # up to 272 bytes
+    for user, name in enumerate(names, 1):
+        tables.subscribe(name, user, user % 2 == 0)
+    full = tables.memory_bytes()
+    for name in names[::3] + names[1::3]:
+        tables.delete_channel(name)
+    tables.check()
+    assert tables.memory_bytes() < full
+    survivors = {name: user for user, name in enumerate(names, 1) if user % 3 == 0}
+    assert sorted(tables.channel_names()) == sorted(survivors)
+    for name, user in survivors.items():
+        assert tables.channel_members(name) == [user] and tables.membership(name, user) == (user % 2 == 0)
+    for name in names[::3]:
+        assert tables.add_channel(name)
+    tables.check()
+    assert tables.channel_count() == 200 and all(tables.channel_exists(name) for name in names[::3])
