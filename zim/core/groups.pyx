@@ -135,7 +135,7 @@ cdef class Groups(Users):
                 g.members.one = conn
                 g.length = 1
                 return True
-            # 3, 7, 15 ... handles: 8 B short of a power of two, what a malloc chunk holds
+            # 3, 5, 7, 11, 17 ... handles: an odd count fills a malloc chunk (16n + 8 B)
             grown = <uint64_t*>malloc(3 * sizeof(uint64_t))
             if grown == NULL:
                 raise MemoryError()
@@ -145,7 +145,7 @@ cdef class Groups(Users):
         elif g.length == g.capacity:
             if g.capacity > 0x7FFFFFFE:
                 raise MemoryError("group too large")
-            cap = g.capacity * 2 + 1
+            cap = (g.capacity + g.capacity // 2) | 1    # by half: a few members, little slack
             grown = <uint64_t*>realloc(g.members.array, cap * sizeof(uint64_t))
             if grown == NULL:
                 raise MemoryError()
