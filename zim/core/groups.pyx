@@ -143,7 +143,7 @@ cdef class Groups(Users):
             g.members.array = grown
             g.capacity = 3
         elif g.length == g.capacity:
-            if g.capacity > 0x7FFFFFFE:
+            if g.capacity > 0xA0000000:     # half as much again must fit in 32 bits
                 raise MemoryError("group too large")
             cap = (g.capacity + g.capacity // 2) | 1    # by half: a few members, little slack
             grown = <uint64_t*>realloc(g.members.array, cap * sizeof(uint64_t))
