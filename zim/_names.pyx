@@ -2,7 +2,9 @@
 """``Names``: strings interned to dense ids 0, 1, 2 ... that are never given back,
 held in C (issue 18): the UTF-8 bytes of every name end to end in one heap, an
 array of where each starts, and an open-addressing hash of ids. A name costs its
-bytes, an 8-byte offset and a few bytes of hash slots: no Python object per name.
+bytes, a 4-byte offset and a few bytes of hash slots: no Python object per name.
+Every worker interns the channels it has members of, so on many workers this is
+paid once per (worker, channel); the names' bytes may add up to 4 GiB.
 """
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
@@ -25,13 +27,13 @@ cdef class Names:
 
     cdef char* heap                 # every name's UTF-8 bytes, end to end
     cdef size_t heap_len, heap_cap
-    cdef uint64_t* starts           # starts[i]: where name i begins; starts[count]: heap_len
+    cdef uint32_t* starts           # starts[i]: where name i begins; starts[count]: heap_len
     cdef size_t count, starts_cap
     cdef uint32_t* slots            # id + 1; 0: empty (linear probing, at most 70% full)
     cdef size_t slots_cap           # a power of two
 
     def __cinit__(self):
-        self.starts = <uint64_t*>calloc(8, sizeof(uint64_t))
+        self.starts = <uint32_t*>calloc(8, sizeof(uint32_t))
         self.starts_cap = 8
         self.slots = <uint32_t*>calloc(16, sizeof(uint32_t))
         self.slots_cap = 16
@@ -94,14 +96,18 @@ cdef class Names:
             if self._grow_slots() < 0:
                 raise MemoryError()
             slot = self._slot(data, length, h)
+        if self.heap_len + length > 0xFFFFFFFF:
+            raise MemoryError("names past 4 GiB")
+        # grown by half: at 90,000 names a doubling's slack would be ~40% of what they hold
         if self.count + 2 > self.starts_cap:
-            grown = realloc(self.starts, self.starts_cap * 2 * sizeof(uint64_t))
+            capacity = self.starts_cap + self.starts_cap // 2
+            grown = realloc(self.starts, capacity * sizeof(uint32_t))
             if grown == NULL:
                 raise MemoryError()
-            self.starts = <uint64_t*>grown
-            self.starts_cap *= 2
+            self.starts = <uint32_t*>grown
+            self.starts_cap = capacity
         if self.heap_len + length > self.heap_cap:
-            capacity = max(self.heap_cap * 2, self.heap_len + length, 256)
+            capacity = min(max(self.heap_cap + self.heap_cap // 2, self.heap_len + length, 256), 0xFFFFFFFF)
             grown = realloc(self.heap, capacity)
             if grown == NULL:
                 raise MemoryError()
@@ -110,7 +116,7 @@ cdef class Names:
         memcpy(self.heap + self.heap_len, <const char*>data, length)
         self.heap_len += length
         self.count += 1
-        self.starts[self.count] = self.heap_len
+        self.starts[self.count] = <uint32_t>self.heap_len
         self.slots[slot] = <uint32_t>self.count
         return self.count - 1
 
@@ -125,4 +131,4 @@ cdef class Names:
 
     def memory_bytes(self) -> int:
         """The C memory held (heap, offsets and slots as allocated)."""
-        return self.heap_cap + self.starts_cap * sizeof(uint64_t) + self.slots_cap * sizeof(uint32_t)
+        return self.heap_cap + self.starts_cap * sizeof(uint32_t) + self.slots_cap * sizeof(uint32_t)

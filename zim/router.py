@@ -52,13 +52,14 @@ def worker_bit(index: int) -> int:
 
 class Interest:
     """Channel group -> bitmask of the workers with members that want its pushes: one
-    64-bit word per group id in an array (ids are dense and never reused), no
-    Python object per channel."""
+    word per group id in an array (ids are dense and never reused), no Python object
+    per channel; the word is as wide as the workers need (1 byte up to 8 workers)."""
 
     __slots__ = ("words",)
 
-    def __init__(self) -> None:
-        self.words = array("Q")
+    def __init__(self, workers: int = 64) -> None:
+        typecode = next(code for code in "BHIQ" if array(code).itemsize * 8 >= workers)
+        self.words = array(typecode)
 
     def get(self, group: int) -> int:
         words = self.words
@@ -67,13 +68,13 @@ class Interest:
     def add(self, group: int, bits: int) -> None:
         words = self.words
         if group >= len(words):
-            words.frombytes(bytes(8 * (group + 1 - len(words))))   # amortised by array
+            words.frombytes(bytes(words.itemsize * (group + 1 - len(words))))   # amortised by array
         words[group] |= bits
 
     def clear_bit(self, bit: int) -> None:
         """A worker is gone: no group is interesting to it any more."""
         words = self.words
-        keep = ~bit & 0xFFFF_FFFF_FFFF_FFFF
+        keep = ~bit & ((1 << words.itemsize * 8) - 1)
         for group, word in enumerate(words):
             if word & bit:
                 words[group] = word & keep
@@ -123,7 +124,7 @@ class Router:
         init_address_table(self.address_table, options.workers)
         self.by_link: dict[int, WorkerSlot] = {}
         self.presence = IdMap()
-        self.interest = Interest()
+        self.interest = Interest(options.workers)
         self.intake_paused = False          # the store is behind: the workers' links are not read
         self.intake_pauses = 0
         self.stopping = False
