@@ -366,6 +366,18 @@ def channel_figures(args: argparse.Namespace, phases: dict[str, int], users: int
     return figures
 
 
+def process_growth(tree, before: list[int], users: int) -> dict[str, float]:
+    """RSS growth per user since ``before`` (one figure per process of the tree), by
+    kind of process: supervisor (or the single server), workers, writer."""
+    kinds: dict[str, float] = {}
+    for process, was in zip(tree.processes, before):
+        command = " ".join(process.cmdline())
+        kind = "writer" if "zim.storage.writer" in command else "workers" if "zim.worker" in command \
+            else "server"
+        kinds[kind] = kinds.get(kind, 0.0) + (process.memory_info().rss - was) / users
+    return kinds
+
+
 def mib(size: float) -> str:
     return f"{size / 2**20:.1f} MiB"
 
@@ -431,8 +443,10 @@ def run(args: argparse.Namespace, info: dict) -> int:
 
         settled = settle()
         phases = {"login": settled - rss_before}
+        by_process: dict[str, dict[str, float]] = {}
         join_failures = 0
         for phase, count, names in join_phases(args, logged_in):
+            each_start = [p.memory_info().rss for p in tree.processes]
             started = time.monotonic()
             failed = clients.join_phase(names, count, started + args.timeout)
             join_failures += failed
@@ -440,6 +454,9 @@ def run(args: argparse.Namespace, info: dict) -> int:
                   f"{time.monotonic() - started:.1f} s, {failed} failed")
             rss_start, settled = settled, settle()
             phases[phase] = settled - rss_start
+            by_process[phase] = process_growth(tree, each_start, max(1, logged_in))
+            print(f"  {phase}, bytes per user by process: "
+                  + ", ".join(f"{kind} {size:.0f}" for kind, size in by_process[phase].items()))
             sys.stdout.flush()
         for reason in clients.failures:
             print(f"  failure: {reason}")
@@ -473,7 +490,7 @@ def run(args: argparse.Namespace, info: dict) -> int:
             "rss_before": rss_before, "rss_after": rss_after,
             "bytes_per_connection": round(per_conn, 1), "workers": args.workers,
             "channels_per_user": args.channels_per_user, "channel_size": args.channel_size,
-            "join_failures": join_failures, "phase_growth": phases,
+            "join_failures": join_failures, "phase_growth": phases, "phase_growth_by_process": by_process,
             **{k: round(v, 1) for k, v in figures.items()},
             "server_fds_before": fds_before, "server_fds_after": fds_after,
             "slab_before": slab_before, "slab_after": slab_after,
