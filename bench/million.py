@@ -184,7 +184,9 @@ def run(args, info: dict) -> int:
         command = [sys.executable, "-m", "zim.connflood", "--port", str(server.tcp_port), "--connections",
                    str(args.connections), "--processes", str(args.processes), "--login",
                    "--hold", str(args.hold), "--heartbeat", str(args.heartbeat), "--probe",
-                   "--probe-sample", str(args.probe_sample), "--json"]
+                   "--probe-sample", str(args.probe_sample), "--json",
+                   # connecting (and joining) may take all of --timeout but the hold and the stop
+                   "--connect-timeout", str(max(60.0, args.timeout - args.hold - 180.0))]
         if args.channels_per_user:
             command += ["--channels-per-user", str(args.channels_per_user), "--channel-sizes", args.channel_sizes]
         print("running:", " ".join(command), flush=True)
