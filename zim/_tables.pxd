@@ -7,8 +7,9 @@
 # holds (channel index, position in that member array) pairs, so a membership costs
 # 4 bytes on the channel side and 8 on the user side, and a leave swaps the channel's
 # last member into the hole in O(1) plus a scan of that member's (short) list. A user
-# with no membership is not held at all. Channel names live in one arena of bytes
-# (see tab_arena_t), not one malloc each.
+# also counts the existing channels it created (the quota of created channels); a user
+# with neither membership nor created channel is not held at all. Channel names live
+# in one arena of bytes (see tab_arena_t), not one malloc each.
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cdef enum:
@@ -23,11 +24,12 @@ cdef struct tab_entry_t:            # one membership, on the user's side
     uint32_t channel
     uint32_t position               # of the user in the channel's member words
 
-cdef struct tab_user_t:
+cdef struct tab_user_t:             # 32 bytes
     uint64_t id                     # 0: a free record
-    tab_entry_t* joined
+    tab_entry_t* joined             # NULL while count is 0
     uint32_t count
     uint32_t capacity               # a free record: the next free index
+    uint32_t created                # existing channels whose creator is this user
 
 cdef union tab_members_t:
     uint32_t* heap                  # capacity > 0 (then count > TAB_INLINE)

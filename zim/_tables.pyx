@@ -237,14 +237,14 @@ cdef int64_t _new_user(tables_t* t, uint64_t user_id, size_t slot) noexcept nogi
         t.user_records += 1
     t.users[u].id = user_id
     t.users[u].joined = NULL
-    t.users[u].count = t.users[u].capacity = 0
+    t.users[u].count = t.users[u].capacity = t.users[u].created = 0
     t.user_index.slots[slot] = u + 1
     t.user_index.count += 1
     return u
 
 
 cdef void _free_user(tables_t* t, uint32_t u) noexcept nogil:
-    """Forget a user that has no membership left; its index is reused."""
+    """Forget a user that has no membership and no created channel left; its index is reused."""
     _index_delete(t, &t.user_index, _user_slot(t, t.users[u].id))
     free(t.users[u].joined)
     t.users[u].joined = NULL
@@ -252,6 +252,53 @@ cdef void _free_user(tables_t* t, uint32_t u) noexcept nogil:
     t.users[u].count = 0
     t.users[u].capacity = t.user_free
     t.user_free = u
+
+
+cdef int64_t _intern_user(tables_t* t, uint64_t user_id, bint* created) noexcept nogil:
+    """The user's index, a new record if it had none (created[0] tells): -1 (no memory)."""
+    cdef int64_t u = _find_user(t, user_id)
+    created[0] = False
+    if u >= 0:
+        return u
+    if _index_grow(t, &t.user_index) < 0:
+        return -1
+    u = _new_user(t, user_id, _user_slot(t, user_id))
+    created[0] = u >= 0
+    return u
+
+
+cdef inline void _forget_if_idle(tables_t* t, uint32_t u) noexcept nogil:
+    """Free user u once it has neither a membership nor a created channel."""
+    if t.users[u].count == 0 and t.users[u].created == 0:
+        _free_user(t, u)
+
+
+cdef void _release_creator(tables_t* t, uint32_t c) noexcept nogil:
+    """Channel c no longer counts for its creator (it goes, or changes creator)."""
+    cdef uint64_t creator = t.channels[c].creator
+    cdef int64_t u
+    t.channels[c].creator = 0
+    u = _find_user(t, creator)      # (-1 for 0: not known) a creator is held while it counts
+    if u >= 0:
+        t.users[u].created -= 1
+        _forget_if_idle(t, <uint32_t>u)
+
+
+cdef int _set_creator(tables_t* t, uint32_t c, uint64_t creator) noexcept nogil:
+    """Make ``creator`` (0: not known) channel c's creator, counted in its user record
+    (made if it had none): -1 if memory ran out (nothing changed)."""
+    cdef int64_t u
+    cdef bint new_user
+    if t.channels[c].creator == creator:
+        return 0
+    if creator:
+        u = _intern_user(t, creator, &new_user)
+        if u < 0:
+            return -1
+        t.users[u].created += 1     # below 2^32: channel indexes are u32
+    _release_creator(t, c)
+    t.channels[c].creator = creator
+    return 0
 
 
 cdef int64_t _new_channel(tables_t* t, const char* name, size_t length, uint32_t h,
@@ -286,12 +333,14 @@ cdef int64_t _new_channel(tables_t* t, const char* name, size_t length, uint32_t
 
 
 cdef void _free_channel(tables_t* t, uint32_t c) noexcept nogil:
-    """Forget a channel that has no member left; its index is reused."""
+    """Forget a channel that has no member left (it no longer counts for its creator);
+    its index is reused."""
     cdef tab_channel_t* ch = &t.channels[c]
     cdef size_t length
     cdef const char* name = _channel_name(t, c, &length)
     cdef uint32_t offset = ch.name
     _index_delete(t, &t.channel_index, _channel_slot(t, name, length, ch.hash & TAB_HASH_MASK))
+    _release_creator(t, c)
     if ch.capacity:
         free(ch.members.heap)
     ch.name = TAB_NONE
@@ -416,7 +465,8 @@ cdef int64_t _entry_of(tables_t* t, uint32_t u, uint32_t c) noexcept nogil:
 
 cdef void _leave(tables_t* t, uint32_t u, uint32_t entry) noexcept nogil:
     """Remove user u's membership number ``entry`` from both sides (swap-remove);
-    the user is freed when it was its last; both sides shrink when mostly empty."""
+    the user is freed when it was its last and it created no existing channel; both
+    sides shrink when mostly empty."""
     cdef tab_user_t* us = &t.users[u]
     cdef uint32_t c = us.joined[entry].channel
     cdef uint32_t position = us.joined[entry].position
@@ -434,10 +484,8 @@ cdef void _leave(tables_t* t, uint32_t u, uint32_t entry) noexcept nogil:
     us.count -= 1
     us.joined[entry] = us.joined[us.count]
     t.memberships -= 1
-    if us.count == 0:
-        _free_user(t, u)
-    else:
-        _resize(<void**>&us.joined, &us.capacity, us.count, sizeof(tab_entry_t))
+    _resize(<void**>&us.joined, &us.capacity, us.count, sizeof(tab_entry_t))     # (count 0: freed)
+    _forget_if_idle(t, u)
 
 
 cdef int tables_init(tables_t* t, size_t initial) noexcept nogil:
@@ -493,7 +541,7 @@ cdef int tables_copy(tables_t* t, tables_t* source) noexcept nogil:
         if t.users[i].id:
             t.users[i].joined = <tab_entry_t*>_duplicate(source.users[i].joined,
                                                          source.users[i].capacity * sizeof(tab_entry_t))
-            failed |= t.users[i].joined == NULL
+            failed |= t.users[i].joined == NULL and t.users[i].capacity > 0    # (none: only a creator)
     for i in range(t.channel_records):
         ch = &t.channels[i]
         if ch.name != TAB_NONE and ch.capacity:

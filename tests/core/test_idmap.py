@@ -1,6 +1,8 @@
 """The C id table (zim._idmap) against a dict, under random operations."""
 from __future__ import annotations
 
+import copy
+
 from hypothesis import given, settings, strategies as st
 
 from zim._idmap import IdMap
@@ -50,3 +52,15 @@ def test_idmap_grows_and_shrinks():
     assert len(table) == 50_000
     assert all(table.get(key) == key * 3 for key in range(2, 100_001, 2))
     assert table.get(1, -1 & (2**64 - 1)) == 2**64 - 1
+
+
+def test_idmap_counts_down_and_copies():
+    counts = IdMap()
+    counts.add_one(3)
+    counts.add_one(3)
+    twin = copy.deepcopy(counts)
+    counts.sub_one(3)
+    assert counts.get(3) == 1 and twin.get(3) == 2
+    counts.sub_one(3)
+    counts.sub_one(4)                       # absent stays absent
+    assert len(counts) == 0 and counts.get(4) == 0

@@ -1,4 +1,4 @@
-"""The C tables of channels and memberships (zim._tables) against a plain Python model."""
+"""The C tables of channels, memberships and creators (zim._tables) against a plain Python model."""
 from __future__ import annotations
 
 import copy
@@ -27,6 +27,7 @@ class TablesMatchAModel(RuleBasedStateMachine):
         self.tables = Tables(initial)                       # tiny: arrays and hashes grow often
         self.members: dict[str, dict[int, bool]] = {}       # channel -> {user id: push}
         self.private: set[str] = set()
+        self.creators: dict[str, int] = {}                  # channel -> its creator (when known)
 
     # -- the model's side of each operation: the answer the tables must give --
     def model_subscribe(self, channel: str, user: int, push: bool) -> bool | None:
@@ -40,6 +41,7 @@ class TablesMatchAModel(RuleBasedStateMachine):
 
     def model_delete(self, channel: str) -> list[int] | None:
         self.private.discard(channel)
+        self.creators.pop(channel, None)
         members = self.members.pop(channel, None)
         return None if members is None else sorted(members)
 
@@ -47,6 +49,7 @@ class TablesMatchAModel(RuleBasedStateMachine):
         if channel in self.members and not self.members[channel]:
             del self.members[channel]
             self.private.discard(channel)
+            self.creators.pop(channel, None)
             return True
         return False
 
@@ -106,6 +109,17 @@ class TablesMatchAModel(RuleBasedStateMachine):
         self.tables.set_private(channel, private)
         (self.private.add if private else self.private.discard)(channel)
 
+    @precondition(lambda self: self.members)
+    @rule(data=st.data(), creator=users | st.just(0))
+    def set_creator(self, data, creator: int) -> None:
+        """Any user, a member or not (then held for its count alone); 0: not known."""
+        channel = data.draw(st.sampled_from(sorted(self.members)))
+        self.tables.set_creator(channel, creator)
+        if creator:
+            self.creators[channel] = creator
+        else:
+            self.creators.pop(channel, None)
+
     @rule(batch=st.lists(st.tuples(st.sampled_from(["subscribe", "unsubscribe", "delete"]),
                                    channels, users, st.booleans()), min_size=1, max_size=8))
     def failed_batch_is_undone(self, batch) -> None:
@@ -126,12 +140,12 @@ class TablesMatchAModel(RuleBasedStateMachine):
                 if old is not None:
                     undos.append(lambda c=channel, u=user, o=old: tables.subscribe(c, u, o))
             elif existed:
-                private = tables.private(channel)
+                private, creator = tables.private(channel), tables.creator(channel)
                 memberships = [(member, tables.membership(channel, member))
                                for member in tables.channel_members(channel)]
                 tables.delete_channel(channel)
-                undos.append(lambda c=channel, m=memberships, p=private: (
-                    tables.add_channel(c), tables.set_private(c, p),
+                undos.append(lambda c=channel, m=memberships, p=private, k=creator: (
+                    tables.add_channel(c), tables.set_private(c, p), tables.set_creator(c, k or 0),
                     [tables.subscribe(c, u, push) for u, push in m]))
         for undo in reversed(undos):
             undo()
@@ -155,25 +169,32 @@ class TablesMatchAModel(RuleBasedStateMachine):
         return (names,
                 {name: sorted((u, tables.membership(name, u)) for u in tables.channel_members(name))
                  for name in names},
-                {name for name in names if tables.private(name)})
+                {name for name in names if tables.private(name)},
+                {name: tables.creator(name) for name in names if tables.creator(name) is not None})
 
     @invariant()
     def same_content(self) -> None:
         tables = self.tables
         tables.check()
-        names, members, private = self.content()
+        names, members, private, creators = self.content()
         assert names == sorted(self.members)
         assert members == {name: sorted(m.items()) for name, m in self.members.items()}
         assert private == self.private
+        assert creators == self.creators
         assert tables.channel_count() == len(self.members)
         assert tables.membership_count() == sum(map(len, self.members.values()))
         joined: dict[int, list] = {}
         for name, m in self.members.items():
             for user, push in m.items():
                 joined.setdefault(user, []).append((name, push))
-        assert tables.user_count() == len(joined)
-        for user, expected in joined.items():
-            assert sorted(tables.user_channels(user)) == sorted(expected)
+        created: dict[int, int] = {}
+        for creator in self.creators.values():
+            created[creator] = created.get(creator, 0) + 1
+        # a creator is held while it counts a channel, member or not; then it goes
+        assert tables.user_count() == len(joined.keys() | created.keys())
+        for user in joined.keys() | created.keys() | {1, 2, 2**64 - 1}:
+            assert tables.created(user) == created.get(user, 0)
+            assert sorted(tables.user_channels(user)) == sorted(joined.get(user, []))
         for name, m in self.members.items():
             assert tables.member_count(name) == len(m)
 

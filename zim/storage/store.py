@@ -45,7 +45,6 @@ from typing import Iterable, Literal, Protocol, Union, runtime_checkable
 
 import orjson
 
-from zim._idmap import IdMap
 from zim._tables import Tables
 
 Message = dict
@@ -343,9 +342,10 @@ class MemoryStore:
     Per-user memory is kept tiny, because every login without a token creates a
     user and an idle logged-in connection must cost only a few hundred bytes in
     all: a user who has only logged in is an id and a name in ``UserNames``
-    (no Python object of its own). Channels, their private flag and memberships
-    sit in compact C tables (``zim._tables``: about 12 bytes a membership, no
-    Python object per channel or membership). Every other per-user structure
+    (no Python object of its own). Channels, their private flag and creator,
+    memberships and each user's count of created channels (the quota) sit in
+    compact C tables (``zim._tables``: about 12 bytes a membership, no Python
+    object per channel or membership). Every other per-user structure
     (mailbox) is created on first use and dropped when it empties.
     """
 
@@ -357,7 +357,6 @@ class MemoryStore:
         self._mailboxes: dict[int, dict[str, Message]] = {}    # user id -> {message id: msg}, oldest first
         self._mailbox_bytes: dict[int, int] = {}               # user id -> bytes of its mailbox (not empty)
         self._epochs: dict[int, int] = {}                      # user id -> token epoch, when not 0 (rare)
-        self._created = IdMap()                                # user id -> channels it created (not 0)
         self._grants: dict[str, dict[int, bool]] = {}          # private channel -> {user id: can invite}
         self.quotas = Quotas()
 
@@ -414,19 +413,13 @@ class MemoryStore:
         if private:
             self._tables.set_private(channel, True)
         if created and creator is not None:
-            self._add_creator(channel, creator)
+            self._tables.set_creator(channel, creator)   # counted for the creator there
 
     def drop_channel(self, channel: str) -> None:
         """Forget a channel that has no members (undo of its creation); it no
         longer counts for its creator."""
-        creator = self._tables.creator(channel)     # (its record goes with the channel)
-        if self._tables.drop_channel(channel):
-            self._forget_grants_and_creator(channel, creator)
-
-    def _forget_grants_and_creator(self, channel: str, creator: int | None) -> None:
-        self._grants.pop(channel, None)
-        if creator is not None:
-            self._created.sub_one(creator)
+        if self._tables.drop_channel(channel):      # (the tables count its creator's channels)
+            self._grants.pop(channel, None)
 
     def channel_members(self, channel: str) -> list[int]:
         """The ids of the channel's members (none for an unknown channel); a leave
@@ -446,22 +439,16 @@ class MemoryStore:
         return self._tables.creator(channel)
 
     def delete_channel(self, channel: str) -> list[int] | None:
-        creator = self._tables.creator(channel)
-        member_ids = self._tables.delete_channel(channel)
+        member_ids = self._tables.delete_channel(channel)   # it no longer counts for its creator
         if member_ids is None:
             return None
-        self._forget_grants_and_creator(channel, creator)   # it no longer counts for its creator
+        self._grants.pop(channel, None)
         self._channel_log.pop(channel, None)
         return member_ids
 
-    def _add_creator(self, channel: str, creator: int) -> None:
-        """(after the channel exists in the tables)"""
-        self._tables.set_creator(channel, creator)
-        self._created.add_one(creator)
-
     def channels_created(self, user_id: int) -> int:
         """How many of the existing channels the user created."""
-        return self._created.get(user_id)
+        return self._tables.created(user_id)
 
     def subscribe(self, channel: str, user_id: int, push: bool) -> None:
         """Join, or change the push flag. Joining a channel that does not exist
@@ -471,11 +458,11 @@ class MemoryStore:
         tables = self._tables
         if self.quotas.max_channels_per_user and not tables.channel_exists(channel):
             # (quota off: creators are not kept, nothing to count)
-            refusal = self.quotas.channels_refusal(self._created.get(user_id))
+            refusal = self.quotas.channels_refusal(tables.created(user_id))
             if refusal is not None:
                 raise refusal
             tables.subscribe(channel, user_id, push)
-            self._add_creator(channel, user_id)
+            tables.set_creator(channel, user_id)
             return
         tables.subscribe(channel, user_id, push)
 
@@ -484,12 +471,12 @@ class MemoryStore:
         if self._tables.channel_exists(channel):
             return False
         if creator is not None and self.quotas.max_channels_per_user:
-            refusal = self.quotas.channels_refusal(self._created.get(creator))
+            refusal = self.quotas.channels_refusal(self._tables.created(creator))
             if refusal is not None:
                 raise refusal
         self._tables.add_channel(channel)
         if creator is not None and self.quotas.max_channels_per_user:
-            self._add_creator(channel, creator)
+            self._tables.set_creator(channel, creator)   # counted for the creator there
         if private:
             self._tables.set_private(channel, True)
             if creator is not None:

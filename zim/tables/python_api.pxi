@@ -7,8 +7,10 @@ cdef class Tables:
     a few dozen per member user, and no Python object per user, channel or membership.
 
     A channel exists from ``add_channel`` or its first ``subscribe`` until
-    ``drop_channel`` (when empty) or ``delete_channel``, members or not; a user is
-    held only while it is a member somewhere. Orders are not kept: a leave moves
+    ``drop_channel`` (when empty) or ``delete_channel``, members or not. A channel's
+    creator (``set_creator``) counts it among the channels it created (``created``)
+    until the channel goes; a user is held only while it is a member somewhere or
+    counts a created channel (32 bytes). Orders are not kept: a leave moves
     the channel's last member into the hole. ``initial`` (a power of two) sizes the
     first arrays: tests make it tiny to exercise growth. A channel name is any str
     (kept as UTF-8, lone surrogates passed through).
@@ -94,9 +96,8 @@ cdef class Tables:
     def subscribe(self, str channel, uint64_t user_id, bint push):
         """Make the user a member (creating the channel) or set its push flag:
         the previous push flag, or None if it was not a member."""
-        cdef bint new_channel, new_user = False
+        cdef bint new_channel, new_user
         cdef int64_t c, u, entry
-        cdef size_t slot
         cdef uint32_t* word
         cdef tab_channel_t* ch
         cdef tab_user_t* us
@@ -104,19 +105,14 @@ cdef class Tables:
         if user_id == 0:
             raise ValueError("user id 0 is not allowed")
         c = self._intern_channel(channel, &new_channel)
-        u = _find_user(&self.t, user_id)
-        if u >= 0:
+        u = _intern_user(&self.t, user_id, &new_user)
+        if u >= 0 and not new_user:
             entry = _entry_of(&self.t, <uint32_t>u, <uint32_t>c)
             if entry >= 0:
                 word = &_members(&self.t.channels[c])[self.t.users[u].joined[entry].position]
                 previous = word[0] & TAB_PUSH
                 word[0] = (word[0] & TAB_USER_MASK) | (TAB_PUSH if push else 0)
                 return previous
-        else:
-            if _index_grow(&self.t, &self.t.user_index) == 0:
-                slot = _user_slot(&self.t, user_id)
-                u = _new_user(&self.t, user_id, slot)
-            new_user = u >= 0
         if u < 0 or _room_for_one(&self.t, <uint32_t>c, <uint32_t>u) < 0:
             if new_user:
                 _free_user(&self.t, <uint32_t>u)
@@ -210,7 +206,7 @@ cdef class Tables:
         return self.t.channel_index.count
 
     def user_count(self) -> int:
-        """How many users are a member somewhere."""
+        """How many users are held: a member somewhere, or the creator of an existing channel."""
         return self.t.user_index.count
 
     def membership_count(self) -> int:
@@ -232,11 +228,19 @@ cdef class Tables:
         return c >= 0 and (self.t.channels[c].hash & TAB_PRIVATE) != 0
 
     def set_creator(self, str channel, uint64_t creator):
-        """Record who created an existing channel (0: not known); KeyError for an unknown one."""
+        """Record who created an existing channel (0: not known); KeyError for an
+        unknown one. The channel then counts for that user (``created``), no longer
+        for its previous creator."""
         cdef int64_t c = self._channel(channel)
         if c < 0:
             raise KeyError(f"no channel {channel!r}")
-        self.t.channels[c].creator = creator
+        if _set_creator(&self.t, <uint32_t>c, creator) < 0:
+            raise MemoryError()
+
+    def created(self, uint64_t user_id) -> int:
+        """How many of the existing channels the user created (``set_creator``)."""
+        cdef int64_t u = _find_user(&self.t, user_id)
+        return self.t.users[u].created if u >= 0 else 0
 
     def creator(self, str channel):
         """Who created the channel: a user id, or None (not known, or no such channel)."""
@@ -259,9 +263,11 @@ cdef class Tables:
         return total
 
     def check(self):
-        """Verify that both sides of every membership agree, every count is right,
-        member words are inline exactly while at most TAB_INLINE, and the name arena
-        is sound and at most half holes (AssertionError otherwise): for tests."""
+        """Verify that both sides of every membership agree, every count is right
+        (created channels too: a user is held exactly while it has a membership or
+        counts one), member words are inline exactly while at most TAB_INLINE, and
+        the name arena is sound and at most half holes (AssertionError otherwise):
+        for tests."""
         cdef uint32_t i, j, live = 0, word
         cdef size_t memberships = 0, offset = 0, header, length, freed = 0
         cdef const unsigned char* name
@@ -269,12 +275,22 @@ cdef class Tables:
         cdef tab_user_t* us
         cdef tab_channel_t* ch
         cdef set live_names = set()
+        cdef dict created = {}          # user index -> channels it created, from the channels' side
+        cdef int64_t creator
+        for i in range(self.t.channel_records):
+            if self.t.channels[i].name != TAB_NONE and self.t.channels[i].creator:
+                creator = _find_user(&self.t, self.t.channels[i].creator)
+                assert creator >= 0, ("a creator without its record", self.t.channels[i].creator)
+                created[creator] = created.get(creator, 0) + 1
         for i in range(self.t.user_records):
             us = &self.t.users[i]
             if us.id == 0:
                 continue
             live += 1
-            assert us.count > 0 and us.count <= us.capacity, (us.id, us.count, us.capacity)
+            assert us.created == created.pop(i, 0), (us.id, us.created)
+            if us.count == 0:
+                assert us.created > 0 and us.capacity == 0 and us.joined == NULL, (us.id, us.capacity)
+            assert us.count <= us.capacity, (us.id, us.count, us.capacity)
             assert _find_user(&self.t, us.id) == i
             for j in range(us.count):
                 ch = &self.t.channels[us.joined[j].channel]
