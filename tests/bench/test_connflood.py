@@ -162,3 +162,17 @@ def test_the_launcher_runs_the_package_without_touching_sys_path():
     assert text.startswith("#!/usr/bin/env python3\n") and os.access(CONNFLOOD, os.X_OK)
     assert "sys.path.insert" not in text and "sys.path.append" not in text
     assert "from zim.connflood import main" in text
+
+
+def test_connections_beat_from_their_setup_so_a_long_connect_phase_keeps_them(start_server):
+    """A connect phase longer than the server's --idle-timeout (a rate of 60 a second
+    for 300 connections: 5 s, against 2 s): each set-up connection sends heartbeats
+    from the moment it is set up, so the server closes none of them."""
+    srv = start_server(flags=("--idle-timeout", "2", "--max-conns-per-address", "0"))
+    done = connflood("--port", str(srv.tcp_port), "--connections", "300", "--processes", "2", "--login",
+                     "--rate", "60", "--heartbeat", "0.4", "--hold", "1.5", "--json")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = last_json(done)
+    assert result["seconds"] >= 4.5                       # the phase did outlast the idle timeout
+    assert result["connected"] == result["open_at_end"] == 300 and result["closed"] == {}
+    srv.assert_alive()

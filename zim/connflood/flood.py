@@ -72,6 +72,11 @@ class Flood:
         self.joins_left: dict[int, int] = {}    # a JOINING connection: answers still to come
         self.numbers: dict[int, int] = {}       # a connection not set up yet: its user number
         self.joins = 0                      # joins answered OK
+        self.ready_fds: list[int] = []      # set-up connections in the order they got there
+        self.beat = packet(args.ws, HEARTBEAT, 9, {})
+        self.beat_credit = 0.0              # heartbeats due and not sent yet
+        self.beat_cursor = 0
+        self.beat_last = time.monotonic()
         self.sample = sample                # how many of ours join the probe channel
         self.conn = conn
         self.epoll = select.epoll()
@@ -194,6 +199,7 @@ class Flood:
 
     def ready(self, fd: int) -> None:
         self.state[fd] = READY
+        self.ready_fds.append(fd)
         self.pending -= 1
         self.connected += 1
 
@@ -306,6 +312,25 @@ class Flood:
         self.ready(fd)
         return True
 
+    def heartbeats(self) -> None:
+        """Each set-up connection sends a heartbeat every --heartbeat seconds, spread
+        out, from the moment it is set up: in a long connect phase (a million users
+        joining channels) the first ones must not go silent past the server's
+        --idle-timeout."""
+        now = time.monotonic()
+        if self.args.heartbeat <= 0 or not self.ready_fds:
+            self.beat_last = now
+            return
+        self.beat_credit += (now - self.beat_last) * len(self.ready_fds) / self.args.heartbeat
+        self.beat_last = now
+        while self.beat_credit >= 1.0:
+            self.beat_credit -= 1.0
+            fd = self.ready_fds[self.beat_cursor % len(self.ready_fds)]
+            self.beat_cursor += 1
+            sock = self.socks.get(fd)
+            if sock is not None and self.state.get(fd) == READY:
+                self.send(fd, sock, self.beat)
+
     def poll(self, timeout: float) -> None:
         for fd, events in self.epoll.poll(timeout, 4096):
             self.on_event(fd, events)
@@ -338,6 +363,7 @@ class Flood:
             if self.opened >= self.count and self.pending <= 0:
                 break
             self.poll(0.01)
+            self.heartbeats()
             self.check_fault()
             if time.monotonic() - self.last_report >= REPORT_EVERY:
                 if self.stop_requested():
@@ -367,22 +393,12 @@ class Flood:
         hold_start = time.monotonic()
         hold_end = (hold_start + args.connect_timeout + 2 * args.report_timeout + args.hold + PROBE_GRACE
                     + AFTER_PROBE + 60.0)
-        fds = list(self.socks)
-        beat = packet(args.ws, HEARTBEAT, 9, {})
-        beats = 0           # sent so far: each connection once per --heartbeat seconds, spread out
         while time.monotonic() < hold_end:
             if time.monotonic() - self.last_report >= REPORT_EVERY:
                 if self.stop_requested():
                     break
                 self.report()
-            if fds and args.heartbeat > 0:
-                due = int((time.monotonic() - hold_start) * len(fds) / args.heartbeat)
-                while beats < due:
-                    fd = fds[beats % len(fds)]
-                    beats += 1
-                    sock = self.socks.get(fd)
-                    if sock is not None:
-                        self.send(fd, sock, beat)
+            self.heartbeats()
             self.poll(0.1)
         self.poll(0)        # what already arrived (the probe's last pushes)
 
