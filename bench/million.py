@@ -189,6 +189,10 @@ def run(args, info: dict) -> int:
                    "--connect-timeout", str(max(60.0, args.timeout - args.hold - 180.0))]
         if args.channels_per_user:
             command += ["--channels-per-user", str(args.channels_per_user), "--channel-sizes", args.channel_sizes]
+        # unfinished setups per client process: with 20 pipelined joins each, 500 per process
+        # would queue half a minute of the server's work, and logins behind it would pass
+        # --login-timeout; 40 keeps about 2 s of joins queued on 56 processes
+        command += ["--inflight", str(args.inflight or (40 if args.channels_per_user else 500))]
         print("running:", " ".join(command), flush=True)
         # from the repository root, like the server: the same zim
         flood = subprocess.Popen(command, cwd=benchlib.REPO_ROOT, stdout=subprocess.PIPE,
@@ -359,6 +363,8 @@ def main() -> int:
                         help="channels each user joins after its login (connflood's --channels-per-user)")
     parser.add_argument("--channel-sizes", default="50:5000", metavar="MIN:MAX",
                         help="members of the smallest and the largest of those channels")
+    parser.add_argument("--inflight", type=int, default=0,
+                        help="connflood's --inflight (default 500, or 40 with --channels-per-user)")
     parser.add_argument("--server-args", default="", help="more zim-server flags")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json", action="store_true")
