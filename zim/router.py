@@ -181,7 +181,10 @@ class Router:
             return
         self.intake_paused = paused
         self.intake_pauses += paused
-        for slot in self.slots:
+        # links resumed are read in this order, and the backlog may fill again before the
+        # last: start one further each time, so no worker's clients wait behind the others
+        first = self.intake_pauses % len(self.slots)
+        for slot in self.slots[first:] + self.slots[:first]:
             if slot.link:
                 (self.reactor.pause_reading if paused else self.reactor.resume_reading)(slot.link)
 
