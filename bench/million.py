@@ -288,7 +288,7 @@ def report(args, info, result, flood_code, held, scrape_error, metrics_before, t
         problems.append(f"{result['failed']:,} connections failed: {result['errors']}")
     plan = result.get("channels")
     if args.channels_per_user and (plan is None or plan["joined"] != plan["memberships"]):
-        problems.append(f"joins: {plan and plan['joined']:,} of {plan and plan['memberships']:,} answered"
+        problems.append(f"joins: {plan['joined']:,} of {plan['memberships']:,} answered"
                         if plan else "connflood did not report its joins")
     if flood_code != 0 and not problems:
         problems.append(f"connflood exited with {flood_code}")

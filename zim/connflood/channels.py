@@ -41,7 +41,7 @@ class ChannelPlan:
                 for k, (size, (multiplier, offset)) in enumerate(zip(self.sizes, self.shuffles))]
 
     def largest(self) -> str:
-        """A channel of the largest size (the probe publishes there)."""
+        """A channel of the largest size."""
         k = max(range(self.per_user), key=self.sizes.__getitem__)
         return f"c{k}-0"
 

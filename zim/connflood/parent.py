@@ -87,7 +87,8 @@ def progress_line(collector: Collector, start: float, report_timeout: float) -> 
                  if not child.eof and collector.silent(child, min(5.0, report_timeout)))
     print(f"\rconnected {total['connected']:>9,}  tcp {total['tcp_connected']:>9,}  "
           f"failed {total['failed']:>7,}  {total['connected'] / max(elapsed, 1.0):>8,.0f}/s  "
-          f"{elapsed:6.1f} s" + (f"  joins {total['joins']:,}" if total["joins"] else "") + (f"  {ended} process(es) ended early" if ended else "")
+          f"{elapsed:6.1f} s" + (f"  joins {total['joins']:,}" if total["joins"] else "")
+          + (f"  {ended} process(es) ended early" if ended else "")
           + (f"  {silent} silent" if silent else ""),
           end="", file=sys.stderr, flush=True)
 
@@ -221,7 +222,7 @@ def summarize(args, children: list[Child], collector: Collector, connect_seconds
                "held_seconds": round(held_seconds, 1), "probe": probe}
     if args.channels_per_user:
         summary["channels"] = ChannelPlan(args.connections, args.channels_per_user, *args.channel_sizes).summary()
-        summary["channels"]["joined"] = sum(child.figures.get("joins", 0) for child in children)
+        summary["channels"]["joined"] = collector.totals("joins")["joins"]
     print(f"connected {summary['connected']:,} of {args.connections:,} (logged in {logged_in:,}), failed "
           f"{summary['failed']:,}, unaccounted {unaccounted:,}, in {connect_seconds:.1f} s "
           f"({summary['connect_rate'] or 0:,}/s); errors {dict(errors)}; closed later {dict(closed)}; "
