@@ -303,8 +303,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="idle logged-in connections to open (default 15000)")
     parser.add_argument("--ws", action="store_true",
                         help="connect over WebSocket instead of plain TCP")
-    parser.add_argument("--settle", type=float, default=10.0, metavar="S",
-                        help="seconds to wait after the last login before measuring (default 10)")
+    parser.add_argument("--settle", type=float, default=12.0, metavar="S",
+                        help="seconds to wait after the last login (or join) before measuring; "
+                             "longer than the server's --memory-release-interval (10 s) and its "
+                             "once-a-second tick, so the burst's freed heap has gone back (default 12)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="give up connecting and logging in after S seconds (default 120)")
     parser.add_argument("--inflight", type=int, default=1000, metavar="N",

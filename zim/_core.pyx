@@ -46,7 +46,7 @@ from zim.includes.socket cimport (
     socklen_t, sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, accept4, shutdown, setsockopt,
     ntohl, SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, IPPROTO_TCP, AF_INET, AF_INET6, TCP_NODELAY,
 )
-from zim.includes.memory cimport mallopt, madvise, M_TRIM_THRESHOLD, MADV_REMOVE
+from zim.includes.memory cimport mallopt, malloc_trim, madvise, M_TRIM_THRESHOLD, MADV_REMOVE
 from zim.includes.resource cimport rlimit, getrlimit, RLIMIT_NOFILE
 
 import logging

@@ -60,6 +60,9 @@ CORE_TABLE: tuple[FamilySpec, ...] = (
      "WebSocket messages compressed (out) or inflated (in) with permessage-deflate.", "direction"),
     ("zim_tcp_compressed_packets_total", COUNTER,
      "TCP packets sent with a compressed body (clients that asked for it at login).", None),
+    ("zim_memory_releases_total", COUNTER, "Times the server's processes gave their heap's free pages "
+     "back to the kernel (--memory-release-interval).", None),
+    ("zim_memory_release_seconds_total", COUNTER, "Time those releases took.", None),
     ("zim_connections", GAUGE, "Client connections open, by transport.", "transport"),
     ("zim_connections_logged_in", GAUGE, "Client connections logged in.", None),
     ("zim_links", GAUGE, "Links open between zim's processes (workers, the store writer).", None),
@@ -86,6 +89,8 @@ CORE_COUNTERS: dict[str, Union[tuple[str, Union[str, None]], None]] = {
     "inflated_in": ("zim_ws_compressed_messages_total", "in"),
     "tcp_deflated_out": ("zim_tcp_compressed_packets_total", None),
     "packets_in": None,     # the sum of zim_requests_total
+    "memory_releases": ("zim_memory_releases_total", None),
+    "memory_release_ns": ("zim_memory_release_seconds_total", None),    # in seconds: CORE_SCALE
     "connections_tcp": ("zim_connections", "tcp"),
     "connections_ws": ("zim_connections", "ws"),
     "logged_in": ("zim_connections_logged_in", None),
@@ -94,6 +99,9 @@ CORE_COUNTERS: dict[str, Union[tuple[str, Union[str, None]], None]] = {
     "outbuf_max_bytes": ("zim_output_queued_max_bytes", None),
     "link_queue_bytes": ("zim_link_queue_bytes", None),
 }
+
+# counters kept in another unit than their family's: C keeps nanoseconds
+CORE_SCALE = {"memory_release_ns": 1e-9}
 
 # counters combined over reactors by their maximum, not their sum
 CORE_MAX = frozenset({"outbuf_max_bytes"})
@@ -175,7 +183,7 @@ def core_families(values: Mapping[str, int]) -> list[Metric]:
     ``combine_core_values``) as the ``zim_*`` families of ``CORE_TABLE``, mapped
     by ``CORE_COUNTERS``. A name it does not know is left out (logged once):
     a counter added to the core shows up missing, never breaks the scrape."""
-    counts: dict[Union[str, tuple[str, str]], int] = {}
+    counts: dict[Union[str, tuple[str, str]], float] = {}
     for name, number in values.items():
         if name not in CORE_COUNTERS:
             if name not in _warned_unknown:
@@ -186,7 +194,7 @@ def core_families(values: Mapping[str, int]) -> list[Metric]:
         if target is None:
             continue
         family, label_value = target
-        counts[family if label_value is None else (family, label_value)] = number
+        counts[family if label_value is None else (family, label_value)] = number * CORE_SCALE.get(name, 1)
     return families_from_counts(CORE_TABLE, counts)
 
 

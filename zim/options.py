@@ -341,6 +341,12 @@ OPTIONS: tuple[Option, ...] = (
            check=_check_int("idle_timeout", 0, 86400, " seconds"), reactor="idle_timeout", worker=True,
            help="close connections silent for S seconds (default 300; 0: off); "
                 "heartbeats (action 9) and WebSocket pings count"),
+    Option("memory_release_interval", "--memory-release-interval", 10, metavar="S",
+           parse=bounded_int(0, 86400), check=_check_int("memory_release_interval", 0, 86400, " seconds"),
+           reactor="memory_release_interval", worker=True,
+           help="every S seconds each process gives its heap's free pages back to the kernel "
+                "(malloc_trim: the buffers of a burst, the holes of grown tables); a release "
+                "that took T waits at least 1000 T for the next (default 10; 0: never)"),
     Option("user_rate", "--user-rate", DEFAULT_USER_RATE, metavar="N", parse=_rate,
            check=_check_rate("user_rate"),
            help="messages per second one user may send, actions 2 and 4 together; "

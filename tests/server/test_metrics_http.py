@@ -55,6 +55,8 @@ def test_core_families_name_every_c_counter_of_the_core():
         ("zim_ws_compressed_messages_total", (("direction", "out"),)): n["deflated_out"],
         ("zim_ws_compressed_messages_total", (("direction", "in"),)): n["inflated_in"],
         ("zim_tcp_compressed_packets_total", ()): n["tcp_deflated_out"],
+        ("zim_memory_releases_total", ()): n["memory_releases"],
+        ("zim_memory_release_seconds_total", ()): n["memory_release_ns"] * 1e-9,   # C counts ns
         ("zim_connections", (("transport", "tcp"),)): n["connections_tcp"],
         ("zim_connections", (("transport", "ws"),)): n["connections_ws"],
         ("zim_connections_logged_in", ()): n["logged_in"],

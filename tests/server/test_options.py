@@ -84,7 +84,7 @@ def test_every_reactor_option_feeds_a_reactor_keyword():
     assert all(option.worker for option in OPTIONS if option.reactor)
     assert {"max_packet", "outbuf_limit", "login_timeout", "idle_timeout", "ws_deflate", "max_inflight",
             "memory_budget", "ws_origins", "max_conns_per_address", "tcp_deflate_min",
-            "static_pages"} == keywords
+            "static_pages", "memory_release_interval"} == keywords
     reactor = Options(max_packet=100_000, max_outbuf=4 << 20).reactor(lambda *packet: None)
     assert isinstance(reactor, Reactor)
     reactor.close_all()

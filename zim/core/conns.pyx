@@ -40,7 +40,8 @@ cdef class Connections:
         self.counters = self.own_counters
         getrlimit(RLIMIT_NOFILE, &lim)
         # Output buffers are freed as soon as the kernel takes their bytes; keep
-        # up to 32 MiB of freed heap so each burst does not fault pages back in.
+        # up to 32 MiB of freed heap so each burst does not fault pages back in
+        # (the loop gives it back every --memory-release-interval seconds).
         mallopt(M_TRIM_THRESHOLD, 32 * 1024 * 1024)
         self.max_fds = <int>min(lim.rlim_cur, 1 << 24)
         # calloc of a large table maps zero pages lazily: slots never used cost no RSS

@@ -39,6 +39,8 @@ cdef enum:
     C_INFLATED_IN
     C_TCP_DEFLATED_OUT              # TCP packets sent with a compressed body (F_TCP_DEFLATE)
     C_PACKETS_IN
+    C_MEMORY_RELEASES               # malloc_trim calls (--memory-release-interval)
+    C_MEMORY_RELEASE_NS             # time they took
     # gauges: values now, not totals
     C_CONNECTIONS_TCP               # WebSocket ones count as ws from accept, handshake included
     C_CONNECTIONS_WS

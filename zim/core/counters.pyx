@@ -11,6 +11,7 @@ COUNTER_NAMES = (
     + ("errors_unknown_action", "errors_not_logged_in", "errors_internal",
        "deliveries_user", "deliveries_channel", "bytes_in", "bytes_out", "link_bytes_in",
        "link_bytes_out", "deflated_out", "inflated_in", "tcp_deflated_out", "packets_in",
+       "memory_releases", "memory_release_ns",
        "connections_tcp", "connections_ws", "logged_in", "links", "outbuf_bytes", "outbuf_max_bytes",
        "link_queue_bytes")
 )

@@ -3,11 +3,15 @@
 # (core/conns.pyx first). Here are its constructor (every keyword, given to its layer),
 # its loop (one edge-triggered epoll_wait a pass, then the pass's work in a fixed order:
 # due timers, events, one flush, the end of the pass's broadcasts, the memory budget,
-# the once-a-second sweep, the reports of users who left), the descriptors it serves
+# the once-a-second sweep (and now and then the freed heap given back), the reports of users who left), the descriptors it serves
 # (listeners, watches) and its figures (the metric counters).
 
 DEF_OUTBUF_LIMIT = 8 * 1024 * 1024
 DEF_MAX_INFLIGHT = 128
+DEF_MEMORY_RELEASE_INTERVAL = 10
+# A release walks the allocator's free lists: on a big, fragmented heap it may take long,
+# so the next one waits at least this many times as long as the last took.
+RELEASE_SPACING = 1000
 
 
 cdef class Reactor(Link):
@@ -18,13 +22,15 @@ cdef class Reactor(Link):
     callbacks, given here or never (None: not told): ``on_tick()`` once a second,
     ``on_link_closed(conn)``, ``on_user_gone(user_id)``, ``on_users_closed(ids)``
     and, in router mode, ``on_request(conn, user, action, seq, body)``.
+    ``memory_release_interval``: seconds between giving the heap's free pages back
+    to the kernel (0: never; see _release_free_memory).
     """
 
     def __cinit__(self, size_t max_packet, object on_packet, size_t outbuf_limit=DEF_OUTBUF_LIMIT,
                   uint32_t login_timeout=10, uint32_t idle_timeout=300, bint ws_deflate=True,
                   uint32_t max_inflight=DEF_MAX_INFLIGHT, size_t memory_budget=0, object ws_origins=None,
                   uint32_t max_conns_per_address=0, size_t tcp_deflate_min=WS_DEFLATE_MIN,
-                  dict static_pages=None, *,
+                  dict static_pages=None, uint32_t memory_release_interval=DEF_MEMORY_RELEASE_INTERVAL, *,
                   object on_tick=None, object on_link_closed=None, object on_user_gone=None,
                   object on_users_closed=None, object on_request=None):
         # What the owner is told, given here once (see the attributes' declarations)
@@ -57,6 +63,8 @@ cdef class Reactor(Link):
         self.on_packet = on_packet
         self.max_inflight = max(1, min(max_inflight, 0xFFFF))
         # Reactor
+        self.memory_release_interval = memory_release_interval
+        self.next_release = self.now + memory_release_interval
         self.listeners = []
         self.watches = {}
         self.running = True             # until stop(), which may come before run()
@@ -177,11 +185,28 @@ cdef class Reactor(Link):
         self._sweep_draining()
         self._expire_idle()
         self._refresh_gauges()
+        if self.memory_release_interval and self.now >= self.next_release:
+            self._release_free_memory()
         if self.on_tick is not None:
             try:
                 self.on_tick()
             except BaseException:
                 log.exception("tick handler failed")
+
+    cdef void _release_free_memory(self) noexcept:
+        """Give the heap's free pages back to the kernel. The allocator keeps up to
+        32 MiB of freed output buffers for the next burst (Connections.__cinit__), and the
+        old arrays of grown tables leave holes: after a burst of logins or joins both stay
+        resident until a release (as jemalloc's decay does, here every
+        --memory-release-interval seconds)."""
+        cdef int64_t start = monotonic_ns()
+        cdef int64_t took
+        malloc_trim(0)
+        took = monotonic_ns() - start
+        self.counters[C_MEMORY_RELEASES] += 1
+        self.counters[C_MEMORY_RELEASE_NS] += <uint64_t>took
+        self.next_release = self.now + max(self.memory_release_interval,
+                                           <uint32_t>(took * RELEASE_SPACING // 1000000000))
 
     def stop(self):
         """Leave run() after the current iteration (safe from a signal handler,

@@ -1,8 +1,9 @@
-# <malloc.h>, <sys/mman.h>: how freed output buffers are kept (mallopt) and how a
-# shared address-table region gives its pages back (madvise).
+# <malloc.h>, <sys/mman.h>: how freed output buffers are kept (mallopt) and given back
+# (malloc_trim), and how a shared address-table region gives its pages back (madvise).
 
 cdef extern from "malloc.h" nogil:
     int mallopt(int param, int value)
+    int malloc_trim(size_t pad)
     enum:
         M_TRIM_THRESHOLD
 
