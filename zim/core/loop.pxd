@@ -5,6 +5,9 @@ from libc.stdint cimport uint32_t
 
 cdef enum:
     MAX_EVENTS = 1024
+    # A release walks the allocator's free lists, long on a big fragmented heap: the
+    # next one waits at least this many times as long as the last took.
+    RELEASE_SPACING = 1000
 
 @cython.final
 cdef class Reactor(Link):

@@ -3,15 +3,13 @@
 # (core/conns.pyx first). Here are its constructor (every keyword, given to its layer),
 # its loop (one edge-triggered epoll_wait a pass, then the pass's work in a fixed order:
 # due timers, events, one flush, the end of the pass's broadcasts, the memory budget,
-# the once-a-second sweep (and now and then the freed heap given back), the reports of users who left), the descriptors it serves
-# (listeners, watches) and its figures (the metric counters).
+# the once-a-second sweep (now and then giving freed heap back), the reports of users
+# who left), the descriptors it serves (listeners, watches) and its figures (the metric
+# counters).
 
 DEF_OUTBUF_LIMIT = 8 * 1024 * 1024
 DEF_MAX_INFLIGHT = 128
 DEF_MEMORY_RELEASE_INTERVAL = 10
-# A release walks the allocator's free lists: on a big, fragmented heap it may take long,
-# so the next one waits at least this many times as long as the last took.
-RELEASE_SPACING = 1000
 
 
 cdef class Reactor(Link):
