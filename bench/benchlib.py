@@ -95,6 +95,41 @@ BENCH_LIMITS = ("--channel-rate", "0", "--user-rate", "0", "--max-conns-per-addr
                 "--channel-create-rate", "0", "--ack-rate", "0", "--max-mailbox", "0", "--max-mailbox-bytes", "0")
 
 
+def _sockets_on_port(port: int, state: str) -> dict[str, int]:
+    """This machine's TCP sockets on local port ``port`` in ``state`` (ss's state
+    filter: "listening", "established"): their inode as /proc/PID/fd shows it
+    (``socket:[N]``) -> the peer's port. ``ss`` asks the kernel over netlink; psutil's
+    walk of /proc/net/tcp takes minutes while another bench holds a million sockets."""
+    try:
+        lines = subprocess.run(["ss", "-Htne", "state", state, f"sport = :{port}"], capture_output=True,
+                               text=True, timeout=60, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found: dict[str, int] = {}
+    for line in lines:
+        words = line.split()        # Recv-Q Send-Q Local Peer [timer:(...)] ino:N ... (no state column)
+        inode = next((word[4:] for word in words if word.startswith("ino:")), None)
+        if inode is not None and len(words) >= 4:
+            peer = words[3].rpartition(":")[2]
+            found[f"socket:[{inode}]"] = int(peer) if peer.isdigit() else 0
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The sockets among a process's descriptors, as ``socket:[N]`` (empty if it is gone)."""
+    targets = set()
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return targets
+    for fd in descriptors:
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass                # closed since the listing
+    return targets
+
+
 @dataclass
 class Server:
     """A ``python -m zim --workers N`` process on loopback ports, with its data in a
@@ -147,35 +182,18 @@ class Server:
         return sorted(root.children(), key=_worker_index)
 
     def listening_workers(self) -> list[psutil.Process]:
-        """The worker processes that already listen on the TCP port: the inodes of the
-        port's listening sockets (``ss``, which asks the kernel for listeners only: a
-        million connections held by another bench make psutil's /proc/net/tcp walk
-        take minutes) among each worker's descriptors."""
-        try:
-            lines = subprocess.run(["ss", "-Hltne", f"sport = :{self.tcp_port}"], capture_output=True,
-                                   text=True, timeout=30, check=True).stdout.splitlines()
-        except (OSError, subprocess.SubprocessError):
-            return []
-        listeners = {f"socket:[{word[4:]}]" for line in lines for word in line.split() if word.startswith("ino:")}
-        listening = []
-        for worker in self.worker_processes():
-            try:
-                descriptors = os.listdir(f"/proc/{worker.pid}/fd")
-                targets = {os.readlink(f"/proc/{worker.pid}/fd/{fd}") for fd in descriptors}
-            except OSError:
-                continue
-            if targets & listeners:
-                listening.append(worker)
-        return listening
+        """The worker processes that already listen on the TCP port."""
+        listeners = set(_sockets_on_port(self.tcp_port, "listening"))
+        return [worker for worker in self.worker_processes() if _socket_inodes(worker.pid) & listeners]
 
     def client_workers(self) -> dict[int, int]:
         """Which worker serves each TCP client: client's local port -> worker position
         in ``worker_processes()`` (a connection lands by SO_REUSEPORT's 4-tuple hash)."""
+        clients = _sockets_on_port(self.tcp_port, "established")
         served: dict[int, int] = {}
         for position, worker in enumerate(self.worker_processes()):
-            for s in worker.net_connections(kind="tcp"):
-                if s.status == psutil.CONN_ESTABLISHED and s.laddr.port == self.tcp_port and s.raddr:
-                    served[s.raddr.port] = position
+            for inode in _socket_inodes(worker.pid) & set(clients):
+                served[clients[inode]] = position
         return served
 
     def alive(self) -> bool:
