@@ -190,9 +190,10 @@ class Server:
         """Which worker serves each TCP client: client's local port -> worker position
         in ``worker_processes()`` (a connection lands by SO_REUSEPORT's 4-tuple hash)."""
         clients = _sockets_on_port(self.tcp_port, "established")
+        inodes = clients.keys()
         served: dict[int, int] = {}
         for position, worker in enumerate(self.worker_processes()):
-            for inode in _socket_inodes(worker.pid) & set(clients):
+            for inode in _socket_inodes(worker.pid) & inodes:
                 served[clients[inode]] = position
         return served
 

@@ -8,13 +8,12 @@ be trimmed by free() itself). Those freed pages stay resident until a release.
 from __future__ import annotations
 
 import ctypes
-import time
 
 import psutil
 
+from tests.core.test_timers import run_until
 from zim._core import Reactor
 
-SECOND = 1_000_000_000
 BLOCK = 256
 BLOCKS = 120_000                # 30 MiB: under the 32 MiB the reactor lets the heap keep
 KEEP_EVERY = 64
@@ -41,13 +40,6 @@ def fragment_heap() -> list[int]:
     return blocks[::KEEP_EVERY]
 
 
-def run_for(reactor: Reactor, seconds: float) -> None:
-    stopper = reactor.timer(reactor.stop)
-    stopper.set(time.monotonic_ns() + int(seconds * SECOND))
-    reactor.run()
-    stopper.close()
-
-
 def freed_and_kept(interval: int) -> tuple[int, int, dict]:
     """RSS freed by fragment_heap's frees alone, and what the loop then gave back
     in 2.5 s with this interval; the reactor's counters."""
@@ -56,7 +48,7 @@ def freed_and_kept(interval: int) -> tuple[int, int, dict]:
     kept = fragment_heap()
     after_frees = rss()
     try:
-        run_for(reactor, 2.5)
+        run_until(reactor, 2.5)
         released = after_frees - rss()
         return after_frees - before, released, reactor.counters_dict()
     finally:
